@@ -1,0 +1,3 @@
+from optimizer_cli.cli import main
+
+main()

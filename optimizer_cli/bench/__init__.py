@@ -1,0 +1,1 @@
+"""Benchmarks of an original and an optimized model: latency, accuracy, fidelity, memory."""

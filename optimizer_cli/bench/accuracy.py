@@ -1,0 +1,93 @@
+"""Accuracy with labels (top-1/top-5 or a user metric) and fidelity of B against A."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from optimizer_cli.data import Dataset
+from optimizer_cli.errors import UserInputError
+from optimizer_cli.verify import compare_arrays
+
+Metric = Callable[[list[list[np.ndarray]], list[np.ndarray]], float]
+
+
+@dataclass
+class Fidelity:
+    """Optimized vs original outputs over the evaluation set (first graph output, unless noted)."""
+
+    samples: int
+    max_abs: float
+    rel_l2: float  # mean over samples
+    cosine_mean: float
+    cosine_min: float
+    top1_agreement: float | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def fidelity(ref: list[list[np.ndarray]], new: list[list[np.ndarray]], output_names: list[str]) -> Fidelity:
+    """Aggregate over samples and outputs: worst max-abs, mean rel-L2, mean/min cosine."""
+    drifts = [
+        compare_arrays(name, a, b)
+        for ref_s, new_s in zip(ref, new, strict=True)
+        for name, a, b in zip(output_names, ref_s, new_s, strict=True)
+    ]
+    tops = [d.top1_agreement for d in drifts if d.top1_agreement is not None]
+    return Fidelity(
+        samples=len(ref),
+        max_abs=max(d.max_abs for d in drifts),
+        rel_l2=float(np.mean([d.rel_l2 for d in drifts])),
+        cosine_mean=float(np.mean([d.cosine for d in drifts])),
+        cosine_min=min(d.cosine for d in drifts),
+        top1_agreement=float(np.mean(tops)) if tops else None,
+    )
+
+
+def topk_accuracy(outputs: list[list[np.ndarray]], labels: list[np.ndarray], k: int) -> float | None:
+    """Top-k on the first output, read as [batch, classes] logits."""
+    hits = total = 0
+    for out, lab in zip(outputs, labels, strict=True):
+        logits = out[0]
+        if logits.ndim != 2 or logits.shape[-1] < k:
+            return None
+        top = np.argsort(-logits, axis=-1)[:, :k]
+        hits += int(np.sum(top == lab.reshape(-1, 1)))
+        total += len(lab)
+    return hits / total if total else None
+
+
+def load_metric(spec: str) -> Metric:
+    """'package.module:function' taking (outputs per sample, labels per sample) -> float."""
+    if ":" not in spec:
+        raise UserInputError(f"--metric '{spec}': expected module:function")
+    module_name, func_name = spec.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, func_name)
+    except (ImportError, AttributeError) as exc:
+        raise UserInputError(f"--metric '{spec}': cannot import ({exc})") from exc
+
+
+@dataclass
+class Accuracy:
+    top1: float | None
+    top5: float | None
+    metric: float | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def accuracy(outputs: list[list[np.ndarray]], data: Dataset, metric: Metric | None) -> Accuracy | None:
+    if data.labels is None:
+        return None
+    return Accuracy(
+        top1=topk_accuracy(outputs, data.labels, 1),
+        top5=topk_accuracy(outputs, data.labels, 5),
+        metric=float(metric(outputs, data.labels)) if metric else None,
+    )

@@ -1,0 +1,214 @@
+"""Benchmark an original and an optimized model side by side on every usable execution provider."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from optimizer_cli.bench.accuracy import Accuracy, Fidelity, Metric, accuracy, fidelity
+from optimizer_cli.bench.environment import environment
+from optimizer_cli.bench.latency import LatencyStats, SpeedupEstimate, measure_ab
+from optimizer_cli.bench.memory import session_peak_memory
+from optimizer_cli.data import Dataset, input_specs, random_feed
+from optimizer_cli.errors import UserInputError
+from optimizer_cli.model_io import file_size
+from optimizer_cli.runtime.providers import probe_provider, resolve_provider
+from optimizer_cli.runtime.session import (
+    ModelSource,
+    SessionConfig,
+    run_session,
+    timed_session,
+)
+
+
+@dataclass
+class BenchSettings:
+    providers: list[str]
+    threads: int = 2
+    warmup: int = 5
+    rounds: int = 10
+    runs_per_round: int = 10
+    discard_after_switch: int = 3
+    opt_level: str = "all"
+    trt_fp16: bool = False
+    trt_int8: bool = False
+    trt_cache_dir: str | None = None
+    strict_ep: bool = False
+    memory: bool = True
+    sweep: list[dict[str, int]] = field(default_factory=list)  # symbolic dim values per shape point
+    eval_samples: int | None = None
+
+
+@dataclass
+class ProviderRow:
+    provider: str
+    usable: bool
+    reason: str
+    shape: str = ""
+    setup_s_original: float | None = None
+    setup_s_optimized: float | None = None
+    latency_original: LatencyStats | None = None
+    latency_optimized: LatencyStats | None = None
+    speedup: SpeedupEstimate | None = None
+    accuracy_original: Accuracy | None = None
+    accuracy_optimized: Accuracy | None = None
+    fidelity: Fidelity | None = None
+    memory_original_mb: float | None = None
+    memory_optimized_mb: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        def d(x: Any) -> Any:
+            return x.as_dict() if hasattr(x, "as_dict") else x
+
+        return {k: d(v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class BenchReport:
+    rows: list[ProviderRow]
+    original_bytes: int
+    optimized_bytes: int
+    eval_source: str
+    eval_samples: int
+    labelled: bool
+    environment: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "original_bytes": self.original_bytes,
+            "optimized_bytes": self.optimized_bytes,
+            "size_ratio": self.optimized_bytes / self.original_bytes if self.original_bytes else None,
+            "eval_source": self.eval_source,
+            "eval_samples": self.eval_samples,
+            "labelled": self.labelled,
+            "rows": [r.as_dict() for r in self.rows],
+            "environment": self.environment,
+            "notes": self.notes,
+        }
+
+
+def _batch_size(feed: dict[str, np.ndarray]) -> int:
+    first = next(iter(feed.values()))
+    return int(first.shape[0]) if first.ndim else 1
+
+
+def _shape_label(dims: dict[str, int]) -> str:
+    return ",".join(f"{k}={v}" for k, v in dims.items())
+
+
+def sweep_points(spec: list[str]) -> list[dict[str, int]]:
+    """['batch=1,8', 'seq=128,256'] -> the cartesian product as dicts."""
+    axes: list[tuple[str, list[int]]] = []
+    for item in spec:
+        if "=" not in item:
+            raise UserInputError(f"--sweep '{item}': expected DIM=V1,V2,...")
+        name, values = item.split("=", 1)
+        try:
+            axes.append((name.strip(), [int(v) for v in values.split(",") if v.strip()]))
+        except ValueError as exc:
+            raise UserInputError(f"--sweep '{item}': values must be integers") from exc
+    if not axes:
+        return []
+    return [dict(zip([a for a, _ in axes], combo, strict=True)) for combo in itertools.product(*(v for _, v in axes))]
+
+
+def run_benchmark(
+    original: Path,
+    optimized: Path,
+    settings: BenchSettings,
+    data: Dataset,
+    *,
+    metric: Metric | None = None,
+    dims: dict[str, int] | None = None,
+    log: Any = None,
+) -> BenchReport:
+    """Latency (interleaved A/B), accuracy and fidelity per provider; unusable providers become rows saying why."""
+    model_for_specs = ir.load(original)
+    specs = input_specs(model_for_specs)
+    output_names = [v.name for v in model_for_specs.graph.outputs]
+    eval_data = data if settings.eval_samples is None else data.take(settings.eval_samples)
+    notes: list[str] = list(data.notes)
+    rows: list[ProviderRow] = []
+    src_a, src_b = ModelSource(original), ModelSource(optimized)
+    points = settings.sweep or [dict(dims or {})]
+    for alias in settings.providers:
+        status = probe_provider(alias)
+        if not status.usable:
+            if settings.strict_ep:
+                raise UserInputError(f"execution provider '{alias}' is not usable: {status.reason} (--strict-ep)")
+            rows.append(ProviderRow(alias, False, status.reason))
+            continue
+        config = SessionConfig(
+            provider=alias,
+            threads=settings.threads,
+            opt_level=settings.opt_level,
+            trt_fp16=settings.trt_fp16,
+            trt_int8=settings.trt_int8,
+            trt_cache_dir=settings.trt_cache_dir,
+        )
+        first_feed = eval_data.feeds[0]
+        sess_a, setup_a = timed_session(src_a, config, first_feed)
+        sess_b, setup_b = timed_session(src_b, config, first_feed)
+        active = sess_b.get_providers()[0]
+        if active != resolve_provider(alias):
+            msg = f"session for '{alias}' fell back to {active}"
+            if settings.strict_ep:
+                raise UserInputError(msg + " (--strict-ep)")
+            rows.append(ProviderRow(alias, False, msg))
+            continue
+        if log:
+            log(f"benchmarking on {alias}: accuracy/fidelity over {len(eval_data)} samples")
+        outs_a = [run_session(sess_a, f) for f in eval_data.feeds]
+        outs_b = [run_session(sess_b, f) for f in eval_data.feeds]
+        fid = fidelity(outs_a, outs_b, output_names)
+        acc_a = accuracy(outs_a, eval_data, metric)
+        acc_b = accuracy(outs_b, eval_data, metric)
+        mem_a = mem_b = None
+        if settings.memory and optimized.exists():
+            ma = session_peak_memory(original, first_feed, alias, settings.threads)
+            mb = session_peak_memory(optimized, first_feed, alias, settings.threads)
+            mem_a = ma["delta_mb"] if ma else None
+            mem_b = mb["delta_mb"] if mb else None
+        for point in points:
+            if settings.sweep:
+                feed = random_feed(specs, np.random.default_rng(0), {**(dims or {}), **point})
+            else:
+                feed = first_feed
+            if log:
+                log(f"latency on {alias} {_shape_label(point)}: {settings.rounds} interleaved rounds")
+            lat_a, lat_b, speed = measure_ab(
+                lambda s=sess_a, f=feed: s.run(None, f),
+                lambda s=sess_b, f=feed: s.run(None, f),
+                warmup=settings.warmup,
+                rounds=settings.rounds,
+                runs_per_round=settings.runs_per_round,
+                discard_after_switch=settings.discard_after_switch,
+                batch_size=_batch_size(feed),
+            )
+            rows.append(
+                ProviderRow(
+                    alias, True, "ok", _shape_label(point), setup_a, setup_b, lat_a, lat_b, speed,
+                    acc_a, acc_b, fid, mem_a, mem_b,
+                )
+            )
+        del sess_a, sess_b
+    src_a.close()
+    src_b.close()
+    if eval_data.is_random:
+        notes.append("evaluated on seeded random inputs: fidelity only, accuracy on real data is unknown")
+    return BenchReport(
+        rows=rows,
+        original_bytes=file_size(original),
+        optimized_bytes=file_size(optimized),
+        eval_source=eval_data.source,
+        eval_samples=len(eval_data),
+        labelled=eval_data.labels is not None,
+        environment=environment(),
+        notes=notes,
+    )

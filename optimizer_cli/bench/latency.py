@@ -1,0 +1,117 @@
+"""Interleaved A/B latency with paired ratios and a bootstrap confidence interval.
+
+Machines here drift ~1.4x between phases and the first runs after switching sessions are ~2x slow
+(ORT's spinning threads), so: variants alternate round by round (ABBA order), a few runs after each
+switch are discarded, and the speedup is the median of per-round paired ratios, not a ratio of
+independent medians.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass
+class LatencyStats:
+    runs: int
+    mean_ms: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    min_ms: float
+    throughput: float  # samples per second at the measured batch size
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SpeedupEstimate:
+    """Speedup of B over A (A time / B time): paired median and its 95% bootstrap interval."""
+
+    median: float
+    ci_low: float
+    ci_high: float
+    p90: float
+    p99: float
+    rounds: int
+    noisy: bool
+    significant: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize(times_s: np.ndarray, batch_size: int) -> LatencyStats:
+    ms = np.asarray(times_s) * 1e3
+    mean = float(ms.mean())
+    return LatencyStats(
+        runs=len(ms),
+        mean_ms=mean,
+        p50_ms=float(np.percentile(ms, 50)),
+        p90_ms=float(np.percentile(ms, 90)),
+        p99_ms=float(np.percentile(ms, 99)),
+        min_ms=float(ms.min()),
+        throughput=float(batch_size * 1e3 / mean) if mean > 0 else float("inf"),
+    )
+
+
+def bootstrap_ratio(a_rounds: np.ndarray, b_rounds: np.ndarray, seed: int = 0, n_boot: int = 2000) -> tuple[float, float, float]:
+    """Median of paired per-round ratios a/b with a percentile bootstrap over rounds."""
+    ratios = np.asarray(a_rounds) / np.asarray(b_rounds)
+    est = float(np.median(ratios))
+    if len(ratios) < 2:
+        return est, est, est
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(ratios), size=(n_boot, len(ratios)))
+    boots = np.median(ratios[idx], axis=1)
+    return est, float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
+def measure_ab(
+    run_a: Callable[[], object],
+    run_b: Callable[[], object],
+    *,
+    warmup: int = 5,
+    rounds: int = 10,
+    runs_per_round: int = 10,
+    discard_after_switch: int = 3,
+    batch_size: int = 1,
+    noise_threshold: float = 0.15,
+) -> tuple[LatencyStats, LatencyStats, SpeedupEstimate]:
+    """Time two callables interleaved; returns stats for each and the paired speedup of B over A."""
+    for _ in range(warmup):
+        run_a()
+        run_b()
+    samples: dict[str, list[float]] = {"a": [], "b": []}
+    round_medians: dict[str, list[float]] = {"a": [], "b": []}
+    round_p90: dict[str, list[float]] = {"a": [], "b": []}
+    round_p99: dict[str, list[float]] = {"a": [], "b": []}
+    fns = {"a": run_a, "b": run_b}
+    for r in range(rounds):
+        order = ("a", "b") if r % 2 == 0 else ("b", "a")
+        for key in order:
+            fn = fns[key]
+            for _ in range(discard_after_switch):
+                fn()
+            times = []
+            for _ in range(runs_per_round):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            samples[key].extend(times)
+            round_medians[key].append(float(np.median(times)))
+            round_p90[key].append(float(np.percentile(times, 90)))
+            round_p99[key].append(float(np.percentile(times, 99)))
+    a_stats = summarize(np.array(samples["a"]), batch_size)
+    b_stats = summarize(np.array(samples["b"]), batch_size)
+    med, lo, hi = bootstrap_ratio(np.array(round_medians["a"]), np.array(round_medians["b"]))
+    p90 = float(np.median(np.array(round_p90["a"]) / np.array(round_p90["b"])))
+    p99 = float(np.median(np.array(round_p99["a"]) / np.array(round_p99["b"])))
+    noisy = (hi - lo) / med > noise_threshold if med > 0 else True
+    significant = lo > 1.0 or hi < 1.0
+    return a_stats, b_stats, SpeedupEstimate(med, lo, hi, p90, p99, rounds, noisy, significant)

@@ -1,0 +1,37 @@
+"""Error types that map to exit codes.
+
+Exit codes: 0 ok, 1 a --fail-if gate was violated, 2 bad input (file, recipe, data, flags),
+3 a pass produced a model that failed verification, 4 internal error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class OptimizerError(Exception):
+    """Base class for errors the CLI reports as one line."""
+
+    exit_code = 4
+
+
+class UserInputError(OptimizerError):
+    """Bad input the user can fix: missing file, bad recipe, unknown pass, missing data."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        self.path = str(path) if path is not None else None
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class VerificationError(OptimizerError):
+    """A pass produced a model that fails the checker, shape inference or its numeric contract."""
+
+    exit_code = 3
+
+
+class GateFailure(OptimizerError):
+    """A --fail-if condition was violated."""
+
+    exit_code = 1

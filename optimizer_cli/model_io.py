@@ -1,0 +1,191 @@
+"""Load and save ONNX models through onnx_ir.
+
+onnx_ir memory-maps external data, so models over 2 GB load in ~0 s without copying weights.
+The input model is never modified: saves go to a temporary file beside the target and are renamed
+into place, and a save whose target is the input (or its external data) is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from optimizer_cli.errors import UserInputError
+
+# Protobuf cannot serialize messages over 2 GiB; stay well below with a margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+
+
+def load_model(path: str | Path) -> ir.Model:
+    """Load a model, turning every way a file can be wrong into a one-line UserInputError."""
+    path = Path(path)
+    if not path.exists():
+        raise UserInputError("file not found", path)
+    if path.is_dir():
+        raise UserInputError("is a directory, expected an .onnx file", path)
+    if path.stat().st_size == 0:
+        raise UserInputError("file is empty, not an ONNX model", path)
+    try:
+        model = ir.load(path)
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeError or ValueError by version
+        raise UserInputError(f"not a readable ONNX model ({_first_line(exc)})", path) from exc
+    if model.ir_version is None or model.ir_version <= 0 or len(model.graph.outputs) == 0:
+        raise UserInputError("not an ONNX model (no IR version or no graph outputs)", path)
+    _check_external_data(model, path)
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _check_external_data(model: ir.Model, path: Path) -> None:
+    """Fail early (and clearly) when an external data file is missing or shorter than declared."""
+    for init in _all_initializers(model.graph):
+        tensor = init.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            data_path = Path(tensor.base_dir) / tensor.location
+            if not data_path.exists():
+                raise UserInputError(f"external data file '{tensor.location}' not found", path)
+            needed = (tensor.offset or 0) + (tensor.length or tensor.nbytes)
+            if data_path.stat().st_size < needed:
+                raise UserInputError(
+                    f"external data file '{tensor.location}' is truncated "
+                    f"(tensor '{init.name}' needs {needed} bytes)",
+                    path,
+                )
+
+
+def _all_initializers(graph: ir.Graph) -> list[ir.Value]:
+    values = list(graph.initializers.values())
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                values.extend(attr.value.initializers.values())
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for g in attr.value:
+                    values.extend(g.initializers.values())
+    return values
+
+
+def weights_nbytes(model: ir.Model) -> int:
+    """Bytes held by initializers (and Constant nodes' tensors)."""
+    total = 0
+    for init in _all_initializers(model.graph):
+        if init.const_value is not None:
+            total += init.const_value.nbytes
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type == "Constant" and node.domain == "":
+            attr = node.attributes.get("value")
+            if attr is not None and attr.type == ir.AttributeType.TENSOR:
+                total += attr.value.nbytes
+    return total
+
+
+def file_size(path: str | Path) -> int:
+    """Size of a model on disk, including the external data files it references."""
+    path = Path(path)
+    total = path.stat().st_size
+    proto = onnx.load(str(path), load_external_data=False)
+    locations = set()
+    for tensor in _iter_proto_tensors(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    locations.add(entry.value)
+    for loc in locations:
+        data = path.parent / loc
+        if data.exists():
+            total += data.stat().st_size
+    return total
+
+
+def _iter_proto_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            if attr.HasField("g"):
+                yield from _iter_proto_tensors(attr.g)
+            for g in attr.graphs:
+                yield from _iter_proto_tensors(g)
+
+
+def _protected_paths(input_path: Path) -> set[Path]:
+    """The input model file and its external data files: a save must never write over them."""
+    protected = {input_path.resolve()}
+    try:
+        proto = onnx.load(str(input_path), load_external_data=False)
+    except Exception:
+        return protected
+    for tensor in _iter_proto_tensors(proto.graph):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                protected.add((input_path.parent / entry.value).resolve())
+    return protected
+
+
+def save_model(
+    model: ir.Model,
+    path: str | Path,
+    *,
+    input_path: str | Path | None = None,
+    external_data: bool | None = None,
+) -> Path:
+    """Save atomically; use external data when asked or when weights approach the 2 GB limit.
+
+    Returns the external data path if one was written.
+    """
+    path = Path(path)
+    if input_path is not None:
+        protected = _protected_paths(Path(input_path))
+        data_target = path.parent / (path.name + ".data")
+        for target in (path, data_target):
+            if target.resolve() in protected:
+                raise UserInputError(
+                    f"refusing to overwrite the input model or its data with the output ({target})", path
+                )
+    if external_data is None:
+        external_data = weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data_name = path.name + ".data" if external_data else None
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".optimize-", dir=path.parent))
+    try:
+        tmp_model = tmp_dir / path.name
+        if data_name:
+            ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
+        else:
+            ir.save(model, tmp_model)
+        if data_name:
+            os.replace(tmp_dir / data_name, path.parent / data_name)
+        os.replace(tmp_model, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path.parent / data_name if data_name else path
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    """In-memory proto (callers must only use this for models under 2 GB)."""
+    return ir.serde.serialize_model(model)
+
+
+def model_to_bytes(model: ir.Model) -> bytes | None:
+    """Serialized bytes when the model fits in one protobuf, else None (use a file instead)."""
+    if weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES:
+        return None
+    return to_proto(model).SerializeToString()
+
+
+def tensor_array(value: ir.Value) -> np.ndarray | None:
+    """numpy array of a constant value (initializer), or None."""
+    if value.const_value is None:
+        return None
+    return value.const_value.numpy()

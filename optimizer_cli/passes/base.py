@@ -1,0 +1,93 @@
+"""The pass interface: config, context, registry, and the contract each pass declares."""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_ir as ir
+from pydantic import BaseModel, ConfigDict
+
+from optimizer_cli.data import Dataset
+
+
+class Exactness(str, enum.Enum):
+    """Which oracle verifies the pass: exact (outputs within float tolerance) or approximate (drift reported)."""
+
+    EXACT = "exact"
+    APPROXIMATE = "approximate"
+
+
+class PassConfig(BaseModel):
+    """Base of every pass config; subclasses add `type: Literal[...]` and their own fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    label: str | None = None  # shown in reports instead of the type
+
+
+@dataclass
+class PassContext:
+    """What a pass may use besides the model: data, a seeded RNG, a temp dir, a logger."""
+
+    calibration: Dataset | None
+    verify_data: Dataset
+    rng: np.random.Generator
+    tmp_dir: Path
+    threads: int = 2
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("optimizer_cli"))
+
+
+@dataclass
+class RunInputs:
+    """What the run was given, known before the model loads (for requirement checks)."""
+
+    calibration: str | None = None
+    evaluation: str | None = None
+
+
+class OptimizationPass(ir.passes.InPlacePass):
+    """A recipe step: a graph rewrite with a declared contract.
+
+    Subclasses set `name`, `Config`, `exactness`, `contract` (ops touched, what is preserved or
+    approximated and by how much), implement `call`, and fill `self.stats` for the report.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[PassConfig]]
+    exactness: ClassVar[Exactness] = Exactness.EXACT
+    contract: ClassVar[str] = ""
+
+    def __init__(self, config: PassConfig, ctx: PassContext) -> None:
+        super().__init__()
+        self.config = config
+        self.ctx = ctx
+        self.stats: dict[str, Any] = {}
+
+    @classmethod
+    def requirement_problems(cls, config: PassConfig, inputs: RunInputs) -> list[str]:
+        """Reasons this pass cannot run, checked before the model is loaded."""
+        return []
+
+    def exactness_for(self) -> Exactness:
+        """Some passes are exact or approximate depending on their config."""
+        return self.exactness
+
+
+PASS_REGISTRY: dict[str, type[OptimizationPass]] = {}
+
+
+def register(cls: type[OptimizationPass]) -> type[OptimizationPass]:
+    if cls.name in PASS_REGISTRY:
+        raise ValueError(f"pass '{cls.name}' registered twice")
+    PASS_REGISTRY[cls.name] = cls
+    return cls
+
+
+PassFactory = Callable[[PassConfig, PassContext], OptimizationPass]

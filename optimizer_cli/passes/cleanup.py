@@ -1,0 +1,74 @@
+"""cleanup (exact): lift Constant weights, fold constants, remove Identity/dead nodes, dedupe weights.
+
+Contract: touches only nodes whose outputs are computable from constants, Identity nodes, nodes with
+no path to a graph output, and duplicate initializers. Graph outputs are preserved bit-for-bit up to
+the constant folder's float evaluation (checked at 1e-5 by the pipeline).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+import onnxscript.optimizer
+
+from optimizer_cli.passes._util import node_count, op_counts
+from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, register
+
+
+class CleanupConfig(PassConfig):
+    type: Literal["cleanup"] = "cleanup"
+    fold_constants: bool = True
+    lift_constants: bool = True
+    remove_identity: bool = True
+    deduplicate_initializers: bool = True
+    common_subexpressions: bool = True
+    # Folding must not blow up the file: outputs larger than this stay computed at run time.
+    fold_output_size_limit: int = 1 << 20
+
+
+def lift_constants(model: ir.Model) -> bool:
+    """Paddle and TF exports keep weights in Constant nodes; quantizers and our passes want initializers."""
+    return common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model).modified
+
+
+@register
+class CleanupPass(OptimizationPass):
+    name = "cleanup"
+    Config = CleanupConfig
+    exactness = Exactness.EXACT
+    contract = "constant subgraphs, Identity, dead nodes, duplicate initializers; outputs preserved exactly"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        cfg: CleanupConfig = self.config  # type: ignore[assignment]
+        before_nodes, before_ops = node_count(model), op_counts(model)
+        before_inits = len(model.graph.initializers)
+        steps: list[ir.passes.PassBase] = []
+        if cfg.lift_constants:
+            steps.append(common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0))
+        if cfg.remove_identity:
+            steps.append(common.IdentityEliminationPass())
+        if cfg.common_subexpressions:
+            steps.append(common.CommonSubexpressionEliminationPass())
+        steps.append(common.RemoveUnusedNodesPass())
+        if cfg.deduplicate_initializers:
+            steps.append(common.DeduplicateInitializersPass())
+        modified = False
+        for step in steps:
+            modified |= step(model).modified
+        if cfg.fold_constants:
+            result = onnxscript.optimizer.fold_constants(
+                model, output_size_limit=cfg.fold_output_size_limit, onnx_shape_inference=False
+            )
+            modified |= bool(getattr(result, "modified", False))
+            modified |= common.RemoveUnusedNodesPass()(model).modified
+        after_ops = op_counts(model)
+        removed = {op: before_ops[op] - after_ops.get(op, 0) for op in before_ops if before_ops[op] > after_ops.get(op, 0)}
+        self.stats = {
+            "nodes_removed": before_nodes - node_count(model),
+            "initializers": f"{before_inits}->{len(model.graph.initializers)}",
+            "removed_ops": dict(sorted(removed.items(), key=lambda kv: -kv[1])[:6]),
+        }
+        modified = modified or before_nodes != node_count(model)
+        return ir.passes.PassResult(model, modified)

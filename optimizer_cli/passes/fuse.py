@@ -1,0 +1,151 @@
+"""fuse (exact): fold BatchNorm into Conv/ConvTranspose/Gemm, MatMul+Add -> Gemm, transformer fusions.
+
+Contract: touches BatchNormalization (inference mode) after Conv/ConvTranspose/Gemm with constant
+weights used only there, rank-2 MatMul followed by Add of a constant bias, and (when `transformer` is
+set) the attention/LayerNorm/Gelu subgraphs that onnxruntime.transformers recognizes. Outputs are
+preserved up to float re-association (pipeline oracle: rtol 1e-3 of the output's magnitude).
+
+BatchNorm folding math (per output channel c), as in onnxscript's rule:
+    y = gamma_c * (conv(x, W)_c + b_c - mean_c) / sqrt(var_c + eps) + beta_c
+      = conv(x, W_c * s_c) + (b_c - mean_c) * s_c + beta_c,   s_c = gamma_c / sqrt(var_c + eps)
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+from onnxscript.rewriter import RewriteRuleSet
+from onnxscript.rewriter.rules import common as rules
+
+from optimizer_cli.passes._util import is_large, replace_model_contents, write_for_tool
+from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, register
+
+TransformerType = Literal["none", "bert", "bart", "gpt2", "t5", "vit", "clip", "unet", "vae", "phi", "sam2"]
+
+
+class FuseConfig(PassConfig):
+    type: Literal["fuse"] = "fuse"
+    batchnorm: bool = True
+    matmul_add_to_gemm: bool = True
+    pad_into_conv: bool = True
+    transformer: TransformerType = "none"
+    num_heads: int = 0  # 0: let onnxruntime.transformers detect
+    hidden_size: int = 0
+
+
+def _rule_groups(cfg: FuseConfig) -> dict[str, RewriteRuleSet]:
+    groups: dict[str, RewriteRuleSet] = {}
+    if cfg.batchnorm:
+        groups["batchnorm_folded"] = RewriteRuleSet(
+            [
+                rules.fuse_batchnorm_into_conv_rule,
+                rules.fuse_batchnorm_into_conv_transpose_rule,
+                rules.fuse_batchnorm_into_gemm_rule,
+            ]
+        )
+    if cfg.pad_into_conv:
+        groups["pad_into_conv"] = RewriteRuleSet([rules.normalize_pad_format_conv_rule, rules.fuse_pad_into_conv_rule])
+    if cfg.matmul_add_to_gemm:
+        groups["matmul_add_to_gemm"] = RewriteRuleSet(
+            [
+                rules.matmul_add_to_gemm_rule,
+                rules.transpose_a_matmul_add_to_gemm_rule,
+                rules.transpose_b_matmul_add_to_gemm_rule,
+                rules.transpose_ab_matmul_add_to_gemm_rule,
+            ]
+        )
+    return groups
+
+
+_FUSED_INTO = {"BatchNormalization": ("Conv", "ConvTranspose", "Gemm"), "Add": ("MatMul",)}
+
+
+def _names_to_keep(model: ir.Model) -> dict[str, str]:
+    """Output of a BatchNorm/Add that will absorb its producer -> the producer's name.
+
+    The rewriter builds new nodes with generated names; users exclude nodes from quantization by
+    name, so the fused node takes the name of the Conv/Gemm/MatMul it replaces.
+    """
+    keep = {}
+    for node in model.graph:
+        producers = _FUSED_INTO.get(node.op_type)
+        if not producers or not node.inputs or node.inputs[0] is None:
+            continue
+        producer = node.inputs[0].producer()
+        if producer is not None and producer.op_type in producers and producer.name:
+            keep[node.outputs[0].name] = producer.name
+    return keep
+
+
+def _restore_names(model: ir.Model, keep: dict[str, str]) -> None:
+    used = {n.name for n in model.graph}
+    for node in model.graph:
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm") and node.outputs and node.outputs[0].name in keep:
+            wanted = keep[node.outputs[0].name]
+            if wanted not in used:
+                used.discard(node.name)
+                node.name = wanted
+                used.add(wanted)
+
+
+@register
+class FusePass(OptimizationPass):
+    name = "fuse"
+    Config = FuseConfig
+    exactness = Exactness.EXACT
+    contract = "BatchNorm into Conv/Gemm, MatMul+Add->Gemm, transformer fusions; outputs preserved (float re-association)"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        cfg: FuseConfig = self.config  # type: ignore[assignment]
+        modified = common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model).modified
+        # The rules check ranks and constness: give them shapes first.
+        try:
+            common.ShapeInferencePass(strict_mode=False)(model)
+        except Exception as exc:  # shape inference is only a help to the matcher here
+            self.ctx.logger.debug("shape inference before fuse failed: %s", exc)
+        counts: dict[str, int] = {}
+        names = _names_to_keep(model)
+        for label, ruleset in _rule_groups(cfg).items():
+            n = ruleset.apply_to_model(model)
+            if n:
+                counts[label] = n
+                modified = True
+        if counts:
+            common.RemoveUnusedNodesPass()(model)
+            _restore_names(model, names)
+        if cfg.transformer != "none":
+            fused = self._transformer_fusions(model, cfg)
+            counts.update({k: v for k, v in fused.items() if v})
+            modified = modified or any(fused.values())
+            # The fused-op counts matter even when zero: attention fusion silently misses on some exports.
+            self.stats["transformer_fusions"] = fused
+        self.stats["fused"] = counts
+        return ir.passes.PassResult(model, modified)
+
+    def _transformer_fusions(self, model: ir.Model, cfg: FuseConfig) -> dict[str, int]:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        with tempfile.TemporaryDirectory(prefix="optimize-fuse-", dir=self.ctx.tmp_dir) as tmp:
+            src = write_for_tool(model, Path(tmp))
+            optimized = optimize_model(
+                str(src),
+                model_type=cfg.transformer,
+                num_heads=cfg.num_heads,
+                hidden_size=cfg.hidden_size,
+                opt_level=0,  # graph fusions only; ORT applies its own at session creation
+                only_onnxruntime=False,
+            )
+            counts = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items()}
+            out = Path(tmp) / "fused.onnx"
+            optimized.save_model_to_file(str(out), use_external_data_format=is_large(model))
+            fused_model = ir.load(out)
+            # Materialize weights before the temp dir goes away.
+            for init in fused_model.graph.initializers.values():
+                if isinstance(init.const_value, ir.ExternalTensor):
+                    init.const_value = ir.tensor(init.const_value.numpy(), name=init.name)
+            replace_model_contents(model, fused_model)
+        return {k: v for k, v in counts.items() if v or k in ("Attention", "SkipLayerNormalization", "BiasGelu")}

@@ -1,0 +1,231 @@
+"""quantize (approximate) through onnxruntime.quantization: dynamic, static QDQ, fp16, weight-only.
+
+Contract: touches MatMul/Gemm (dynamic, weight-only), the ops ORT's static quantizer supports (static),
+or every float op not blocked (fp16). Graph input/output names and element types are preserved
+(fp16 keeps io types). Outputs are approximated; the pipeline reports cosine/rel-L2 drift and the
+recipe's verify.min_cosine bounds it.
+
+Defaults follow what is fast on x86 (measured in ../shared/ANCHORS.md): per-channel int8 weights,
+QUInt8 activations for static QDQ (S8S8 activations run ~10x slower on x86 and are refused unless
+asked for), and dynamic quantization of MatMul/Gemm only (dynamic Conv is ~4x slower than fp32).
+"""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import onnx
+import onnx_ir as ir
+from pydantic import model_validator
+
+from optimizer_cli.data import Dataset
+from optimizer_cli.errors import UserInputError
+from optimizer_cli.passes._util import is_large, op_counts, replace_model_contents, write_for_tool
+from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs, register
+
+QUANT_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "MatMulInteger",
+    "ConvInteger",
+    "QLinearConv",
+    "QLinearMatMul",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "MatMulNBits",
+}
+
+
+class QuantizeConfig(PassConfig):
+    type: Literal["quantize"] = "quantize"
+    mode: Literal["dynamic", "static", "fp16", "weight_only"] = "dynamic"
+    per_channel: bool = True
+    reduce_range: bool = False
+    op_types: list[str] | None = None  # None: the mode's defaults
+    exclude_nodes: list[str] = []
+    exclude_op_types: list[str] = []
+    # static
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    percentile: float = 99.999
+    calibration_samples: int = 64
+    activation_type: Literal["uint8", "int8"] = "uint8"
+    weight_type: Literal["int8", "uint8"] = "int8"
+    allow_s8s8: bool = False
+    preprocess: bool = True
+    # weight_only
+    bits: Literal[4, 8] = 4
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int | None = 4
+
+    @model_validator(mode="after")
+    def _no_slow_s8s8(self) -> QuantizeConfig:
+        is_x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+        if self.mode == "static" and self.activation_type == "int8" and is_x86 and not self.allow_s8s8:
+            raise ValueError(
+                "activation_type int8 (S8S8) runs slower than fp32 on x86; use uint8 or set allow_s8s8: true"
+            )
+        return self
+
+
+class _FeedReader:
+    """CalibrationDataReader over our Dataset (ORT only calls get_next/rewind)."""
+
+    def __init__(self, data: Dataset, limit: int, input_names: set[str]) -> None:
+        self._feeds = [{k: v for k, v in f.items() if k in input_names} for f in data.feeds[:limit]]
+        self._pos = 0
+
+    def get_next(self) -> dict | None:
+        if self._pos >= len(self._feeds):
+            return None
+        self._pos += 1
+        return self._feeds[self._pos - 1]
+
+    def rewind(self) -> None:
+        self._pos = 0
+
+
+@register
+class QuantizePass(OptimizationPass):
+    name = "quantize"
+    Config = QuantizeConfig
+    exactness = Exactness.APPROXIMATE
+    contract = "int8/fp16/int4 via onnxruntime.quantization; io names and types kept; outputs approximated"
+
+    @classmethod
+    def requirement_problems(cls, config: PassConfig, inputs: RunInputs) -> list[str]:
+        cfg: QuantizeConfig = config  # type: ignore[assignment]
+        if cfg.mode == "static" and inputs.calibration is None:
+            return ["static quantization needs calibration data: give --calib FILE.npz (or --calib random)"]
+        return []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        cfg: QuantizeConfig = self.config  # type: ignore[assignment]
+        before = op_counts(model)
+        exclude = set(cfg.exclude_nodes)
+        if cfg.exclude_op_types:
+            exclude |= {n.name for n in model.graph if n.op_type in cfg.exclude_op_types and n.name}
+        unknown = set(cfg.exclude_nodes) - {n.name for n in model.graph}
+        if unknown:
+            raise UserInputError(f"quantize: exclude_nodes not in the model: {', '.join(sorted(unknown))}")
+        with tempfile.TemporaryDirectory(prefix="optimize-quant-", dir=self.ctx.tmp_dir) as tmp:
+            tmp_dir = Path(tmp)
+            src = write_for_tool(model, tmp_dir)
+            out = tmp_dir / "quantized.onnx"
+            large = is_large(model)
+            if cfg.mode == "dynamic":
+                self._dynamic(src, out, cfg, sorted(exclude), large)
+            elif cfg.mode == "static":
+                self._static(model, src, out, cfg, sorted(exclude), large, tmp_dir)
+            elif cfg.mode == "fp16":
+                self._fp16(src, out, cfg, sorted(exclude), large)
+            else:
+                self._weight_only(src, out, cfg, sorted(exclude), large)
+            result = ir.load(out)
+            for init in result.graph.initializers.values():
+                if isinstance(init.const_value, ir.ExternalTensor):
+                    init.const_value = ir.tensor(init.const_value.numpy(), name=init.name)
+            replace_model_contents(model, result)
+        after = op_counts(model)
+        self.stats = {
+            "mode": cfg.mode,
+            "quant_ops": {op: after[op] for op in sorted(QUANT_OPS) if after.get(op)},
+            "excluded_nodes": len(exclude),
+        }
+        if cfg.mode == "fp16":
+            self.stats["casts_added"] = after.get("Cast", 0) - before.get("Cast", 0)
+        modified = after != before
+        return ir.passes.PassResult(model, modified)
+
+    def _dynamic(self, src: Path, out: Path, cfg: QuantizeConfig, exclude: list[str], large: bool) -> None:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(
+            str(src),
+            str(out),
+            op_types_to_quantize=cfg.op_types or ["MatMul", "Gemm", "Attention"],
+            per_channel=cfg.per_channel,
+            reduce_range=cfg.reduce_range,
+            weight_type=QuantType.QInt8 if cfg.weight_type == "int8" else QuantType.QUInt8,
+            nodes_to_exclude=exclude,
+            use_external_data_format=large,
+            extra_options={"MatMulConstBOnly": True},
+        )
+
+    def _static(
+        self, model: ir.Model, src: Path, out: Path, cfg: QuantizeConfig, exclude: list[str], large: bool, tmp: Path
+    ) -> None:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        if self.ctx.calibration is None:
+            raise UserInputError("static quantization needs calibration data (--calib)")
+        if cfg.preprocess:
+            src = self._preprocess(src, tmp, large)
+        method = {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }[cfg.calibration_method]
+        extra: dict = {"CalibTensorRangeSymmetric": False}
+        if cfg.calibration_method == "percentile":
+            extra["CalibPercentile"] = cfg.percentile
+        names = {v.name for v in model.graph.inputs}
+        quantize_static(
+            str(src),
+            str(out),
+            _FeedReader(self.ctx.calibration, cfg.calibration_samples, names),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=cfg.op_types,
+            per_channel=cfg.per_channel,
+            reduce_range=cfg.reduce_range,
+            activation_type=QuantType.QUInt8 if cfg.activation_type == "uint8" else QuantType.QInt8,
+            weight_type=QuantType.QInt8 if cfg.weight_type == "int8" else QuantType.QUInt8,
+            nodes_to_exclude=exclude,
+            use_external_data_format=large,
+            calibrate_method=method,
+            extra_options=extra,
+        )
+        self.stats["calibration"] = f"{min(len(self.ctx.calibration), cfg.calibration_samples)} samples from {self.ctx.calibration.source}"
+
+    def _preprocess(self, src: Path, tmp: Path, large: bool) -> Path:
+        """ORT's recommended pre-processing (shape inference + basic fusions); skipped if it fails."""
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        target = tmp / "preprocessed.onnx"
+        try:
+            quant_pre_process(str(src), str(target), save_as_external_data=large)
+            return target
+        except Exception as exc:  # symbolic shape inference refuses some graphs; quantize without it
+            self.stats["preprocess"] = f"skipped: {str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__}"
+            return src
+
+    def _fp16(self, src: Path, out: Path, cfg: QuantizeConfig, exclude: list[str], large: bool) -> None:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        proto = onnx.load(str(src))
+        converted = convert_float_to_float16(
+            proto,
+            keep_io_types=True,
+            op_block_list=cfg.exclude_op_types or None,
+            node_block_list=exclude or None,
+        )
+        onnx.save(converted, str(out), save_as_external_data=large)
+
+    def _weight_only(self, src: Path, out: Path, cfg: QuantizeConfig, exclude: list[str], large: bool) -> None:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(src)),
+            bits=cfg.bits,
+            block_size=cfg.block_size,
+            is_symmetric=cfg.symmetric,
+            accuracy_level=cfg.accuracy_level,
+            nodes_to_exclude=exclude,
+            op_types_to_quantize=tuple(cfg.op_types) if cfg.op_types else None,
+        )
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out), use_external_data_format=large)

@@ -1,0 +1,196 @@
+"""Recipes: YAML files validated by pydantic, with line numbers in errors and --set overrides.
+
+    name: int8
+    passes:
+      - type: fuse
+      - type: quantize
+        mode: dynamic
+    verify: {samples: 4}
+    benchmark: {providers: [cpu], threads: 2}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from optimizer_cli.errors import UserInputError
+from optimizer_cli.passes import PASS_REGISTRY
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VerifySettings(_Strict):
+    enabled: bool = True
+    samples: int = Field(4, ge=1)
+    seed: int = 0
+    # Exact passes must keep outputs within rtol / atol * max(1, |output|max).
+    rtol: float = 1e-3
+    atol: float = 1e-4
+    # Approximate passes fail the run if any output's cosine vs the original drops below this.
+    min_cosine: float | None = None
+
+
+class DataSettings(_Strict):
+    calibration: str | None = None  # .npz, folder of .npy, or "random"
+    evaluation: str | None = None
+    dims: dict[str, int] = {}  # symbolic dim values for random inputs, e.g. {batch: 1, sequence: 128}
+
+
+class BenchmarkSettings(_Strict):
+    enabled: bool = True
+    providers: list[str] | None = None  # None: every usable provider
+    threads: int = Field(2, ge=1)
+    warmup: int = Field(5, ge=0)
+    rounds: int = Field(10, ge=2)
+    runs_per_round: int = Field(10, ge=1)
+    discard_after_switch: int = Field(3, ge=0)
+    opt_level: Literal["disable", "basic", "extended", "all"] = "all"
+    trt_fp16: bool = False
+    trt_int8: bool = False
+    trt_cache_dir: str | None = None
+    attribution_threshold: float = 0.99  # cosine under which per-layer attribution runs
+
+
+def _pass_union() -> Any:
+    configs = tuple(cls.Config for cls in PASS_REGISTRY.values())
+    return Annotated[Union[configs], Field(discriminator="type")]  # noqa: UP007
+
+
+class Recipe(_Strict):
+    name: str = "recipe"
+    description: str = ""
+    passes: list[_pass_union()] = []  # type: ignore[valid-type]
+    verify: VerifySettings = VerifySettings()
+    data: DataSettings = DataSettings()
+    benchmark: BenchmarkSettings = BenchmarkSettings()
+
+
+def _line_map(text: str) -> dict[tuple, int]:
+    """YAML path -> 1-based line, so validation errors can name the line of the bad key."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                lines[(*path, key.value)] = key.start_mark.line + 1
+                walk(value, (*path, key.value))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*path, i))
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """`passes.1.mode=static` / `benchmark.providers=[cpu]` / `verify.samples=8`."""
+    if "=" not in assignment:
+        raise UserInputError(f"--set '{assignment}': expected KEY=VALUE")
+    key, raw = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise UserInputError(f"--set '{assignment}': empty key")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserInputError(f"--set '{assignment}': no list item {part} at {'.'.join(parts[:i]) or 'top'}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise UserInputError(f"--set '{assignment}': '{'.'.join(parts[: i + 1])}' is not a section")
+    last = parts[-1]
+    value = _parse_scalar(raw)
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise UserInputError(f"--set '{assignment}': no list item {last}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _format_error(err: dict, lines: dict[tuple, int], source: str) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {c.Config.__name__ for c in PASS_REGISTRY.values()}))
+    # pydantic puts the discriminator tag in loc (e.g. ('passes', 0, 'quantize', 'mode')): drop it.
+    loc = tuple(p for i, p in enumerate(loc) if not (i == 2 and loc[0] == "passes" and p in PASS_REGISTRY))
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    line = None
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            line = lines[loc[:n]]
+            break
+    where = f"{source}:{line}" if line else source
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown key '{loc[-1]}' at {dotted}"
+    if err["type"] == "union_tag_invalid":
+        tag = err.get("input", {}).get("type") if isinstance(err.get("input"), dict) else None
+        return f"{where}: unknown pass type '{tag}' at {dotted} (known: {', '.join(sorted(PASS_REGISTRY))})"
+    if err["type"] == "union_tag_not_found":
+        return f"{where}: pass at {dotted} has no 'type' (known: {', '.join(sorted(PASS_REGISTRY))})"
+    return f"{where}: {dotted}: {err['msg']}"
+
+
+def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserInputError(f"{where}: invalid YAML ({problem})") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserInputError(f"{source}: a recipe is a YAML mapping with a 'passes' list")
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        lines = _line_map(text)
+        first = exc.errors()[0]
+        more = len(exc.errors()) - 1
+        message = _format_error(first, lines, source)
+        if more:
+            message += f" (and {more} more problem{'s' if more > 1 else ''})"
+        raise UserInputError(message) from exc
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.exists():
+        raise UserInputError("recipe file not found", path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserInputError(f"cannot read recipe ({exc.__class__.__name__})", path) from exc
+    return parse_recipe(text, str(path), overrides)
+
+
+def empty_recipe(overrides: list[str] | None = None) -> Recipe:
+    return parse_recipe("{}", "<no recipe>", overrides)
+
+
+def recipe_json_schema() -> str:
+    return json.dumps(TypeAdapter(Recipe).json_schema(), indent=2)

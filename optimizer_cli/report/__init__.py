@@ -1,0 +1,1 @@
+"""Reports: rich tables, JSON, Markdown, gates and baseline comparison."""

@@ -1,0 +1,108 @@
+"""--fail-if conditions: `[provider:]metric OP value[%]`, e.g. "accuracy_drop>1%", "cpu:speedup<1.5"."""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from optimizer_cli.errors import UserInputError
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    "<=": operator.le, ">=": operator.ge, "==": operator.eq, "!=": operator.ne, "<": operator.lt, ">": operator.gt,
+}
+_PATTERN = re.compile(r"^\s*(?:(?P<prov>[a-zA-Z]+)\s*:\s*)?(?P<metric>[a-z_0-9]+)\s*(?P<op><=|>=|==|!=|<|>)\s*(?P<value>-?[0-9.]+(?:e-?\d+)?)\s*(?P<pct>%)?\s*$")
+
+
+def _get(row: dict[str, Any], section: str, key: str) -> float | None:
+    part = row.get(section)
+    return None if not part else part.get(key)
+
+
+def _accuracy_drop(row: dict[str, Any]) -> float | None:
+    for key in ("top1", "metric"):
+        a, b = _get(row, "accuracy_original", key), _get(row, "accuracy_optimized", key)
+        if a is not None and b is not None:
+            return a - b
+    return None
+
+
+def _size_ratio(bench: dict[str, Any]) -> float | None:
+    return bench["optimized_bytes"] / bench["original_bytes"] if bench.get("original_bytes") else None
+
+
+METRICS: dict[str, Callable[[dict[str, Any], dict[str, Any]], float | None]] = {
+    "speedup": lambda r, _: _get(r, "speedup", "median"),
+    "speedup_ci_low": lambda r, _: _get(r, "speedup", "ci_low"),
+    "p90_speedup": lambda r, _: _get(r, "speedup", "p90"),
+    "p99_speedup": lambda r, _: _get(r, "speedup", "p99"),
+    "accuracy_drop": lambda r, _: _accuracy_drop(r),
+    "accuracy": lambda r, _: _get(r, "accuracy_optimized", "top1"),
+    "cosine": lambda r, _: _get(r, "fidelity", "cosine_min"),
+    "cosine_mean": lambda r, _: _get(r, "fidelity", "cosine_mean"),
+    "top1_agreement": lambda r, _: _get(r, "fidelity", "top1_agreement"),
+    "max_abs": lambda r, _: _get(r, "fidelity", "max_abs"),
+    "rel_l2": lambda r, _: _get(r, "fidelity", "rel_l2"),
+    "p50_ms": lambda r, _: _get(r, "latency_optimized", "p50_ms"),
+    "p90_ms": lambda r, _: _get(r, "latency_optimized", "p90_ms"),
+    "p99_ms": lambda r, _: _get(r, "latency_optimized", "p99_ms"),
+    "size_ratio": lambda _, bench: _size_ratio(bench),
+}
+
+
+@dataclass
+class Gate:
+    expression: str
+    provider: str | None
+    metric: str
+    op: str
+    threshold: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GateResult:
+    expression: str
+    violated: bool
+    detail: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_gate(text: str) -> Gate:
+    m = _PATTERN.match(text)
+    if not m:
+        raise UserInputError(f"--fail-if '{text}': expected [provider:]METRIC OP VALUE[%], e.g. 'accuracy_drop>1%'")
+    metric = m["metric"]
+    if metric not in METRICS:
+        raise UserInputError(f"--fail-if '{text}': unknown metric '{metric}' (known: {', '.join(sorted(METRICS))})")
+    value = float(m["value"]) / (100.0 if m["pct"] else 1.0)
+    return Gate(text.strip(), m["prov"].lower() if m["prov"] else None, metric, m["op"], value)
+
+
+def evaluate(gates: list[Gate], bench: dict[str, Any]) -> list[GateResult]:
+    """A gate is violated when its condition holds on any measured provider row it applies to."""
+    results = []
+    for gate in gates:
+        rows = [r for r in bench["rows"] if r["usable"] and (gate.provider is None or r["provider"] == gate.provider)]
+        if not rows:
+            results.append(GateResult(gate.expression, True, "no usable provider row to evaluate it on"))
+            continue
+        hits, values = [], []
+        for row in rows:
+            value = METRICS[gate.metric](row, bench)
+            if value is None:
+                need = "labelled evaluation data (--data with labels)" if "accuracy" in gate.metric else "a measurement"
+                raise UserInputError(f"--fail-if '{gate.expression}': {gate.metric} was not measured on {row['provider']}; it needs {need}")
+            label = f"{row['provider']}{'[' + row['shape'] + ']' if row['shape'] else ''}={value:.4g}"
+            values.append(label)
+            if _OPS[gate.op](value, gate.threshold):
+                hits.append(label)
+        violated = bool(hits)
+        results.append(GateResult(gate.expression, violated, ("violated by " if violated else "ok: ") + ", ".join(hits or values)))
+    return results

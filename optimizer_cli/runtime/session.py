@@ -1,0 +1,102 @@
+"""Create ONNX Runtime sessions from onnx_ir models or files, with explicit threads and providers."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from optimizer_cli.model_io import model_to_bytes, save_model
+from optimizer_cli.runtime.providers import resolve_provider, silence_native_output
+
+OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+@dataclass
+class SessionConfig:
+    provider: str = "cpu"
+    threads: int = 2
+    opt_level: str = "all"
+    trt_fp16: bool = False
+    trt_int8: bool = False
+    trt_cache_dir: str | None = None
+    extra_provider_options: dict[str, Any] = field(default_factory=dict)
+
+
+def _provider_entry(config: SessionConfig) -> list[Any]:
+    name = resolve_provider(config.provider)
+    options: dict[str, Any] = dict(config.extra_provider_options)
+    if name == "TensorrtExecutionProvider":
+        options.setdefault("trt_fp16_enable", str(config.trt_fp16))
+        options.setdefault("trt_int8_enable", str(config.trt_int8))
+        if config.trt_cache_dir:
+            Path(config.trt_cache_dir).mkdir(parents=True, exist_ok=True)
+            options.setdefault("trt_engine_cache_enable", "True")
+            options.setdefault("trt_engine_cache_path", config.trt_cache_dir)
+    entries: list[Any] = [(name, options)] if options else [name]
+    if name != "CPUExecutionProvider":
+        entries.append("CPUExecutionProvider")
+    return entries
+
+
+class ModelSource:
+    """A model ready for sessions: in-memory bytes when small, else a file (kept for the lifetime)."""
+
+    def __init__(self, model: ir.Model | str | Path) -> None:
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.data: bytes | str
+        if isinstance(model, ir.Model):
+            raw = model_to_bytes(model)
+            if raw is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="optimize-session-")
+                path = Path(self._tmp.name) / "model.onnx"
+                save_model(model, path, external_data=True)
+                self.data = str(path)
+            else:
+                self.data = raw
+        else:
+            self.data = str(model)
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def create_session(source: ModelSource | ir.Model | str | Path, config: SessionConfig | None = None):
+    """InferenceSession with explicit thread count and optimization level; native chatter silenced."""
+    import onnxruntime as ort
+
+    config = config or SessionConfig()
+    if not isinstance(source, ModelSource):
+        source = ModelSource(source)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = config.threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[config.opt_level])
+    options.log_severity_level = 3
+    providers = _provider_entry(config)
+    silence = silence_native_output() if resolve_provider(config.provider) != "CPUExecutionProvider" else contextlib.nullcontext()
+    with silence:
+        return ort.InferenceSession(source.data, options, providers=providers)
+
+
+def timed_session(source: ModelSource, config: SessionConfig, feeds: dict[str, np.ndarray]):
+    """Session plus setup time (creation + first run, where TensorRT builds its engine)."""
+    start = time.perf_counter()
+    sess = create_session(source, config)
+    silence = silence_native_output() if resolve_provider(config.provider) != "CPUExecutionProvider" else contextlib.nullcontext()
+    with silence:
+        sess.run(None, feeds)
+    return sess, time.perf_counter() - start
+
+
+def run_session(sess, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
+    names = {i.name for i in sess.get_inputs()}
+    return sess.run(outputs, {k: v for k, v in feeds.items() if k in names})
