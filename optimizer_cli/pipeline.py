@@ -135,6 +135,12 @@ def normalize(model: ir.Model) -> list[str]:
     return notes
 
 
+def _load_normalized(path: Path) -> ir.Model:
+    model = load_model(path)
+    normalize(model)
+    return model
+
+
 def run_pipeline(
     input_path: str | Path,
     recipe: Recipe,
@@ -183,6 +189,7 @@ def run_pipeline(
             rng=np.random.default_rng(vs.seed),
             tmp_dir=Path(tmp),
             threads=threads,
+            reference=lambda: _load_normalized(input_path),
             logger=logger,
         )
         for index, cfg in enumerate(recipe.passes):

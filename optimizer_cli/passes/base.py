@@ -41,6 +41,8 @@ class PassContext:
     rng: np.random.Generator
     tmp_dir: Path
     threads: int = 2
+    # Loads the run's input model, normalized like the pipeline's (for passes that fit to it).
+    reference: Callable[[], ir.Model] | None = None
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("optimizer_cli"))
 
 

@@ -1,0 +1,1 @@
+"""Graph analyses used by passes (channel dependency groups, layer importance)."""

@@ -1,0 +1,177 @@
+"""factorize (approximate): low-rank SVD of MatMul/Gemm weights and Conv kernels.
+
+Contract: touches MatMul (2-D constant weight), Gemm (transA=0) and Conv (group=1) nodes, each
+replaced by two nodes; the second keeps the original output name. With W = U S V^T and rank r:
+    MatMul/Gemm:  x W  ~=  (x A) B,   A = U_r sqrt(S_r) [K, r],  B = sqrt(S_r) V_r^T [r, N]
+    Conv:         W [Co, Ci, kh, kw] reshaped to [Co, Ci*kh*kw]; a spatial conv to r channels
+                  (same strides/pads/dilations) followed by a 1x1 conv r -> Co with the bias.
+Full rank reproduces the layer (float rounding only); rank r errs by at most sigma_{r+1} * ||x||
+per output row. A layer is skipped when the factorized form would not need fewer MACs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+from pydantic import model_validator
+
+from optimizer_cli.analysis.cost import macs, parameter_count
+from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, register
+
+LOWRANK_SUFFIX = "_lowrank"
+
+
+class FactorizeConfig(PassConfig):
+    type: Literal["factorize"] = "factorize"
+    rank: int | None = None  # fixed rank
+    energy: float | None = 0.9  # keep singular values up to this fraction of sum(s^2)
+    rank_ratio: float | None = None  # rank = ratio * min(K, N)
+    round_to: int = 8
+    min_size: int = 64  # skip layers whose smaller dimension is below this
+    max_cost_ratio: float = 0.8  # factorize only if MACs after / before <= this
+    op_types: list[str] = ["MatMul", "Gemm", "Conv"]
+    exclude_nodes: list[str] = []
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> FactorizeConfig:
+        if self.rank is not None or self.rank_ratio is not None:
+            self.energy = None
+        if sum(x is not None for x in (self.rank, self.energy, self.rank_ratio)) != 1:
+            raise ValueError("give exactly one of rank, energy, rank_ratio")
+        return self
+
+
+def choose_rank(s: np.ndarray, cfg: FactorizeConfig) -> int:
+    full = len(s)
+    if cfg.rank is not None:
+        r = cfg.rank
+    elif cfg.rank_ratio is not None:
+        r = int(np.ceil(cfg.rank_ratio * full))
+    else:
+        energy = np.cumsum(s.astype(np.float64) ** 2) / max(float(np.sum(s.astype(np.float64) ** 2)), 1e-30)
+        r = int(np.searchsorted(energy, cfg.energy - 1e-12) + 1)  # type: ignore[operator]
+    if cfg.round_to > 1:
+        r = int(np.ceil(r / cfg.round_to) * cfg.round_to)
+    return max(1, min(r, full))
+
+
+def split_matrix(w: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """W [K, N] -> A [K, r], B [r, N] with A @ B the best rank-r approximation; also all singular values."""
+    u, s, vt = np.linalg.svd(w.astype(np.float64), full_matrices=False)
+    root = np.sqrt(s[:r])
+    return (u[:, :r] * root).astype(w.dtype), (root[:, None] * vt[:r]).astype(w.dtype), s
+
+
+def _new_init(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    name, k = base, 0
+    while name in graph.initializers:
+        k += 1
+        name = f"{base}_{k}"
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+@register
+class FactorizePass(OptimizationPass):
+    name = "factorize"
+    Config = FactorizeConfig
+    exactness = Exactness.APPROXIMATE
+    contract = "MatMul/Gemm/Conv -> two low-rank nodes (second keeps the output name); skipped unless MACs drop"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        cfg: FactorizeConfig = self.config  # type: ignore[assignment]
+        import onnx_ir.passes.common as common
+
+        common.ShapeInferencePass(strict_mode=False)(model)
+        params_before, macs_before = parameter_count(model), macs(model)
+        done, skipped = [], {"small": 0, "no_gain": 0, "unsupported": 0}
+        for node in list(model.graph):
+            if node.op_type not in cfg.op_types or node.name in cfg.exclude_nodes or node.domain not in ("", "ai.onnx"):
+                continue
+            result = self._factorize(model.graph, node, cfg)
+            if isinstance(result, str):
+                skipped[result] += 1
+            else:
+                done.append(f"{node.name}:r{result}")
+        if done:
+            io = {v.name for v in model.graph.inputs} | {v.name for v in model.graph.outputs}
+            for n in model.graph:
+                for out in n.outputs:
+                    if out.name not in io:
+                        out.shape = None
+            common.ShapeInferencePass(strict_mode=False)(model)
+            common.RemoveUnusedNodesPass()(model)
+        self.stats = {
+            "factorized": len(done),
+            "ranks": ", ".join(done[:8]) + (" ..." if len(done) > 8 else ""),
+            "skipped": {k: v for k, v in skipped.items() if v},
+            "params": f"{params_before}->{parameter_count(model)}",
+            "macs_per_sample": f"{macs_before}->{macs(model)}",
+        }
+        return ir.passes.PassResult(model, bool(done))
+
+    def _factorize(self, graph: ir.Graph, node: ir.Node, cfg: FactorizeConfig) -> int | str:
+        w_value = node.inputs[1] if len(node.inputs) > 1 else None
+        if w_value is None or w_value.const_value is None or w_value.dtype != ir.DataType.FLOAT:
+            return "unsupported"
+        w = w_value.const_value.numpy()
+        if node.op_type == "Conv":
+            return self._conv(graph, node, w, cfg)
+        if w.ndim != 2:
+            return "unsupported"
+        if node.op_type == "Gemm":
+            if node.attributes.get_int("transA", 0):
+                return "unsupported"
+            if node.attributes.get_int("transB", 0):
+                w = w.T
+        k, n = w.shape
+        if min(k, n) < cfg.min_size:
+            return "small"
+        _, s, _ = np.linalg.svd(w.astype(np.float64), full_matrices=False)
+        r = choose_rank(s, cfg)
+        if r * (k + n) > cfg.max_cost_ratio * k * n:
+            return "no_gain"
+        a, b, _ = split_matrix(w, r)
+        x = node.inputs[0]
+        a_val = _new_init(graph, f"{w_value.name}{LOWRANK_SUFFIX}_a", a)
+        mid = ir.Value(name=f"{node.outputs[0].name}{LOWRANK_SUFFIX}")
+        first = ir.Node("", "MatMul", [x, a_val], outputs=[mid], name=f"{node.name}{LOWRANK_SUFFIX}_a")
+        graph.insert_before(node, first)
+        b_val = _new_init(graph, f"{w_value.name}{LOWRANK_SUFFIX}_b", b)
+        node.replace_input_with(0, mid)
+        node.replace_input_with(1, b_val)
+        if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+            node.attributes["transB"] = ir.AttrInt64("transB", 0)
+        return r
+
+    def _conv(self, graph: ir.Graph, node: ir.Node, w: np.ndarray, cfg: FactorizeConfig) -> int | str:
+        if node.attributes.get_int("group", 1) != 1 or w.ndim != 4:
+            return "unsupported"
+        co, ci, kh, kw = w.shape
+        if kh * kw == 1 and min(co, ci) < cfg.min_size or min(co, ci * kh * kw) < cfg.min_size:
+            return "small"
+        mat = w.reshape(co, ci * kh * kw).T  # [Ci*kh*kw, Co]
+        _, s, _ = np.linalg.svd(mat.astype(np.float64), full_matrices=False)
+        r = choose_rank(s, cfg)
+        if r * (ci * kh * kw + co) > cfg.max_cost_ratio * co * ci * kh * kw:
+            return "no_gain"
+        a, b, _ = split_matrix(mat, r)  # a [Ci*kh*kw, r], b [r, Co]
+        spatial = a.T.reshape(r, ci, kh, kw)
+        pointwise = b.T.reshape(co, r, 1, 1)
+        w_name = node.inputs[1].name  # type: ignore[union-attr]
+        s_val = _new_init(graph, f"{w_name}{LOWRANK_SUFFIX}_spatial", np.ascontiguousarray(spatial))
+        mid = ir.Value(name=f"{node.outputs[0].name}{LOWRANK_SUFFIX}")
+        attrs = [a for k, a in node.attributes.items() if k in ("strides", "pads", "dilations", "auto_pad", "kernel_shape")]
+        first = ir.Node("", "Conv", [node.inputs[0], s_val], attributes=attrs, outputs=[mid], name=f"{node.name}{LOWRANK_SUFFIX}_spatial")
+        graph.insert_before(node, first)
+        p_val = _new_init(graph, f"{w_name}{LOWRANK_SUFFIX}_pointwise", np.ascontiguousarray(pointwise))
+        node.replace_input_with(0, mid)
+        node.replace_input_with(1, p_val)
+        for key in ("strides", "pads", "dilations", "auto_pad"):
+            node.attributes.pop(key, None)
+        node.attributes["kernel_shape"] = ir.AttrInt64s("kernel_shape", [1, 1])
+        return r

@@ -1,0 +1,228 @@
+"""prune (approximate): unstructured magnitude pruning, or structured channel pruning that shrinks tensors.
+
+Contract
+- magnitude: zeroes the smallest-|w| entries of Conv/MatMul/Gemm weights (global threshold or per
+  layer). Shapes unchanged, so ORT's dense kernels run no faster; the file compresses better.
+- structured: removes whole Conv output channels / MatMul-Gemm hidden units. Channel groups come from
+  analysis.channel_groups (residual Adds, Concat, depthwise convs, BN, Flatten/Reshape); a group is
+  pruned only when every use of its channels is understood, and never when it reaches a graph
+  output. Kept channels are rounded up to a multiple (`round_to`) for fast kernels. Outputs are
+  approximated: removing channel c equals zeroing the weights that read c (the test oracle).
+Importance: L2 norm of each channel's producer weights, each producer normalized by its max, summed.
+Run `fuse` first so BatchNorm scales are folded into the conv weights the norm is taken over.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from optimizer_cli.analysis.channel_groups import Analysis, Group, analyze, expr_mask, expr_size
+from optimizer_cli.analysis.cost import macs, parameter_count
+from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, register
+
+
+class PruneConfig(PassConfig):
+    type: Literal["prune"] = "prune"
+    method: Literal["structured", "magnitude"] = "structured"
+    sparsity: float = 0.3  # fraction of channels (structured) or weights (magnitude) to remove
+    scope: Literal["layer", "global"] = "layer"
+    round_to: int = 8
+    min_channels: int = 8
+    op_types: list[str] = ["Conv", "MatMul", "Gemm"]
+    exclude_nodes: list[str] = []
+
+
+KEPT_CHANNELS_META = "optimizer_cli.kept_channels"
+
+
+def _tensor(value: ir.Value) -> np.ndarray:
+    return value.const_value.numpy()  # type: ignore[union-attr]
+
+
+def _set_const(node: ir.Node, index: int, array: np.ndarray, graph: ir.Graph) -> None:
+    """Give node input `index` a new constant; copy-on-write when the initializer has other uses."""
+    value = node.inputs[index]
+    assert value is not None
+    if len(value.uses()) == 1 and value.is_initializer():
+        value.const_value = ir.tensor(array, name=value.name)
+        value.shape = ir.Shape(array.shape)
+        return
+    base = f"{value.name}_{node.name}"
+    name, k = base, 0
+    while name in graph.initializers:
+        k += 1
+        name = f"{base}_{k}"
+    new_value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(value.dtype),
+                         const_value=ir.tensor(array, name=name))
+    graph.register_initializer(new_value)
+    node.replace_input_with(index, new_value)
+
+
+def group_importance(group: Group) -> np.ndarray:
+    score = np.zeros(group.size)
+    for prod in group.producers:
+        w = _tensor(prod.node.inputs[prod.weight_index])  # type: ignore[arg-type]
+        axes = tuple(a for a in range(w.ndim) if a != prod.axis)
+        norms = np.sqrt(np.sum(w.astype(np.float64) ** 2, axis=axes))
+        score += norms / max(float(norms.max()), 1e-12)
+    return score
+
+
+def choose_keep(analysis: Analysis, groups: list[Group], cfg: PruneConfig) -> dict[int, np.ndarray]:
+    """Keep-mask per group: the most important channels, count rounded up to `round_to`."""
+    keep: dict[int, np.ndarray] = {}
+    scores = {g.gid: group_importance(g) for g in groups}
+    if cfg.scope == "global":
+        # Normalize per group so wide and narrow layers compete fairly, then one threshold.
+        pooled = np.concatenate([s / max(float(s.mean()), 1e-12) for s in scores.values()]) if scores else np.array([])
+        threshold = np.quantile(pooled, cfg.sparsity) if pooled.size else 0.0
+    for g in groups:
+        s = scores[g.gid]
+        if cfg.scope == "global":
+            n_keep = int(np.sum(s / max(float(s.mean()), 1e-12) > threshold))
+        else:
+            n_keep = g.size - int(math.floor(g.size * cfg.sparsity))
+        n_keep = max(n_keep, cfg.min_channels)
+        n_keep = int(math.ceil(n_keep / cfg.round_to) * cfg.round_to) if cfg.round_to > 1 else n_keep
+        if n_keep >= g.size:
+            continue
+        mask = np.zeros(g.size, bool)
+        mask[np.argsort(-s, kind="stable")[:n_keep]] = True
+        keep[g.gid] = mask
+    return keep
+
+
+def apply_structured(model: ir.Model, analysis: Analysis, keep: dict[int, np.ndarray], *, zero_only: bool = False) -> None:
+    """Remove the channels not kept (or, with zero_only, zero the consumer weights that read them)."""
+    graph = model.graph
+    find = analysis.find
+    for consumer in analysis.consumers:
+        mask = expr_mask(consumer.expr, keep, find)
+        if mask.all():
+            continue
+        w = _tensor(consumer.node.inputs[consumer.weight_index])  # type: ignore[arg-type]
+        if zero_only:
+            w = w.copy()
+            index = [slice(None)] * w.ndim
+            index[consumer.axis] = ~mask  # type: ignore[call-overload]
+            w[tuple(index)] = 0
+            _set_const(consumer.node, consumer.weight_index, w, graph)
+        else:
+            _set_const(consumer.node, consumer.weight_index, np.compress(mask, w, axis=consumer.axis), graph)
+    if zero_only:
+        return
+    canonical = analysis.canonical()
+    values = {v.name: v for n in graph for v in n.outputs}
+    for gid, mask in keep.items():
+        for name in canonical[gid].values:
+            if name in values:
+                # In-memory only: tells `reconstruct` which original channels this tensor still holds.
+                values[name].meta[KEPT_CHANNELS_META] = np.flatnonzero(mask)
+        for prod in canonical[gid].producers:
+            w = _tensor(prod.node.inputs[prod.weight_index])  # type: ignore[arg-type]
+            _set_const(prod.node, prod.weight_index, np.compress(mask, w, axis=prod.axis), graph)
+            if prod.bias_index is not None:
+                b = _tensor(prod.node.inputs[prod.bias_index])  # type: ignore[arg-type]
+                _set_const(prod.node, prod.bias_index, np.compress(mask, b, axis=b.ndim - 1), graph)
+    for dep in analysis.dependents:
+        mask = expr_mask(dep.expr, keep, find)
+        if not mask.all():
+            c = _tensor(dep.node.inputs[dep.input_index])  # type: ignore[arg-type]
+            _set_const(dep.node, dep.input_index, np.compress(mask, c, axis=dep.axis), graph)
+    for dw in analysis.depthwise:
+        mask = expr_mask(dw.expr, keep, find)
+        if not mask.all():
+            w = _tensor(dw.node.inputs[1])  # type: ignore[arg-type]
+            _set_const(dw.node, 1, np.compress(mask, w, axis=0), graph)
+            dw.node.attributes["group"] = ir.AttrInt64("group", int(mask.sum()))
+    for fix in analysis.reshapes:
+        mask = expr_mask(fix.expr, keep, find)
+        if not mask.all():
+            target = _tensor(fix.node.inputs[1]).copy()  # type: ignore[arg-type]
+            target[fix.position] = int(mask.sum()) * fix.factor
+            _set_const(fix.node, 1, target, graph)
+    _refresh_shapes(model)
+
+
+def _refresh_shapes(model: ir.Model) -> None:
+    """Drop stale intermediate shapes and infer them again."""
+    io = {v.name for v in model.graph.inputs} | {v.name for v in model.graph.outputs}
+    for node in model.graph:
+        for out in node.outputs:
+            if out.name not in io:
+                out.shape = None
+    common.ShapeInferencePass(strict_mode=False)(model)
+
+
+def magnitude_prune(model: ir.Model, cfg: PruneConfig) -> dict[str, object]:
+    weights: list[tuple[ir.Node, np.ndarray]] = []
+    for node in model.graph:
+        if node.op_type in cfg.op_types and node.name not in cfg.exclude_nodes and len(node.inputs) > 1:
+            w = node.inputs[1].const_value if node.inputs[1] is not None else None
+            if w is not None and w.numpy().ndim >= 2 and np.issubdtype(w.numpy().dtype, np.floating):
+                weights.append((node, w.numpy()))
+    if not weights:
+        return {"layers": 0}
+    total = sum(w.size for _, w in weights)
+    if cfg.scope == "global":
+        threshold = np.quantile(np.concatenate([np.abs(w).ravel() for _, w in weights]), cfg.sparsity)
+    zeroed = 0
+    for node, w in weights:
+        t = threshold if cfg.scope == "global" else np.quantile(np.abs(w), cfg.sparsity)
+        pruned = np.where(np.abs(w) <= t, 0, w).astype(w.dtype)
+        zeroed += int(np.sum(pruned == 0))
+        _set_const(node, 1, pruned, model.graph)
+    return {"layers": len(weights), "weight_sparsity": round(zeroed / total, 4)}
+
+
+@register
+class PrunePass(OptimizationPass):
+    name = "prune"
+    Config = PruneConfig
+    exactness = Exactness.APPROXIMATE
+    contract = "structured: removes Conv channels / MatMul-Gemm hidden units by channel group; magnitude: zeroes small weights"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        cfg: PruneConfig = self.config  # type: ignore[assignment]
+        params_before, macs_before = parameter_count(model), None
+        common.ShapeInferencePass(strict_mode=False)(model)
+        macs_before = macs(model)
+        if cfg.method == "magnitude":
+            self.stats = magnitude_prune(model, cfg)
+            return ir.passes.PassResult(model, self.stats.get("layers", 0) > 0)
+        analysis = analyze(model)
+        canonical = analysis.canonical()
+        excluded = set(cfg.exclude_nodes)
+        groups = [
+            g for g in analysis.prunable()
+            if not any(p.node.name in excluded for p in g.producers) and all(p.node.op_type in cfg.op_types for p in g.producers)
+        ]
+        keep = choose_keep(analysis, groups, cfg)
+        if keep:
+            apply_structured(model, analysis, keep)
+        blocked = Counter(g.blocked.split("'")[0].strip() for g in canonical.values() if g.blocked and g.producers)
+        channels_before = sum(g.size for g in groups)
+        channels_removed = sum(int((~m).sum()) for m in keep.values())
+        macs_after = macs(model)
+        self.stats = {
+            "groups": len([g for g in canonical.values() if g.producers]),
+            "pruned_groups": len(keep),
+            "channels_removed": f"{channels_removed}/{channels_before}",
+            "params": f"{params_before}->{parameter_count(model)}",
+            "macs": f"{macs_before}->{macs_after}" if macs_before and macs_after else "unknown (dynamic shapes)",
+            "blocked": dict(blocked.most_common(4)),
+        }
+        return ir.passes.PassResult(model, bool(keep))
+
+
+def group_sizes(analysis: Analysis) -> dict[int, int]:
+    return {gid: g.size for gid, g in analysis.canonical().items()}
+
+
+__all__ = ["PrunePass", "apply_structured", "choose_keep", "expr_size", "group_importance"]

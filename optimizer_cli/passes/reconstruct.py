@@ -1,0 +1,179 @@
+"""reconstruct (approximate, improves fidelity): refit compressed layers by least squares.
+
+After prune/factorize, each changed layer L (MatMul/Gemm/Conv whose weights differ from the layer
+that produces the same output name in the original model) is refit, in topological order, so that
+its output matches the original layer's output on calibration data:
+    W*, b* = argmin ||[X 1] [W; b] - Y||^2 + lam ||W||^2
+X: L's input in the compressed model (after earlier refits, so errors upstream are compensated),
+Y: the original model's tensor with L's output name. Conv uses im2col rows. lam is `damping` times
+the mean diagonal of X^T X. A refit is kept only if it lowers the layer's error on the data.
+Contract: touches only weights/biases of those layers; shapes and graph structure are unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+from numpy.lib.stride_tricks import sliding_window_view
+
+from optimizer_cli.errors import UserInputError
+from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs, register
+from optimizer_cli.passes.prune import KEPT_CHANNELS_META, _set_const
+from optimizer_cli.runtime.session import ModelSource, SessionConfig, create_session
+
+
+class ReconstructConfig(PassConfig):
+    type: Literal["reconstruct"] = "reconstruct"
+    samples: int = 128
+    damping: float = 1e-3
+    max_rows: int = 50_000
+    op_types: list[str] = ["MatMul", "Gemm", "Conv"]
+    scope: Literal["changed", "all"] = "changed"
+    exclude_nodes: list[str] = []
+
+
+def im2col(x: np.ndarray, kernel: tuple[int, int], strides: list[int], pads: list[int], dilations: list[int]) -> np.ndarray:
+    """Rows (n, ho, wo) x columns (c, kh, kw), matching W.reshape(Co, -1) of an NCHW Conv."""
+    n, c = x.shape[:2]
+    kh, kw = kernel
+    x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    eh, ew = dilations[0] * (kh - 1) + 1, dilations[1] * (kw - 1) + 1
+    win = sliding_window_view(x, (eh, ew), axis=(2, 3))[:, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]]
+    return win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw)
+
+
+def ridge(x: np.ndarray, y: np.ndarray, damping: float) -> np.ndarray:
+    x = x.astype(np.float64)
+    gram = x.T @ x
+    lam = damping * float(np.mean(np.diag(gram))) if gram.size else 0.0
+    return np.linalg.solve(gram + lam * np.eye(gram.shape[0]), x.T @ y.astype(np.float64))
+
+
+def _capture(model: ir.Model, feeds: list[dict[str, np.ndarray]], names: list[str], threads: int) -> dict[str, list[np.ndarray]]:
+    """Run the model exposing `names` as outputs (outputs are restored afterwards)."""
+    values = {v.name: v for n in model.graph for v in n.outputs}
+    values.update({v.name: v for v in model.graph.inputs})
+    original_outputs = list(model.graph.outputs)
+    added = [values[n] for n in names if n in values and values[n] not in original_outputs and not values[n].is_graph_input()]
+    model.graph.outputs.extend(added)
+    source = ModelSource(model)
+    try:
+        sess = create_session(source, SessionConfig(threads=threads, opt_level="disable"))
+        input_names = {i.name for i in sess.get_inputs()}
+        out: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        fetch = [n for n in names if n in values and not values[n].is_graph_input()]
+        for feed in feeds:
+            f = {k: v for k, v in feed.items() if k in input_names}
+            results = dict(zip(fetch, sess.run(fetch, f), strict=True)) if fetch else {}
+            for n in names:
+                out[n].append(f[n] if n in f else results[n])
+        return out
+    finally:
+        source.close()
+        del model.graph.outputs[len(original_outputs):]
+
+
+@register
+class ReconstructPass(OptimizationPass):
+    name = "reconstruct"
+    Config = ReconstructConfig
+    exactness = Exactness.APPROXIMATE
+    contract = "refits weights of changed MatMul/Gemm/Conv layers by least squares to the original outputs"
+
+    @classmethod
+    def requirement_problems(cls, config: PassConfig, inputs: RunInputs) -> list[str]:
+        if inputs.calibration is None:
+            return ["reconstruct needs calibration data: give --calib FILE.npz (or --calib random)"]
+        return []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        cfg: ReconstructConfig = self.config  # type: ignore[assignment]
+        if self.ctx.calibration is None or self.ctx.reference is None:
+            raise UserInputError("reconstruct needs calibration data and the original model")
+        reference = self.ctx.reference()
+        ref_producers = {out.name: n for n in reference.graph for out in n.outputs}
+        layers = [n for n in model.graph if self._candidate(n, ref_producers, cfg)]
+        feeds = self.ctx.calibration.feeds[: cfg.samples]
+        targets = _capture(reference, feeds, [n.outputs[0].name for n in layers], self.ctx.threads)
+        refit, details = 0, []
+        for node in layers:
+            inputs = _capture(model, feeds, [node.inputs[0].name], self.ctx.threads)[node.inputs[0].name]
+            before, after = self._refit(model, node, inputs, targets[node.outputs[0].name], cfg)
+            if after is not None:
+                refit += 1
+                details.append(f"{node.name}: {before:.3f}->{after:.3f}")
+        self.stats = {"layers_refit": f"{refit}/{len(layers)}", "rel_error": "; ".join(details[:6]) + (" ..." if len(details) > 6 else "")}
+        return ir.passes.PassResult(model, refit > 0)
+
+    def _candidate(self, node: ir.Node, ref_producers: dict[str, ir.Node], cfg: ReconstructConfig) -> bool:
+        if node.op_type not in cfg.op_types or node.name in cfg.exclude_nodes or node.domain not in ("", "ai.onnx"):
+            return False
+        if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const_value is None:
+            return False
+        if node.op_type == "Conv" and (node.attributes.get_int("group", 1) != 1 or node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID")):
+            return False
+        if node.op_type == "Gemm" and (node.attributes.get_int("transA", 0) or node.attributes.get_float("alpha", 1.0) != 1.0 or node.attributes.get_float("beta", 1.0) != 1.0):
+            return False
+        ref = ref_producers.get(node.outputs[0].name)
+        if ref is None:
+            return False
+        if cfg.scope == "all":
+            return True
+        w = node.inputs[1].const_value.numpy()
+        ref_w = ref.inputs[1].const_value.numpy() if len(ref.inputs) > 1 and ref.inputs[1] is not None and ref.inputs[1].const_value is not None else None
+        return ref_w is None or ref_w.shape != w.shape or not np.allclose(ref_w, w)
+
+    def _refit(self, model: ir.Model, node: ir.Node, xs: list[np.ndarray], ys: list[np.ndarray], cfg: ReconstructConfig) -> tuple[float, float | None]:
+        w = node.inputs[1].const_value.numpy()  # type: ignore[union-attr]
+        has_bias = len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value is not None
+        b = node.inputs[2].const_value.numpy() if has_bias else None  # type: ignore[union-attr]
+        if node.op_type == "Conv":
+            k = tuple(w.shape[2:])
+            if len(k) != 2:
+                return 0.0, None
+            strides = list(node.attributes.get_ints("strides", [1, 1]))
+            pads = list(node.attributes.get_ints("pads", [0, 0, 0, 0]))
+            dil = list(node.attributes.get_ints("dilations", [1, 1]))
+            x = np.concatenate([im2col(a, k, strides, pads, dil) for a in xs])  # type: ignore[arg-type]
+            y = np.concatenate([t.transpose(0, 2, 3, 1).reshape(-1, t.shape[1]) for t in ys])
+            w_mat = w.reshape(w.shape[0], -1).T
+        else:
+            trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
+            x = np.concatenate([a.reshape(-1, a.shape[-1]) for a in xs])
+            y = np.concatenate([t.reshape(-1, t.shape[-1]) for t in ys])
+            w_mat = w.T if trans_b else w
+        kept = node.outputs[0].meta.get(KEPT_CHANNELS_META)
+        if kept is not None and y.shape[1] != w_mat.shape[1] and len(kept) == w_mat.shape[1]:
+            y = y[:, kept]  # pruned output channels: fit the original channels that were kept
+        if x.shape[1] != w_mat.shape[0] or y.shape[1] != w_mat.shape[1] or x.shape[0] != y.shape[0]:
+            return 0.0, None
+        if x.shape[0] > cfg.max_rows:
+            rows = self.ctx.rng.choice(x.shape[0], cfg.max_rows, replace=False)
+            x, y = x[rows], y[rows]
+        if x.shape[0] < 2 * (x.shape[1] + 1):
+            return 0.0, None  # too few rows to fit without overfitting: keep the weights
+        # Fit on 80% of the rows; keep the refit only if it lowers the error on the other 20%.
+        order = self.ctx.rng.permutation(x.shape[0])
+        cut = int(0.8 * len(order))
+        fit, hold = order[:cut], order[cut:]
+        bias_vec = b.reshape(-1) if b is not None else np.zeros(w_mat.shape[1])
+        norm = float(np.linalg.norm(y[hold])) or 1.0
+        before = float(np.linalg.norm(x[hold] @ w_mat + bias_vec - y[hold])) / norm
+        design = np.hstack([x, np.ones((len(x), 1))]) if has_bias else x
+        sol = ridge(design[fit], y[fit], cfg.damping)
+        new_w, new_b = (sol[:-1], sol[-1]) if has_bias else (sol, None)
+        after = float(np.linalg.norm(x[hold] @ new_w + (new_b if new_b is not None else 0) - y[hold])) / norm
+        if not after < before:
+            return before, None
+        if node.op_type == "Conv":
+            out_w = new_w.T.reshape(w.shape)
+        elif node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+            out_w = new_w.T
+        else:
+            out_w = new_w
+        _set_const(node, 1, np.ascontiguousarray(out_w.astype(w.dtype)), model.graph)
+        if new_b is not None and b is not None:
+            _set_const(node, 2, new_b.reshape(b.shape).astype(b.dtype), model.graph)
+        return before, after
