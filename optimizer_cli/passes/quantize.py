@@ -19,6 +19,7 @@ from typing import Literal
 
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 from pydantic import model_validator
 
 from optimizer_cli.data import Dataset
@@ -126,6 +127,8 @@ class QuantizePass(OptimizationPass):
             else:
                 self._weight_only(src, out, cfg, sorted(exclude), large)
             result = ir.load(out)
+            # float16 conversion appends its Casts at the end of the node list.
+            common.TopologicalSortPass()(result)
             for init in result.graph.initializers.values():
                 if isinstance(init.const_value, ir.ExternalTensor):
                     init.const_value = ir.tensor(init.const_value.numpy(), name=init.name)

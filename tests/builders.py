@@ -1,0 +1,176 @@
+"""Small ONNX models the tests build themselves (seeded weights, static spatial shapes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+class Builder:
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.count = 0
+
+    def name(self, prefix: str) -> str:
+        self.count += 1
+        return f"{prefix}{self.count}"
+
+    def const(self, array: np.ndarray, prefix: str = "w") -> str:
+        name = self.name(prefix)
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, **attrs) -> str:
+        name = self.name(op_type.lower())
+        outs = [f"{name}_out{i}" if i else f"{name}_out" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, **attrs))
+        return outs[0]
+
+    def conv(self, x: str, cin: int, cout: int, k: int = 3, group: int = 1, stride: int = 1, bias: bool = True) -> str:
+        w = self.const((self.rng.standard_normal((cout, cin // group, k, k)) * np.sqrt(2 / (cin // group * k * k))).astype(np.float32))
+        inputs = [x, w]
+        if bias:
+            inputs.append(self.const((0.1 * self.rng.standard_normal(cout)).astype(np.float32), "b"))
+        return self.op("Conv", inputs, kernel_shape=[k, k], pads=[k // 2] * 4, group=group, strides=[stride, stride])
+
+    def bn(self, x: str, c: int) -> str:
+        params = [
+            (1 + 0.2 * self.rng.standard_normal(c)).astype(np.float32),
+            (0.1 * self.rng.standard_normal(c)).astype(np.float32),
+            (0.1 * self.rng.standard_normal(c)).astype(np.float32),
+            (0.5 + self.rng.random(c)).astype(np.float32),
+        ]
+        return self.op("BatchNormalization", [x, *(self.const(p, "bn") for p in params)], epsilon=1e-5)
+
+    def matmul(self, x: str, k: int, n: int, bias: bool = True) -> str:
+        y = self.op("MatMul", [x, self.const((self.rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32))])
+        if bias:
+            y = self.op("Add", [y, self.const((0.1 * self.rng.standard_normal(n)).astype(np.float32), "b")])
+        return y
+
+    def model(self, inputs: list[tuple[str, int, list]], outputs: list[tuple[str, str]], opset: int = OPSET) -> onnx.ModelProto:
+        """outputs: (graph output name, internal value name) pairs; an Identity renames them."""
+        for out_name, value in outputs:
+            self.nodes.append(helper.make_node("Identity", [value], [out_name], name=self.name("out")))
+        graph = helper.make_graph(
+            self.nodes,
+            "test",
+            [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n, _ in outputs],
+            self.inits,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        model.ir_version = 8
+        # Graph outputs need a declared shape: take the inferred one.
+        inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+        for out in model.graph.output:
+            src = next(n.input[0] for n in model.graph.node if n.output[0] == out.name)
+            if src in inferred:
+                out.type.CopyFrom(inferred[src].type)
+        onnx.checker.check_model(model)
+        return model
+
+
+def mlp(sizes: tuple[int, ...] = (32, 64, 48, 10), seed: int = 0) -> onnx.ModelProto:
+    b = Builder(seed)
+    x = "x"
+    for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        x = b.matmul(x, k, n)
+        if i < len(sizes) - 2:
+            x = b.op("Relu", [x])
+    return b.model([("x", TensorProto.FLOAT, ["batch", sizes[0]])], [("y", x)])
+
+
+def resnet_like(width: int = 16, seed: int = 0, size: int = 16) -> onnx.ModelProto:
+    """Conv+BN+Relu stem, a residual block, a Concat of two branches, a depthwise conv, Flatten+Gemm."""
+    b = Builder(seed)
+    w = width
+    x = b.op("Relu", [b.bn(b.conv("x", 3, w), w)])
+    y = b.op("Relu", [b.bn(b.conv(x, w, w), w)])
+    y = b.bn(b.conv(y, w, w), w)
+    x = b.op("Relu", [b.op("Add", [x, y])])
+    left = b.op("Relu", [b.conv(x, w, w, k=1)])
+    right = b.op("Relu", [b.conv(x, w, w // 2, k=3)])
+    x = b.op("Concat", [left, right], axis=1)
+    c = w + w // 2
+    x = b.op("Relu", [b.bn(b.conv(x, c, c, k=3, group=c), c)])
+    x = b.op("Relu", [b.conv(x, c, 2 * w, k=1, stride=2)])
+    x = b.op("GlobalAveragePool", [x])
+    x = b.op("Flatten", [x], axis=1)
+    logits = b.op("Gemm", [x, b.const((b.rng.standard_normal((2 * w, 10)) * 0.3).astype(np.float32)),
+                           b.const(np.zeros(10, np.float32), "b")])
+    return b.model([("x", TensorProto.FLOAT, ["batch", 3, size, size])], [("logits", logits)])
+
+
+def flatten_head(width: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """Conv -> Relu -> Flatten over spatial positions (channel c expands to H*W features) -> Gemm."""
+    b = Builder(seed)
+    x = b.op("Relu", [b.conv("x", 2, width, k=3)])
+    x = b.op("Flatten", [x], axis=1)
+    g = b.op("Gemm", [x, b.const((b.rng.standard_normal((width * 16, 5)) * 0.1).astype(np.float32)), b.const(np.zeros(5, np.float32), "b")])
+    return b.model([("x", TensorProto.FLOAT, [1, 2, 4, 4])], [("y", g)])
+
+
+def random_feed(model: onnx.ModelProto, seed: int = 0, batch: int = 2) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for inp in model.graph.input:
+        dims = [d.dim_value if d.dim_value > 0 else batch for d in inp.type.tensor_type.shape.dim]
+        feed[inp.name] = rng.standard_normal(dims).astype(np.float32)
+    return feed
+
+
+def run(model, feed: dict[str, np.ndarray], opt_level: str = "disable") -> list[np.ndarray]:
+    """ORT run of an onnx ModelProto or onnx_ir Model (graph optimizations off unless asked)."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    if isinstance(model, ir.Model):
+        model = ir.serde.serialize_model(model)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[opt_level]
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    return sess.run(None, {k: v for k, v in feed.items() if k in names})
+
+
+def check(model) -> None:
+    """onnx.checker + strict shape inference, as the pipeline does after every pass."""
+    import onnx_ir as ir
+
+    proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
+    onnx.checker.check_model(proto)
+    onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+
+
+def context(tmp_path, calibration=None, reference=None):
+    """A PassContext for calling passes directly."""
+    from optimizer_cli.data import Dataset
+    from optimizer_cli.passes.base import PassContext
+
+    return PassContext(
+        calibration=calibration,
+        verify_data=Dataset([]),
+        rng=np.random.default_rng(0),
+        tmp_dir=tmp_path,
+        reference=reference,
+    )
+
+
+def to_ir(model: onnx.ModelProto):
+    import onnx_ir as ir
+
+    from optimizer_cli.pipeline import normalize
+
+    m = ir.serde.deserialize_model(model)
+    normalize(m)
+    return m

@@ -1,0 +1,126 @@
+"""Exact passes: op-count changes, honest `modified`, idempotence, checker, ORT equality, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from optimizer_cli.passes._util import op_counts
+from optimizer_cli.passes.cleanup import CleanupConfig, CleanupPass
+from optimizer_cli.passes.fuse import FuseConfig, FusePass
+
+from .builders import Builder, check, context, mlp, random_feed, resnet_like, run, to_ir
+
+
+def _assert_same(a, b, feed, rtol=1e-5, atol=1e-5) -> None:
+    for x, y in zip(run(a, feed), run(b, feed), strict=True):
+        np.testing.assert_allclose(y, x, rtol=rtol, atol=atol * max(1.0, float(np.abs(x).max())))
+
+
+def test_fuse_folds_batchnorm_and_keeps_outputs(tmp_path) -> None:
+    proto = resnet_like()
+    model = to_ir(proto)
+    result = FusePass(FuseConfig(), context(tmp_path))(model)
+    assert result.modified
+    assert op_counts(model)["BatchNormalization"] == 0
+    assert op_counts(proto.graph and to_ir(proto))["BatchNormalization"] == 4
+    check(model)
+    _assert_same(proto, model, random_feed(proto))
+    # The fused Conv keeps the user's node name (for exclude lists and attribution).
+    conv_names = {n.name for n in model.graph if n.op_type == "Conv"}
+    assert {n.name for n in proto.graph.node if n.op_type == "Conv"} == conv_names
+    again = FusePass(FuseConfig(), context(tmp_path))(model)
+    assert not again.modified, "second run must find nothing (idempotent, honest flag)"
+
+
+def test_fuse_matmul_add_to_gemm(tmp_path) -> None:
+    proto = mlp()
+    model = to_ir(proto)
+    assert FusePass(FuseConfig(batchnorm=False), context(tmp_path))(model).modified
+    counts = op_counts(model)
+    assert counts["Gemm"] == 3 and counts["MatMul"] == 0 and counts["Add"] == 0
+    check(model)
+    _assert_same(proto, model, random_feed(proto))
+
+
+def test_fuse_refuses_rank3_matmul(tmp_path) -> None:
+    b = Builder()
+    y = b.matmul("x", 8, 4)
+    proto = b.model([("x", TensorProto.FLOAT, [2, 3, 8])], [("y", y)])
+    model = to_ir(proto)
+    assert not FusePass(FuseConfig(), context(tmp_path))(model).modified
+    assert op_counts(model)["MatMul"] == 1
+
+
+def test_fuse_refuses_batchnorm_with_shared_conv_weight(tmp_path) -> None:
+    """The conv weight feeds two convs: folding BN into it would change the other conv."""
+    b = Builder()
+    w = b.const(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32))
+    c1 = b.op("Conv", ["x", w], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    c2 = b.op("Conv", ["x", w], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    y = b.op("Add", [b.bn(c1, 4), c2])
+    proto = b.model([("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", y)])
+    model = to_ir(proto)
+    FusePass(FuseConfig(), context(tmp_path))(model)
+    check(model)
+    _assert_same(proto, model, random_feed(proto))
+
+
+def test_fuse_keeps_batchnorm_output_that_is_a_graph_output(tmp_path) -> None:
+    b = Builder()
+    c = b.conv("x", 3, 4)
+    n = b.bn(c, 4)
+    proto = b.model([("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", n), ("conv", c)])
+    model = to_ir(proto)
+    FusePass(FuseConfig(), context(tmp_path))(model)
+    check(model)
+    _assert_same(proto, model, random_feed(proto))
+
+
+def test_cleanup_folds_constants_removes_identity_and_dead_nodes(tmp_path) -> None:
+    b = Builder()
+    two = b.const(np.float32(2.0), "c")
+    folded = b.op("Mul", [b.const(np.ones(4, np.float32), "c"), two])  # constant subgraph
+    ident = b.op("Identity", ["x"])
+    b.op("Relu", [ident])  # dead: no path to the output
+    y = b.op("Add", [ident, folded])
+    proto = b.model([("x", TensorProto.FLOAT, [2, 4])], [("y", y)])
+    model = to_ir(proto)
+    result = CleanupPass(CleanupConfig(), context(tmp_path))(model)
+    assert result.modified
+    counts = op_counts(model)
+    assert counts["Mul"] == 0 and counts["Relu"] == 0
+    check(model)
+    _assert_same(proto, model, random_feed(proto))
+    assert not CleanupPass(CleanupConfig(), context(tmp_path))(model).modified
+
+
+def test_cleanup_lifts_constant_node_weights(tmp_path) -> None:
+    """Paddle-style exports keep weights in Constant nodes; they become initializers."""
+    w = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["w"], value=onnx.numpy_helper.from_array(w)),
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    import onnx_ir as ir
+
+    model = ir.serde.deserialize_model(proto)
+    assert CleanupPass(CleanupConfig(), context(tmp_path))(model).modified
+    assert op_counts(model)["Constant"] == 0 and "w" in model.graph.initializers
+    _assert_same(proto, model, random_feed(proto))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cleanup_and_fuse_on_random_cnns(tmp_path, seed: int) -> None:
+    proto = resnet_like(width=8 + 8 * (seed % 2), seed=seed)
+    model = to_ir(proto)
+    CleanupPass(CleanupConfig(), context(tmp_path))(model)
+    FusePass(FuseConfig(), context(tmp_path))(model)
+    check(model)
+    _assert_same(proto, model, random_feed(proto, seed=seed), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,129 @@
+"""Structured pruning: removing channels equals zeroing the weights that read them (the oracle)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir.passes.common as common
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto
+
+from optimizer_cli.analysis.channel_groups import analyze
+from optimizer_cli.analysis.cost import macs, parameter_count
+from optimizer_cli.passes.fuse import FuseConfig, FusePass
+from optimizer_cli.passes.prune import PruneConfig, PrunePass, apply_structured, choose_keep
+
+from .builders import Builder, check, context, flatten_head, mlp, random_feed, resnet_like, run, to_ir
+
+
+def _prepared(proto, tmp_path, fuse: bool = True):
+    model = to_ir(proto)
+    if fuse:
+        FusePass(FuseConfig(), context(tmp_path))(model)
+    common.ShapeInferencePass(strict_mode=False)(model)
+    return model
+
+
+def _removal_equals_zeroing(proto, tmp_path, cfg: PruneConfig, fuse: bool = True) -> tuple:
+    removed, zeroed = _prepared(proto, tmp_path, fuse), _prepared(proto, tmp_path, fuse)
+    a_removed, a_zeroed = analyze(removed), analyze(zeroed)
+    keep = choose_keep(a_removed, a_removed.prunable(), cfg)
+    assert keep, "nothing was pruned"
+    apply_structured(zeroed, a_zeroed, keep, zero_only=True)
+    apply_structured(removed, a_removed, keep)
+    check(removed)
+    feed = random_feed(proto, batch=3)
+    for r, z in zip(run(removed, feed), run(zeroed, feed), strict=True):
+        np.testing.assert_allclose(r, z, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(z).max())))
+    return removed, keep
+
+
+def test_resnet_like_residual_concat_depthwise_flatten(tmp_path) -> None:
+    proto = resnet_like(width=16)
+    before = parameter_count(_prepared(proto, tmp_path))
+    removed, keep = _removal_equals_zeroing(proto, tmp_path, PruneConfig(sparsity=0.5, round_to=4, min_channels=4))
+    assert parameter_count(removed) < before
+    assert all(int(m.sum()) % 4 == 0 for m in keep.values())
+
+
+def test_groups_tie_residual_producers_and_block_outputs(tmp_path) -> None:
+    model = _prepared(resnet_like(width=16), tmp_path)
+    groups = analyze(model).canonical()
+    producer_sets = [sorted(p.node.op_type for p in g.producers) for g in groups.values() if g.producers]
+    residual = [g for g in groups.values() if len(g.producers) == 2]
+    assert residual, f"the residual Add must tie two convs into one group: {producer_sets}"
+    gemm_group = next(g for g in groups.values() if any(p.node.op_type == "Gemm" for p in g.producers))
+    assert gemm_group.blocked and "graph output" in gemm_group.blocked
+
+
+def test_flatten_expands_channels_into_features(tmp_path) -> None:
+    _removal_equals_zeroing(flatten_head(width=16), tmp_path, PruneConfig(sparsity=0.5, round_to=1, min_channels=1), fuse=False)
+
+
+def test_grouped_conv_blocks_its_input_group(tmp_path) -> None:
+    b = Builder()
+    x = b.op("Relu", [b.conv("x", 3, 8)])
+    y = b.conv(x, 8, 8, group=2)  # grouped, not depthwise
+    model = _prepared(b.model([("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", y)]), tmp_path, fuse=False)
+    groups = [g for g in analyze(model).canonical().values() if g.producers]
+    assert all(g.blocked for g in groups)
+    assert not PrunePass(PruneConfig(sparsity=0.5, round_to=1), context(tmp_path))(model).modified
+
+
+def test_mlp_hidden_units_shrink_and_macs_drop(tmp_path) -> None:
+    proto = mlp((32, 64, 64, 10))
+    model = _prepared(proto, tmp_path)
+    before = macs(model)
+    result = PrunePass(PruneConfig(sparsity=0.5, round_to=8), context(tmp_path))(model)
+    assert result.modified
+    check(model)
+    shapes = sorted(v.const_value.shape.dims for v in model.graph.initializers.values() if len(v.const_value.shape) == 2)
+    assert (32, 32) in [tuple(s) for s in shapes] and (32, 10) in [tuple(s) for s in shapes]
+    assert macs(model) < before
+    assert run(model, random_feed(proto))[0].shape == (2, 10)
+
+
+def test_exclude_nodes_keeps_their_groups(tmp_path) -> None:
+    proto = mlp((32, 64, 64, 10))
+    model = _prepared(proto, tmp_path)
+    first = next(n.name for n in model.graph if n.op_type == "Gemm")
+    PrunePass(PruneConfig(sparsity=0.5, exclude_nodes=[first]), context(tmp_path))(model)
+    first_node = next(n for n in model.graph if n.name == first)
+    assert first_node.inputs[1].const_value.shape[1] == 64
+
+
+def test_magnitude_reaches_target_sparsity_without_changing_shapes(tmp_path) -> None:
+    proto = mlp((32, 64, 64, 10))
+    model = to_ir(proto)
+    shapes = {k: v.const_value.shape for k, v in model.graph.initializers.items()}
+    PrunePass(PruneConfig(method="magnitude", sparsity=0.6, scope="global"), context(tmp_path))(model)
+    weights = [v.const_value.numpy() for v in model.graph.initializers.values() if len(v.const_value.shape) == 2]
+    sparsity = sum(int((w == 0).sum()) for w in weights) / sum(w.size for w in weights)
+    assert 0.58 <= sparsity <= 0.62
+    assert shapes == {k: v.const_value.shape for k, v in model.graph.initializers.items()}
+    check(model)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    widths=st.lists(st.integers(4, 24), min_size=1, max_size=3),
+    sparsity=st.floats(0.1, 0.9),
+    seed=st.integers(0, 1000),
+)
+def test_property_random_mlps(tmp_path_factory, widths: list[int], sparsity: float, seed: int) -> None:
+    tmp_path = tmp_path_factory.mktemp("p")
+    proto = mlp((8, *widths, 3), seed=seed)
+    removed, zeroed = _prepared(proto, tmp_path), _prepared(proto, tmp_path)
+    a_r, a_z = analyze(removed), analyze(zeroed)
+    keep = choose_keep(a_r, a_r.prunable(), PruneConfig(sparsity=sparsity, round_to=1, min_channels=1))
+    apply_structured(zeroed, a_z, keep, zero_only=True)
+    apply_structured(removed, a_r, keep)
+    check(removed)
+    feed = random_feed(proto, seed=seed)
+    np.testing.assert_allclose(run(removed, feed)[0], run(zeroed, feed)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("width", [8, 24])
+def test_pass_through_pipeline_oracle_on_widths(tmp_path, width: int) -> None:
+    _removal_equals_zeroing(resnet_like(width=width, seed=width), tmp_path, PruneConfig(sparsity=0.3, round_to=2, min_channels=2))

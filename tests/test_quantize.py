@@ -1,0 +1,99 @@
+"""Quantization through onnxruntime.quantization: structure, types, and SNR vs fp32."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from optimizer_cli.data import Dataset
+from optimizer_cli.errors import UserInputError
+from optimizer_cli.passes._util import op_counts
+from optimizer_cli.passes.fuse import FuseConfig, FusePass
+from optimizer_cli.passes.quantize import QuantizeConfig, QuantizePass
+
+from .builders import check, context, mlp, random_feed, resnet_like, run, to_ir
+
+
+def snr_db(ref: np.ndarray, new: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / max(np.sum((ref - new).astype(np.float64) ** 2), 1e-30)))
+
+
+def _calibration(proto, n: int = 16) -> Dataset:
+    return Dataset([random_feed(proto, seed=100 + i, batch=1) for i in range(n)], source="test", is_random=True)
+
+
+def _quantize(tmp_path, proto, calibration=None, **cfg):
+    model = to_ir(proto)
+    FusePass(FuseConfig(), context(tmp_path))(model)
+    result = QuantizePass(QuantizeConfig(**cfg), context(tmp_path, calibration))(model)
+    check(model)
+    return result, model
+
+
+def test_dynamic_quantizes_matmul_per_channel(tmp_path) -> None:
+    proto = mlp((64, 128, 64, 10))
+    result, model = _quantize(tmp_path, proto, mode="dynamic")
+    assert result.modified
+    counts = op_counts(model)
+    assert counts["MatMulInteger"] == 3 and counts["DynamicQuantizeLinear"] == 3
+    assert [v.name for v in model.graph.outputs] == ["y"]
+    feed = random_feed(proto, batch=8)
+    assert snr_db(run(proto, feed)[0], run(model, feed, "all")[0]) > 25
+
+
+def test_static_qdq_uint8_activations_int8_per_channel_weights(tmp_path) -> None:
+    proto = resnet_like()
+    result, model = _quantize(tmp_path, proto, _calibration(proto), mode="static")
+    assert result.modified
+    q_nodes = [n for n in model.graph if n.op_type == "QuantizeLinear"]
+    assert q_nodes
+    for q in q_nodes:  # activations: uint8 zero points
+        assert q.inputs[2].const_value.numpy().dtype == np.uint8
+    weight_dq = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].is_initializer()
+                 and n.inputs[0].const_value.numpy().ndim == 4]
+    assert weight_dq and all(n.inputs[0].const_value.numpy().dtype == np.int8 for n in weight_dq)
+    assert all(n.inputs[1].const_value.numpy().size > 1 for n in weight_dq), "per-channel scales"
+    feed = random_feed(proto, seed=7, batch=1)
+    assert snr_db(run(proto, feed)[0], run(model, feed, "all")[0]) > 15
+
+
+def test_static_without_calibration_is_refused(tmp_path) -> None:
+    from optimizer_cli.passes.base import RunInputs
+
+    problems = QuantizePass.requirement_problems(QuantizeConfig(mode="static"), RunInputs())
+    assert problems and "calibration" in problems[0]
+    with pytest.raises(UserInputError):
+        _quantize(tmp_path, resnet_like(), None, mode="static")
+
+
+def test_fp16_keeps_io_types(tmp_path) -> None:
+    proto = resnet_like()
+    _, model = _quantize(tmp_path, proto, mode="fp16")
+    assert all(v.dtype == ir.DataType.FLOAT for v in model.graph.inputs)
+    assert all(v.dtype == ir.DataType.FLOAT for v in model.graph.outputs)
+    assert any(v.const_value.dtype == ir.DataType.FLOAT16 for v in model.graph.initializers.values())
+    feed = random_feed(proto)
+    assert snr_db(run(proto, feed)[0], run(model, feed)[0]) > 40
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_weight_only_matmulnbits(tmp_path, bits: int) -> None:
+    proto = mlp((64, 128, 64, 10))
+    model = to_ir(proto)  # MatMulNBits wants MatMul, so no MatMul+Add->Gemm fusion first
+    QuantizePass(QuantizeConfig(mode="weight_only", bits=bits, block_size=32), context(tmp_path))(model)
+    check(model)
+    assert op_counts(model)["MatMulNBits"] >= 2
+    feed = random_feed(proto, batch=4)
+    assert snr_db(run(proto, feed)[0], run(model, feed, "all")[0]) > (12 if bits == 4 else 30)
+
+
+def test_exclude_nodes_and_op_types(tmp_path) -> None:
+    proto = mlp((64, 128, 64, 10))
+    model = to_ir(proto)
+    first = next(n.name for n in model.graph if n.op_type == "MatMul")
+    QuantizePass(QuantizeConfig(mode="dynamic", exclude_nodes=[first]), context(tmp_path))(model)
+    assert any(n.name == first and n.op_type == "MatMul" for n in model.graph)
+    assert op_counts(model)["MatMulInteger"] == 2
+    with pytest.raises(UserInputError, match="not in the model"):
+        QuantizePass(QuantizeConfig(mode="dynamic", exclude_nodes=["nope"]), context(tmp_path))(to_ir(proto))

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from optimizer_cli.errors import UserInputError
+from optimizer_cli.passes import PASS_REGISTRY
+from optimizer_cli.recipe import load_recipe, parse_recipe, recipe_json_schema
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRED = {"int8.yaml", "fp16.yaml", "prune.yaml", "lowrank.yaml", "cnn-int8.yaml", "transformer-int8.yaml"}
+
+
+def test_shipped_recipes_exist_and_validate() -> None:
+    shipped = {p.name for p in (ROOT / "recipes").glob("*.yaml")}
+    assert REQUIRED <= shipped
+    for name in shipped:
+        recipe = load_recipe(ROOT / "recipes" / name)
+        assert recipe.passes, name
+        assert all(p.type in PASS_REGISTRY for p in recipe.passes)
+
+
+def test_unknown_key_names_key_and_line() -> None:
+    text = "name: x\npasses:\n  - type: quantize\n    mode: dynamic\n    per_chanel: true\n"
+    with pytest.raises(UserInputError) as err:
+        parse_recipe(text, "r.yaml")
+    assert "r.yaml:5" in str(err.value)
+    assert "per_chanel" in str(err.value)
+
+
+def test_unknown_top_level_key() -> None:
+    with pytest.raises(UserInputError, match=r"r.yaml:2: unknown key 'bogus'"):
+        parse_recipe("passes: []\nbogus: 1\n", "r.yaml")
+
+
+def test_unknown_pass_type_lists_known() -> None:
+    with pytest.raises(UserInputError) as err:
+        parse_recipe("passes:\n  - type: sparsify\n", "r.yaml")
+    assert "unknown pass type 'sparsify'" in str(err.value)
+    assert "quantize" in str(err.value)
+    assert "r.yaml:2" in str(err.value)
+
+
+def test_bad_value_and_bad_yaml() -> None:
+    with pytest.raises(UserInputError, match="mode"):
+        parse_recipe("passes:\n  - type: quantize\n    mode: int3\n", "r.yaml")
+    with pytest.raises(UserInputError, match="invalid YAML"):
+        parse_recipe("passes: [\n", "r.yaml")
+    with pytest.raises(UserInputError, match="mapping"):
+        parse_recipe("- a\n- b\n", "r.yaml")
+
+
+def test_set_overrides() -> None:
+    text = "passes:\n  - type: fuse\n  - type: quantize\n    mode: dynamic\n"
+    r = parse_recipe(text, "r.yaml", ["passes.1.mode=static", "benchmark.providers=[cpu]", "verify.samples=7"])
+    assert r.passes[1].mode == "static"
+    assert r.benchmark.providers == ["cpu"]
+    assert r.verify.samples == 7
+    with pytest.raises(UserInputError, match="no list item 5"):
+        parse_recipe(text, "r.yaml", ["passes.5.mode=static"])
+    with pytest.raises(UserInputError, match="KEY=VALUE"):
+        parse_recipe(text, "r.yaml", ["passes.1.mode"])
+    with pytest.raises(UserInputError, match="unknown key 'nope'"):
+        parse_recipe(text, "r.yaml", ["passes.1.nope=1"])
+
+
+def test_s8s8_refused_on_x86_unless_allowed() -> None:
+    import platform
+
+    text = "passes:\n  - type: quantize\n    mode: static\n    activation_type: int8\n"
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        with pytest.raises(UserInputError, match="S8S8"):
+            parse_recipe(text)
+    assert parse_recipe(text + "    allow_s8s8: true\n").passes[0].activation_type == "int8"
+
+
+def test_factorize_needs_exactly_one_rank_rule() -> None:
+    assert parse_recipe("passes:\n  - type: factorize\n    rank: 16\n").passes[0].energy is None
+    with pytest.raises(UserInputError):
+        parse_recipe("passes:\n  - type: factorize\n    energy: null\n")
+
+
+def test_schema_is_json() -> None:
+    import json
+
+    schema = json.loads(recipe_json_schema())
+    assert "passes" in schema["properties"]
