@@ -17,8 +17,8 @@ from typing import Any
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import typer
-from typer.exceptions import TyperException
 from rich.console import Console
+from typer.exceptions import TyperException
 
 from optimizer_cli import __version__
 from optimizer_cli.errors import GateFailure, OptimizerError, UserInputError
@@ -95,14 +95,26 @@ def run_cmd(
 
     threads = threads or rec.benchmark.threads
     _capture_warnings(log)
-    log.print(f"[bold]optimize[/bold] {model} with {recipe} ({len(rec.passes)} passes)")
+    if providers:
+        from optimizer_cli.runtime.providers import parse_provider_list
+
+        parse_provider_list(providers)  # a typo fails now, not after the passes ran
 
     def on_stage(stage: Any) -> None:
         cos = stage.worst_cosine()
-        log.print(f"  {stage.name}: {stage.seconds:.2f}s, {stage.nodes} nodes" + (f", cosine vs original {cos:.5f}" if cos is not None else ""))
+        log.print(
+            f"  {stage.name}: {stage.seconds:.2f}s, {stage.nodes} nodes"
+            + (f", cosine vs original {cos:.5f}" if cos is not None else "")
+        )
 
     result = run_pipeline(
-        model, rec, output, calibration=calib, evaluation=data, threads=threads, on_stage=on_stage,
+        model,
+        rec,
+        output,
+        calibration=calib,
+        evaluation=data,
+        threads=threads,
+        on_stage=on_stage,
         logger=logging.getLogger("optimizer_cli"),
     )
     report: dict[str, Any] = {
@@ -118,8 +130,21 @@ def run_cmd(
     log.print(f"wrote {output} ({result.output_bytes / 1e6:.2f} MB, was {result.input_bytes / 1e6:.2f} MB)")
     if bench and rec.benchmark.enabled:
         eval_data = result.evaluation if result.evaluation is not None else result.verify_data
-        _benchmark_into(report, model, output, rec, eval_data, providers, strict_ep, threads, sweep, eval_samples,
-                        metric, memory, log)
+        _benchmark_into(
+            report,
+            model,
+            output,
+            rec,
+            eval_data,
+            providers,
+            strict_ep,
+            threads,
+            sweep,
+            eval_samples,
+            metric,
+            memory,
+            log,
+        )
         if attribute:
             _attribution_into(report, model, output, rec, eval_data, calib, data, threads, log)
     _finish(report, gates, baseline, json_out, markdown, report_path, human)
@@ -138,30 +163,53 @@ def _capture_warnings(log: Console) -> None:
     warnings.showwarning = show
 
 
-def _bench_settings(rec: Any, providers: str | None, strict_ep: bool, threads: int, sweep: list[str],
-                    eval_samples: int | None, memory: bool) -> Any:
+def _bench_settings(
+    rec: Any,
+    providers: str | None,
+    strict_ep: bool,
+    threads: int,
+    sweep: list[str],
+    eval_samples: int | None,
+    memory: bool,
+) -> Any:
     from optimizer_cli.bench.harness import BenchSettings, sweep_points
     from optimizer_cli.runtime.providers import parse_provider_list
 
     b = rec.benchmark
     provider_list = parse_provider_list(providers) if providers else (b.providers or parse_provider_list(None))
     return BenchSettings(
-        providers=provider_list, threads=threads, warmup=b.warmup, rounds=b.rounds, runs_per_round=b.runs_per_round,
-        discard_after_switch=b.discard_after_switch, opt_level=b.opt_level, trt_fp16=b.trt_fp16, trt_int8=b.trt_int8,
-        trt_cache_dir=b.trt_cache_dir, strict_ep=strict_ep, memory=memory, sweep=sweep_points(sweep),
+        providers=provider_list,
+        threads=threads,
+        warmup=b.warmup,
+        rounds=b.rounds,
+        runs_per_round=b.runs_per_round,
+        discard_after_switch=b.discard_after_switch,
+        opt_level=b.opt_level,
+        trt_fp16=b.trt_fp16,
+        trt_int8=b.trt_int8,
+        trt_cache_dir=b.trt_cache_dir,
+        strict_ep=strict_ep,
+        memory=memory,
+        sweep=sweep_points(sweep),
         eval_samples=eval_samples,
     )
 
 
-def _benchmark_into(report, model, output, rec, eval_data, providers, strict_ep, threads, sweep, eval_samples,
-                    metric, memory, log) -> None:
+def _benchmark_into(
+    report, model, output, rec, eval_data, providers, strict_ep, threads, sweep, eval_samples, metric, memory, log
+) -> None:
     from optimizer_cli.bench.accuracy import load_metric
     from optimizer_cli.bench.harness import run_benchmark
 
     settings = _bench_settings(rec, providers, strict_ep, threads, sweep, eval_samples, memory)
     bench = run_benchmark(
-        Path(model), Path(output), settings, eval_data, metric=load_metric(metric) if metric else None,
-        dims=rec.data.dims, log=lambda m: log.print(f"  {m}"),
+        Path(model),
+        Path(output),
+        settings,
+        eval_data,
+        metric=load_metric(metric) if metric else None,
+        dims=rec.data.dims,
+        log=lambda m: log.print(f"  {m}"),
     )
     report["benchmark"] = bench.as_dict()
     report["notes"].extend(n for n in bench.notes if n not in report["notes"])
@@ -170,8 +218,9 @@ def _benchmark_into(report, model, output, rec, eval_data, providers, strict_ep,
 def _attribution_into(report, model, output, rec, eval_data, calib, data, threads, log) -> None:
     from optimizer_cli.bench.attribution import attribute_if_needed
 
-    found = attribute_if_needed(report, Path(model), Path(output), rec, eval_data, calib, data, threads,
-                                log=lambda m: log.print(f"  {m}"))
+    found = attribute_if_needed(
+        report, Path(model), Path(output), rec, eval_data, calib, data, threads, log=lambda m: log.print(f"  {m}")
+    )
     if found:
         report["attribution"] = found
 
@@ -200,7 +249,9 @@ def _finish(report, gates, baseline, json_out, markdown, report_path, human) -> 
     _gates_and_exit(report)
 
 
-def _dry_run(model: Path, rec: Any, output: Path, calib: str | None, data: str | None, human: Console, json_out: bool) -> None:
+def _dry_run(
+    model: Path, rec: Any, output: Path, calib: str | None, data: str | None, human: Console, json_out: bool
+) -> None:
     from optimizer_cli.passes import PASS_REGISTRY, RunInputs
     from optimizer_cli.pipeline import requirement_problems
 
@@ -274,9 +325,27 @@ def bench_cmd(
     rec = empty_recipe([f"benchmark.threads={threads}", f"benchmark.rounds={rounds}"])
     rec.data.dims = dim_values
     eval_data = resolve_dataset(data, a, samples=8, seed=0, dims=dim_values) or random_dataset(a, 8, 0, dim_values)
-    report: dict[str, Any] = {"tool": f"optimizer-cli {__version__}", "input": str(original), "output": str(optimized), "notes": []}
-    _benchmark_into(report, original, optimized, rec, eval_data, providers, strict_ep, threads, sweep, eval_samples,
-                    metric, memory, log)
+    report: dict[str, Any] = {
+        "tool": f"optimizer-cli {__version__}",
+        "input": str(original),
+        "output": str(optimized),
+        "notes": [],
+    }
+    _benchmark_into(
+        report,
+        original,
+        optimized,
+        rec,
+        eval_data,
+        providers,
+        strict_ep,
+        threads,
+        sweep,
+        eval_samples,
+        metric,
+        memory,
+        log,
+    )
     _finish(report, gates, baseline, json_out, markdown, report_path, human)
 
 
@@ -321,7 +390,9 @@ def validate_cmd(
     if json_out:
         _emit_json({"valid": True, "recipe": rec.model_dump()})
     else:
-        Console().print(f"[green]ok[/green] {recipe}: {len(rec.passes)} passes: " + " -> ".join(p.type for p in rec.passes))
+        Console().print(
+            f"[green]ok[/green] {recipe}: {len(rec.passes)} passes: " + " -> ".join(p.type for p in rec.passes)
+        )
 
 
 @app.command("schema")
@@ -349,15 +420,22 @@ def inspect_cmd(model: Path = typer.Argument(...), json_out: bool = typer.Option
         "ir_version": m.ir_version,
         "opsets": dict(m.opset_imports),
         "producer": m.producer_name,
-        "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape) if s.shape else None} for s in input_specs(m)],
-        "outputs": [{"name": v.name, "dtype": str(v.dtype), "shape": [str(d) for d in v.shape.dims] if v.shape else None} for v in m.graph.outputs],
+        "inputs": [
+            {"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape) if s.shape else None} for s in input_specs(m)
+        ],
+        "outputs": [
+            {"name": v.name, "dtype": str(v.dtype), "shape": [str(d) for d in v.shape.dims] if v.shape else None}
+            for v in m.graph.outputs
+        ],
         "ops": dict(op_counts(m).most_common()),
     }
     if json_out:
         _emit_json(info)
         return
     c = Console()
-    c.print(f"[bold]{model}[/bold]: {info['file_bytes'] / 1e6:.2f} MB, {params:,} parameters, IR {m.ir_version}, opsets {info['opsets']}")
+    c.print(
+        f"[bold]{model}[/bold]: {info['file_bytes'] / 1e6:.2f} MB, {params:,} parameters, IR {m.ir_version}, opsets {info['opsets']}"
+    )
     for i in info["inputs"]:
         c.print(f"  input  {i['name']}: {i['dtype']} {i['shape']}")
     for o in info["outputs"]:
@@ -397,7 +475,9 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version."
+    ),
 ) -> None:
     pass
 

@@ -126,9 +126,7 @@ def random_dataset(
     return Dataset(feeds, None, f"random(seed={seed})", True)
 
 
-def load_dataset(
-    path: str | Path, model: ir.Model, batch_size: int = 1, limit: int | None = None
-) -> Dataset:
+def load_dataset(path: str | Path, model: ir.Model, batch_size: int = 1, limit: int | None = None) -> Dataset:
     """Read a .npz or a folder of .npy files into per-sample feeds matched to the model's inputs."""
     path = Path(path)
     if not path.exists():
@@ -148,7 +146,9 @@ def load_dataset(
     except UserInputError:
         raise
     except Exception as exc:
-        raise UserInputError(f"cannot read data ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})", path) from exc
+        raise UserInputError(
+            f"cannot read data ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})", path
+        ) from exc
     if not arrays:
         raise UserInputError("no arrays found", path)
 
@@ -178,10 +178,15 @@ def load_dataset(
             fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
             step = fixed or batch_size
             if arr.shape[0] % step:
-                raise UserInputError(f"input '{spec.name}': {arr.shape[0]} rows do not split into batches of {step}", path)
+                raise UserInputError(
+                    f"input '{spec.name}': {arr.shape[0]} rows do not split into batches of {step}", path
+                )
             per_input[spec.name] = [arr[i : i + step] for i in range(0, arr.shape[0], step)]
         else:
-            raise UserInputError(f"input '{spec.name}' has rank {arr.ndim}, model expects {rank} (or {rank + 1} with a sample axis)", path)
+            raise UserInputError(
+                f"input '{spec.name}' has rank {arr.ndim}, model expects {rank} (or {rank + 1} with a sample axis)",
+                path,
+            )
     counts = {len(v) for v in per_input.values()}
     if len(counts) != 1:
         raise UserInputError(f"inputs have different sample counts: {sorted(counts)}", path)

@@ -52,8 +52,14 @@ class _GraphBuilder:
         self.const(f"{name}.weight", w)
         self.nodes.append(
             helper.make_node(
-                "Conv", [x, f"{name}.weight"], [f"{name}.out"], name=name,
-                kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride, stride], group=group,
+                "Conv",
+                [x, f"{name}.weight"],
+                [f"{name}.out"],
+                name=name,
+                kernel_shape=[k, k],
+                pads=[k // 2] * 4,
+                strides=[stride, stride],
+                group=group,
             )
         )
         return f"{name}.out"
@@ -67,7 +73,9 @@ class _GraphBuilder:
             helper.make_node(
                 "BatchNormalization",
                 [x, f"{name}.scale", f"{name}.bias", f"{name}.mean", f"{name}.var"],
-                [f"{name}.out"], name=name, epsilon=1e-5,
+                [f"{name}.out"],
+                name=name,
+                epsilon=1e-5,
             )
         )
         self.bn_names.append(name)
@@ -80,7 +88,9 @@ class _GraphBuilder:
 
 def _make_model(b: _GraphBuilder, inputs, outputs) -> onnx.ModelProto:
     graph = helper.make_graph(b.nodes, "digits", inputs, outputs, b.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="optimizer-cli-examples")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="optimizer-cli-examples"
+    )
     model.ir_version = 8
     return model
 
@@ -118,7 +128,9 @@ def _ridge(features: np.ndarray, labels: np.ndarray, classes: int, lam: float) -
     return wb[:-1].astype(np.float32), wb[-1].astype(np.float32)
 
 
-def build_digits_cnn(images: np.ndarray, labels: np.ndarray, n_train: int, seed: int = 0, width: int = 32) -> onnx.ModelProto:
+def build_digits_cnn(
+    images: np.ndarray, labels: np.ndarray, n_train: int, seed: int = 0, width: int = 32
+) -> onnx.ModelProto:
     b = _GraphBuilder(np.random.default_rng(seed))
     w = width
     x = b.op("Relu", "relu1", [b.bn("bn1", b.conv("conv1", "image", 1, w, 3), w)])

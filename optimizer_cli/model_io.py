@@ -57,8 +57,7 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
             needed = (tensor.offset or 0) + (tensor.length or tensor.nbytes)
             if data_path.stat().st_size < needed:
                 raise UserInputError(
-                    f"external data file '{tensor.location}' is truncated "
-                    f"(tensor '{init.name}' needs {needed} bytes)",
+                    f"external data file '{tensor.location}' is truncated (tensor '{init.name}' needs {needed} bytes)",
                     path,
                 )
 
@@ -133,6 +132,16 @@ def _protected_paths(input_path: Path) -> set[Path]:
     return protected
 
 
+def check_output_path(output: Path, input_path: Path) -> None:
+    """Refuse an output (or its .data file) that would overwrite the input model or its data."""
+    protected = _protected_paths(input_path)
+    for target in (output, output.parent / (output.name + ".data")):
+        if target.resolve() in protected:
+            raise UserInputError(
+                f"refusing to overwrite the input model or its data with the output ({target})", output
+            )
+
+
 def save_model(
     model: ir.Model,
     path: str | Path,
@@ -146,13 +155,7 @@ def save_model(
     """
     path = Path(path)
     if input_path is not None:
-        protected = _protected_paths(Path(input_path))
-        data_target = path.parent / (path.name + ".data")
-        for target in (path, data_target):
-            if target.resolve() in protected:
-                raise UserInputError(
-                    f"refusing to overwrite the input model or its data with the output ({target})", path
-                )
+        check_output_path(path, Path(input_path))
     if external_data is None:
         external_data = weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import onnx_ir.passes.common as common
 
 from optimizer_cli.data import Dataset, random_dataset, resolve_dataset
 from optimizer_cli.errors import UserInputError, VerificationError
-from optimizer_cli.model_io import file_size, load_model, save_model, weights_nbytes
+from optimizer_cli.model_io import check_output_path, file_size, load_model, save_model, weights_nbytes
 from optimizer_cli.passes import PASS_REGISTRY, Exactness, PassContext, RunInputs
 from optimizer_cli.passes._util import node_count
 from optimizer_cli.recipe import Recipe
@@ -161,6 +161,8 @@ def run_pipeline(
         raise UserInputError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
 
     model = load_model(input_path)
+    if output_path is not None:
+        check_output_path(Path(output_path), input_path)
     notes = normalize(model)
     dims = recipe.data.dims
     vs = recipe.verify

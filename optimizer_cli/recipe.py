@@ -1,12 +1,12 @@
 """Recipes: YAML files validated by pydantic, with line numbers in errors and --set overrides.
 
-    name: int8
-    passes:
-      - type: fuse
-      - type: quantize
-        mode: dynamic
-    verify: {samples: 4}
-    benchmark: {providers: [cpu], threads: 2}
+name: int8
+passes:
+  - type: fuse
+  - type: quantize
+    mode: dynamic
+verify: {samples: 4}
+benchmark: {providers: [cpu], threads: 2}
 """
 
 from __future__ import annotations
@@ -131,7 +131,9 @@ def apply_override(data: dict, assignment: str) -> None:
 
 
 def _format_error(err: dict, lines: dict[tuple, int], source: str) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in {c.Config.__name__ for c in PASS_REGISTRY.values()}))
+    loc = tuple(
+        p for p in err["loc"] if not (isinstance(p, str) and p in {c.Config.__name__ for c in PASS_REGISTRY.values()})
+    )
     # pydantic puts the discriminator tag in loc (e.g. ('passes', 0, 'quantize', 'mode')): drop it.
     loc = tuple(p for i, p in enumerate(loc) if not (i == 2 and loc[0] == "passes" and p in PASS_REGISTRY))
     dotted = ".".join(str(p) for p in loc) or "(top level)"

@@ -28,7 +28,11 @@ def check_model(model: ir.Model, *, strict_shapes: bool = True) -> None:
                 save_model(model, path, external_data=True)
                 onnx.checker.check_model(str(path), full_check=False)
                 onnx.shape_inference.infer_shapes_path(
-                    str(path), str(Path(tmp) / "inferred.onnx"), check_type=True, strict_mode=strict_shapes, data_prop=True
+                    str(path),
+                    str(Path(tmp) / "inferred.onnx"),
+                    check_type=True,
+                    strict_mode=strict_shapes,
+                    data_prop=True,
                 )
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise VerificationError(_first_line(exc)) from exc

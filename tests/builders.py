@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -32,7 +34,11 @@ class Builder:
         return outs[0]
 
     def conv(self, x: str, cin: int, cout: int, k: int = 3, group: int = 1, stride: int = 1, bias: bool = True) -> str:
-        w = self.const((self.rng.standard_normal((cout, cin // group, k, k)) * np.sqrt(2 / (cin // group * k * k))).astype(np.float32))
+        w = self.const(
+            (self.rng.standard_normal((cout, cin // group, k, k)) * np.sqrt(2 / (cin // group * k * k))).astype(
+                np.float32
+            )
+        )
         inputs = [x, w]
         if bias:
             inputs.append(self.const((0.1 * self.rng.standard_normal(cout)).astype(np.float32), "b"))
@@ -53,7 +59,9 @@ class Builder:
             y = self.op("Add", [y, self.const((0.1 * self.rng.standard_normal(n)).astype(np.float32), "b")])
         return y
 
-    def model(self, inputs: list[tuple[str, int, list]], outputs: list[tuple[str, str]], opset: int = OPSET) -> onnx.ModelProto:
+    def model(
+        self, inputs: list[tuple[str, int, list]], outputs: list[tuple[str, str]], opset: int = OPSET
+    ) -> onnx.ModelProto:
         """outputs: (graph output name, internal value name) pairs; an Identity renames them."""
         for out_name, value in outputs:
             self.nodes.append(helper.make_node("Identity", [value], [out_name], name=self.name("out")))
@@ -79,7 +87,7 @@ class Builder:
 def mlp(sizes: tuple[int, ...] = (32, 64, 48, 10), seed: int = 0) -> onnx.ModelProto:
     b = Builder(seed)
     x = "x"
-    for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (k, n) in enumerate(itertools.pairwise(sizes)):
         x = b.matmul(x, k, n)
         if i < len(sizes) - 2:
             x = b.op("Relu", [x])
@@ -102,8 +110,14 @@ def resnet_like(width: int = 16, seed: int = 0, size: int = 16) -> onnx.ModelPro
     x = b.op("Relu", [b.conv(x, c, 2 * w, k=1, stride=2)])
     x = b.op("GlobalAveragePool", [x])
     x = b.op("Flatten", [x], axis=1)
-    logits = b.op("Gemm", [x, b.const((b.rng.standard_normal((2 * w, 10)) * 0.3).astype(np.float32)),
-                           b.const(np.zeros(10, np.float32), "b")])
+    logits = b.op(
+        "Gemm",
+        [
+            x,
+            b.const((b.rng.standard_normal((2 * w, 10)) * 0.3).astype(np.float32)),
+            b.const(np.zeros(10, np.float32), "b"),
+        ],
+    )
     return b.model([("x", TensorProto.FLOAT, ["batch", 3, size, size])], [("logits", logits)])
 
 
@@ -112,7 +126,14 @@ def flatten_head(width: int = 8, seed: int = 0) -> onnx.ModelProto:
     b = Builder(seed)
     x = b.op("Relu", [b.conv("x", 2, width, k=3)])
     x = b.op("Flatten", [x], axis=1)
-    g = b.op("Gemm", [x, b.const((b.rng.standard_normal((width * 16, 5)) * 0.1).astype(np.float32)), b.const(np.zeros(5, np.float32), "b")])
+    g = b.op(
+        "Gemm",
+        [
+            x,
+            b.const((b.rng.standard_normal((width * 16, 5)) * 0.1).astype(np.float32)),
+            b.const(np.zeros(5, np.float32), "b"),
+        ],
+    )
     return b.model([("x", TensorProto.FLOAT, [1, 2, 4, 4])], [("y", g)])
 
 
@@ -137,7 +158,7 @@ def run(model, feed: dict[str, np.ndarray], opt_level: str = "disable") -> list[
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[opt_level]
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     names = {i.name for i in sess.get_inputs()}
     return sess.run(None, {k: v for k, v in feed.items() if k in names})

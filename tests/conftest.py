@@ -26,6 +26,11 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
     """The installed entry point, as a user runs it (exit codes and stdout exactly as seen)."""
     env = dict(os.environ, ORT_DISABLE_TELEMETRY="1", COLUMNS="200")
     return subprocess.run(
-        [sys.executable, "-m", "optimizer_cli", *args], capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=timeout,
+        [sys.executable, "-m", "optimizer_cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        env=env,
+        timeout=timeout,
         check=False,
     )

@@ -104,8 +104,12 @@ def test_cleanup_lifts_constant_node_weights(tmp_path) -> None:
         helper.make_node("Constant", [], ["w"], value=onnx.numpy_helper.from_array(w)),
         helper.make_node("MatMul", ["x", "w"], ["y"]),
     ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     proto.ir_version = 8
     import onnx_ir as ir

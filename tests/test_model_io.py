@@ -99,9 +99,9 @@ def test_model_over_2gb_loads_mapped_and_saves_with_external_data(tmp_path: Path
     """A 2.1 GB model: loads without reading weights into memory, runs through cleanup, saves."""
     import psutil
 
-    from optimizer_cli.passes.cleanup import CleanupConfig, CleanupPass
-    from optimizer_cli.passes.base import PassContext
     from optimizer_cli.data import Dataset
+    from optimizer_cli.passes.base import PassContext
+    from optimizer_cli.passes.cleanup import CleanupConfig, CleanupPass
 
     n = 23_000  # 23000^2 float32 = 2.1 GB
     src = tmp_path / "big.onnx"
@@ -111,7 +111,12 @@ def test_model_over_2gb_loads_mapped_and_saves_with_external_data(tmp_path: Path
     del data
     weights = np.load(tmp_path / "w.npy", mmap_mode="r")
     x = ir.Value(name="x", shape=ir.Shape([1, n]), type=ir.TensorType(ir.DataType.FLOAT))
-    w = ir.Value(name="w", shape=ir.Shape([n, n]), type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(weights, name="w"))
+    w = ir.Value(
+        name="w",
+        shape=ir.Shape([n, n]),
+        type=ir.TensorType(ir.DataType.FLOAT),
+        const_value=ir.tensor(weights, name="w"),
+    )
     node = ir.Node("", "MatMul", [x, w], name="mm")
     node.outputs[0].name = "y"
     node.outputs[0].dtype = ir.DataType.FLOAT

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx_ir.passes.common as common
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,6 +10,7 @@ from onnx import TensorProto
 
 from optimizer_cli.analysis.channel_groups import analyze
 from optimizer_cli.analysis.cost import macs, parameter_count
+from optimizer_cli.passes._util import infer_shapes
 from optimizer_cli.passes.fuse import FuseConfig, FusePass
 from optimizer_cli.passes.prune import PruneConfig, PrunePass, apply_structured, choose_keep
 
@@ -21,7 +21,7 @@ def _prepared(proto, tmp_path, fuse: bool = True):
     model = to_ir(proto)
     if fuse:
         FusePass(FuseConfig(), context(tmp_path))(model)
-    common.ShapeInferencePass(strict_mode=False)(model)
+    infer_shapes(model)
     return model
 
 
@@ -58,7 +58,9 @@ def test_groups_tie_residual_producers_and_block_outputs(tmp_path) -> None:
 
 
 def test_flatten_expands_channels_into_features(tmp_path) -> None:
-    _removal_equals_zeroing(flatten_head(width=16), tmp_path, PruneConfig(sparsity=0.5, round_to=1, min_channels=1), fuse=False)
+    _removal_equals_zeroing(
+        flatten_head(width=16), tmp_path, PruneConfig(sparsity=0.5, round_to=1, min_channels=1), fuse=False
+    )
 
 
 def test_grouped_conv_blocks_its_input_group(tmp_path) -> None:
@@ -78,7 +80,9 @@ def test_mlp_hidden_units_shrink_and_macs_drop(tmp_path) -> None:
     result = PrunePass(PruneConfig(sparsity=0.5, round_to=8), context(tmp_path))(model)
     assert result.modified
     check(model)
-    shapes = sorted(v.const_value.shape.dims for v in model.graph.initializers.values() if len(v.const_value.shape) == 2)
+    shapes = sorted(
+        v.const_value.shape.dims for v in model.graph.initializers.values() if len(v.const_value.shape) == 2
+    )
     assert (32, 32) in [tuple(s) for s in shapes] and (32, 10) in [tuple(s) for s in shapes]
     assert macs(model) < before
     assert run(model, random_feed(proto))[0].shape == (2, 10)
@@ -126,4 +130,6 @@ def test_property_random_mlps(tmp_path_factory, widths: list[int], sparsity: flo
 
 @pytest.mark.parametrize("width", [8, 24])
 def test_pass_through_pipeline_oracle_on_widths(tmp_path, width: int) -> None:
-    _removal_equals_zeroing(resnet_like(width=width, seed=width), tmp_path, PruneConfig(sparsity=0.3, round_to=2, min_channels=2))
+    _removal_equals_zeroing(
+        resnet_like(width=width, seed=width), tmp_path, PruneConfig(sparsity=0.3, round_to=2, min_channels=2)
+    )

@@ -16,7 +16,9 @@ from .builders import check, context, mlp, random_feed, resnet_like, run, to_ir
 
 
 def snr_db(ref: np.ndarray, new: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / max(np.sum((ref - new).astype(np.float64) ** 2), 1e-30)))
+    return float(
+        10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / max(np.sum((ref - new).astype(np.float64) ** 2), 1e-30))
+    )
 
 
 def _calibration(proto, n: int = 16) -> Dataset:
@@ -50,8 +52,13 @@ def test_static_qdq_uint8_activations_int8_per_channel_weights(tmp_path) -> None
     assert q_nodes
     for q in q_nodes:  # activations: uint8 zero points
         assert q.inputs[2].const_value.numpy().dtype == np.uint8
-    weight_dq = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].is_initializer()
-                 and n.inputs[0].const_value.numpy().ndim == 4]
+    weight_dq = [
+        n
+        for n in model.graph
+        if n.op_type == "DequantizeLinear"
+        and n.inputs[0].is_initializer()
+        and n.inputs[0].const_value.numpy().ndim == 4
+    ]
     assert weight_dq and all(n.inputs[0].const_value.numpy().dtype == np.int8 for n in weight_dq)
     assert all(n.inputs[1].const_value.numpy().size > 1 for n in weight_dq), "per-channel scales"
     feed = random_feed(proto, seed=7, batch=1)

@@ -14,7 +14,7 @@ REQUIRED = {"int8.yaml", "fp16.yaml", "prune.yaml", "lowrank.yaml", "cnn-int8.ya
 
 def test_shipped_recipes_exist_and_validate() -> None:
     shipped = {p.name for p in (ROOT / "recipes").glob("*.yaml")}
-    assert REQUIRED <= shipped
+    assert shipped >= REQUIRED
     for name in shipped:
         recipe = load_recipe(ROOT / "recipes" / name)
         assert recipe.passes, name

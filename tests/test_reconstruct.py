@@ -7,9 +7,9 @@ import pytest
 
 from optimizer_cli.data import Dataset
 from optimizer_cli.passes.base import RunInputs
+from optimizer_cli.passes.fuse import FuseConfig, FusePass
 from optimizer_cli.passes.lowrank import FactorizeConfig, FactorizePass
 from optimizer_cli.passes.prune import PruneConfig, PrunePass
-from optimizer_cli.passes.fuse import FuseConfig, FusePass
 from optimizer_cli.passes.reconstruct import ReconstructConfig, ReconstructPass, im2col
 
 from .builders import check, context, mlp, random_feed, resnet_like, run, to_ir
@@ -81,9 +81,13 @@ def test_im2col_matches_conv(tmp_path) -> None:
     w = rng.standard_normal((4, 3, 3, 2)).astype(np.float32)
     attrs = {"strides": [2, 1], "pads": [1, 0, 1, 1], "dilations": [1, 2]}
     node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 2], **attrs)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [onnx.numpy_helper.from_array(w, "w")])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     proto.ir_version = 8
     (y,) = run(proto, {"x": x})

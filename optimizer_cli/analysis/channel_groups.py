@@ -23,13 +23,51 @@ import onnx_ir as ir
 # Ops whose output carries the input channel axis unchanged (and whose other inputs are scalars or
 # per-channel constants that get sliced).
 UNARY_PASSTHROUGH = {
-    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish", "Gelu", "Erf", "Elu", "Selu",
-    "Softplus", "Softsign", "Identity", "Dropout", "Cast", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal",
-    "Mish", "Celu", "ThresholdedRelu", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Swish",
+    "Relu",
+    "LeakyRelu",
+    "Sigmoid",
+    "Tanh",
+    "Clip",
+    "HardSigmoid",
+    "HardSwish",
+    "Gelu",
+    "Erf",
+    "Elu",
+    "Selu",
+    "Softplus",
+    "Softsign",
+    "Identity",
+    "Dropout",
+    "Cast",
+    "Abs",
+    "Neg",
+    "Exp",
+    "Log",
+    "Sqrt",
+    "Reciprocal",
+    "Mish",
+    "Celu",
+    "ThresholdedRelu",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Sign",
+    "Sin",
+    "Cos",
+    "Swish",
 }
 BINARY_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "PRelu", "Sum", "Where"}
-SPATIAL_PASSTHROUGH = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "Resize", "Upsample",
-                       "GlobalLpPool", "SpaceToDepth"}
+SPATIAL_PASSTHROUGH = {
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "LpPool",
+    "Resize",
+    "Upsample",
+    "GlobalLpPool",
+    "SpaceToDepth",
+}
 
 
 # ---------------------------------------------------------------- channel expressions
@@ -293,7 +331,7 @@ class _Analyzer:
                 bias = 2 if len(node.inputs) > 2 and node.inputs[2] is not None else None
                 if bias is not None:
                     c = _const(node.inputs[2])
-                    if c is None or c.ndim > 1 and c.shape[0] != 1:
+                    if c is None or (c.ndim > 1 and c.shape[0] != 1):
                         return  # a full [M, N] bias would need row handling
             else:
                 axis, bias = 1, None
@@ -325,7 +363,7 @@ class _Analyzer:
         if len(tracked) != 1 or tracked[0][0] != 0:
             return False
         axis, e = self.tracked[tracked[0][1].name]
-        for i, v in enumerate(node.inputs[1:], start=1):
+        for _i, v in enumerate(node.inputs[1:], start=1):
             if v is not None and _const(v) is not None and _const(v).size > 1:
                 return False
         self.track(node.outputs[0], axis, e)
@@ -376,7 +414,11 @@ class _Analyzer:
         return True
 
     def _op_BatchNormalization(self, node: ir.Node, tracked: list) -> bool:
-        if tracked[0][0] != 0 or len(tracked) != 1 or len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]):
+        if (
+            tracked[0][0] != 0
+            or len(tracked) != 1
+            or (len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]))
+        ):
             return False
         axis, e = self.tracked[tracked[0][1].name]
         if axis != 1 or any(_const(v) is None for v in node.inputs[1:5]):

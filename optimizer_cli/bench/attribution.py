@@ -35,7 +35,9 @@ def _expose(model: ir.Model, names: list[str]) -> None:
             model.graph.outputs.append(values[name])
 
 
-def _run_all(model: ir.Model, feeds: list[dict[str, np.ndarray]], names: list[str], threads: int) -> list[dict[str, np.ndarray]]:
+def _run_all(
+    model: ir.Model, feeds: list[dict[str, np.ndarray]], names: list[str], threads: int
+) -> list[dict[str, np.ndarray]]:
     source = ModelSource(model)
     try:
         sess = create_session(source, SessionConfig(threads=threads, opt_level="disable"))
@@ -85,7 +87,9 @@ def _measured_inputs(node: ir.Node, cosine: dict[str, float]) -> tuple[list[ir.N
     return chain, worst
 
 
-def rank_nodes(original: ir.Model, optimized: ir.Model, feeds: list[dict[str, np.ndarray]], threads: int = 2) -> list[dict[str, Any]]:
+def rank_nodes(
+    original: ir.Model, optimized: ir.Model, feeds: list[dict[str, np.ndarray]], threads: int = 2
+) -> list[dict[str, Any]]:
     """Nodes of the original graph ordered by the fidelity their output loses locally."""
     opt_values = {v.name for n in optimized.graph for v in n.outputs}
     candidates = []
@@ -103,7 +107,11 @@ def rank_nodes(original: ir.Model, optimized: ir.Model, feeds: list[dict[str, np
     new = [{name: outs[effective[name]] for name in candidates if effective[name] in outs} for outs in new_raw]
     cosine: dict[str, float] = {}
     for name in candidates:
-        vals = [compare_arrays(name, r[name], n[name]).cosine for r, n in zip(ref, new, strict=True) if name in r and name in n]
+        vals = [
+            compare_arrays(name, r[name], n[name]).cosine
+            for r, n in zip(ref, new, strict=True)
+            if name in r and name in n
+        ]
         if vals:
             cosine[name] = float(np.mean(vals))
     ranked = []
@@ -115,10 +123,15 @@ def rank_nodes(original: ir.Model, optimized: ir.Model, feeds: list[dict[str, np
         # Unmeasured producers (e.g. a Conv whose Relu the quantizer fused away) belong to this step.
         chain, in_cos = _measured_inputs(node, cosine)
         names = [*(n.name for n in chain), node.name]
-        ranked.append({
-            "node": " + ".join(names), "nodes": names, "op": "+".join([*(n.op_type for n in chain), node.op_type]),
-            "cosine": out_cos, "local_drop": max(0.0, in_cos - out_cos),
-        })
+        ranked.append(
+            {
+                "node": " + ".join(names),
+                "nodes": names,
+                "op": "+".join([*(n.op_type for n in chain), node.op_type]),
+                "cosine": out_cos,
+                "local_drop": max(0.0, in_cos - out_cos),
+            }
+        )
     ranked.sort(key=lambda item: -item["local_drop"])
     return ranked
 
@@ -128,7 +141,9 @@ def _cpu_cosine(report: dict[str, Any]) -> float | None:
     return min((r["fidelity"]["cosine_min"] for r in rows), default=None)
 
 
-def _fidelity_of(recipe: Any, model_path: Path, data: Dataset, calib: str | None, evaluation: str | None, threads: int) -> float:
+def _fidelity_of(
+    recipe: Any, model_path: Path, data: Dataset, calib: str | None, evaluation: str | None, threads: int
+) -> float:
     from optimizer_cli.pipeline import run_pipeline
 
     with tempfile.TemporaryDirectory(prefix="optimize-attr-") as tmp:
@@ -144,7 +159,9 @@ def _fidelity_of(recipe: Any, model_path: Path, data: Dataset, calib: str | None
         return fidelity(outs_a, outs_b, names).cosine_min
 
 
-def _stage_before(recipe: Any, index: int, model_path: Path, calib: str | None, evaluation: str | None, threads: int) -> ir.Model:
+def _stage_before(
+    recipe: Any, index: int, model_path: Path, calib: str | None, evaluation: str | None, threads: int
+) -> ir.Model:
     from optimizer_cli.pipeline import run_pipeline
 
     trial = recipe.model_copy(deep=True)
@@ -173,16 +190,25 @@ def attribute_if_needed(
     log(f"fidelity cosine {current:.5f} < {threshold}: attributing the loss to layers")
     quant_indices = [i for i, p in enumerate(recipe.passes) if p.type == "quantize"]
     # Compare against the model the quantizer saw: its node and tensor names are the ones to exclude.
-    before_quant = _stage_before(recipe, quant_indices[-1], model_path, calib, evaluation, threads) if quant_indices else None
+    before_quant = (
+        _stage_before(recipe, quant_indices[-1], model_path, calib, evaluation, threads) if quant_indices else None
+    )
     original = before_quant or load_model(model_path)
     if before_quant is None:
         normalize(original)
     optimized = load_model(output_path)
     subset = data.take(MAX_SAMPLES)
     ranked = rank_nodes(original, optimized, subset.feeds, threads)
-    result: dict[str, Any] = {"threshold": threshold, "cosine": current, "nodes": ranked[:MAX_CANDIDATES], "patch": None}
+    result: dict[str, Any] = {
+        "threshold": threshold,
+        "cosine": current,
+        "nodes": ranked[:MAX_CANDIDATES],
+        "patch": None,
+    }
     if not quant_indices or not ranked:
-        result["search"] = "no quantize pass to exclude nodes from" if not quant_indices else "no shared tensors to compare"
+        result["search"] = (
+            "no quantize pass to exclude nodes from" if not quant_indices else "no shared tensors to compare"
+        )
         return result
     index = quant_indices[-1]
     already = list(recipe.passes[index].exclude_nodes)

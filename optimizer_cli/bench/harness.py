@@ -193,8 +193,20 @@ def run_benchmark(
             )
             rows.append(
                 ProviderRow(
-                    alias, True, "ok", _shape_label(point), setup_a, setup_b, lat_a, lat_b, speed,
-                    acc_a, acc_b, fid, mem_a, mem_b,
+                    alias,
+                    True,
+                    "ok",
+                    _shape_label(point),
+                    setup_a,
+                    setup_b,
+                    lat_a,
+                    lat_b,
+                    speed,
+                    acc_a,
+                    acc_b,
+                    fid,
+                    mem_a,
+                    mem_b,
                 )
             )
         del sess_a, sess_b

@@ -60,7 +60,9 @@ def summarize(times_s: np.ndarray, batch_size: int) -> LatencyStats:
     )
 
 
-def bootstrap_ratio(a_rounds: np.ndarray, b_rounds: np.ndarray, seed: int = 0, n_boot: int = 2000) -> tuple[float, float, float]:
+def bootstrap_ratio(
+    a_rounds: np.ndarray, b_rounds: np.ndarray, seed: int = 0, n_boot: int = 2000
+) -> tuple[float, float, float]:
     """Median of paired per-round ratios a/b with a percentile bootstrap over rounds."""
     ratios = np.asarray(a_rounds) / np.asarray(b_rounds)
     est = float(np.median(ratios))

@@ -26,7 +26,9 @@ print(json.dumps({"peak_mb": after / 1024, "delta_mb": (after - before) / 1024})
 """
 
 
-def session_peak_memory(model_path: str | Path, feeds: dict[str, np.ndarray], provider: str, threads: int) -> dict | None:
+def session_peak_memory(
+    model_path: str | Path, feeds: dict[str, np.ndarray], provider: str, threads: int
+) -> dict | None:
     """{'peak_mb', 'delta_mb'} where delta excludes the interpreter and onnxruntime import; None on failure."""
     with tempfile.TemporaryDirectory(prefix="optimize-mem-") as tmp:
         feeds_path = Path(tmp) / "feeds.npz"

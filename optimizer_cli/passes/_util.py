@@ -44,5 +44,62 @@ def load_tool_output(path: Path) -> ir.Model:
     return ir.load(path)
 
 
+def infer_shapes(model: ir.Model) -> None:
+    """Fill shapes of main-graph tensor values from onnx shape inference (never touches types).
+
+    onnx_ir's ShapeInferencePass rewrites value types wholesale and turns sequence-typed values in
+    If/Loop bodies into tensors; passes only need main-graph tensor shapes, so copy just those.
+    """
+    import tempfile
+
+    try:
+        if is_large(model):
+            with tempfile.TemporaryDirectory(prefix="optimize-shapes-") as tmp:
+                src = write_for_tool(model, Path(tmp))
+                out = Path(tmp) / "inferred.onnx"
+                onnx.shape_inference.infer_shapes_path(str(src), str(out), strict_mode=False, data_prop=True)
+                inferred = onnx.load(str(out), load_external_data=False)
+        else:
+            inferred = onnx.shape_inference.infer_shapes(
+                ir.serde.serialize_model(model), strict_mode=False, data_prop=True
+            )
+    except Exception:  # shape inference is a help, not a requirement
+        return
+    infos = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for node in model.graph:
+        for value in node.outputs:
+            vi = infos.get(value.name)
+            if vi is None or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+                continue
+            if value.type is not None and not isinstance(value.type, ir.TensorType):
+                continue
+            dims = [
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim
+            ]
+            value.shape = ir.Shape(dims)
+            if value.type is None and vi.type.tensor_type.elem_type:
+                value.dtype = ir.DataType(vi.type.tensor_type.elem_type)
+
+
+def remove_identities(model: ir.Model) -> int:
+    """Drop main-graph Identity nodes whose output is not a graph output (subgraph outputs untouched).
+
+    onnx_ir's IdentityEliminationPass also rewires subgraph outputs and breaks Scan/If bodies.
+    """
+    removed = 0
+    for node in list(model.graph):
+        if node.op_type != "Identity" or node.domain not in ("", "ai.onnx") or node.inputs[0] is None:
+            continue
+        out = node.outputs[0]
+        if out.is_graph_output():
+            continue
+        if out.type is not None and node.inputs[0].type is not None and out.type != node.inputs[0].type:
+            continue
+        out.replace_all_uses_with(node.inputs[0])
+        model.graph.remove(node, safe=True)
+        removed += 1
+    return removed
+
+
 def proto_to_ir(proto: onnx.ModelProto) -> ir.Model:
     return ir.serde.deserialize_model(proto)

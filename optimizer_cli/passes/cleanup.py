@@ -13,8 +13,23 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 import onnxscript.optimizer
 
-from optimizer_cli.passes._util import node_count, op_counts
+from optimizer_cli.passes._util import is_large, node_count, op_counts, remove_identities, replace_model_contents
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, register
+
+SEQUENCE_OPS = {
+    "SplitToSequence",
+    "SequenceConstruct",
+    "SequenceEmpty",
+    "SequenceInsert",
+    "SequenceErase",
+    "SequenceAt",
+    "SequenceLength",
+    "ConcatFromSequence",
+    "SequenceMap",
+    "Optional",
+    "OptionalGetElement",
+    "OptionalHasElement",
+}
 
 
 class CleanupConfig(PassConfig):
@@ -47,28 +62,46 @@ class CleanupPass(OptimizationPass):
         steps: list[ir.passes.PassBase] = []
         if cfg.lift_constants:
             steps.append(common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0))
-        if cfg.remove_identity:
-            steps.append(common.IdentityEliminationPass())
         if cfg.common_subexpressions:
             steps.append(common.CommonSubexpressionEliminationPass())
         steps.append(common.RemoveUnusedNodesPass())
         if cfg.deduplicate_initializers:
             steps.append(common.DeduplicateInitializersPass())
         modified = False
+        if cfg.remove_identity:
+            modified |= remove_identities(model) > 0
         for step in steps:
             modified |= step(model).modified
         if cfg.fold_constants:
-            result = onnxscript.optimizer.fold_constants(
-                model, output_size_limit=cfg.fold_output_size_limit, onnx_shape_inference=False
-            )
-            modified |= bool(getattr(result, "modified", False))
+            modified |= self._fold(model, cfg)
             modified |= common.RemoveUnusedNodesPass()(model).modified
         after_ops = op_counts(model)
-        removed = {op: before_ops[op] - after_ops.get(op, 0) for op in before_ops if before_ops[op] > after_ops.get(op, 0)}
-        self.stats = {
+        removed = {
+            op: before_ops[op] - after_ops.get(op, 0) for op in before_ops if before_ops[op] > after_ops.get(op, 0)
+        }
+        self.stats |= {
             "nodes_removed": before_nodes - node_count(model),
             "initializers": f"{before_inits}->{len(model.graph.initializers)}",
             "removed_ops": dict(sorted(removed.items(), key=lambda kv: -kv[1])[:6]),
         }
         modified = modified or before_nodes != node_count(model)
         return ir.passes.PassResult(model, modified)
+
+    def _fold(self, model: ir.Model, cfg: CleanupConfig) -> bool:
+        """Constant folding, all or nothing: a folder error leaves the model as it was."""
+
+        def should_fold(node: ir.Node) -> bool | None:
+            return False if node.op_type in SEQUENCE_OPS else None
+
+        backup = None if is_large(model) else ir.serde.serialize_model(model)
+        try:
+            result = onnxscript.optimizer.fold_constants(
+                model, output_size_limit=cfg.fold_output_size_limit, onnx_shape_inference=False, should_fold=should_fold
+            )
+        except Exception as exc:  # the folder evaluates ops with the reference runtime; some refuse
+            if backup is None:
+                raise
+            replace_model_contents(model, ir.serde.deserialize_model(backup))
+            self.stats["fold_constants"] = f"skipped ({type(exc).__name__})"
+            return False
+        return bool(getattr(result, "modified", False))

@@ -21,7 +21,7 @@ import onnx_ir.passes.common as common
 from onnxscript.rewriter import RewriteRuleSet
 from onnxscript.rewriter.rules import common as rules
 
-from optimizer_cli.passes._util import is_large, replace_model_contents, write_for_tool
+from optimizer_cli.passes._util import infer_shapes, is_large, replace_model_contents, write_for_tool
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, register
 
 TransformerType = Literal["none", "bert", "bart", "gpt2", "t5", "vit", "clip", "unet", "vae", "phi", "sam2"]
@@ -97,16 +97,15 @@ class FusePass(OptimizationPass):
     name = "fuse"
     Config = FuseConfig
     exactness = Exactness.EXACT
-    contract = "BatchNorm into Conv/Gemm, MatMul+Add->Gemm, transformer fusions; outputs preserved (float re-association)"
+    contract = (
+        "BatchNorm into Conv/Gemm, MatMul+Add->Gemm, transformer fusions; outputs preserved (float re-association)"
+    )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg: FuseConfig = self.config  # type: ignore[assignment]
         modified = common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model).modified
         # The rules check ranks and constness: give them shapes first.
-        try:
-            common.ShapeInferencePass(strict_mode=False)(model)
-        except Exception as exc:  # shape inference is only a help to the matcher here
-            self.ctx.logger.debug("shape inference before fuse failed: %s", exc)
+        infer_shapes(model)
         counts: dict[str, int] = {}
         names = _names_to_keep(model)
         for label, ruleset in _rule_groups(cfg).items():

@@ -18,6 +18,7 @@ import onnx_ir as ir
 from pydantic import model_validator
 
 from optimizer_cli.analysis.cost import macs, parameter_count
+from optimizer_cli.passes._util import infer_shapes
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, register
 
 LOWRANK_SUFFIX = "_lowrank"
@@ -69,8 +70,12 @@ def _new_init(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
     while name in graph.initializers:
         k += 1
         name = f"{base}_{k}"
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
-                     const_value=ir.tensor(array, name=name))
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.FLOAT),
+        const_value=ir.tensor(array, name=name),
+    )
     graph.register_initializer(value)
     return value
 
@@ -86,7 +91,7 @@ class FactorizePass(OptimizationPass):
         cfg: FactorizeConfig = self.config  # type: ignore[assignment]
         import onnx_ir.passes.common as common
 
-        common.ShapeInferencePass(strict_mode=False)(model)
+        infer_shapes(model)
         params_before, macs_before = parameter_count(model), macs(model)
         done, skipped = [], {"small": 0, "no_gain": 0, "unsupported": 0}
         for node in list(model.graph):
@@ -103,7 +108,7 @@ class FactorizePass(OptimizationPass):
                 for out in n.outputs:
                     if out.name not in io:
                         out.shape = None
-            common.ShapeInferencePass(strict_mode=False)(model)
+            infer_shapes(model)
             common.RemoveUnusedNodesPass()(model)
         self.stats = {
             "factorized": len(done),
@@ -152,7 +157,7 @@ class FactorizePass(OptimizationPass):
         if node.attributes.get_int("group", 1) != 1 or w.ndim != 4:
             return "unsupported"
         co, ci, kh, kw = w.shape
-        if kh * kw == 1 and min(co, ci) < cfg.min_size or min(co, ci * kh * kw) < cfg.min_size:
+        if (kh * kw == 1 and min(co, ci) < cfg.min_size) or min(co, ci * kh * kw) < cfg.min_size:
             return "small"
         mat = w.reshape(co, ci * kh * kw).T  # [Ci*kh*kw, Co]
         _, s, _ = np.linalg.svd(mat.astype(np.float64), full_matrices=False)
@@ -165,8 +170,17 @@ class FactorizePass(OptimizationPass):
         w_name = node.inputs[1].name  # type: ignore[union-attr]
         s_val = _new_init(graph, f"{w_name}{LOWRANK_SUFFIX}_spatial", np.ascontiguousarray(spatial))
         mid = ir.Value(name=f"{node.outputs[0].name}{LOWRANK_SUFFIX}")
-        attrs = [a for k, a in node.attributes.items() if k in ("strides", "pads", "dilations", "auto_pad", "kernel_shape")]
-        first = ir.Node("", "Conv", [node.inputs[0], s_val], attributes=attrs, outputs=[mid], name=f"{node.name}{LOWRANK_SUFFIX}_spatial")
+        attrs = [
+            a for k, a in node.attributes.items() if k in ("strides", "pads", "dilations", "auto_pad", "kernel_shape")
+        ]
+        first = ir.Node(
+            "",
+            "Conv",
+            [node.inputs[0], s_val],
+            attributes=attrs,
+            outputs=[mid],
+            name=f"{node.name}{LOWRANK_SUFFIX}_spatial",
+        )
         graph.insert_before(node, first)
         p_val = _new_init(graph, f"{w_name}{LOWRANK_SUFFIX}_pointwise", np.ascontiguousarray(pointwise))
         node.replace_input_with(0, mid)

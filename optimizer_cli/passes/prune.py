@@ -20,10 +20,10 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common
 
 from optimizer_cli.analysis.channel_groups import Analysis, Group, analyze, expr_mask, expr_size
 from optimizer_cli.analysis.cost import macs, parameter_count
+from optimizer_cli.passes._util import infer_shapes
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, register
 
 
@@ -58,8 +58,9 @@ def _set_const(node: ir.Node, index: int, array: np.ndarray, graph: ir.Graph) ->
     while name in graph.initializers:
         k += 1
         name = f"{base}_{k}"
-    new_value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(value.dtype),
-                         const_value=ir.tensor(array, name=name))
+    new_value = ir.Value(
+        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(value.dtype), const_value=ir.tensor(array, name=name)
+    )
     graph.register_initializer(new_value)
     node.replace_input_with(index, new_value)
 
@@ -87,7 +88,7 @@ def choose_keep(analysis: Analysis, groups: list[Group], cfg: PruneConfig) -> di
         if cfg.scope == "global":
             n_keep = int(np.sum(s / max(float(s.mean()), 1e-12) > threshold))
         else:
-            n_keep = g.size - int(math.floor(g.size * cfg.sparsity))
+            n_keep = g.size - math.floor(g.size * cfg.sparsity)
         n_keep = max(n_keep, cfg.min_channels)
         n_keep = int(math.ceil(n_keep / cfg.round_to) * cfg.round_to) if cfg.round_to > 1 else n_keep
         if n_keep >= g.size:
@@ -98,7 +99,9 @@ def choose_keep(analysis: Analysis, groups: list[Group], cfg: PruneConfig) -> di
     return keep
 
 
-def apply_structured(model: ir.Model, analysis: Analysis, keep: dict[int, np.ndarray], *, zero_only: bool = False) -> None:
+def apply_structured(
+    model: ir.Model, analysis: Analysis, keep: dict[int, np.ndarray], *, zero_only: bool = False
+) -> None:
     """Remove the channels not kept (or, with zero_only, zero the consumer weights that read them)."""
     graph = model.graph
     find = analysis.find
@@ -157,7 +160,7 @@ def _refresh_shapes(model: ir.Model) -> None:
         for out in node.outputs:
             if out.name not in io:
                 out.shape = None
-    common.ShapeInferencePass(strict_mode=False)(model)
+    infer_shapes(model)
 
 
 def magnitude_prune(model: ir.Model, cfg: PruneConfig) -> dict[str, object]:
@@ -186,12 +189,14 @@ class PrunePass(OptimizationPass):
     name = "prune"
     Config = PruneConfig
     exactness = Exactness.APPROXIMATE
-    contract = "structured: removes Conv channels / MatMul-Gemm hidden units by channel group; magnitude: zeroes small weights"
+    contract = (
+        "structured: removes Conv channels / MatMul-Gemm hidden units by channel group; magnitude: zeroes small weights"
+    )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg: PruneConfig = self.config  # type: ignore[assignment]
         params_before, macs_before = parameter_count(model), None
-        common.ShapeInferencePass(strict_mode=False)(model)
+        infer_shapes(model)
         macs_before = macs(model)
         if cfg.method == "magnitude":
             self.stats = magnitude_prune(model, cfg)
@@ -200,8 +205,10 @@ class PrunePass(OptimizationPass):
         canonical = analysis.canonical()
         excluded = set(cfg.exclude_nodes)
         groups = [
-            g for g in analysis.prunable()
-            if not any(p.node.name in excluded for p in g.producers) and all(p.node.op_type in cfg.op_types for p in g.producers)
+            g
+            for g in analysis.prunable()
+            if not any(p.node.name in excluded for p in g.producers)
+            and all(p.node.op_type in cfg.op_types for p in g.producers)
         ]
         keep = choose_keep(analysis, groups, cfg)
         if keep:

@@ -192,7 +192,9 @@ class QuantizePass(OptimizationPass):
             calibrate_method=method,
             extra_options=extra,
         )
-        self.stats["calibration"] = f"{min(len(self.ctx.calibration), cfg.calibration_samples)} samples from {self.ctx.calibration.source}"
+        self.stats["calibration"] = (
+            f"{min(len(self.ctx.calibration), cfg.calibration_samples)} samples from {self.ctx.calibration.source}"
+        )
 
     def _preprocess(self, src: Path, tmp: Path, large: bool) -> Path:
         """ORT's recommended pre-processing (shape inference + basic fusions); skipped if it fails."""

@@ -34,13 +34,17 @@ class ReconstructConfig(PassConfig):
     exclude_nodes: list[str] = []
 
 
-def im2col(x: np.ndarray, kernel: tuple[int, int], strides: list[int], pads: list[int], dilations: list[int]) -> np.ndarray:
+def im2col(
+    x: np.ndarray, kernel: tuple[int, int], strides: list[int], pads: list[int], dilations: list[int]
+) -> np.ndarray:
     """Rows (n, ho, wo) x columns (c, kh, kw), matching W.reshape(Co, -1) of an NCHW Conv."""
-    n, c = x.shape[:2]
+    _n, c = x.shape[:2]
     kh, kw = kernel
     x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     eh, ew = dilations[0] * (kh - 1) + 1, dilations[1] * (kw - 1) + 1
-    win = sliding_window_view(x, (eh, ew), axis=(2, 3))[:, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]]
+    win = sliding_window_view(x, (eh, ew), axis=(2, 3))[
+        :, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]
+    ]
     return win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw)
 
 
@@ -51,12 +55,16 @@ def ridge(x: np.ndarray, y: np.ndarray, damping: float) -> np.ndarray:
     return np.linalg.solve(gram + lam * np.eye(gram.shape[0]), x.T @ y.astype(np.float64))
 
 
-def _capture(model: ir.Model, feeds: list[dict[str, np.ndarray]], names: list[str], threads: int) -> dict[str, list[np.ndarray]]:
+def _capture(
+    model: ir.Model, feeds: list[dict[str, np.ndarray]], names: list[str], threads: int
+) -> dict[str, list[np.ndarray]]:
     """Run the model exposing `names` as outputs (outputs are restored afterwards)."""
     values = {v.name: v for n in model.graph for v in n.outputs}
     values.update({v.name: v for v in model.graph.inputs})
     original_outputs = list(model.graph.outputs)
-    added = [values[n] for n in names if n in values and values[n] not in original_outputs and not values[n].is_graph_input()]
+    added = [
+        values[n] for n in names if n in values and values[n] not in original_outputs and not values[n].is_graph_input()
+    ]
     model.graph.outputs.extend(added)
     source = ModelSource(model)
     try:
@@ -72,7 +80,7 @@ def _capture(model: ir.Model, feeds: list[dict[str, np.ndarray]], names: list[st
         return out
     finally:
         source.close()
-        del model.graph.outputs[len(original_outputs):]
+        del model.graph.outputs[len(original_outputs) :]
 
 
 @register
@@ -104,7 +112,10 @@ class ReconstructPass(OptimizationPass):
             if after is not None:
                 refit += 1
                 details.append(f"{node.name}: {before:.3f}->{after:.3f}")
-        self.stats = {"layers_refit": f"{refit}/{len(layers)}", "rel_error": "; ".join(details[:6]) + (" ..." if len(details) > 6 else "")}
+        self.stats = {
+            "layers_refit": f"{refit}/{len(layers)}",
+            "rel_error": "; ".join(details[:6]) + (" ..." if len(details) > 6 else ""),
+        }
         return ir.passes.PassResult(model, refit > 0)
 
     def _candidate(self, node: ir.Node, ref_producers: dict[str, ir.Node], cfg: ReconstructConfig) -> bool:
@@ -112,9 +123,16 @@ class ReconstructPass(OptimizationPass):
             return False
         if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const_value is None:
             return False
-        if node.op_type == "Conv" and (node.attributes.get_int("group", 1) != 1 or node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID")):
+        if node.op_type == "Conv" and (
+            node.attributes.get_int("group", 1) != 1
+            or node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+        ):
             return False
-        if node.op_type == "Gemm" and (node.attributes.get_int("transA", 0) or node.attributes.get_float("alpha", 1.0) != 1.0 or node.attributes.get_float("beta", 1.0) != 1.0):
+        if node.op_type == "Gemm" and (
+            node.attributes.get_int("transA", 0)
+            or node.attributes.get_float("alpha", 1.0) != 1.0
+            or node.attributes.get_float("beta", 1.0) != 1.0
+        ):
             return False
         ref = ref_producers.get(node.outputs[0].name)
         if ref is None:
@@ -122,10 +140,16 @@ class ReconstructPass(OptimizationPass):
         if cfg.scope == "all":
             return True
         w = node.inputs[1].const_value.numpy()
-        ref_w = ref.inputs[1].const_value.numpy() if len(ref.inputs) > 1 and ref.inputs[1] is not None and ref.inputs[1].const_value is not None else None
+        ref_w = (
+            ref.inputs[1].const_value.numpy()
+            if len(ref.inputs) > 1 and ref.inputs[1] is not None and ref.inputs[1].const_value is not None
+            else None
+        )
         return ref_w is None or ref_w.shape != w.shape or not np.allclose(ref_w, w)
 
-    def _refit(self, model: ir.Model, node: ir.Node, xs: list[np.ndarray], ys: list[np.ndarray], cfg: ReconstructConfig) -> tuple[float, float | None]:
+    def _refit(
+        self, model: ir.Model, node: ir.Node, xs: list[np.ndarray], ys: list[np.ndarray], cfg: ReconstructConfig
+    ) -> tuple[float, float | None]:
         w = node.inputs[1].const_value.numpy()  # type: ignore[union-attr]
         has_bias = len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value is not None
         b = node.inputs[2].const_value.numpy() if has_bias else None  # type: ignore[union-attr]

@@ -25,6 +25,7 @@ def load_baseline(path: str | Path) -> dict[str, Any]:
 
 def compare(current: dict[str, Any], baseline: dict[str, Any]) -> list[dict[str, Any]]:
     """Per provider/shape: optimized p50/p90 now vs then, and top-1/cosine now vs then."""
+
     def key(row: dict) -> tuple[str, str]:
         return row["provider"], row.get("shape") or ""
 

@@ -11,9 +11,16 @@ from typing import Any
 from optimizer_cli.errors import UserInputError
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
-    "<=": operator.le, ">=": operator.ge, "==": operator.eq, "!=": operator.ne, "<": operator.lt, ">": operator.gt,
+    "<=": operator.le,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    ">": operator.gt,
 }
-_PATTERN = re.compile(r"^\s*(?:(?P<prov>[a-zA-Z]+)\s*:\s*)?(?P<metric>[a-z_0-9]+)\s*(?P<op><=|>=|==|!=|<|>)\s*(?P<value>-?[0-9.]+(?:e-?\d+)?)\s*(?P<pct>%)?\s*$")
+_PATTERN = re.compile(
+    r"^\s*(?:(?P<prov>[a-zA-Z]+)\s*:\s*)?(?P<metric>[a-z_0-9]+)\s*(?P<op><=|>=|==|!=|<|>)\s*(?P<value>-?[0-9.]+(?:e-?\d+)?)\s*(?P<pct>%)?\s*$"
+)
 
 
 def _get(row: dict[str, Any], section: str, key: str) -> float | None:
@@ -98,11 +105,15 @@ def evaluate(gates: list[Gate], bench: dict[str, Any]) -> list[GateResult]:
             value = METRICS[gate.metric](row, bench)
             if value is None:
                 need = "labelled evaluation data (--data with labels)" if "accuracy" in gate.metric else "a measurement"
-                raise UserInputError(f"--fail-if '{gate.expression}': {gate.metric} was not measured on {row['provider']}; it needs {need}")
+                raise UserInputError(
+                    f"--fail-if '{gate.expression}': {gate.metric} was not measured on {row['provider']}; it needs {need}"
+                )
             label = f"{row['provider']}{'[' + row['shape'] + ']' if row['shape'] else ''}={value:.4g}"
             values.append(label)
             if _OPS[gate.op](value, gate.threshold):
                 hits.append(label)
         violated = bool(hits)
-        results.append(GateResult(gate.expression, violated, ("violated by " if violated else "ok: ") + ", ".join(hits or values)))
+        results.append(
+            GateResult(gate.expression, violated, ("violated by " if violated else "ok: ") + ", ".join(hits or values))
+        )
     return results

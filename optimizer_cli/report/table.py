@@ -38,18 +38,39 @@ def stage_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         prev = s["drift_vs_previous"]
         cos = min((d["cosine"] for d in orig), default=None)
         mad = max((d["max_abs"] for d in prev), default=None)
-        rows.append([
-            str(i), s["name"], s["exactness"], f"{s['seconds']:.2f}s", str(s["nodes"]), _mb(s["weight_bytes"]),
-            _f(cos, ".5f"), _f(mad, ".3g"), _stats_text(s["stats"]),
-        ])
+        rows.append(
+            [
+                str(i),
+                s["name"],
+                s["exactness"],
+                f"{s['seconds']:.2f}s",
+                str(s["nodes"]),
+                _mb(s["weight_bytes"]),
+                _f(cos, ".5f"),
+                _f(mad, ".3g"),
+                _stats_text(s["stats"]),
+            ]
+        )
     return head, rows
 
 
 def bench_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Two rows per usable provider (original, optimized); unusable providers are listed by unusable_lines."""
     bench = report["benchmark"]
-    head = ["provider", "model", "size", "p50 ms", "p90 ms", "p99 ms", "thru/s", "speedup [95% CI]", "top-1",
-            "cosine min", "top-1 agree", "mem MB"]
+    head = [
+        "provider",
+        "model",
+        "size",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "thru/s",
+        "speedup [95% CI]",
+        "top-1",
+        "cosine min",
+        "top-1 agree",
+        "mem MB",
+    ]
     rows = []
     for r in bench["rows"]:
         if not r["usable"]:
@@ -64,13 +85,22 @@ def bench_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 speed = f"{sp['median']:.2f}x [{sp['ci_low']:.2f}, {sp['ci_high']:.2f}]"
                 speed += " noisy" if sp["noisy"] else ""
                 speed += " n.s." if not sp["significant"] else ""
-            rows.append([
-                "" if optimized else provider, which, _mb(size), _f(lat["p50_ms"]), _f(lat["p90_ms"]), _f(lat["p99_ms"]),
-                _f(lat["throughput"], ".1f"), speed, _pct(acc["top1"]) if acc else "-",
-                _f(fid["cosine_min"], ".5f") if optimized and fid else "",
-                _pct(fid["top1_agreement"]) if optimized and fid and fid["top1_agreement"] is not None else "",
-                _f(r[f"memory_{which}_mb"], ".1f"),
-            ])
+            rows.append(
+                [
+                    "" if optimized else provider,
+                    which,
+                    _mb(size),
+                    _f(lat["p50_ms"]),
+                    _f(lat["p90_ms"]),
+                    _f(lat["p99_ms"]),
+                    _f(lat["throughput"], ".1f"),
+                    speed,
+                    _pct(acc["top1"]) if acc else "-",
+                    _f(fid["cosine_min"], ".5f") if optimized and fid else "",
+                    _pct(fid["top1_agreement"]) if optimized and fid and fid["top1_agreement"] is not None else "",
+                    _f(r[f"memory_{which}_mb"], ".1f"),
+                ]
+            )
     return head, rows
 
 
@@ -83,7 +113,9 @@ def setup_lines(report: dict[str, Any]) -> list[str]:
     out = []
     for r in report["benchmark"]["rows"]:
         if r["usable"] and r.get("setup_s_original") is not None:
-            out.append(f"{r['provider']}: session setup {r['setup_s_original']:.2f}s original, {r['setup_s_optimized']:.2f}s optimized")
+            out.append(
+                f"{r['provider']}: session setup {r['setup_s_original']:.2f}s original, {r['setup_s_optimized']:.2f}s optimized"
+            )
     return out
 
 
@@ -126,7 +158,9 @@ def render_rich(report: dict[str, Any], console: Console) -> None:
             t.add_row(escape(item["node"]), item["op"], f"{item['cosine']:.5f}", f"{item['local_drop']:.5f}")
         console.print(t)
         if attribution.get("patch"):
-            console.print(f"[bold]Recipe patch[/bold] (fidelity {attribution['patch_fidelity']:.5f}): {escape(attribution['patch'])}")
+            console.print(
+                f"[bold]Recipe patch[/bold] (fidelity {attribution['patch_fidelity']:.5f}): {escape(attribution['patch'])}"
+            )
     for gate in report.get("gates", []):
         style = "red" if gate["violated"] else "green"
         console.print(f"[{style}]fail-if {gate['expression']}: {gate['detail']}[/{style}]")
@@ -148,7 +182,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         parts.append(_md_table(*bench_rows(report)))
         parts.extend(f"- {line}" for line in setup_lines(report) + unusable_lines(report))
         env = report["benchmark"]["environment"]
-        parts.append(f"_{env['tool']}, onnxruntime {env['onnxruntime']}, {env['cpu']}, GPUs: {', '.join(env['gpus']) or 'none'}_")
+        parts.append(
+            f"_{env['tool']}, onnxruntime {env['onnxruntime']}, {env['cpu']}, GPUs: {', '.join(env['gpus']) or 'none'}_"
+        )
     for gate in report.get("gates", []):
         parts.append(f"- fail-if `{gate['expression']}`: {'VIOLATED' if gate['violated'] else 'ok'} ({gate['detail']})")
     if report.get("attribution", {}).get("patch"):

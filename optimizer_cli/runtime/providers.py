@@ -109,7 +109,9 @@ def probe_provider(alias: str) -> ProviderStatus:
     if name in _PROBE_CACHE:
         return _PROBE_CACHE[name]
     if name not in ort.get_available_providers():
-        status = ProviderStatus(alias, name, False, f"not in this onnxruntime build ({', '.join(installed_runtimes())})")
+        status = ProviderStatus(
+            alias, name, False, f"not in this onnxruntime build ({', '.join(installed_runtimes())})"
+        )
     elif name == "CPUExecutionProvider":
         status = ProviderStatus(alias, name, True, "ok")
     else:
@@ -128,7 +130,9 @@ def probe_provider(alias: str) -> ProviderStatus:
             if name in active:
                 status = ProviderStatus(alias, name, True, "ok")
             else:
-                status = ProviderStatus(alias, name, False, f"session fell back to {', '.join(active)} (no usable device or libraries)")
+                status = ProviderStatus(
+                    alias, name, False, f"session fell back to {', '.join(active)} (no usable device or libraries)"
+                )
         except Exception as exc:  # the EP's own load errors vary; report them, do not crash
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             status = ProviderStatus(alias, name, False, f"session failed: {first[:200]}")

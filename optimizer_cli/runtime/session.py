@@ -15,7 +15,12 @@ import onnx_ir as ir
 from optimizer_cli.model_io import model_to_bytes, save_model
 from optimizer_cli.runtime.providers import resolve_provider, silence_native_output
 
-OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+OPT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 
 
 @dataclass
@@ -82,7 +87,11 @@ def create_session(source: ModelSource | ir.Model | str | Path, config: SessionC
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[config.opt_level])
     options.log_severity_level = 3
     providers = _provider_entry(config)
-    silence = silence_native_output() if resolve_provider(config.provider) != "CPUExecutionProvider" else contextlib.nullcontext()
+    silence = (
+        silence_native_output()
+        if resolve_provider(config.provider) != "CPUExecutionProvider"
+        else contextlib.nullcontext()
+    )
     with silence:
         return ort.InferenceSession(source.data, options, providers=providers)
 
@@ -91,7 +100,11 @@ def timed_session(source: ModelSource, config: SessionConfig, feeds: dict[str, n
     """Session plus setup time (creation + first run, where TensorRT builds its engine)."""
     start = time.perf_counter()
     sess = create_session(source, config)
-    silence = silence_native_output() if resolve_provider(config.provider) != "CPUExecutionProvider" else contextlib.nullcontext()
+    silence = (
+        silence_native_output()
+        if resolve_provider(config.provider) != "CPUExecutionProvider"
+        else contextlib.nullcontext()
+    )
     with silence:
         sess.run(None, feeds)
     return sess, time.perf_counter() - start

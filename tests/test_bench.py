@@ -1,0 +1,150 @@
+"""Benchmark layer: interleaved A/B timing, paired ratios, gates, provider probes."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import onnx
+import pytest
+
+from optimizer_cli.bench.accuracy import fidelity, topk_accuracy
+from optimizer_cli.bench.latency import bootstrap_ratio, measure_ab
+from optimizer_cli.errors import UserInputError
+from optimizer_cli.report.gate import evaluate, parse_gate
+from optimizer_cli.runtime.providers import parse_provider_list, probe_provider, silence_native_output
+
+from .builders import mlp
+
+
+def _busy(seconds: float):
+    def fn() -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    return fn
+
+
+def test_measure_ab_recovers_a_known_speedup() -> None:
+    a_stats, b_stats, speed = measure_ab(
+        _busy(0.002), _busy(0.001), warmup=1, rounds=6, runs_per_round=5, discard_after_switch=1
+    )
+    assert 1.6 < speed.median < 2.4
+    assert speed.ci_low <= speed.median <= speed.ci_high
+    assert speed.significant
+    assert a_stats.runs == b_stats.runs == 30
+    assert a_stats.p50_ms > b_stats.p50_ms and a_stats.p99_ms >= a_stats.p50_ms
+
+
+def test_equal_variants_are_not_significant() -> None:
+    rng = np.random.default_rng(0)
+    a = 1.0 + 0.05 * rng.standard_normal(20)
+    b = 1.0 + 0.05 * rng.standard_normal(20)
+    _med, lo, hi = bootstrap_ratio(a, b)
+    assert lo < 1.0 < hi
+
+
+def test_fidelity_and_topk() -> None:
+    ref = [[np.array([[1.0, 2.0, 3.0]])], [np.array([[3.0, 2.0, 1.0]])]]
+    new = [[np.array([[1.0, 2.0, 3.1]])], [np.array([[1.0, 2.0, 3.0]])]]
+    fid = fidelity(ref, new, ["y"])
+    assert fid.samples == 2 and fid.top1_agreement == 0.5
+    assert fid.cosine_min < fid.cosine_mean < 1.0
+    assert topk_accuracy(ref, [np.array([2]), np.array([0])], 1) == 1.0
+    assert topk_accuracy(ref, [np.array([1]), np.array([2])], 1) == 0.0
+
+
+def _bench(speedup: float, top1_a: float, top1_b: float) -> dict:
+    row = {
+        "provider": "cpu",
+        "usable": True,
+        "shape": "",
+        "speedup": {
+            "median": speedup,
+            "ci_low": speedup * 0.9,
+            "ci_high": speedup * 1.1,
+            "p90": speedup,
+            "p99": speedup,
+        },
+        "accuracy_original": {"top1": top1_a, "top5": None, "metric": None},
+        "accuracy_optimized": {"top1": top1_b, "top5": None, "metric": None},
+        "fidelity": {"cosine_min": 0.99, "cosine_mean": 0.995, "top1_agreement": 0.98, "max_abs": 0.1, "rel_l2": 0.01},
+        "latency_optimized": {"p50_ms": 1.0, "p90_ms": 1.2, "p99_ms": 2.0},
+    }
+    return {
+        "rows": [row, {"provider": "cuda", "usable": False, "reason": "no GPU"}],
+        "original_bytes": 100,
+        "optimized_bytes": 30,
+    }
+
+
+def test_gates() -> None:
+    gates = [
+        parse_gate("accuracy_drop>1%"),
+        parse_gate("p90_speedup < 1.5"),
+        parse_gate("size_ratio>0.5"),
+        parse_gate("cpu:cosine<0.98"),
+    ]
+    assert gates[0].threshold == pytest.approx(0.01)
+    ok = evaluate(gates, _bench(2.0, 0.90, 0.895))
+    assert [g.violated for g in ok] == [False, False, False, False]
+    bad = evaluate(gates, _bench(1.2, 0.90, 0.85))
+    assert [g.violated for g in bad] == [True, True, False, False]
+    assert evaluate([parse_gate("cuda:speedup<2")], _bench(2.0, 0.9, 0.9))[0].violated  # no usable row: fail closed
+
+
+@pytest.mark.parametrize("text", ["speed<2", "accuracy_drop>>1", "x", "cpu:speedup"])
+def test_bad_gates(text: str) -> None:
+    with pytest.raises(UserInputError):
+        parse_gate(text)
+
+
+def test_accuracy_gate_without_labels_is_an_input_error() -> None:
+    bench = _bench(2.0, 0.9, 0.9)
+    bench["rows"][0]["accuracy_original"] = None
+    with pytest.raises(UserInputError, match="labelled"):
+        evaluate([parse_gate("accuracy_drop>1%")], bench)
+
+
+def test_cpu_probe_is_usable_and_unknown_aliases_fail() -> None:
+    assert probe_provider("cpu").usable
+    assert parse_provider_list(None) == ["cpu", "cuda", "trt"]
+    with pytest.raises(UserInputError):
+        parse_provider_list("cpu,tpu")
+
+
+def _gpu_usable() -> bool:
+    return probe_provider("cuda").usable
+
+
+def test_unusable_gpu_providers_say_why() -> None:
+    for alias in ("cuda", "trt"):
+        status = probe_provider(alias)
+        if not status.usable:
+            assert status.reason and status.reason != "ok"
+
+
+def test_native_output_is_silenced(capfd) -> None:
+    with silence_native_output():
+        os.write(1, b"banner on fd 1\n")
+        os.write(2, b"banner on fd 2\n")
+    os.write(1, b"after\n")
+    captured = capfd.readouterr()
+    assert "banner" not in captured.out and "banner" not in captured.err and "after" in captured.out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_usable(), reason="no usable CUDA execution provider on this machine")
+def test_cuda_benchmark_row(tmp_path) -> None:
+    from optimizer_cli.bench.harness import BenchSettings, run_benchmark
+    from optimizer_cli.data import random_dataset
+    from optimizer_cli.model_io import load_model
+
+    path = tmp_path / "m.onnx"
+    onnx.save(mlp((64, 256, 10)), str(path))
+    data = random_dataset(load_model(path), 4, 0, {"batch": 8})
+    report = run_benchmark(path, path, BenchSettings(providers=["cuda"], rounds=3, memory=False), data)
+    row = report.rows[0]
+    assert row.usable and row.speedup is not None and row.fidelity.cosine_min > 0.999

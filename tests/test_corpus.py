@@ -1,0 +1,95 @@
+"""Exact passes keep outputs on onnx's 1,884 node tests and on the classic CNNs shipped in the onnx wheel."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from optimizer_cli.passes.cleanup import CleanupConfig, CleanupPass
+from optimizer_cli.passes.fuse import FuseConfig, FusePass
+from optimizer_cli.zoo import LIGHT_MODELS, materialize_light_model
+
+from .builders import context, run
+
+HEAVY = {"bvlc_alexnet", "vgg19", "zfnet512"}  # ~0.5 GB of weights each
+
+
+def _ort_outputs(proto: onnx.ModelProto, feeds: dict) -> list[np.ndarray] | None:
+    try:
+        return run(proto, feeds)
+    except Exception:
+        return None  # ORT cannot run the original (op or IR version it lacks): not a case for us
+
+
+def _same(ref, new) -> bool:
+    if isinstance(ref, list):  # sequence outputs
+        return (
+            isinstance(new, list) and len(ref) == len(new) and all(_same(a, b) for a, b in zip(ref, new, strict=True))
+        )
+    ref, new = np.asarray(ref), np.asarray(new)
+    if ref.dtype != new.dtype or ref.shape != new.shape:
+        return False
+    if not np.issubdtype(ref.dtype, np.floating):
+        return bool(np.array_equal(ref, new))
+    scale = max(1.0, float(np.nanmax(np.abs(ref[np.isfinite(ref)]))) if np.isfinite(ref).any() else 1.0)
+    # 1e-5, or a few units in the last place for fp16/bf16 outputs (folding evaluates in numpy).
+    tol = max(1e-5, 4 * float(np.finfo(ref.dtype).eps)) if ref.dtype.itemsize <= 2 else 1e-5
+    return bool(np.allclose(new.astype(np.float64), ref.astype(np.float64), rtol=tol, atol=tol * scale, equal_nan=True))
+
+
+def _transform(proto: onnx.ModelProto, tmp_path) -> onnx.ModelProto:
+    model = ir.serde.deserialize_model(proto)
+    CleanupPass(CleanupConfig(), context(tmp_path))(model)
+    FusePass(FuseConfig(), context(tmp_path))(model)
+    return ir.serde.serialize_model(model)
+
+
+def test_node_test_corpus(tmp_path) -> None:
+    from onnx.backend.test.loader import load_model_tests
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cases = load_model_tests(kind="node")
+    assert len(cases) >= 1800
+    ran, failures = 0, []
+    for case in cases:
+        if not case.data_sets:
+            continue
+        inputs, _ = case.data_sets[0]
+        names = [i.name for i in case.model.graph.input if i.name not in {t.name for t in case.model.graph.initializer}]
+        feeds = dict(zip(names, inputs, strict=False))
+        ref = _ort_outputs(case.model, feeds)
+        if ref is None:
+            continue
+        try:
+            new_proto = _transform(case.model, tmp_path)
+            new = run(new_proto, feeds)
+        except Exception as exc:
+            failures.append(f"{case.name}: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
+            continue
+        ran += 1
+        if len(new) != len(ref) or not all(_same(a, b) for a, b in zip(ref, new, strict=True)):
+            failures.append(f"{case.name}: outputs changed")
+    assert ran > 1200, f"only {ran} node tests could run on ORT"
+    assert not failures, f"{len(failures)} of {ran} node tests broke:\n" + "\n".join(failures[:30])
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in LIGHT_MODELS])
+def test_light_classic_cnns(name: str, tmp_path) -> None:
+    proto = materialize_light_model(name)
+    weights = {t.name for t in proto.graph.initializer}
+    (data,) = [i for i in proto.graph.input if i.name not in weights]
+    shape = [d.dim_value or 1 for d in data.type.tensor_type.shape.dim]
+    feeds = {data.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+    ref = run(proto, feeds)
+    new_proto = _transform(proto, tmp_path)
+    assert sum(n.op_type == "BatchNormalization" for n in new_proto.graph.node) <= sum(
+        n.op_type == "BatchNormalization" for n in proto.graph.node
+    )
+    onnx.checker.check_model(new_proto)
+    for a, b in zip(ref, run(new_proto, feeds), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(a).max())))
