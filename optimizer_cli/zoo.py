@@ -139,3 +139,45 @@ def resnet18_like(width: int = 64, image: int = 112, classes: int = 100, seed: i
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="optimizer-cli-zoo")
     model.ir_version = 8
     return model
+
+
+def calibrate_batchnorm(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Set every BatchNorm's mean/var to the statistics of its input on `feeds`, layer by layer.
+
+    Random weights with arbitrary BN statistics give exploding or collapsing activations (every
+    input predicts the same class); real statistics give a well-conditioned network, as training does.
+    """
+    import onnxruntime as ort
+
+    inits = {t.name: i for i, t in enumerate(model.graph.initializer)}
+
+    def activation(name: str) -> np.ndarray:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        del probe.graph.output[:]
+        probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return sess.run(None, feeds)[0]
+
+    def put(name: str, value: np.ndarray) -> None:
+        model.graph.initializer[inits[name]].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+
+    for node in [n for n in model.graph.node if n.op_type == "BatchNormalization"]:
+        act = activation(node.input[0])
+        axes = (0, *range(2, act.ndim))
+        put(node.input[3], act.mean(axis=axes))
+        put(node.input[4], act.var(axis=axes))
+    # Standardize the classifier's input features (folded into the Gemm), so logits vary with the
+    # input instead of being dominated by the features' common mean.
+    head = next((n for n in model.graph.node if n.op_type == "Gemm"), None)
+    if head is not None and head.input[1] in inits:
+        feats = activation(head.input[0])
+        mean, std = feats.mean(0), feats.std(0) + 1e-6
+        w = numpy_helper.to_array(model.graph.initializer[inits[head.input[1]]])
+        put(head.input[1], w / std[:, None])
+        if len(head.input) > 2 and head.input[2] in inits:
+            b = numpy_helper.to_array(model.graph.initializer[inits[head.input[2]]])
+            put(head.input[2], b - (mean / std) @ w)
+    return model

@@ -21,10 +21,11 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from optimizer_cli.analysis.channel_groups import Analysis, Group, analyze, expr_mask, expr_size
+from optimizer_cli.analysis.channel_groups import Analysis, Group, Root, analyze, expr_mask, expr_size
 from optimizer_cli.analysis.cost import macs, parameter_count
 from optimizer_cli.passes._util import infer_shapes
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, register
+from optimizer_cli.runtime.session import capture_values
 
 
 class PruneConfig(PassConfig):
@@ -36,6 +37,10 @@ class PruneConfig(PassConfig):
     min_channels: int = 8
     op_types: list[str] = ["Conv", "MatMul", "Gemm"]
     exclude_nodes: list[str] = []
+    # activation: channel RMS on calibration data x norm of the consumer weights reading it (what the
+    # channel contributes downstream); weight: producer weight norms. activation needs --calib.
+    importance: Literal["activation", "weight"] = "activation"
+    samples: int = 32
 
 
 KEPT_CHANNELS_META = "optimizer_cli.kept_channels"
@@ -65,6 +70,48 @@ def _set_const(node: ir.Node, index: int, array: np.ndarray, graph: ir.Graph) ->
     node.replace_input_with(index, new_value)
 
 
+def activation_importance(
+    analysis: Analysis, groups: list[Group], model: ir.Model, feeds: list[dict[str, np.ndarray]], threads: int
+) -> dict[int, np.ndarray]:
+    """Per channel: RMS of the activation a consumer reads x norm of that consumer's weight slice.
+
+    This is the size of what the channel adds to the consumer's output, the quantity removal loses
+    (a producer's weight norm ignores what follows it, e.g. a GELU that silences the channel).
+    """
+    wanted = {analysis.find(g.gid): g for g in groups}
+    reads: dict[int, list[tuple[str, int, np.ndarray]]] = {gid: [] for gid in wanted}
+    for consumer in analysis.consumers:
+        if not isinstance(consumer.expr, Root) or analysis.find(consumer.expr.group) not in wanted:
+            continue
+        w = _tensor(consumer.node.inputs[consumer.weight_index])  # type: ignore[arg-type]
+        axes = tuple(a for a in range(w.ndim) if a != consumer.axis)
+        norms = np.sqrt(np.sum(w.astype(np.float64) ** 2, axis=axes))
+        value = consumer.node.inputs[0]
+        rank = len(value.shape) if value is not None and value.shape is not None else None
+        if value is None or rank is None:
+            continue
+        channel_axis = 1 if consumer.node.op_type in ("Conv", "ConvTranspose") else rank - 1
+        reads[analysis.find(consumer.expr.group)].append((value.name, channel_axis, norms))
+    names = sorted({name for entries in reads.values() for name, _, _ in entries})
+    if not names:
+        return {}
+    captured = capture_values(model, feeds, names, threads)
+    scores: dict[int, np.ndarray] = {}
+    for gid, entries in reads.items():
+        if not entries:
+            continue
+        total = np.zeros(wanted[gid].size)
+        for name, axis, norms in entries:
+            acts = captured[name]
+            sq = sum(
+                np.sum(np.moveaxis(a.astype(np.float64), axis, 0).reshape(a.shape[axis], -1) ** 2, axis=1) for a in acts
+            )
+            count = sum(a.size // a.shape[axis] for a in acts)
+            total += np.sqrt(sq / max(count, 1)) * norms
+        scores[gid] = total
+    return scores
+
+
 def group_importance(group: Group) -> np.ndarray:
     score = np.zeros(group.size)
     for prod in group.producers:
@@ -75,10 +122,12 @@ def group_importance(group: Group) -> np.ndarray:
     return score
 
 
-def choose_keep(analysis: Analysis, groups: list[Group], cfg: PruneConfig) -> dict[int, np.ndarray]:
+def choose_keep(
+    analysis: Analysis, groups: list[Group], cfg: PruneConfig, scores: dict[int, np.ndarray] | None = None
+) -> dict[int, np.ndarray]:
     """Keep-mask per group: the most important channels, count rounded up to `round_to`."""
     keep: dict[int, np.ndarray] = {}
-    scores = {g.gid: group_importance(g) for g in groups}
+    scores = {g.gid: (scores or {}).get(g.gid, group_importance(g)) for g in groups}
     if cfg.scope == "global":
         # Normalize per group so wide and narrow layers compete fairly, then one threshold.
         pooled = np.concatenate([s / max(float(s.mean()), 1e-12) for s in scores.values()]) if scores else np.array([])
@@ -210,7 +259,12 @@ class PrunePass(OptimizationPass):
             if not any(p.node.name in excluded for p in g.producers)
             and all(p.node.op_type in cfg.op_types for p in g.producers)
         ]
-        keep = choose_keep(analysis, groups, cfg)
+        scores = None
+        if cfg.importance == "activation" and self.ctx.calibration is not None and groups:
+            scores = activation_importance(
+                analysis, groups, model, self.ctx.calibration.feeds[: cfg.samples], self.ctx.threads
+            )
+        keep = choose_keep(analysis, groups, cfg, scores)
         if keep:
             apply_structured(model, analysis, keep)
         blocked = Counter(g.blocked.split("'")[0].strip() for g in canonical.values() if g.blocked and g.producers)
@@ -224,6 +278,7 @@ class PrunePass(OptimizationPass):
             "params": f"{params_before}->{parameter_count(model)}",
             "macs": f"{macs_before}->{macs_after}" if macs_before and macs_after else "unknown (dynamic shapes)",
             "blocked": dict(blocked.most_common(4)),
+            "importance": "activation" if scores else "weight",
         }
         return ir.passes.PassResult(model, bool(keep))
 

@@ -21,7 +21,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs, register
 from optimizer_cli.passes.prune import KEPT_CHANNELS_META, _set_const
-from optimizer_cli.runtime.session import ModelSource, SessionConfig, create_session
+from optimizer_cli.runtime.session import capture_values
 
 
 class ReconstructConfig(PassConfig):
@@ -55,34 +55,6 @@ def ridge(x: np.ndarray, y: np.ndarray, damping: float) -> np.ndarray:
     return np.linalg.solve(gram + lam * np.eye(gram.shape[0]), x.T @ y.astype(np.float64))
 
 
-def _capture(
-    model: ir.Model, feeds: list[dict[str, np.ndarray]], names: list[str], threads: int
-) -> dict[str, list[np.ndarray]]:
-    """Run the model exposing `names` as outputs (outputs are restored afterwards)."""
-    values = {v.name: v for n in model.graph for v in n.outputs}
-    values.update({v.name: v for v in model.graph.inputs})
-    original_outputs = list(model.graph.outputs)
-    added = [
-        values[n] for n in names if n in values and values[n] not in original_outputs and not values[n].is_graph_input()
-    ]
-    model.graph.outputs.extend(added)
-    source = ModelSource(model)
-    try:
-        sess = create_session(source, SessionConfig(threads=threads, opt_level="disable"))
-        input_names = {i.name for i in sess.get_inputs()}
-        out: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        fetch = [n for n in names if n in values and not values[n].is_graph_input()]
-        for feed in feeds:
-            f = {k: v for k, v in feed.items() if k in input_names}
-            results = dict(zip(fetch, sess.run(fetch, f), strict=True)) if fetch else {}
-            for n in names:
-                out[n].append(f[n] if n in f else results[n])
-        return out
-    finally:
-        source.close()
-        del model.graph.outputs[len(original_outputs) :]
-
-
 @register
 class ReconstructPass(OptimizationPass):
     name = "reconstruct"
@@ -104,10 +76,10 @@ class ReconstructPass(OptimizationPass):
         ref_producers = {out.name: n for n in reference.graph for out in n.outputs}
         layers = [n for n in model.graph if self._candidate(n, ref_producers, cfg)]
         feeds = self.ctx.calibration.feeds[: cfg.samples]
-        targets = _capture(reference, feeds, [n.outputs[0].name for n in layers], self.ctx.threads)
+        targets = capture_values(reference, feeds, [n.outputs[0].name for n in layers], self.ctx.threads)
         refit, details = 0, []
         for node in layers:
-            inputs = _capture(model, feeds, [node.inputs[0].name], self.ctx.threads)[node.inputs[0].name]
+            inputs = capture_values(model, feeds, [node.inputs[0].name], self.ctx.threads)[node.inputs[0].name]
             before, after = self._refit(model, node, inputs, targets[node.outputs[0].name], cfg)
             if after is not None:
                 refit += 1

@@ -113,3 +113,31 @@ def timed_session(source: ModelSource, config: SessionConfig, feeds: dict[str, n
 def run_session(sess, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
     names = {i.name for i in sess.get_inputs()}
     return sess.run(outputs, {k: v for k, v in feeds.items() if k in names})
+
+
+def capture_values(
+    model: ir.Model, feeds: list[dict[str, np.ndarray]], names: list[str], threads: int
+) -> dict[str, list[np.ndarray]]:
+    """Run the model exposing `names` as outputs (outputs are restored afterwards)."""
+    values = {v.name: v for n in model.graph for v in n.outputs}
+    values.update({v.name: v for v in model.graph.inputs})
+    original_outputs = list(model.graph.outputs)
+    added = [
+        values[n] for n in names if n in values and values[n] not in original_outputs and not values[n].is_graph_input()
+    ]
+    model.graph.outputs.extend(added)
+    source = ModelSource(model)
+    try:
+        sess = create_session(source, SessionConfig(threads=threads, opt_level="disable"))
+        input_names = {i.name for i in sess.get_inputs()}
+        out: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        fetch = [n for n in names if n in values and not values[n].is_graph_input()]
+        for feed in feeds:
+            f = {k: v for k, v in feed.items() if k in input_names}
+            results = dict(zip(fetch, sess.run(fetch, f), strict=True)) if fetch else {}
+            for n in names:
+                out[n].append(f[n] if n in f else results[n])
+        return out
+    finally:
+        source.close()
+        del model.graph.outputs[len(original_outputs) :]

@@ -1,0 +1,289 @@
+"""Shipped recipes vs the reference pipelines, on the same models, in one run (CPU, 2 threads).
+
+    python benchmarks/run_benchmarks.py [--models cnn,minilm,digits] [--rounds 10] [--update-readme]
+
+Each variant is timed against the fp32 model in interleaved A/B rounds (ORT_ENABLE_ALL, so a pass
+gets no credit for fusions ORT does itself) and reported as the paired median speedup with a 95%
+bootstrap interval, with fidelity on held-out inputs and file size. Writes benchmarks/results/*.json
+and, with --update-readme, the table between the BENCHMARKS markers in README.md.
+
+Reference pipelines (what users would otherwise run):
+  ort-transformers+dynamic   onnxruntime.transformers.optimizer (bert) + quantize_dynamic per-channel
+  ort-static-u8s8            quant_pre_process + quantize_static QDQ, QUInt8 activations, QInt8 per-channel
+  onnxslim                   onnxslim.slim (graph clean-up)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+
+from optimizer_cli.bench.accuracy import fidelity, topk_accuracy  # noqa: E402
+from optimizer_cli.bench.environment import environment  # noqa: E402
+from optimizer_cli.bench.latency import measure_ab  # noqa: E402
+from optimizer_cli.data import Dataset, load_dataset  # noqa: E402
+from optimizer_cli.model_io import file_size, load_model  # noqa: E402
+from optimizer_cli.pipeline import run_pipeline  # noqa: E402
+from optimizer_cli.recipe import load_recipe  # noqa: E402
+from optimizer_cli.runtime.session import SessionConfig, create_session, run_session  # noqa: E402
+
+CACHE = ROOT / "benchmarks" / ".cache"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+class Calib:
+    """Calibration data reader for the reference quantize_static."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self.feeds, self.i = feeds, 0
+
+    def get_next(self) -> dict | None:
+        self.i += 1
+        return self.feeds[self.i - 1] if self.i <= len(self.feeds) else None
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+def ref_ort_transformers_dynamic(src: Path, out: Path, calib: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    fused = out.with_suffix(".fused.onnx")
+    optimize_model(str(src), model_type="bert", opt_level=0).save_model_to_file(str(fused))
+    # quantize_dynamic fails on the fused model without value types ("Unable to find data type for
+    # weight_name"): onnx shape inference first, as a user hitting that error would.
+    onnx.shape_inference.infer_shapes_path(str(fused), str(fused))
+    quantize_dynamic(str(fused), str(out), per_channel=True, weight_type=QuantType.QInt8)
+    fused.unlink()
+
+
+def ref_ort_static_u8s8(src: Path, out: Path, calib: Path) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(src), str(pre))
+    data = load_dataset(calib, load_model(src))
+    quantize_static(
+        str(pre),
+        str(out),
+        Calib(data.feeds[:64]),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    pre.unlink()
+
+
+def ref_onnxslim(src: Path, out: Path, calib: Path) -> None:
+    import onnxslim
+
+    onnx.save(onnxslim.slim(str(src)), str(out))
+
+
+def ours(recipe: str) -> Callable[[Path, Path, Path], None]:
+    def run(src: Path, out: Path, calib: Path) -> None:
+        rec = load_recipe(ROOT / "recipes" / recipe)
+        rec.verify.enabled = False  # timed separately; the CLI verifies every pass
+        run_pipeline(src, rec, out, calibration=str(calib))
+
+    return run
+
+
+def prepare_cnn() -> tuple[Path, Path, Path, str]:
+    from optimizer_cli.zoo import calibrate_batchnorm, resnet18_like
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    model, calib, evals = CACHE / "resnet18_like.onnx", CACHE / "resnet_calib.npz", CACHE / "resnet_eval.npz"
+    if not model.exists():
+        rng = np.random.default_rng(0)
+
+        def images(n: int) -> np.ndarray:
+            # Smooth random "images" (4x4-upsampled noise) so activations have image-like statistics.
+            x = rng.standard_normal((n, 1, 3, 28, 28)).astype(np.float32)
+            return np.repeat(np.repeat(x, 4, axis=3), 4, axis=4)
+
+        calib_images, eval_images = images(64), images(64)
+        proto = calibrate_batchnorm(resnet18_like(width=64, image=112, classes=100), {"image": calib_images[:32, 0]})
+        onnx.save(proto, str(model))
+        np.savez(calib, image=calib_images)
+        np.savez(evals, image=eval_images)
+    return model, calib, evals, "ResNet-18 topology, random weights + data BN stats, 112x112, batch 1"
+
+
+def prepare_minilm() -> tuple[Path, Path, Path, str]:
+    from benchmarks.minilm import export, sentences_dataset
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    model, calib, evals = CACHE / "minilm.onnx", CACHE / "minilm_calib.npz", CACHE / "minilm_eval.npz"
+    marker = CACHE / "minilm.source"
+    if not model.exists() or not marker.exists():
+        marker.write_text(export(model))
+    source = marker.read_text()
+    text = sentences_dataset(calib, n=48, seed=1, half=0)
+    sentences_dataset(evals, n=48, seed=2, half=1)  # held out: no sentence in common with calibration
+    return model, calib, evals, f"all-MiniLM-L6-v2, {source}, seq 128, batch 1, {text}"
+
+
+def prepare_digits() -> tuple[Path, Path, Path, str]:
+    from optimizer_cli.examples import write_examples
+
+    paths = write_examples(CACHE / "digits")
+    return paths["cnn"], paths["calib"], paths["eval"], "digits CNN (examples), 16x16, real labels"
+
+
+MODELS = {
+    "cnn": (
+        prepare_cnn,
+        [
+            ("cnn-int8 (ours)", ours("cnn-int8.yaml")),
+            ("cnn-prune-int8 (ours)", ours("cnn-prune-int8.yaml")),
+            ("prune (ours)", ours("prune.yaml")),
+            ("ort-static-u8s8", ref_ort_static_u8s8),
+            ("onnxslim", ref_onnxslim),
+        ],
+    ),
+    "minilm": (
+        prepare_minilm,
+        [
+            ("transformer-int8 (ours)", ours("transformer-int8.yaml")),
+            ("transformer-prune-int8 (ours)", ours("transformer-prune-int8.yaml")),
+            ("ort-transformers+dynamic", ref_ort_transformers_dynamic),
+            ("onnxslim", ref_onnxslim),
+        ],
+    ),
+    "digits": (
+        prepare_digits,
+        [
+            ("cnn-int8 (ours)", ours("cnn-int8.yaml")),
+            ("cnn-prune-int8 (ours)", ours("cnn-prune-int8.yaml")),
+            ("ort-static-u8s8", ref_ort_static_u8s8),
+        ],
+    ),
+}
+
+
+def measure(base: Path, variant: Path, data: Dataset, rounds: int) -> dict:
+    cfg = SessionConfig(threads=2, opt_level="all")
+    sa, sb = create_session(str(base), cfg), create_session(str(variant), cfg)
+    outs_a = [run_session(sa, f) for f in data.feeds]
+    outs_b = [run_session(sb, f) for f in data.feeds]
+    fid = fidelity(outs_a, outs_b, [o.name for o in sa.get_outputs()])
+    feed = data.feeds[0]
+    names = {i.name for i in sa.get_inputs()}
+    feed = {k: v for k, v in feed.items() if k in names}
+    a, b, speed = measure_ab(
+        lambda: sa.run(None, feed),
+        lambda: sb.run(None, feed),
+        warmup=5,
+        rounds=rounds,
+        runs_per_round=10,
+        discard_after_switch=3,
+    )
+    out = {
+        "speedup": speed.as_dict(),
+        "latency_fp32_ms": a.p50_ms,
+        "latency_ms": b.p50_ms,
+        "p90_ms": b.p90_ms,
+        "fidelity": fid.as_dict(),
+        "bytes": file_size(variant),
+    }
+    if data.labels is not None:
+        out["top1"], out["top1_fp32"] = topk_accuracy(outs_b, data.labels, 1), topk_accuracy(outs_a, data.labels, 1)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="cnn,minilm,digits")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--update-readme", action="store_true")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results: dict = {"environment": environment(), "models": {}}
+    for key in args.models.split(","):
+        prepare, variants = MODELS[key]
+        model, calib, evals, label = prepare()
+        data = load_dataset(evals, load_model(model))
+        entry = {"label": label, "fp32_bytes": file_size(model), "variants": {}}
+        with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+            for name, make in variants:
+                out = Path(tmp) / (name.replace(" ", "_").replace("(", "").replace(")", "") + ".onnx")
+                start = time.perf_counter()
+                try:
+                    make(model, out, calib)
+                except Exception as exc:  # a reference tool failing is a result too
+                    entry["variants"][name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+                    print(f"[{key}] {name}: failed: {entry['variants'][name]['error']}", flush=True)
+                    continue
+                build_s = time.perf_counter() - start
+                m = measure(model, out, data, args.rounds)
+                m["build_s"] = build_s
+                entry["variants"][name] = m
+                print(
+                    f"[{key}] {name}: {m['speedup']['median']:.2f}x [{m['speedup']['ci_low']:.2f}, {m['speedup']['ci_high']:.2f}]"
+                    f" cosine {m['fidelity']['cosine_mean']:.4f} (min {m['fidelity']['cosine_min']:.4f})"
+                    f" top-1 agree {m['fidelity']['top1_agreement']} size {m['bytes'] / 1e6:.1f} MB",
+                    flush=True,
+                )
+        results["models"][key] = entry
+    stamp = time.strftime("%Y-%m-%d")
+    (RESULTS / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results, stamp)
+    print(table)
+    if args.update_readme:
+        readme = ROOT / "README.md"
+        text = readme.read_text()
+        start, end = "<!-- BENCHMARKS:START -->", "<!-- BENCHMARKS:END -->"
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            _, tail = rest.split(end, 1)
+            readme.write_text(head + start + "\n" + table + "\n" + end + tail)
+
+
+def markdown(results: dict, stamp: str) -> str:
+    env = results["environment"]
+    lines = [
+        f"_Measured {stamp} with `python benchmarks/run_benchmarks.py`: {env['cpu']}, {env['cpu_count']} cores, "
+        f"2 ORT threads, onnxruntime {env['onnxruntime']}. Speedup is the paired median over interleaved rounds "
+        "vs fp32 (ORT_ENABLE_ALL) with its 95% bootstrap interval; fidelity on held-out inputs._",
+        "",
+    ]
+    lines.append(
+        "| model | variant | speedup [95% CI] | fp32 → ms (p50) | cosine mean / min | top-1 agree | top-1 | size MB |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for entry in results["models"].values():
+        lines.append(f"| {entry['label']} | fp32 | 1.00x | | | | | {entry['fp32_bytes'] / 1e6:.1f} |")
+        for name, m in entry["variants"].items():
+            if "error" in m:
+                lines.append(f"| | {name} | failed: {m['error']} | | | | | |")
+                continue
+            sp, fid = m["speedup"], m["fidelity"]
+            agree = f"{100 * fid['top1_agreement']:.1f}%" if fid["top1_agreement"] is not None else "-"
+            top1 = f"{100 * m['top1']:.1f}% (fp32 {100 * m['top1_fp32']:.1f}%)" if m.get("top1") is not None else "-"
+            lines.append(
+                f"| | {name} | {sp['median']:.2f}x [{sp['ci_low']:.2f}, {sp['ci_high']:.2f}] | "
+                f"{m['latency_fp32_ms']:.2f} → {m['latency_ms']:.2f} | {fid['cosine_mean']:.4f} / {fid['cosine_min']:.4f} | "
+                f"{agree} | {top1} | {m['bytes'] / 1e6:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The pass manager: requirements before loading, verification after every pass, honest failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from optimizer_cli.errors import UserInputError, VerificationError
+from optimizer_cli.passes.fuse import FusePass
+from optimizer_cli.pipeline import run_pipeline
+from optimizer_cli.recipe import parse_recipe
+
+from .builders import mlp, random_feed, run
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    path = tmp_path / "m.onnx"
+    onnx.save(mlp((16, 32, 8)), str(path))
+    return path
+
+
+def test_stages_report_drift_and_output_matches(model_path: Path, tmp_path: Path) -> None:
+    recipe = parse_recipe("passes:\n  - type: cleanup\n  - type: fuse\n  - type: quantize\n")
+    result = run_pipeline(model_path, recipe, tmp_path / "out.onnx")
+    assert [s.pass_type for s in result.stages] == ["cleanup", "fuse", "quantize"]
+    assert result.stages[1].drift_vs_previous[0].max_abs < 1e-5
+    assert 0.99 < result.stages[2].worst_cosine() <= 1.0
+    feed = random_feed(onnx.load(str(model_path)))
+    out = run(onnx.load(str(tmp_path / "out.onnx")), feed, "all")[0]
+    ref = run(onnx.load(str(model_path)), feed)[0]
+    assert np.corrcoef(out.ravel(), ref.ravel())[0, 1] > 0.99
+
+
+def test_exact_pass_that_changes_outputs_is_caught(model_path: Path, tmp_path: Path, monkeypatch) -> None:
+    original_call = FusePass.call
+
+    def corrupting_call(self, model: ir.Model):
+        result = original_call(self, model)
+        w = next(v for v in model.graph.initializers.values() if v.const_value.numpy().ndim == 2)
+        w.const_value = ir.tensor(w.const_value.numpy() * 1.01, name=w.name)
+        return result
+
+    monkeypatch.setattr(FusePass, "call", corrupting_call)
+    with pytest.raises(VerificationError, match=r"pass 0 \(fuse\) is declared exact but changed output 'y'"):
+        run_pipeline(model_path, parse_recipe("passes:\n  - type: fuse\n"), tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists(), "nothing is written when verification fails"
+
+
+def test_invalid_model_from_a_pass_is_caught(model_path: Path, tmp_path: Path, monkeypatch) -> None:
+    def breaking_call(self, model: ir.Model):
+        node = next(iter(model.graph))
+        node.op_type = "NoSuchOp"
+        return ir.passes.PassResult(model, True)
+
+    monkeypatch.setattr(FusePass, "call", breaking_call)
+    with pytest.raises(VerificationError, match="produced an invalid model"):
+        run_pipeline(model_path, parse_recipe("passes:\n  - type: fuse\n"), tmp_path / "out.onnx")
+
+
+def test_min_cosine_bounds_approximate_passes(model_path: Path, tmp_path: Path) -> None:
+    recipe = parse_recipe(
+        "passes:\n  - type: prune\n    method: magnitude\n    sparsity: 0.9\nverify:\n  min_cosine: 0.999\n"
+    )
+    with pytest.raises(VerificationError, match="verify.min_cosine"):
+        run_pipeline(model_path, recipe, tmp_path / "out.onnx")
+
+
+def test_requirements_checked_before_loading(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    recipe = parse_recipe("passes:\n  - type: quantize\n    mode: static\n")
+    with pytest.raises(UserInputError, match="needs calibration data"):
+        run_pipeline(garbage, recipe, tmp_path / "out.onnx")
+
+
+def test_random_calibration_is_noted(model_path: Path, tmp_path: Path) -> None:
+    recipe = parse_recipe("passes:\n  - type: quantize\n    mode: static\n")
+    result = run_pipeline(model_path, recipe, tmp_path / "out.onnx", calibration="random")
+    assert any("random" in n for n in result.notes)
+    assert result.stages[0].stats["quant_ops"]["QuantizeLinear"] > 0
