@@ -63,10 +63,12 @@ def ref_ort_transformers_dynamic(src: Path, out: Path, calib: Path) -> None:
     from onnxruntime.transformers.optimizer import optimize_model
 
     fused = out.with_suffix(".fused.onnx")
-    optimize_model(str(src), model_type="bert", opt_level=0).save_model_to_file(str(fused))
-    # quantize_dynamic fails on the fused model without value types ("Unable to find data type for
-    # weight_name"): onnx shape inference first, as a user hitting that error would.
-    onnx.shape_inference.infer_shapes_path(str(fused), str(fused))
+    # quantize_dynamic fails on the fused model unless value types survive the fusion ("Unable to find
+    # data type for weight_name"): run onnx shape inference on the input first, as a user hitting that would.
+    typed = out.with_suffix(".typed.onnx")
+    onnx.shape_inference.infer_shapes_path(str(src), str(typed))
+    optimize_model(str(typed), model_type="bert", opt_level=0).save_model_to_file(str(fused))
+    typed.unlink()
     quantize_dynamic(str(fused), str(out), per_channel=True, weight_type=QuantType.QInt8)
     fused.unlink()
 
@@ -141,10 +143,17 @@ def prepare_minilm() -> tuple[Path, Path, Path, str]:
 
 
 def prepare_digits() -> tuple[Path, Path, Path, str]:
-    from optimizer_cli.examples import write_examples
+    from benchmarks.digits_resnet import train_and_export
 
-    paths = write_examples(CACHE / "digits")
-    return paths["cnn"], paths["calib"], paths["eval"], "digits CNN (examples), 16x16, real labels"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    model, calib, evals, marker = (CACHE / f"digits_resnet.{k}" for k in ("onnx", "calib.npz", "eval.npz", "acc"))
+    if not model.exists() or not marker.exists():
+        result = train_and_export(model)
+        marker.write_text(f"{result['test_accuracy']:.4f}")
+        x, y, n = result["x"], result["y"], result["n_train"]
+        np.savez(calib, image=x[:256], labels=y[:256])
+        np.savez(evals, image=x[n:], labels=y[n:])
+    return model, calib, evals, "ResNet-18 topology (width 32) trained on digits, 64x64, batch 1, real labels"
 
 
 MODELS = {
@@ -172,7 +181,10 @@ MODELS = {
         [
             ("cnn-int8 (ours)", ours("cnn-int8.yaml")),
             ("cnn-prune-int8 (ours)", ours("cnn-prune-int8.yaml")),
+            ("prune (ours)", ours("prune.yaml")),
+            ("lowrank (ours)", ours("lowrank.yaml")),
             ("ort-static-u8s8", ref_ort_static_u8s8),
+            ("onnxslim", ref_onnxslim),
         ],
     ),
 }

@@ -1,0 +1,114 @@
+"""Per-layer attribution: rank the nodes that lose fidelity and find an exclude list that restores it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+
+from optimizer_cli.bench.attribution import rank_nodes
+from optimizer_cli.model_io import load_model
+from optimizer_cli.pipeline import normalize
+
+from .conftest import run_cli
+
+
+def test_rank_nodes_finds_the_quantized_layers(examples_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q.onnx"
+    proc = run_cli(
+        str(examples_dir / "digits_cnn.onnx"),
+        "-r",
+        "recipes/cnn-int8.yaml",
+        "-o",
+        str(out),
+        "--calib",
+        str(examples_dir / "digits_calib.npz"),
+        "--no-bench",
+    )
+    assert proc.returncode == 0, proc.stderr
+    original = load_model(examples_dir / "digits_cnn.onnx")
+    normalize(original)
+    from optimizer_cli.data import load_dataset
+
+    feeds = load_dataset(examples_dir / "digits_eval.npz", original).feeds[:4]
+    ranked = rank_nodes(original, load_model(out), feeds)
+    assert ranked and all(0.0 <= r["local_drop"] <= 2.0 for r in ranked)
+    assert ranked == sorted(ranked, key=lambda r: -r["local_drop"])
+    assert {"Conv", "Gemm"} & {op for r in ranked[:5] for op in r["op"].split("+")}
+
+
+def test_cli_prints_a_patch_that_meets_the_threshold(examples_dir: Path, tmp_path: Path) -> None:
+    proc = run_cli(
+        str(examples_dir / "digits_cnn.onnx"),
+        "-r",
+        "recipes/cnn-int8.yaml",
+        "-o",
+        str(tmp_path / "q.onnx"),
+        "--calib",
+        str(examples_dir / "digits_calib.npz"),
+        "--data",
+        str(examples_dir / "digits_eval.npz"),
+        "--providers",
+        "cpu",
+        "--set",
+        "benchmark.rounds=2",
+        "--set",
+        "benchmark.attribution_threshold=0.995",
+        "--no-memory",
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    cosine = report["benchmark"]["rows"][0]["fidelity"]["cosine_min"]
+    attribution = report["attribution"]
+    assert attribution["cosine"] == cosine < 0.995
+    assert attribution["nodes"][0]["local_drop"] > 0
+    assert attribution["patch"].startswith("--set 'passes.2.exclude_nodes=[")
+    assert attribution["patch_fidelity"] > cosine
+    # Applying the patch is what the user does next: it must be a valid --set and improve fidelity.
+    patch = attribution["patch"].split("'")[1]
+    again = run_cli(
+        str(examples_dir / "digits_cnn.onnx"),
+        "-r",
+        "recipes/cnn-int8.yaml",
+        "-o",
+        str(tmp_path / "q2.onnx"),
+        "--calib",
+        str(examples_dir / "digits_calib.npz"),
+        "--data",
+        str(examples_dir / "digits_eval.npz"),
+        "--providers",
+        "cpu",
+        "--set",
+        "benchmark.rounds=2",
+        "--set",
+        patch,
+        "--no-memory",
+        "--no-attribute",
+        "--json",
+    )
+    assert again.returncode == 0, again.stderr
+    patched = json.loads(again.stdout)["benchmark"]["rows"][0]["fidelity"]["cosine_min"]
+    assert patched > cosine
+    onnx.checker.check_model(str(tmp_path / "q2.onnx"))
+
+
+def test_sweep_times_each_shape(examples_dir: Path, tmp_path: Path) -> None:
+    proc = run_cli(
+        "bench",
+        str(examples_dir / "digits_mlp.onnx"),
+        str(examples_dir / "digits_mlp.onnx"),
+        "--providers",
+        "cpu",
+        "--rounds",
+        "2",
+        "--sweep",
+        "batch=1,4",
+        "--no-memory",
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)["benchmark"]["rows"]
+    assert [r["shape"] for r in rows] == ["batch=1", "batch=4"]
+    assert rows[1]["latency_original"]["throughput"] > 0
