@@ -2,7 +2,8 @@
 
 Dataset layout (.npz, or a folder of <input_name>.npy files): one array per graph input, keyed by the
 input's name. An array with one more axis than the input's rank holds samples along axis 0; an array
-of the input's rank is split along its batch axis into samples of `batch_size`. An optional `labels`
+of the input's rank is split along its batch axis into samples of `batch_size` (an input without a
+declared rank always takes samples along axis 0). An optional `labels`
 (or `label`) array holds one integer class per sample row for top-1/top-5 accuracy.
 """
 
@@ -171,9 +172,10 @@ def load_dataset(path: str | Path, model: ir.Model, batch_size: int = 1, limit: 
                 arr = arr.astype(spec.dtype)
             else:
                 raise UserInputError(f"input '{spec.name}' is {arr.dtype}, model wants {spec.dtype}", path)
-        rank = len(spec.shape) if spec.shape is not None else arr.ndim
+        # An input without a declared rank takes its samples along axis 0.
+        rank = len(spec.shape) if spec.shape is not None else arr.ndim - 1
         if arr.ndim == rank + 1:
-            per_input[spec.name] = [arr[i] for i in range(arr.shape[0])]
+            per_input[spec.name] = [np.asarray(arr[i]) for i in range(arr.shape[0])]
         elif arr.ndim == rank:
             fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
             step = fixed or batch_size

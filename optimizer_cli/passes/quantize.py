@@ -27,6 +27,8 @@ from optimizer_cli.errors import UserInputError
 from optimizer_cli.passes._util import is_large, op_counts, replace_model_contents, write_for_tool
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs, register
 
+PER_CHANNEL_MIN_OPSET = 13
+
 QUANT_OPS = {
     "QuantizeLinear",
     "DequantizeLinear",
@@ -118,6 +120,8 @@ class QuantizePass(OptimizationPass):
             src = write_for_tool(model, tmp_dir)
             out = tmp_dir / "quantized.onnx"
             large = is_large(model)
+            if cfg.per_channel and cfg.mode in ("dynamic", "static"):
+                src = self._ensure_opset(src, PER_CHANNEL_MIN_OPSET, large)
             if cfg.mode == "dynamic":
                 self._dynamic(src, out, cfg, sorted(exclude), large)
             elif cfg.mode == "static":
@@ -134,7 +138,7 @@ class QuantizePass(OptimizationPass):
                     init.const_value = ir.tensor(init.const_value.numpy(), name=init.name)
             replace_model_contents(model, result)
         after = op_counts(model)
-        self.stats = {
+        self.stats |= {
             "mode": cfg.mode,
             "quant_ops": {op: after[op] for op in sorted(QUANT_OPS) if after.get(op)},
             "excluded_nodes": len(exclude),
@@ -144,13 +148,34 @@ class QuantizePass(OptimizationPass):
         modified = after != before
         return ir.passes.PassResult(model, modified)
 
+    def _ensure_opset(self, src: Path, minimum: int, large: bool) -> Path:
+        """Per-channel Q/DQ needs the `axis` attribute of opset 13: convert older models first."""
+        proto = onnx.load(str(src), load_external_data=False)
+        current = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), minimum)
+        if current >= minimum:
+            return src
+        from onnx import version_converter
+
+        full = onnx.load(str(src))
+        try:
+            converted = version_converter.convert_version(full, minimum)
+        except Exception as exc:  # the converter lacks adapters for some ops
+            raise UserInputError(
+                f"quantize: per-channel needs opset >= {minimum} and converting this opset-{current} model failed "
+                f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); set per_channel: false"
+            ) from exc
+        target = src.with_name("opset_upgraded.onnx")
+        onnx.save(converted, str(target), save_as_external_data=large)
+        self.stats["opset"] = f"{current}->{minimum} (for per-channel)"
+        return target
+
     def _dynamic(self, src: Path, out: Path, cfg: QuantizeConfig, exclude: list[str], large: bool) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(
             str(src),
             str(out),
-            op_types_to_quantize=cfg.op_types or ["MatMul", "Gemm", "Attention"],
+            op_types_to_quantize=cfg.op_types or ["MatMul", "Gemm", "Attention", "LSTM"],
             per_channel=cfg.per_channel,
             reduce_range=cfg.reduce_range,
             weight_type=QuantType.QInt8 if cfg.weight_type == "int8" else QuantType.QUInt8,
