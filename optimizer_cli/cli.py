@@ -130,21 +130,8 @@ def run_cmd(
     log.print(f"wrote {output} ({result.output_bytes / 1e6:.2f} MB, was {result.input_bytes / 1e6:.2f} MB)")
     if bench and rec.benchmark.enabled:
         eval_data = result.evaluation if result.evaluation is not None else result.verify_data
-        _benchmark_into(
-            report,
-            model,
-            output,
-            rec,
-            eval_data,
-            providers,
-            strict_ep,
-            threads,
-            sweep,
-            eval_samples,
-            metric,
-            memory,
-            log,
-        )
+        settings = _bench_settings(rec, providers, strict_ep, threads, sweep, eval_samples, memory)
+        _benchmark_into(report, model, output, settings, eval_data, metric, rec.data.dims, log)
         if attribute:
             _attribution_into(report, model, output, rec, eval_data, calib, data, threads, log)
     _finish(report, gates, baseline, json_out, markdown, report_path, human)
@@ -196,19 +183,25 @@ def _bench_settings(
 
 
 def _benchmark_into(
-    report, model, output, rec, eval_data, providers, strict_ep, threads, sweep, eval_samples, metric, memory, log
+    report: dict[str, Any],
+    model: Path,
+    output: Path,
+    settings: Any,
+    eval_data: Any,
+    metric: str | None,
+    dims: dict[str, int],
+    log: Console,
 ) -> None:
     from optimizer_cli.bench.accuracy import load_metric
     from optimizer_cli.bench.harness import run_benchmark
 
-    settings = _bench_settings(rec, providers, strict_ep, threads, sweep, eval_samples, memory)
     bench = run_benchmark(
         Path(model),
         Path(output),
         settings,
         eval_data,
         metric=load_metric(metric) if metric else None,
-        dims=rec.data.dims,
+        dims=dims,
         log=lambda m: log.print(f"  {m}"),
     )
     report["benchmark"] = bench.as_dict()
@@ -331,21 +324,8 @@ def bench_cmd(
         "output": str(optimized),
         "notes": [],
     }
-    _benchmark_into(
-        report,
-        original,
-        optimized,
-        rec,
-        eval_data,
-        providers,
-        strict_ep,
-        threads,
-        sweep,
-        eval_samples,
-        metric,
-        memory,
-        log,
-    )
+    settings = _bench_settings(rec, providers, strict_ep, threads, sweep, eval_samples, memory)
+    _benchmark_into(report, original, optimized, settings, eval_data, metric, dim_values, log)
     _finish(report, gates, baseline, json_out, markdown, report_path, human)
 
 

@@ -121,7 +121,7 @@ def test_model_over_2gb_loads_mapped_and_saves_with_external_data(tmp_path: Path
     node.outputs[0].name = "y"
     node.outputs[0].dtype = ir.DataType.FLOAT
     node.outputs[0].shape = ir.Shape([1, n])
-    graph = ir.Graph([x], [node.outputs[0]], nodes=[node], initializers=[w], opset_imports={"": 17})
+    graph = ir.Graph([x], [node.outputs[0]], nodes=[node], initializers=[w], opset_imports={"": 17}, name="big")
     ir.save(ir.Model(graph, ir_version=8), src, external_data="big.onnx.data")
     (tmp_path / "w.npy").unlink()
     del weights

@@ -41,7 +41,22 @@ def is_large(model: ir.Model) -> bool:
 
 
 def load_tool_output(path: Path) -> ir.Model:
-    return ir.load(path)
+    """Load a tool's output with its weights in memory, so the tool's temp dir can go away."""
+    model = ir.load(path)
+    for init in model.graph.initializers.values():
+        if isinstance(init.const_value, ir.ExternalTensor):
+            init.const_value = ir.tensor(init.const_value.numpy(), name=init.name)
+    return model
+
+
+def refresh_shapes(model: ir.Model) -> None:
+    """Drop intermediate shapes a rewrite made stale and infer them again."""
+    io = {v.name for v in model.graph.inputs} | {v.name for v in model.graph.outputs}
+    for node in model.graph:
+        for out in node.outputs:
+            if out.name not in io:
+                out.shape = None
+    infer_shapes(model)
 
 
 def infer_shapes(model: ir.Model) -> None:

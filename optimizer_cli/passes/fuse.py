@@ -21,7 +21,7 @@ import onnx_ir.passes.common as common
 from onnxscript.rewriter import RewriteRuleSet
 from onnxscript.rewriter.rules import common as rules
 
-from optimizer_cli.passes._util import infer_shapes, is_large, replace_model_contents, write_for_tool
+from optimizer_cli.passes._util import infer_shapes, is_large, load_tool_output, replace_model_contents, write_for_tool
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, register
 
 TransformerType = Literal["none", "bert", "bart", "gpt2", "t5", "vit", "clip", "unet", "vae", "phi", "sam2"]
@@ -141,10 +141,5 @@ class FusePass(OptimizationPass):
             counts = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items()}
             out = Path(tmp) / "fused.onnx"
             optimized.save_model_to_file(str(out), use_external_data_format=is_large(model))
-            fused_model = ir.load(out)
-            # Materialize weights before the temp dir goes away.
-            for init in fused_model.graph.initializers.values():
-                if isinstance(init.const_value, ir.ExternalTensor):
-                    init.const_value = ir.tensor(init.const_value.numpy(), name=init.name)
-            replace_model_contents(model, fused_model)
+            replace_model_contents(model, load_tool_output(out))
         return {k: v for k, v in counts.items() if v or k in ("Attention", "SkipLayerNormalization", "BiasGelu")}

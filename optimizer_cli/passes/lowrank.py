@@ -18,7 +18,7 @@ import onnx_ir as ir
 from pydantic import model_validator
 
 from optimizer_cli.analysis.cost import macs, parameter_count
-from optimizer_cli.passes._util import infer_shapes
+from optimizer_cli.passes._util import infer_shapes, refresh_shapes
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, register
 
 LOWRANK_SUFFIX = "_lowrank"
@@ -103,12 +103,7 @@ class FactorizePass(OptimizationPass):
             else:
                 done.append(f"{node.name}:r{result}")
         if done:
-            io = {v.name for v in model.graph.inputs} | {v.name for v in model.graph.outputs}
-            for n in model.graph:
-                for out in n.outputs:
-                    if out.name not in io:
-                        out.shape = None
-            infer_shapes(model)
+            refresh_shapes(model)
             common.RemoveUnusedNodesPass()(model)
         self.stats = {
             "factorized": len(done),

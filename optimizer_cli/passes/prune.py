@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from optimizer_cli.analysis.channel_groups import Analysis, Group, Root, analyze, expr_mask, expr_size
 from optimizer_cli.analysis.cost import macs, parameter_count
-from optimizer_cli.passes._util import infer_shapes
+from optimizer_cli.passes._util import infer_shapes, refresh_shapes
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, register
 from optimizer_cli.runtime.session import capture_values
 
@@ -199,17 +199,7 @@ def apply_structured(
             target = _tensor(fix.node.inputs[1]).copy()  # type: ignore[arg-type]
             target[fix.position] = int(mask.sum()) * fix.factor
             _set_const(fix.node, 1, target, graph)
-    _refresh_shapes(model)
-
-
-def _refresh_shapes(model: ir.Model) -> None:
-    """Drop stale intermediate shapes and infer them again."""
-    io = {v.name for v in model.graph.inputs} | {v.name for v in model.graph.outputs}
-    for node in model.graph:
-        for out in node.outputs:
-            if out.name not in io:
-                out.shape = None
-    infer_shapes(model)
+    refresh_shapes(model)
 
 
 def magnitude_prune(model: ir.Model, cfg: PruneConfig) -> dict[str, object]:

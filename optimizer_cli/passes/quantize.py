@@ -24,7 +24,7 @@ from pydantic import model_validator
 
 from optimizer_cli.data import Dataset
 from optimizer_cli.errors import UserInputError
-from optimizer_cli.passes._util import is_large, op_counts, replace_model_contents, write_for_tool
+from optimizer_cli.passes._util import is_large, load_tool_output, op_counts, replace_model_contents, write_for_tool
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs, register
 
 PER_CHANNEL_MIN_OPSET = 13
@@ -130,12 +130,9 @@ class QuantizePass(OptimizationPass):
                 self._fp16(src, out, cfg, sorted(exclude), large)
             else:
                 self._weight_only(src, out, cfg, sorted(exclude), large)
-            result = ir.load(out)
+            result = load_tool_output(out)
             # float16 conversion appends its Casts at the end of the node list.
             common.TopologicalSortPass()(result)
-            for init in result.graph.initializers.values():
-                if isinstance(init.const_value, ir.ExternalTensor):
-                    init.const_value = ir.tensor(init.const_value.numpy(), name=init.name)
             replace_model_contents(model, result)
         after = op_counts(model)
         self.stats |= {
