@@ -32,7 +32,6 @@ app = typer.Typer(
 )
 
 SUBCOMMANDS = {"run", "bench", "passes", "validate", "inspect", "providers", "schema", "--help", "-h", "--version"}
-_state: dict[str, Any] = {"debug": False}
 
 
 def _consoles(json_mode: bool) -> tuple[Console, Console]:

@@ -12,7 +12,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -185,10 +184,3 @@ def model_to_bytes(model: ir.Model) -> bytes | None:
     if weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES:
         return None
     return to_proto(model).SerializeToString()
-
-
-def tensor_array(value: ir.Value) -> np.ndarray | None:
-    """numpy array of a constant value (initializer), or None."""
-    if value.const_value is None:
-        return None
-    return value.const_value.numpy()

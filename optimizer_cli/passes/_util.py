@@ -114,7 +114,3 @@ def remove_identities(model: ir.Model) -> int:
         model.graph.remove(node, safe=True)
         removed += 1
     return removed
-
-
-def proto_to_ir(proto: onnx.ModelProto) -> ir.Model:
-    return ir.serde.deserialize_model(proto)

@@ -91,5 +91,3 @@ def register(cls: type[OptimizationPass]) -> type[OptimizationPass]:
     PASS_REGISTRY[cls.name] = cls
     return cls
 
-
-PassFactory = Callable[[PassConfig, PassContext], OptimizationPass]

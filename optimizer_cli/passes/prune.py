@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from optimizer_cli.analysis.channel_groups import Analysis, Group, Root, analyze, expr_mask, expr_size
+from optimizer_cli.analysis.channel_groups import Analysis, Group, Root, analyze, expr_mask
 from optimizer_cli.analysis.cost import macs, parameter_count
 from optimizer_cli.passes._util import infer_shapes, refresh_shapes
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, register
@@ -271,10 +271,3 @@ class PrunePass(OptimizationPass):
             "importance": "activation" if scores else "weight",
         }
         return ir.passes.PassResult(model, bool(keep))
-
-
-def group_sizes(analysis: Analysis) -> dict[int, int]:
-    return {gid: g.size for gid, g in analysis.canonical().items()}
-
-
-__all__ = ["PrunePass", "apply_structured", "choose_keep", "expr_size", "group_importance"]

@@ -11,7 +11,6 @@ import contextlib
 import importlib.metadata
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,7 +27,6 @@ PROVIDER_ALIASES: dict[str, str] = {
     "rocm": "ROCMExecutionProvider",
 }
 DEFAULT_PROVIDERS = ("cpu", "cuda", "trt")
-SHORT_NAMES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "trt"}
 
 
 def resolve_provider(alias: str) -> str:
@@ -40,10 +38,6 @@ def resolve_provider(alias: str) -> str:
         return key
     known = ", ".join(sorted(set(PROVIDER_ALIASES)))
     raise UserInputError(f"unknown execution provider '{alias}' (known: {known})")
-
-
-def short_name(provider: str) -> str:
-    return SHORT_NAMES.get(provider, provider.removesuffix("ExecutionProvider").lower())
 
 
 @contextlib.contextmanager
@@ -148,7 +142,3 @@ def parse_provider_list(text: str | None) -> list[str]:
     for alias in aliases:
         resolve_provider(alias)
     return aliases
-
-
-def default_trt_cache_dir() -> str:
-    return os.path.join(tempfile.gettempdir(), "optimizer-cli-trt-cache")
