@@ -133,3 +133,19 @@ def test_pass_through_pipeline_oracle_on_widths(tmp_path, width: int) -> None:
     _removal_equals_zeroing(
         resnet_like(width=width, seed=width), tmp_path, PruneConfig(sparsity=0.3, round_to=2, min_channels=2)
     )
+
+
+def test_activation_importance_for_matmul_groups_with_calibration(tmp_path) -> None:
+    from optimizer_cli.data import Dataset
+
+    proto = mlp((32, 64, 64, 10))
+    calib = Dataset([random_feed(proto, seed=i, batch=8) for i in range(4)])
+    model = _prepared(proto, tmp_path, fuse=False)
+    pruned = PrunePass(PruneConfig(sparsity=0.5), context(tmp_path, calibration=calib))
+    assert pruned(model).modified
+    assert pruned.stats["importance"] == "activation for 2 groups"
+    check(model)
+    conv = _prepared(resnet_like(width=16), tmp_path)
+    by_weight = PrunePass(PruneConfig(sparsity=0.5, round_to=4), context(tmp_path, calibration=calib))
+    by_weight(conv)
+    assert by_weight.stats["importance"] == "weight"  # auto: Conv groups rank by weight norm

@@ -90,4 +90,3 @@ def register(cls: type[OptimizationPass]) -> type[OptimizationPass]:
         raise ValueError(f"pass '{cls.name}' registered twice")
     PASS_REGISTRY[cls.name] = cls
     return cls
-

@@ -38,8 +38,11 @@ class PruneConfig(PassConfig):
     op_types: list[str] = ["Conv", "MatMul", "Gemm"]
     exclude_nodes: list[str] = []
     # activation: channel RMS on calibration data x norm of the consumer weights reading it (what the
-    # channel contributes downstream); weight: producer weight norms. activation needs --calib.
-    importance: Literal["activation", "weight"] = "activation"
+    # channel contributes downstream; needs --calib); weight: producer weight norms. auto: activation
+    # for MatMul/Gemm groups, weight for Conv groups. Measured with reconstruct, held-out data:
+    # MiniLM FFN 25%: cosine 0.955 (activation) vs 0.814 (weight); digits ResNet 30%: top-1 91.8%
+    # (activation) vs 98.4% (weight, = fp32).
+    importance: Literal["auto", "activation", "weight"] = "auto"
     samples: int = 32
 
 
@@ -110,6 +113,12 @@ def activation_importance(
             total += np.sqrt(sq / max(count, 1)) * norms
         scores[gid] = total
     return scores
+
+
+def _wants_activation(group: Group, mode: str) -> bool:
+    if mode == "auto":
+        return all(p.node.op_type in ("MatMul", "Gemm") for p in group.producers)
+    return mode == "activation"
 
 
 def group_importance(group: Group) -> np.ndarray:
@@ -250,10 +259,10 @@ class PrunePass(OptimizationPass):
             and all(p.node.op_type in cfg.op_types for p in g.producers)
         ]
         scores = None
-        if cfg.importance == "activation" and self.ctx.calibration is not None and groups:
-            scores = activation_importance(
-                analysis, groups, model, self.ctx.calibration.feeds[: cfg.samples], self.ctx.threads
-            )
+        by_activation = [g for g in groups if _wants_activation(g, cfg.importance)]
+        if by_activation and self.ctx.calibration is not None:
+            feeds = self.ctx.calibration.feeds[: cfg.samples]
+            scores = activation_importance(analysis, by_activation, model, feeds, self.ctx.threads)
         keep = choose_keep(analysis, groups, cfg, scores)
         if keep:
             apply_structured(model, analysis, keep)
@@ -268,6 +277,6 @@ class PrunePass(OptimizationPass):
             "params": f"{params_before}->{parameter_count(model)}",
             "macs": f"{macs_before}->{macs_after}" if macs_before and macs_after else "unknown (dynamic shapes)",
             "blocked": dict(blocked.most_common(4)),
-            "importance": "activation" if scores else "weight",
+            "importance": f"activation for {len(scores)} groups" if scores else "weight",
         }
         return ir.passes.PassResult(model, bool(keep))

@@ -140,4 +140,6 @@ def capture_values(
         return out
     finally:
         source.close()
-        del model.graph.outputs[len(original_outputs) :]
+        # pop(), not slice deletion: onnx_ir only clears a value's graph-output flag through pop/remove.
+        while len(model.graph.outputs) > len(original_outputs):
+            model.graph.outputs.pop()
