@@ -38,26 +38,16 @@ def test_rank_nodes_finds_the_quantized_layers(examples_dir: Path, tmp_path: Pat
     assert {"Conv", "Gemm"} & {op for r in ranked[:5] for op in r["op"].split("+")}
 
 
+def _cnn_int8(examples_dir: Path, out: Path, *extra: str):
+    return run_cli(
+        str(examples_dir / "digits_cnn.onnx"), "-r", "recipes/cnn-int8.yaml", "-o", str(out),
+        "--calib", str(examples_dir / "digits_calib.npz"), "--data", str(examples_dir / "digits_eval.npz"),
+        "--providers", "cpu", "--set", "benchmark.rounds=2", "--no-memory", "--json", *extra,
+    )  # fmt: skip
+
+
 def test_cli_prints_a_patch_that_meets_the_threshold(examples_dir: Path, tmp_path: Path) -> None:
-    proc = run_cli(
-        str(examples_dir / "digits_cnn.onnx"),
-        "-r",
-        "recipes/cnn-int8.yaml",
-        "-o",
-        str(tmp_path / "q.onnx"),
-        "--calib",
-        str(examples_dir / "digits_calib.npz"),
-        "--data",
-        str(examples_dir / "digits_eval.npz"),
-        "--providers",
-        "cpu",
-        "--set",
-        "benchmark.rounds=2",
-        "--set",
-        "benchmark.attribution_threshold=0.995",
-        "--no-memory",
-        "--json",
-    )
+    proc = _cnn_int8(examples_dir, tmp_path / "q.onnx", "--set", "benchmark.attribution_threshold=0.995")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     cosine = report["benchmark"]["rows"][0]["fidelity"]["cosine_min"]
@@ -68,26 +58,7 @@ def test_cli_prints_a_patch_that_meets_the_threshold(examples_dir: Path, tmp_pat
     assert attribution["patch_fidelity"] > cosine
     # Applying the patch is what the user does next: it must be a valid --set and improve fidelity.
     patch = attribution["patch"].split("'")[1]
-    again = run_cli(
-        str(examples_dir / "digits_cnn.onnx"),
-        "-r",
-        "recipes/cnn-int8.yaml",
-        "-o",
-        str(tmp_path / "q2.onnx"),
-        "--calib",
-        str(examples_dir / "digits_calib.npz"),
-        "--data",
-        str(examples_dir / "digits_eval.npz"),
-        "--providers",
-        "cpu",
-        "--set",
-        "benchmark.rounds=2",
-        "--set",
-        patch,
-        "--no-memory",
-        "--no-attribute",
-        "--json",
-    )
+    again = _cnn_int8(examples_dir, tmp_path / "q2.onnx", "--set", patch, "--no-attribute")
     assert again.returncode == 0, again.stderr
     patched = json.loads(again.stdout)["benchmark"]["rows"][0]["fidelity"]["cosine_min"]
     assert patched > cosine
