@@ -95,7 +95,13 @@ def rank_nodes(
     candidates = []
     for node in original.graph:
         for out in node.outputs:
-            if out.name in opt_values and out.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
+            # dtype is often unknown without value_info: floating outputs are picked after the run.
+            if out.name in opt_values and out.dtype in (
+                None,
+                ir.DataType.FLOAT,
+                ir.DataType.FLOAT16,
+                ir.DataType.DOUBLE,
+            ):
                 candidates.append(out.name)
     if not candidates:
         return []
@@ -107,10 +113,11 @@ def rank_nodes(
     new = [{name: outs[effective[name]] for name in candidates if effective[name] in outs} for outs in new_raw]
     cosine: dict[str, float] = {}
     for name in candidates:
+        # Only tensors that still mean the same thing: floating and the same shape (pruning changes shapes).
         vals = [
             compare_arrays(name, r[name], n[name]).cosine
             for r, n in zip(ref, new, strict=True)
-            if name in r and name in n
+            if name in r and name in n and r[name].shape == n[name].shape and np.issubdtype(r[name].dtype, np.floating)
         ]
         if vals:
             cosine[name] = float(np.mean(vals))
@@ -207,7 +214,10 @@ def attribute_if_needed(
     }
     if not quant_indices or not ranked:
         result["search"] = (
-            "no quantize pass to exclude nodes from" if not quant_indices else "no shared tensors to compare"
+            "no quantize pass to exclude nodes from (pruned or factorized layers change tensor shapes, so they "
+            "are not compared layer by layer: keep a layer whole with that pass's exclude_nodes)"
+            if not quant_indices
+            else "no shared tensors to compare"
         )
         return result
     index = quant_indices[-1]

@@ -157,6 +157,8 @@ def render_rich(report: dict[str, Any], console: Console) -> None:
         for item in attribution["nodes"][:10]:
             t.add_row(escape(item["node"]), item["op"], f"{item['cosine']:.5f}", f"{item['local_drop']:.5f}")
         console.print(t)
+        if attribution.get("search"):
+            console.print(f"  {escape(attribution['search'])}")
         if attribution.get("patch"):
             console.print(
                 f"[bold]Recipe patch[/bold] (fidelity {attribution['patch_fidelity']:.5f}): {escape(attribution['patch'])}"
