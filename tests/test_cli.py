@@ -199,3 +199,25 @@ def test_every_shipped_recipe_dry_runs() -> None:
         plan = json.loads(proc.stdout)
         assert plan["passes"], recipe
         assert all("calibration" not in p for p in plan["problems"]), (recipe, plan["problems"])
+
+
+def test_unusable_gpu_providers_keep_json_clean_or_fail_strictly(examples_dir: Path, tmp_path: Path) -> None:
+    """TensorRT's failure banner must not reach stdout; --strict-ep turns a fallback into exit 2."""
+    from optimizer_cli.runtime.providers import probe_provider
+
+    args = [
+        "bench", str(examples_dir / "digits_mlp.onnx"), str(examples_dir / "digits_mlp.onnx"),
+        "--rounds", "2", "--no-memory", "--json",
+    ]  # fmt: skip
+    proc = run_cli(*args, "--providers", "cpu,cuda,trt")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["provider"]: r for r in json.loads(proc.stdout)["benchmark"]["rows"]}
+    assert rows["cpu"]["usable"]
+    for alias in ("cuda", "trt"):
+        assert rows[alias]["usable"] == probe_provider(alias).usable
+        if not rows[alias]["usable"]:
+            assert rows[alias]["reason"] and rows[alias]["latency_optimized"] is None
+    if not probe_provider("trt").usable:
+        strict = run_cli(*args, "--providers", "cpu,trt", "--strict-ep")
+        assert strict.returncode == 2 and strict.stdout == ""
+        assert "execution provider 'trt' is not usable" in strict.stderr
