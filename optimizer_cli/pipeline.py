@@ -26,7 +26,7 @@ from optimizer_cli.model_io import check_output_path, file_size, load_model, sav
 from optimizer_cli.passes import PASS_REGISTRY, Exactness, PassContext, RunInputs
 from optimizer_cli.passes._util import node_count
 from optimizer_cli.recipe import Recipe
-from optimizer_cli.runtime.session import ModelSource, SessionConfig, create_session, run_session
+from optimizer_cli.runtime.session import ModelSource, SessionConfig, create_session, ort_error_message, run_session
 from optimizer_cli.verify import (
     Drift,
     aggregate,
@@ -180,7 +180,12 @@ def run_pipeline(
     stages: list[StageReport] = []
     base_sig = signature(model)
     reference = _Reference(verify_data.feeds, threads)
-    original_outputs = reference.outputs(model) if vs.enabled else []
+    try:
+        original_outputs = reference.outputs(model) if vs.enabled else []
+    except Exception as exc:  # e.g. an IR version or op this onnxruntime does not know, or bad data shapes
+        raise UserInputError(
+            f"onnxruntime cannot run the input model on the verification data: {ort_error_message(exc)}", input_path
+        ) from exc
     previous_outputs = original_outputs
     output_names = [v.name for v in model.graph.outputs]
 
@@ -226,7 +231,12 @@ def run_pipeline(
             except VerificationError as exc:
                 raise VerificationError(f"pass {index} ({label}) produced an invalid model: {exc}") from exc
             if vs.enabled:
-                current = reference.outputs(model)
+                try:
+                    current = reference.outputs(model)
+                except Exception as exc:
+                    raise VerificationError(
+                        f"pass {index} ({label}) produced a model onnxruntime cannot run: {ort_error_message(exc)}"
+                    ) from exc
                 stage.drift_vs_previous = _drift(output_names, previous_outputs, current)
                 stage.drift_vs_original = _drift(output_names, original_outputs, current)
                 if exactness is Exactness.EXACT:

@@ -125,6 +125,7 @@ def test_human_table(examples_dir: Path, tmp_path) -> None:
         (["{model}", "-r", "recipes/int8.yaml", "--providers", "tpu"], "unknown execution provider 'tpu'"),
         (["{model}", "-r", "recipes/int8.yaml", "-o", "{model}"], "refusing to overwrite"),
         (["{model}", "-r", "recipes/int8.yaml", "--data", "{bad_data}"], "no array for model input"),
+        (["{custom_op}", "-r", "recipes/int8.yaml"], "onnxruntime cannot run the input model"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], needle: str) -> None:
@@ -137,7 +138,12 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], needle: s
         "unknown_pass": tmp_path / "unk.yaml",
         "garbage": tmp_path / "garbage.onnx",
         "bad_data": tmp_path / "bad.npz",
+        "custom_op": tmp_path / "custom.onnx",
     }
+    custom = mlp()
+    custom.graph.node[0].domain = "com.example"
+    custom.opset_import.add(domain="com.example", version=1)
+    onnx.save(custom, str(files["custom_op"]))
     files["bad_recipe"].write_text("passes:\n  - type: quantize\n    per_chanel: true\n")
     files["unknown_pass"].write_text("passes:\n  - type: sparsify\n")
     files["garbage"].write_bytes(b"\x00\x01garbage")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,15 @@ OPT_LEVELS = {
     "extended": "ORT_ENABLE_EXTENDED",
     "all": "ORT_ENABLE_ALL",
 }
+
+
+def ort_error_message(exc: BaseException) -> str:
+    """The part of an onnxruntime error a user can act on (without its C++ source location)."""
+    text = " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip()) or type(exc).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    # "/onnxruntime_src/...cc:256 onnxruntime::Model::Model(...) Unsupported model IR version" -> the message
+    text = re.sub(r"/onnxruntime_src/\S+:\d+ (?:[\w:~<>]+\(.*?\)(?: const)? )?", "", text)
+    return text[:300]
 
 
 @dataclass
