@@ -149,3 +149,35 @@ def test_activation_importance_for_matmul_groups_with_calibration(tmp_path) -> N
     by_weight = PrunePass(PruneConfig(sparsity=0.5, round_to=4), context(tmp_path, calibration=calib))
     by_weight(conv)
     assert by_weight.stats["importance"] == "weight"  # auto: Conv groups rank by weight norm
+
+
+def test_accuracy_guarded_search_keeps_the_largest_sparsity_meeting_the_target(tmp_path) -> None:
+    from optimizer_cli.bench.accuracy import fidelity
+    from optimizer_cli.data import Dataset
+
+    proto = mlp((32, 128, 64, 10), seed=3)
+    calib = Dataset([random_feed(proto, seed=100 + i, batch=16) for i in range(16)])
+    ctx = context(tmp_path, calibration=calib, reference=lambda: to_ir(proto))
+    model = _prepared(proto, tmp_path)
+    search = PrunePass(PruneConfig(sparsity=0.8, round_to=1, target_cosine=0.98, search_steps=5), ctx)
+    result = search(model)
+    chosen = search.stats["chosen_sparsity"]
+    trials = [tuple(map(float, t.split(":"))) for t in search.stats["search"].split(", ")]
+    assert len(trials) == 5 and trials[0][0] == 0.8
+    passing = [s for s, cos in trials if cos >= 0.98]
+    assert result.modified and chosen == max(passing) > 0
+    check(model)
+    held_out = [random_feed(proto, seed=999, batch=64)]
+    cos = fidelity([run(proto, f) for f in held_out], [run(model, f) for f in held_out], ["y"]).cosine_min
+    assert cos > 0.9  # measured on other inputs than the search scored on
+
+    strict = PrunePass(PruneConfig(sparsity=0.5, round_to=1, target_cosine=1.01, search_steps=2), ctx)
+    untouched = _prepared(proto, tmp_path)
+    assert not strict(untouched).modified and strict.stats["chosen_sparsity"] == 0.0
+
+
+def test_search_needs_calibration() -> None:
+    from optimizer_cli.passes.base import RunInputs
+
+    assert PrunePass.requirement_problems(PruneConfig(target_cosine=0.99), RunInputs())
+    assert not PrunePass.requirement_problems(PruneConfig(), RunInputs())

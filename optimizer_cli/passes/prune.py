@@ -14,6 +14,7 @@ Run `fuse` first so BatchNorm scales are folded into the conv weights the norm i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from typing import Literal
@@ -23,9 +24,10 @@ import onnx_ir as ir
 
 from optimizer_cli.analysis.channel_groups import Analysis, Group, Root, analyze, expr_mask
 from optimizer_cli.analysis.cost import macs, parameter_count
-from optimizer_cli.passes._util import infer_shapes, refresh_shapes
-from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, register
-from optimizer_cli.runtime.session import capture_values
+from optimizer_cli.errors import UserInputError
+from optimizer_cli.passes._util import infer_shapes, is_large, refresh_shapes, replace_model_contents
+from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs, register
+from optimizer_cli.runtime.session import ModelSource, SessionConfig, capture_values, create_session, run_session
 
 
 class PruneConfig(PassConfig):
@@ -44,6 +46,11 @@ class PruneConfig(PassConfig):
     # (activation) vs 98.4% (weight, = fp32).
     importance: Literal["auto", "activation", "weight"] = "auto"
     samples: int = 32
+    # Accuracy-guarded: find the largest sparsity <= `sparsity` whose outputs keep this cosine to the
+    # unpruned model on held-out calibration samples (after a least-squares refit when `refit`).
+    target_cosine: float | None = None
+    search_steps: int = 5
+    refit: bool = True
 
 
 KEPT_CHANNELS_META = "optimizer_cli.kept_channels"
@@ -241,8 +248,17 @@ class PrunePass(OptimizationPass):
         "structured: removes Conv channels / MatMul-Gemm hidden units by channel group; magnitude: zeroes small weights"
     )
 
+    @classmethod
+    def requirement_problems(cls, config: PassConfig, inputs: RunInputs) -> list[str]:
+        cfg: PruneConfig = config  # type: ignore[assignment]
+        if cfg.target_cosine is not None and inputs.calibration is None:
+            return ["prune with target_cosine needs calibration data: give --calib FILE.npz (or --calib random)"]
+        return []
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg: PruneConfig = self.config  # type: ignore[assignment]
+        if cfg.target_cosine is not None and cfg.method == "structured":
+            return self._search(model, cfg)
         params_before, macs_before = parameter_count(model), None
         infer_shapes(model)
         macs_before = macs(model)
@@ -280,3 +296,61 @@ class PrunePass(OptimizationPass):
             "importance": f"activation for {len(scores)} groups" if scores else "weight",
         }
         return ir.passes.PassResult(model, bool(keep))
+
+    def _search(self, model: ir.Model, cfg: PruneConfig) -> ir.passes.PassResult:
+        """Bisect the sparsity; keep the largest whose held-out cosine meets the target (never nothing)."""
+        from optimizer_cli.bench.accuracy import fidelity
+        from optimizer_cli.data import Dataset
+        from optimizer_cli.passes.reconstruct import ReconstructConfig, ReconstructPass
+
+        if self.ctx.calibration is None or len(self.ctx.calibration) < 2:
+            raise UserInputError("prune with target_cosine needs at least 2 calibration samples")
+        if is_large(model):
+            raise UserInputError("prune with target_cosine copies the model per trial: not available over 2 GB")
+        feeds = self.ctx.calibration.feeds
+        n_score = max(1, len(feeds) // 4)
+        fit_ctx = dataclasses.replace(self.ctx, calibration=Dataset(feeds[:-n_score], source="calibration (fit)"))
+        score_feeds = feeds[-n_score:]
+        names = [v.name for v in model.graph.outputs]
+        reference = _run(model, score_feeds, self.ctx.threads)
+        baseline = ir.serde.serialize_model(model)
+        tried: list[str] = []
+        best: tuple[float, ir.Model, dict] | None = None
+
+        def trial(sparsity: float) -> float:
+            nonlocal best
+            candidate = ir.serde.deserialize_model(baseline)
+            inner = PrunePass(cfg.model_copy(update={"target_cosine": None, "sparsity": sparsity}), fit_ctx)
+            inner(candidate)
+            if cfg.refit and self.ctx.reference is not None:
+                ReconstructPass(ReconstructConfig(samples=cfg.samples * 4), fit_ctx)(candidate)
+            cosine = fidelity(reference, _run(candidate, score_feeds, self.ctx.threads), names).cosine_min
+            tried.append(f"{sparsity:.3f}:{cosine:.4f}")
+            if cosine >= cfg.target_cosine and (best is None or sparsity > best[0]):  # type: ignore[operator]
+                best = (sparsity, candidate, inner.stats)
+            return cosine
+
+        lo, hi = 0.0, cfg.sparsity
+        if trial(hi) < cfg.target_cosine:  # type: ignore[operator]
+            for _ in range(max(0, cfg.search_steps - 1)):
+                mid = (lo + hi) / 2
+                if trial(mid) >= cfg.target_cosine:  # type: ignore[operator]
+                    lo = mid
+                else:
+                    hi = mid
+        if best is None:
+            self.stats = {"search": ", ".join(tried), "chosen_sparsity": 0.0, "note": "no sparsity met target_cosine"}
+            return ir.passes.PassResult(model, False)
+        sparsity, chosen, stats = best
+        replace_model_contents(model, chosen)
+        self.stats = {"chosen_sparsity": round(sparsity, 3), "search": ", ".join(tried), **stats}
+        return ir.passes.PassResult(model, stats.get("pruned_groups", 0) > 0)
+
+
+def _run(model: ir.Model, feeds: list[dict[str, np.ndarray]], threads: int) -> list[list[np.ndarray]]:
+    source = ModelSource(model)
+    try:
+        sess = create_session(source, SessionConfig(threads=threads, opt_level="disable"))
+        return [run_session(sess, f) for f in feeds]
+    finally:
+        source.close()
