@@ -143,7 +143,14 @@ def _parse_gates(exprs: list[str]) -> list[Any]:
 
 
 def _capture_warnings(log: Console) -> None:
-    def show(message, category, filename, lineno, file=None, line=None):
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: Any = None,
+        line: str | None = None,
+    ) -> None:
         log.print(f"[yellow]warning:[/yellow] {message}")
 
     warnings.showwarning = show
@@ -207,7 +214,17 @@ def _benchmark_into(
     report["notes"].extend(n for n in bench.notes if n not in report["notes"])
 
 
-def _attribution_into(report, model, output, rec, eval_data, calib, data, threads, log) -> None:
+def _attribution_into(
+    report: dict[str, Any],
+    model: Path,
+    output: Path,
+    rec: Any,
+    eval_data: Any,
+    calib: str | None,
+    data: str | None,
+    threads: int,
+    log: Console,
+) -> None:
     from optimizer_cli.bench.attribution import attribute_if_needed
 
     found = attribute_if_needed(
@@ -217,7 +234,15 @@ def _attribution_into(report, model, output, rec, eval_data, calib, data, thread
         report["attribution"] = found
 
 
-def _finish(report, gates, baseline, json_out, markdown, report_path, human) -> None:
+def _finish(
+    report: dict[str, Any],
+    gates: list[Any],
+    baseline: Path | None,
+    json_out: bool,
+    markdown: Path | None,
+    report_path: Path | None,
+    human: Console,
+) -> None:
     from optimizer_cli.report.table import render_markdown, render_rich
 
     if baseline is not None and report.get("benchmark"):
