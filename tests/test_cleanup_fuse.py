@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from optimizer_cli.passes._util import op_counts
@@ -123,6 +125,42 @@ def test_cleanup_lifts_constant_node_weights(tmp_path) -> None:
 @pytest.mark.parametrize("seed", range(5))
 def test_cleanup_and_fuse_on_random_cnns(tmp_path, seed: int) -> None:
     proto = resnet_like(width=8 + 8 * (seed % 2), seed=seed)
+    model = to_ir(proto)
+    CleanupPass(CleanupConfig(), context(tmp_path))(model)
+    FusePass(FuseConfig(), context(tmp_path))(model)
+    check(model)
+    _assert_same(proto, model, random_feed(proto, seed=seed), rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(
+    ops=st.lists(
+        st.sampled_from(["conv_bn", "conv", "relu", "identity", "residual", "scale", "bn"]), min_size=1, max_size=7
+    ),
+    width=st.integers(2, 8),
+    seed=st.integers(0, 10_000),
+)
+def test_property_exact_passes_on_random_cnn_chains(tmp_path_factory, ops: list[str], width: int, seed: int) -> None:
+    """Random chains of the ops the exact passes rewrite: outputs must not move."""
+    b = Builder(seed)
+    x = b.op("Relu", [b.conv("x", 3, width)])
+    for op in ops:
+        if op == "conv_bn":
+            x = b.bn(b.conv(x, width, width, k=1 + 2 * (seed % 2)), width)
+        elif op == "conv":
+            x = b.conv(x, width, width, k=1, bias=seed % 2 == 0)
+        elif op == "relu":
+            x = b.op("Relu", [x])
+        elif op == "identity":
+            x = b.op("Identity", [x])
+        elif op == "residual":
+            x = b.op("Add", [x, b.conv(x, width, width, k=3)])
+        elif op == "scale":
+            x = b.op("Mul", [x, b.const(np.float32(0.5) * np.ones((1, width, 1, 1), np.float32), "s")])
+        else:
+            x = b.bn(x, width)
+    proto = b.model([("x", TensorProto.FLOAT, [1, 3, 6, 6])], [("y", x)])
+    tmp_path = tmp_path_factory.mktemp("prop")
     model = to_ir(proto)
     CleanupPass(CleanupConfig(), context(tmp_path))(model)
     FusePass(FuseConfig(), context(tmp_path))(model)
