@@ -124,7 +124,13 @@ def random_dataset(
     feeds = [random_feed(specs, rng, dims) for _ in range(samples)]
     if warn:
         warnings.warn("using seeded random inputs: accuracy on real data is unknown", stacklevel=2)
-    return Dataset(feeds, None, f"random(seed={seed})", True)
+    ds = Dataset(feeds, None, f"random(seed={seed})", True)
+    defaulted = sorted({d for s in specs for d in (s.shape or ()) if isinstance(d, str) and d not in (dims or {})})
+    if defaulted:
+        ds.notes.append(
+            f"random inputs use 1 for symbolic dims {', '.join(defaulted)} (set data.dims to measure real shapes)"
+        )
+    return ds
 
 
 def load_dataset(path: str | Path, model: ir.Model, batch_size: int = 1, limit: int | None = None) -> Dataset:

@@ -176,6 +176,7 @@ def run_pipeline(
         verify_data = calib.take(vs.samples)
     else:
         verify_data = random_dataset(model, vs.samples, vs.seed, dims)
+        notes.extend(verify_data.notes)
 
     stages: list[StageReport] = []
     base_sig = signature(model)

@@ -71,3 +71,8 @@ def test_missing_and_unreadable(tmp_path: Path, model: ir.Model) -> None:
     bad.write_bytes(b"garbage")
     with pytest.raises(UserInputError, match="cannot read"):
         load_dataset(bad, model)
+
+
+def test_random_data_says_which_symbolic_dims_defaulted(model: ir.Model) -> None:
+    assert any("batch" in n for n in random_dataset(model, 1, seed=0).notes)
+    assert not random_dataset(model, 1, seed=0, dims={"batch": 4}).notes
