@@ -181,3 +181,28 @@ def test_search_needs_calibration() -> None:
 
     assert PrunePass.requirement_problems(PruneConfig(target_cosine=0.99), RunInputs())
     assert not PrunePass.requirement_problems(PruneConfig(), RunInputs())
+
+
+def test_split_hands_each_branch_a_slice_of_the_channels(tmp_path) -> None:
+    """Conv -> Split(channels) -> two convs -> Concat -> conv: removal equals zeroing, tensors shrink."""
+    b = Builder(seed=5)
+    x = b.op("Relu", [b.conv("x", 3, 16)])
+    b.count += 1
+    left, right = f"split{b.count}_a", f"split{b.count}_b"
+    from onnx import helper
+
+    b.nodes.append(
+        helper.make_node("Split", [x, b.const(np.array([8, 8], np.int64), "sp")], [left, right], name="split", axis=1)
+    )
+    y = b.op("Concat", [b.op("Relu", [b.conv(left, 8, 8)]), b.op("Relu", [b.conv(right, 8, 8, k=1)])], axis=1)
+    y = b.conv(y, 16, 4)
+    proto = b.model([("x", TensorProto.FLOAT, [1, 3, 8, 8])], [("y", y)])
+    model = _prepared(proto, tmp_path, fuse=False)
+    groups = [g for g in analyze(model).canonical().values() if g.producers]
+    stem = next(g for g in groups if g.size == 16 and any(p.node.inputs[0].name == "x" for p in g.producers))
+    assert stem.blocked is None, stem.blocked
+    removed, _ = _removal_equals_zeroing(
+        proto, tmp_path, PruneConfig(sparsity=0.5, round_to=1, min_channels=1), fuse=False
+    )
+    split = next(n for n in removed.graph if n.op_type == "Split")
+    assert split.inputs[1].const_value.numpy().sum() < 16

@@ -166,6 +166,15 @@ class ReshapeFix:
 
 
 @dataclass
+class SplitFix:
+    """A Split along the channel axis whose `split` sizes (input or attribute) follow the kept counts."""
+
+    node: ir.Node
+    parts: list[Expr]
+    from_input: bool
+
+
+@dataclass
 class Group:
     gid: int
     size: int
@@ -182,6 +191,7 @@ class Analysis:
     depthwise: list[DepthwiseMember]
     reshapes: list[ReshapeFix]
     parent: dict[int, int]
+    splits: list[SplitFix] = field(default_factory=list)
 
     def find(self, g: int) -> int:
         while self.parent[g] != g:
@@ -245,6 +255,7 @@ class _Analyzer:
         self.dependents: list[Dependent] = []
         self.depthwise: list[DepthwiseMember] = []
         self.reshapes: list[ReshapeFix] = []
+        self.splits: list[SplitFix] = []
 
     # -- union-find
     def new_group(self, size: int) -> Root:
@@ -302,7 +313,9 @@ class _Analyzer:
             if tracked_inputs:
                 self.visit_consumer(node, tracked_inputs)
             self.visit_producer(node)
-        return Analysis(self.groups, self.consumers, self.dependents, self.depthwise, self.reshapes, self.parent)
+        return Analysis(
+            self.groups, self.consumers, self.dependents, self.depthwise, self.reshapes, self.parent, self.splits
+        )
 
     def visit_producer(self, node: ir.Node) -> None:
         """Nodes that create a new channel space from constant weights."""
@@ -520,6 +533,42 @@ class _Analyzer:
                 parts.append(self.new_group(shape[axis]))  # untracked input: fixed channels
                 self.block(parts[-1], "channels from an input without a prunable producer")
         self.track(node.outputs[0], axis, Cat(tuple(parts)))
+        return True
+
+    def _op_Split(self, node: ir.Node, tracked: list) -> bool:
+        """Split along the channel axis hands each output a slice (Sub) of the channel space."""
+        if [i for i, _ in tracked] != [0]:
+            return False
+        axis, e = self.tracked[node.inputs[0].name]
+        rank = _rank(node.inputs[0])
+        if rank is None:
+            return False
+        split_axis = node.attributes.get_int("axis", 0) % rank
+        outputs = list(node.outputs)
+        if split_axis != axis:
+            for out in outputs:
+                self.track(out, axis, e)
+            return True
+        # Only explicit sizes: an equal split would no longer be equal after pruning.
+        from_input = len(node.inputs) > 1 and node.inputs[1] is not None
+        if from_input:
+            c = _const(node.inputs[1])
+            if c is None:
+                return False
+            sizes = [int(v) for v in c]
+        elif "split" in node.attributes:
+            sizes = list(node.attributes.get_ints("split", []))
+        else:
+            return False
+        if sum(sizes) != expr_size(e) or len(sizes) != len(outputs):
+            return False
+        parts: list[Expr] = []
+        start = 0
+        for out, size in zip(outputs, sizes, strict=True):
+            parts.append(Sub(e, start, start + size))
+            self.track(out, axis, parts[-1])
+            start += size
+        self.splits.append(SplitFix(node, parts, from_input))
         return True
 
     def _op_Flatten(self, node: ir.Node, tracked: list) -> bool:

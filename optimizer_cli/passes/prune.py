@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from optimizer_cli.analysis.channel_groups import Analysis, Group, Root, analyze, expr_mask
+from optimizer_cli.analysis.channel_groups import Analysis, Group, Root, analyze, expr_mask, expr_size
 from optimizer_cli.analysis.cost import macs, parameter_count
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.passes._util import infer_shapes, is_large, refresh_shapes, replace_model_contents
@@ -209,6 +209,13 @@ def apply_structured(
             w = _tensor(dw.node.inputs[1])  # type: ignore[arg-type]
             _set_const(dw.node, 1, np.compress(mask, w, axis=0), graph)
             dw.node.attributes["group"] = ir.AttrInt64("group", int(mask.sum()))
+    for split in analysis.splits:
+        sizes = [int(expr_mask(part, keep, find).sum()) for part in split.parts]
+        if sizes != [expr_size(part) for part in split.parts]:
+            if split.from_input:
+                _set_const(split.node, 1, np.array(sizes, np.int64), graph)
+            else:
+                split.node.attributes["split"] = ir.AttrInt64s("split", sizes)
     for fix in analysis.reshapes:
         mask = expr_mask(fix.expr, keep, find)
         if not mask.all():
