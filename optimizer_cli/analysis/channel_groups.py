@@ -8,7 +8,7 @@ Gemm/MatMul input rows) must drop the matching weight slice.
 
 Each channel axis we track is described by an expression over *root groups* (sets of tied channel
 spaces of one size): Root(g), Cat(e1, e2, ...) for Concat, Rep(e, k) for Flatten-like expansion and
-Sub(e, a, b) for Split/Slice. Elementwise ops between two tracked tensors unify their expressions
+Sub(e, a, b) for Split (sizes rewritten). Elementwise ops between two tracked tensors unify their expressions
 (union-find over root groups). Anything the analysis does not understand blocks the groups it
 touches, with the reason kept for the report: pruning is only ever applied where every use is known.
 """
