@@ -93,3 +93,46 @@ def test_light_classic_cnns(name: str, tmp_path) -> None:
     onnx.checker.check_model(new_proto)
     for a, b in zip(ref, run(new_proto, feeds), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(a).max())))
+
+
+@pytest.mark.parametrize(
+    "name", ["resnet50", "densenet121", "inception_v1", "inception_v2", "squeezenet", "shufflenet"]
+)
+def test_structured_prune_oracle_on_light_cnns(name: str, tmp_path) -> None:
+    """Channel groups on real architectures (bottlenecks, dense Concat, inception branches, fire modules,
+    channel shuffle): removing channels equals zeroing the weights that read them."""
+    from optimizer_cli.analysis.channel_groups import analyze
+    from optimizer_cli.analysis.cost import parameter_count
+    from optimizer_cli.passes._util import infer_shapes
+    from optimizer_cli.passes.prune import PruneConfig, apply_structured, choose_keep
+    from optimizer_cli.pipeline import normalize
+
+    from .builders import check
+
+    proto = materialize_light_model(name)
+
+    def prepared() -> ir.Model:
+        model = ir.serde.deserialize_model(proto)
+        normalize(model)
+        CleanupPass(CleanupConfig(), context(tmp_path))(model)
+        FusePass(FuseConfig(), context(tmp_path))(model)
+        infer_shapes(model)
+        return model
+
+    removed, zeroed = prepared(), prepared()
+    a_removed, a_zeroed = analyze(removed), analyze(zeroed)
+    keep = choose_keep(a_removed, a_removed.prunable(), PruneConfig(sparsity=0.3, round_to=4, min_channels=4))
+    before = parameter_count(removed)
+    apply_structured(zeroed, a_zeroed, keep, zero_only=True)
+    apply_structured(removed, a_removed, keep)
+    check(removed)
+    if name == "shufflenet":
+        assert not keep  # grouped convs and the channel shuffle tie everything: nothing may be removed
+    else:
+        assert len(keep) > 10 and parameter_count(removed) < 0.8 * before
+    weights = {t.name for t in proto.graph.initializer}
+    (data,) = [i for i in proto.graph.input if i.name not in weights]
+    shape = [d.dim_value or 1 for d in data.type.tensor_type.shape.dim]
+    feed = {data.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+    for a, b in zip(run(zeroed, feed), run(removed, feed), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(a).max())))
