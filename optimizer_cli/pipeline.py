@@ -26,7 +26,7 @@ from optimizer_cli.model_io import check_output_path, file_size, load_model, sav
 from optimizer_cli.passes import PASS_REGISTRY, Exactness, PassContext, RunInputs
 from optimizer_cli.passes._util import node_count
 from optimizer_cli.recipe import Recipe
-from optimizer_cli.runtime.session import ModelSource, SessionConfig, create_session, ort_error_message, run_session
+from optimizer_cli.runtime.session import SessionConfig, ort_error_message, run_model
 from optimizer_cli.verify import (
     Drift,
     aggregate,
@@ -116,12 +116,7 @@ class _Reference:
         self.config = SessionConfig(provider="cpu", threads=threads, opt_level="disable")
 
     def outputs(self, model: ir.Model) -> list[list[np.ndarray]]:
-        source = ModelSource(model)
-        try:
-            sess = create_session(source, self.config)
-            return [run_session(sess, feed) for feed in self.feeds]
-        finally:
-            source.close()
+        return run_model(model, self.feeds, self.config)
 
 
 def normalize(model: ir.Model) -> list[str]:

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import onnx_ir as ir
 from optimizer_cli.bench.accuracy import fidelity
 from optimizer_cli.data import Dataset
 from optimizer_cli.model_io import load_model
-from optimizer_cli.runtime.session import ModelSource, SessionConfig, create_session, run_session
+from optimizer_cli.runtime.session import SessionConfig, run_model
 from optimizer_cli.verify import compare_arrays
 
 MAX_SAMPLES = 8
@@ -38,14 +37,10 @@ def _expose(model: ir.Model, names: list[str]) -> None:
 def _run_all(
     model: ir.Model, feeds: list[dict[str, np.ndarray]], names: list[str], threads: int
 ) -> list[dict[str, np.ndarray]]:
-    source = ModelSource(model)
-    try:
-        sess = create_session(source, SessionConfig(threads=threads, opt_level="disable"))
-        out_names = [o.name for o in sess.get_outputs()]
-        wanted = [n for n in names if n in out_names]
-        return [dict(zip(wanted, run_session(sess, f, wanted), strict=True)) for f in feeds]
-    finally:
-        source.close()
+    exposed = {v.name for v in model.graph.outputs}
+    wanted = [n for n in names if n in exposed]
+    outputs = run_model(model, feeds, SessionConfig(threads=threads, opt_level="disable"), wanted)
+    return [dict(zip(wanted, outs, strict=True)) for outs in outputs]
 
 
 def _effective_names(model: ir.Model, names: list[str]) -> dict[str, str]:
@@ -149,21 +144,20 @@ def _cpu_cosine(report: dict[str, Any]) -> float | None:
 
 
 def _fidelity_of(
-    recipe: Any, model_path: Path, data: Dataset, calib: str | None, evaluation: str | None, threads: int
+    recipe: Any,
+    model_path: Path,
+    data: Dataset,
+    reference: list[list[np.ndarray]],
+    calib: str | None,
+    evaluation: str | None,
+    threads: int,
 ) -> float:
+    """Cosine of a trial recipe's model against the original's outputs (computed once by the caller)."""
     from optimizer_cli.pipeline import run_pipeline
 
-    with tempfile.TemporaryDirectory(prefix="optimize-attr-") as tmp:
-        out = Path(tmp) / "candidate.onnx"
-        run_pipeline(model_path, recipe, out, calibration=calib, evaluation=evaluation, threads=threads)
-        ref = ModelSource(model_path)
-        cand = ModelSource(out)
-        cfg = SessionConfig(threads=threads)
-        sa, sb = create_session(ref, cfg), create_session(cand, cfg)
-        outs_a = [run_session(sa, f) for f in data.feeds]
-        outs_b = [run_session(sb, f) for f in data.feeds]
-        names = [o.name for o in sa.get_outputs()]
-        return fidelity(outs_a, outs_b, names).cosine_min
+    result = run_pipeline(model_path, recipe, None, calibration=calib, evaluation=evaluation, threads=threads)
+    names = [v.name for v in result.model.graph.outputs]
+    return fidelity(reference, run_model(result.model, data.feeds, SessionConfig(threads=threads)), names).cosine_min
 
 
 def _stage_before(
@@ -230,11 +224,13 @@ def attribute_if_needed(
         result["search"] = "no node loses fidelity locally"
         return result
 
+    reference = run_model(load_model(model_path), subset.feeds, SessionConfig(threads=threads))
+
     def score(k: int) -> float:
         trial = recipe.model_copy(deep=True)
         trial.verify.enabled = False
         trial.passes[index].exclude_nodes = already + candidates[:k]
-        return _fidelity_of(trial, model_path, subset, calib, evaluation, threads)
+        return _fidelity_of(trial, model_path, subset, reference, calib, evaluation, threads)
 
     best_k, best_cos = len(candidates), score(len(candidates))
     log(f"excluding all {len(candidates)} candidates gives cosine {best_cos:.5f}")

@@ -27,7 +27,7 @@ from optimizer_cli.analysis.cost import macs, parameter_count
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.passes._util import infer_shapes, is_large, refresh_shapes, replace_model_contents
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs, register
-from optimizer_cli.runtime.session import ModelSource, SessionConfig, capture_values, create_session, run_session
+from optimizer_cli.runtime.session import SessionConfig, capture_values, run_model
 
 
 class PruneConfig(PassConfig):
@@ -319,7 +319,8 @@ class PrunePass(OptimizationPass):
         fit_ctx = dataclasses.replace(self.ctx, calibration=Dataset(feeds[:-n_score], source="calibration (fit)"))
         score_feeds = feeds[-n_score:]
         names = [v.name for v in model.graph.outputs]
-        reference = _run(model, score_feeds, self.ctx.threads)
+        config = SessionConfig(threads=self.ctx.threads, opt_level="disable")
+        reference = run_model(model, score_feeds, config)
         baseline = ir.serde.serialize_model(model)
         tried: list[str] = []
         best: tuple[float, ir.Model, dict] | None = None
@@ -331,7 +332,7 @@ class PrunePass(OptimizationPass):
             inner(candidate)
             if cfg.refit and self.ctx.reference is not None:
                 ReconstructPass(ReconstructConfig(samples=cfg.samples * 4), fit_ctx)(candidate)
-            cosine = fidelity(reference, _run(candidate, score_feeds, self.ctx.threads), names).cosine_min
+            cosine = fidelity(reference, run_model(candidate, score_feeds, config), names).cosine_min
             tried.append(f"{sparsity:.3f}:{cosine:.4f}")
             if cosine >= cfg.target_cosine and (best is None or sparsity > best[0]):  # type: ignore[operator]
                 best = (sparsity, candidate, inner.stats)
@@ -352,12 +353,3 @@ class PrunePass(OptimizationPass):
         replace_model_contents(model, chosen)
         self.stats = {"chosen_sparsity": round(sparsity, 3), "search": ", ".join(tried), **stats}
         return ir.passes.PassResult(model, stats.get("pruned_groups", 0) > 0)
-
-
-def _run(model: ir.Model, feeds: list[dict[str, np.ndarray]], threads: int) -> list[list[np.ndarray]]:
-    source = ModelSource(model)
-    try:
-        sess = create_session(source, SessionConfig(threads=threads, opt_level="disable"))
-        return [run_session(sess, f) for f in feeds]
-    finally:
-        source.close()

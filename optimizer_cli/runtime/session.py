@@ -125,6 +125,18 @@ def run_session(sess, feeds: dict[str, np.ndarray], outputs: list[str] | None = 
     return sess.run(outputs, {k: v for k, v in feeds.items() if k in names})
 
 
+def run_model(
+    model: ir.Model, feeds: list[dict[str, np.ndarray]], config: SessionConfig, outputs: list[str] | None = None
+) -> list[list[np.ndarray]]:
+    """One session over every feed (outputs in graph order, or just `outputs`)."""
+    source = ModelSource(model)
+    try:
+        sess = create_session(source, config)
+        return [run_session(sess, feed, outputs) for feed in feeds]
+    finally:
+        source.close()
+
+
 def capture_values(
     model: ir.Model, feeds: list[dict[str, np.ndarray]], names: list[str], threads: int
 ) -> dict[str, list[np.ndarray]]:
