@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from optimizer_cli.errors import UserInputError
+from optimizer_cli.errors import UserInputError, first_line
 
 LABEL_KEYS = ("labels", "label")
 
@@ -153,9 +153,7 @@ def load_dataset(path: str | Path, model: ir.Model, batch_size: int = 1, limit: 
     except UserInputError:
         raise
     except Exception as exc:
-        raise UserInputError(
-            f"cannot read data ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})", path
-        ) from exc
+        raise UserInputError(f"cannot read data ({first_line(exc)})", path) from exc
     if not arrays:
         raise UserInputError("no arrays found", path)
 

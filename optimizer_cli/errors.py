@@ -9,6 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's first non-empty line (its type name if it has none), cut to `limit` characters."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0][:limit] if lines else type(exc).__name__
+
+
 class OptimizerError(Exception):
     """Base class for errors the CLI reports as one line."""
 

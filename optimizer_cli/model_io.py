@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from optimizer_cli.errors import UserInputError
+from optimizer_cli.errors import UserInputError, first_line
 
 # Protobuf cannot serialize messages over 2 GiB; stay well below with a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
@@ -33,16 +33,11 @@ def load_model(path: str | Path) -> ir.Model:
     try:
         model = ir.load(path)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeError or ValueError by version
-        raise UserInputError(f"not a readable ONNX model ({_first_line(exc)})", path) from exc
+        raise UserInputError(f"not a readable ONNX model ({first_line(exc)})", path) from exc
     if model.ir_version is None or model.ir_version <= 0 or len(model.graph.outputs) == 0:
         raise UserInputError("not an ONNX model (no IR version or no graph outputs)", path)
     _check_external_data(model, path)
     return model
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:

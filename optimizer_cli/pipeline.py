@@ -21,7 +21,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from optimizer_cli.data import Dataset, random_dataset, resolve_dataset
-from optimizer_cli.errors import UserInputError, VerificationError
+from optimizer_cli.errors import UserInputError, VerificationError, first_line
 from optimizer_cli.model_io import check_output_path, file_size, load_model, save_model, weights_nbytes
 from optimizer_cli.passes import PASS_REGISTRY, Exactness, PassContext, RunInputs
 from optimizer_cli.passes._util import node_count
@@ -205,8 +205,7 @@ def run_pipeline(
             except (UserInputError, VerificationError):
                 raise
             except Exception as exc:
-                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise VerificationError(f"pass {index} ({label}) failed: {detail}") from exc
+                raise VerificationError(f"pass {index} ({label}) failed: {first_line(exc)}") from exc
             model = result.model
             seconds = time.perf_counter() - start
             exactness = instance.exactness_for()

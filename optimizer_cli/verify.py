@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from optimizer_cli.errors import VerificationError
+from optimizer_cli.errors import VerificationError, first_line
 from optimizer_cli.model_io import EXTERNAL_DATA_THRESHOLD_BYTES, save_model, to_proto, weights_nbytes
 
 
@@ -35,12 +35,7 @@ def check_model(model: ir.Model, *, strict_shapes: bool = True) -> None:
                     data_prop=True,
                 )
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise VerificationError(_first_line(exc)) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(exc).__name__
+        raise VerificationError(first_line(exc)) from exc
 
 
 def signature(model: ir.Model) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:

@@ -23,7 +23,7 @@ import onnx_ir.passes.common as common
 from pydantic import model_validator
 
 from optimizer_cli.data import Dataset
-from optimizer_cli.errors import UserInputError
+from optimizer_cli.errors import UserInputError, first_line
 from optimizer_cli.passes._util import is_large, load_tool_output, op_counts, replace_model_contents, write_for_tool
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs, register
 
@@ -165,7 +165,7 @@ class QuantizePass(OptimizationPass):
         except Exception as exc:  # the converter lacks adapters for some ops
             raise UserInputError(
                 f"quantize: per-channel needs opset >= {minimum} and converting this opset-{current} model failed "
-                f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); set per_channel: false"
+                f"({first_line(exc, 120)}); set per_channel: false"
             ) from exc
         target = src.with_name("opset_upgraded.onnx")
         onnx.save(converted, str(target), save_as_external_data=large)
@@ -233,7 +233,7 @@ class QuantizePass(OptimizationPass):
             quant_pre_process(str(src), str(target), save_as_external_data=large)
             return target
         except Exception as exc:  # symbolic shape inference refuses some graphs; quantize without it
-            self.stats["preprocess"] = f"skipped: {str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__}"
+            self.stats["preprocess"] = f"skipped: {first_line(exc, 80)}"
             return src
 
     def _fp16(self, src: Path, out: Path, cfg: QuantizeConfig, exclude: list[str], large: bool) -> None:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from optimizer_cli.errors import UserInputError
+from optimizer_cli.errors import UserInputError, first_line
 
 PROVIDER_ALIASES: dict[str, str] = {
     "cpu": "CPUExecutionProvider",
@@ -128,8 +128,7 @@ def probe_provider(alias: str) -> ProviderStatus:
                     alias, name, False, f"session fell back to {', '.join(active)} (no usable device or libraries)"
                 )
         except Exception as exc:  # the EP's own load errors vary; report them, do not crash
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            status = ProviderStatus(alias, name, False, f"session failed: {first[:200]}")
+            status = ProviderStatus(alias, name, False, f"session failed: {first_line(exc, 200)}")
     _PROBE_CACHE[name] = status
     return status
 
