@@ -24,7 +24,7 @@ from optimizer_cli.data import Dataset, random_dataset, resolve_dataset
 from optimizer_cli.errors import UserInputError, VerificationError, first_line
 from optimizer_cli.model_io import check_output_path, file_size, load_model, save_model, weights_nbytes
 from optimizer_cli.passes import PASS_REGISTRY, Exactness, PassContext, RunInputs
-from optimizer_cli.passes._util import node_count
+from optimizer_cli.passes._util import lift_constants, node_count
 from optimizer_cli.recipe import Recipe
 from optimizer_cli.runtime.session import SessionConfig, ort_error_message, run_model
 from optimizer_cli.verify import (
@@ -123,7 +123,7 @@ def normalize(model: ir.Model) -> list[str]:
     """Semantics-preserving set-up every pass relies on: weights as initializers, named nodes."""
     notes = []
     constants = sum(1 for n in model.graph if n.op_type == "Constant")
-    if common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model).modified:
+    if lift_constants(model):
         lifted = constants - sum(1 for n in model.graph if n.op_type == "Constant")
         notes.append(f"lifted {lifted} Constant node weights to initializers")
     common.NameFixPass()(model)

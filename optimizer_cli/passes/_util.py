@@ -7,6 +7,7 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 
 from optimizer_cli.model_io import EXTERNAL_DATA_THRESHOLD_BYTES, save_model, weights_nbytes
 
@@ -27,6 +28,11 @@ def replace_model_contents(target: ir.Model, source: ir.Model) -> None:
     target.functions.update(source.functions)
     if source.ir_version and (target.ir_version or 0) < source.ir_version:
         target.ir_version = source.ir_version
+
+
+def lift_constants(model: ir.Model) -> bool:
+    """Paddle and TF exports keep weights in Constant nodes; quantizers and our passes want initializers."""
+    return common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model).modified
 
 
 def write_for_tool(model: ir.Model, directory: Path, name: str = "input.onnx") -> Path:

@@ -13,7 +13,14 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 import onnxscript.optimizer
 
-from optimizer_cli.passes._util import is_large, node_count, op_counts, remove_identities, replace_model_contents
+from optimizer_cli.passes._util import (
+    is_large,
+    lift_constants,
+    node_count,
+    op_counts,
+    remove_identities,
+    replace_model_contents,
+)
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, register
 
 SEQUENCE_OPS = {
@@ -43,11 +50,6 @@ class CleanupConfig(PassConfig):
     fold_output_size_limit: int = 1 << 20
 
 
-def lift_constants(model: ir.Model) -> bool:
-    """Paddle and TF exports keep weights in Constant nodes; quantizers and our passes want initializers."""
-    return common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model).modified
-
-
 @register
 class CleanupPass(OptimizationPass):
     name = "cleanup"
@@ -60,14 +62,12 @@ class CleanupPass(OptimizationPass):
         before_nodes, before_ops = node_count(model), op_counts(model)
         before_inits = len(model.graph.initializers)
         steps: list[ir.passes.PassBase] = []
-        if cfg.lift_constants:
-            steps.append(common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0))
         if cfg.common_subexpressions:
             steps.append(common.CommonSubexpressionEliminationPass())
         steps.append(common.RemoveUnusedNodesPass())
         if cfg.deduplicate_initializers:
             steps.append(common.DeduplicateInitializersPass())
-        modified = False
+        modified = lift_constants(model) if cfg.lift_constants else False
         if cfg.remove_identity:
             modified |= remove_identities(model) > 0
         for step in steps:

@@ -21,7 +21,14 @@ import onnx_ir.passes.common as common
 from onnxscript.rewriter import RewriteRuleSet
 from onnxscript.rewriter.rules import common as rules
 
-from optimizer_cli.passes._util import infer_shapes, is_large, load_tool_output, replace_model_contents, write_for_tool
+from optimizer_cli.passes._util import (
+    infer_shapes,
+    is_large,
+    lift_constants,
+    load_tool_output,
+    replace_model_contents,
+    write_for_tool,
+)
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, register
 
 TransformerType = Literal["none", "bert", "bart", "gpt2", "t5", "vit", "clip", "unet", "vae", "phi", "sam2"]
@@ -103,7 +110,7 @@ class FusePass(OptimizationPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg: FuseConfig = self.config  # type: ignore[assignment]
-        modified = common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model).modified
+        modified = lift_constants(model)
         # The rules check ranks and constness: give them shapes first.
         infer_shapes(model)
         counts: dict[str, int] = {}
