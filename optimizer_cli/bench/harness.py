@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from optimizer_cli.bench.accuracy import Accuracy, Fidelity, Metric, accuracy, fidelity
 from optimizer_cli.bench.environment import environment
-from optimizer_cli.bench.latency import LatencyStats, SpeedupEstimate, measure_ab
+from optimizer_cli.bench.latency import LatencyStats, SpeedupEstimate, cycling, measure_ab
 from optimizer_cli.bench.memory import session_peak_memory
 from optimizer_cli.data import Dataset, input_specs, random_feed
 from optimizer_cli.errors import UserInputError
@@ -42,6 +42,7 @@ class BenchSettings:
     memory: bool = True
     sweep: list[dict[str, int]] = field(default_factory=list)  # symbolic dim values per shape point
     eval_samples: int | None = None
+    latency_samples: int = 32  # evaluation inputs the latency rounds cycle through
 
 
 @dataclass
@@ -177,14 +178,15 @@ def run_benchmark(
             mem_b = mb["delta_mb"] if mb else None
         for point in points:
             if settings.sweep:
-                feed = random_feed(specs, np.random.default_rng(0), {**(dims or {}), **point})
+                feeds = [random_feed(specs, np.random.default_rng(0), {**(dims or {}), **point})]
             else:
-                feed = first_feed
+                feeds = eval_data.feeds[: max(1, settings.latency_samples)]
+            feed = feeds[0]
             if log:
                 log(f"latency on {alias} {_shape_label(point)}: {settings.rounds} interleaved rounds")
             lat_a, lat_b, speed = measure_ab(
-                lambda s=sess_a, f=feed: s.run(None, f),
-                lambda s=sess_b, f=feed: s.run(None, f),
+                cycling(lambda f, s=sess_a: s.run(None, f), feeds),
+                cycling(lambda f, s=sess_b: s.run(None, f), feeds),
                 warmup=settings.warmup,
                 rounds=settings.rounds,
                 runs_per_round=settings.runs_per_round,
@@ -212,6 +214,10 @@ def run_benchmark(
         del sess_a, sess_b
     src_a.close()
     src_b.close()
+    if not settings.sweep and len(eval_data) > 1:
+        notes.append(
+            f"latency cycles through {min(len(eval_data), max(1, settings.latency_samples))} evaluation inputs"
+        )
     if eval_data.is_random:
         notes.append("evaluated on seeded random inputs: fidelity only, accuracy on real data is unknown")
     return BenchReport(

@@ -8,6 +8,7 @@ independent medians.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -44,6 +45,17 @@ class SpeedupEstimate:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def cycling(run: Callable[[dict], object], feeds: list[dict]) -> Callable[[], object]:
+    """A runner that takes the next input on every call.
+
+    Latency then reflects the whole evaluation set (inputs of different lengths or padding, which
+    data-dependent rewrites such as trim_padding respond to), and two runners called equally often
+    (as measure_ab does) see the same inputs in the same rounds, so per-round ratios stay paired.
+    """
+    inputs = itertools.cycle(feeds)
+    return lambda: run(next(inputs))
 
 
 def summarize(times_s: np.ndarray, batch_size: int) -> LatencyStats:
