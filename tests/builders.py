@@ -195,3 +195,55 @@ def to_ir(model: onnx.ModelProto):
     m = ir.serde.deserialize_model(model)
     normalize(m)
     return m
+
+
+def tiny_encoder(
+    seq: int | str = "sequence",
+    hidden: int = 16,
+    vocab: int = 50,
+    seed: int = 0,
+    pooled: bool = True,
+    masked: bool = True,
+    hard_coded_seq: int | None = None,
+) -> onnx.ModelProto:
+    """One-layer BERT-style encoder: embeddings + positions, masked single-head attention, FFN, mean pooling.
+
+    pooled=False outputs the per-token states; masked=False drops the attention mask (outputs then
+    depend on padded positions); hard_coded_seq adds a Reshape that fixes the sequence length.
+    """
+    b = Builder(seed)
+    h = hidden
+    words = b.const((0.5 * b.rng.standard_normal((vocab, h))).astype(np.float32), "word")
+    positions = b.const((0.1 * b.rng.standard_normal((512, h))).astype(np.float32), "pos")
+    x = b.op("Gather", [words, "input_ids"])
+    seq_len = b.op("Gather", [b.op("Shape", ["input_ids"]), b.const(np.array(1, np.int64), "i")])
+    pos_ids = b.op("Range", [b.const(np.array(0, np.int64), "i"), seq_len, b.const(np.array(1, np.int64), "i")])
+    x = b.op("Add", [x, b.op("Gather", [positions, pos_ids])])
+    if hard_coded_seq is not None:
+        x = b.op("Reshape", [x, b.const(np.array([-1, hard_coded_seq, h], np.int64), "shape")])
+    mask = b.op("Cast", ["attention_mask"], to=TensorProto.FLOAT)
+    q, k, v = (b.matmul(x, h, h) for _ in range(3))
+    scores = b.op("Mul", [b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 2, 1])]), b.const(np.float32(h**-0.5))])
+    if masked:
+        bias = b.op("Mul", [b.op("Sub", [b.const(np.float32(1.0)), mask]), b.const(np.float32(-10000.0))])
+        scores = b.op("Add", [scores, b.op("Unsqueeze", [bias, b.const(np.array([1], np.int64), "axes")])])
+    context_ = b.op("MatMul", [b.op("Softmax", [scores], axis=-1), v])
+    ln_scale, ln_bias = b.const(np.ones(h, np.float32), "ln"), b.const(np.zeros(h, np.float32), "ln")
+    x = b.op("LayerNormalization", [b.op("Add", [x, b.matmul(context_, h, h)]), ln_scale, ln_bias], axis=-1)
+    x = b.op("Add", [x, b.matmul(b.op("Relu", [b.matmul(x, h, 4 * h)]), 4 * h, h)])
+    inputs = [("input_ids", TensorProto.INT64, ["batch", seq]), ("attention_mask", TensorProto.INT64, ["batch", seq])]
+    if not pooled:
+        return b.model(inputs, [("hidden", x)])
+    axes = b.const(np.array([1], np.int64), "axes")
+    weighted = b.op("Mul", [x, b.op("Unsqueeze", [mask, b.const(np.array([2], np.int64), "axes")])])
+    summed = b.op("ReduceSum", [weighted, axes], keepdims=0)
+    count = b.op("ReduceSum", [mask, axes], keepdims=1)
+    return b.model(inputs, [("embedding", b.op("Div", [summed, count]))])
+
+
+def padded_feed(lengths: list[int], seq: int, vocab: int = 50, seed: int = 0) -> dict[str, np.ndarray]:
+    """Right-padded token ids and mask: row i keeps lengths[i] tokens; padding holds random ids."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, size=(len(lengths), seq)).astype(np.int64)
+    mask = (np.arange(seq)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+    return {"input_ids": ids, "attention_mask": mask}
