@@ -189,7 +189,8 @@ def run_benchmark(
                 cycling(lambda f, s=sess_b: s.run(None, f), feeds),
                 warmup=settings.warmup,
                 rounds=settings.rounds,
-                runs_per_round=settings.runs_per_round,
+                # Every round covers all the inputs, so rounds (and their paired ratios) compare the same mix.
+                runs_per_round=max(settings.runs_per_round, len(feeds)),
                 discard_after_switch=settings.discard_after_switch,
                 batch_size=_batch_size(feed),
             )

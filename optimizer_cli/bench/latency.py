@@ -53,6 +53,7 @@ def cycling(run: Callable[[dict], object], feeds: list[dict]) -> Callable[[], ob
     Latency then reflects the whole evaluation set (inputs of different lengths or padding, which
     data-dependent rewrites such as trim_padding respond to), and two runners called equally often
     (as measure_ab does) see the same inputs in the same rounds, so per-round ratios stay paired.
+    With runs_per_round >= len(feeds), every round covers every input once.
     """
     inputs = itertools.cycle(feeds)
     return lambda: run(next(inputs))

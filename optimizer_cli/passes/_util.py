@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
@@ -53,6 +54,22 @@ def load_tool_output(path: Path) -> ir.Model:
         if isinstance(init.const_value, ir.ExternalTensor):
             init.const_value = ir.tensor(init.const_value.numpy(), name=init.name)
     return model
+
+
+def new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    """Register `array` as an initializer named `base` (or base_1, base_2, ... when taken)."""
+    name, k = base, 0
+    while name in graph.initializers:
+        k += 1
+        name = f"{base}_{k}"
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(array, name=name),
+    )
+    graph.register_initializer(value)
+    return value
 
 
 def refresh_shapes(model: ir.Model) -> None:

@@ -18,7 +18,7 @@ import onnx_ir as ir
 from pydantic import model_validator
 
 from optimizer_cli.analysis.cost import macs, parameter_count
-from optimizer_cli.passes._util import infer_shapes, refresh_shapes
+from optimizer_cli.passes._util import infer_shapes, new_initializer, refresh_shapes
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, register
 
 LOWRANK_SUFFIX = "_lowrank"
@@ -63,21 +63,6 @@ def split_matrix(w: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     u, s, vt = np.linalg.svd(w.astype(np.float64), full_matrices=False)
     root = np.sqrt(s[:r])
     return (u[:, :r] * root).astype(w.dtype), (root[:, None] * vt[:r]).astype(w.dtype), s
-
-
-def _new_init(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    name, k = base, 0
-    while name in graph.initializers:
-        k += 1
-        name = f"{base}_{k}"
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.FLOAT),
-        const_value=ir.tensor(array, name=name),
-    )
-    graph.register_initializer(value)
-    return value
 
 
 @register
@@ -137,11 +122,11 @@ class FactorizePass(OptimizationPass):
             return "no_gain"
         a, b, _ = split_matrix(w, r)
         x = node.inputs[0]
-        a_val = _new_init(graph, f"{w_value.name}{LOWRANK_SUFFIX}_a", a)
+        a_val = new_initializer(graph, f"{w_value.name}{LOWRANK_SUFFIX}_a", a)
         mid = ir.Value(name=f"{node.outputs[0].name}{LOWRANK_SUFFIX}")
         first = ir.Node("", "MatMul", [x, a_val], outputs=[mid], name=f"{node.name}{LOWRANK_SUFFIX}_a")
         graph.insert_before(node, first)
-        b_val = _new_init(graph, f"{w_value.name}{LOWRANK_SUFFIX}_b", b)
+        b_val = new_initializer(graph, f"{w_value.name}{LOWRANK_SUFFIX}_b", b)
         node.replace_input_with(0, mid)
         node.replace_input_with(1, b_val)
         if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
@@ -163,7 +148,7 @@ class FactorizePass(OptimizationPass):
         spatial = a.T.reshape(r, ci, kh, kw)
         pointwise = b.T.reshape(co, r, 1, 1)
         w_name = node.inputs[1].name  # type: ignore[union-attr]
-        s_val = _new_init(graph, f"{w_name}{LOWRANK_SUFFIX}_spatial", np.ascontiguousarray(spatial))
+        s_val = new_initializer(graph, f"{w_name}{LOWRANK_SUFFIX}_spatial", np.ascontiguousarray(spatial))
         mid = ir.Value(name=f"{node.outputs[0].name}{LOWRANK_SUFFIX}")
         attrs = [
             a for k, a in node.attributes.items() if k in ("strides", "pads", "dilations", "auto_pad", "kernel_shape")
@@ -177,7 +162,7 @@ class FactorizePass(OptimizationPass):
             name=f"{node.name}{LOWRANK_SUFFIX}_spatial",
         )
         graph.insert_before(node, first)
-        p_val = _new_init(graph, f"{w_name}{LOWRANK_SUFFIX}_pointwise", np.ascontiguousarray(pointwise))
+        p_val = new_initializer(graph, f"{w_name}{LOWRANK_SUFFIX}_pointwise", np.ascontiguousarray(pointwise))
         node.replace_input_with(0, mid)
         node.replace_input_with(1, p_val)
         for key in ("strides", "pads", "dilations", "auto_pad"):

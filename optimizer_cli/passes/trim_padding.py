@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from optimizer_cli.errors import UserInputError
-from optimizer_cli.passes._util import refresh_shapes
+from optimizer_cli.passes._util import new_initializer, refresh_shapes
 from optimizer_cli.passes.base import OptimizationPass, PassConfig, register
 from optimizer_cli.runtime.session import SessionConfig, ort_error_message, run_model
 from optimizer_cli.verify import within_tolerance
@@ -98,34 +98,18 @@ def padded_variants(
         mask = a[mask_name]
         seq = mask.shape[SEQUENCE_AXIS]
         keep = int(np.max(np.nonzero(np.any(mask != 0, axis=0))[0], initial=-1)) + 1
-        if keep >= seq:
-            keep = max(1, seq // 2)
+        if keep == 0 or seq < 2:
+            continue  # nothing kept, or no room for padding: says nothing either way
+        if keep == seq:
+            keep = seq // 2
             mask[:, keep:] = 0
         b = {k: np.array(v, copy=True) for k, v in a.items()}
         for name in seq_names:
-            if name == mask_name:
-                continue
-            src = b[name][:, :keep]
-            picks = rng.integers(0, keep, size=seq - keep)
-            b[name][:, keep:] = src[:, picks]
+            if name != mask_name:
+                b[name][:, keep:] = b[name][:, rng.integers(0, keep, size=seq - keep)]
         first.append(a)
         second.append(b)
     return first, second
-
-
-def _const(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    name, k = base, 0
-    while name in graph.initializers:
-        k += 1
-        name = f"{base}_{k}"
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.tensor(array, name=name),
-    )
-    graph.register_initializer(value)
-    return value
 
 
 def insert_trim(model: ir.Model, mask: ir.Value, seq_inputs: list[ir.Value]) -> list[ir.Node]:
@@ -140,7 +124,7 @@ def insert_trim(model: ir.Model, mask: ir.Value, seq_inputs: list[ir.Value]) -> 
         return node.outputs[0]
 
     def const(name: str, value: object, dtype: type = np.int64) -> ir.Value:
-        return _const(graph, f"{PREFIX}_{name}", np.array(value, dtype))
+        return new_initializer(graph, f"{PREFIX}_{name}", np.array(value, dtype))
 
     one = const("one", 1)
     if mask.dtype == ir.DataType.BOOL:
@@ -224,6 +208,8 @@ class TrimPaddingPass(OptimizationPass):
         if not feeds:
             return "no data with the mask input to check the rewrite on"
         first, second = padded_variants(feeds, mask.name or "", [v.name or "" for v in seq_inputs], self.ctx.rng)
+        if not first:
+            return "no data with room for padding to check the rewrite on"
         config = SessionConfig(threads=self.ctx.threads, opt_level="disable")
         reference = run_model(model, first, config)
         if not _all_close(reference, run_model(model, second, config)):
