@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
 from optimizer_cli.bench.accuracy import fidelity, topk_accuracy  # noqa: E402
-from optimizer_cli.bench.environment import environment  # noqa: E402
+from optimizer_cli.bench.environment import cpu_label, environment  # noqa: E402
 from optimizer_cli.bench.latency import cycling, measure_ab  # noqa: E402
 from optimizer_cli.data import Dataset, load_dataset  # noqa: E402
 from optimizer_cli.model_io import file_size, load_model  # noqa: E402
@@ -292,7 +292,7 @@ def _speed(sp: dict) -> str:
 def markdown(results: dict, stamp: str) -> str:
     env = results["environment"]
     lines = [
-        f"_Measured {stamp} with `python benchmarks/run_benchmarks.py`: {env['cpu']}, {env['cpu_count']} cores, "
+        f"_Measured {stamp} with `python benchmarks/run_benchmarks.py`: {cpu_label(env)}, {env['cpu_count']} cores, "
         f"2 ORT threads, onnxruntime {env['onnxruntime']}. Speedup is the paired median over interleaved rounds "
         "vs fp32 (ORT_ENABLE_ALL) with its 95% bootstrap interval, timing cycles through the held-out inputs "
         "(for MiniLM: real sentences of 14-128 tokens padded to 128); *full-length* times inputs with no padding "

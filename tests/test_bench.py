@@ -10,6 +10,7 @@ import onnx
 import pytest
 
 from optimizer_cli.bench.accuracy import fidelity, topk_accuracy
+from optimizer_cli.bench.environment import cpu_isa, cpu_label, environment
 from optimizer_cli.bench.latency import bootstrap_ratio, measure_ab
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.report.gate import evaluate, parse_gate
@@ -148,3 +149,24 @@ def test_cuda_benchmark_row(tmp_path) -> None:
     report = run_benchmark(path, path, BenchSettings(providers=["cuda"], rounds=3, memory=False), data)
     row = report.rows[0]
     assert row.usable and row.speedup is not None and row.fidelity.cosine_min > 0.999
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("fpu sse2 avx2 avx512f avx512bw avx512_vnni", "AVX512-VNNI"),
+        ("fpu sse2 avx2 avx512f avx512bw", "AVX512BW (no VNNI)"),
+        ("fpu sse2 avx2 avx_vnni", "AVX-VNNI"),
+        ("fpu sse2 avx2", "AVX2 (no VNNI)"),
+        ("fpu sse2", "no AVX2/NEON"),
+    ],
+)
+def test_cpu_isa_names_the_int8_vector_extension(flags: str, expected: str) -> None:
+    cpuinfo = f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n"
+    assert cpu_isa(cpuinfo) == expected
+
+
+def test_environment_labels_the_cpu_with_its_isa() -> None:
+    env = environment()
+    assert cpu_label(env).startswith(env["cpu"])
+    assert cpu_label({"cpu": "old report"}) == "old report"  # reports written before cpu_isa existed

@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from optimizer_cli.bench.environment import cpu_label
+
 
 def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:.2f} MB"
@@ -133,7 +135,7 @@ def render_rich(report: dict[str, Any], console: Console) -> None:
         env = report["benchmark"]["environment"]
         t = Table(
             title=f"Benchmark ({report['benchmark']['eval_samples']} samples from {report['benchmark']['eval_source']}; "
-            f"ORT {env['onnxruntime']}, {env['cpu']})",
+            f"ORT {env['onnxruntime']}, {cpu_label(env)})",
             title_justify="left",
         )
         for h in head:
@@ -185,7 +187,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         parts.extend(f"- {line}" for line in setup_lines(report) + unusable_lines(report))
         env = report["benchmark"]["environment"]
         parts.append(
-            f"_{env['tool']}, onnxruntime {env['onnxruntime']}, {env['cpu']}, GPUs: {', '.join(env['gpus']) or 'none'}_"
+            f"_{env['tool']}, onnxruntime {env['onnxruntime']}, {cpu_label(env)}, GPUs: {', '.join(env['gpus']) or 'none'}_"
         )
     for gate in report.get("gates", []):
         parts.append(f"- fail-if `{gate['expression']}`: {'VIOLATED' if gate['violated'] else 'ok'} ({gate['detail']})")
