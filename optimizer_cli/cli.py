@@ -493,7 +493,10 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for a in args if a != "--debug"]
     if args and args[0] not in SUBCOMMANDS and not args[0].startswith("-"):
         args.insert(0, "run")
+    # Other libraries' warnings (onnxruntime.quantization's advice) stay hidden; our passes' warnings show.
     logging.basicConfig(level=logging.DEBUG if debug else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        logging.getLogger("optimizer_cli").setLevel(logging.WARNING)
     try:
         rv = app(args=args, prog_name="optimize", standalone_mode=False)
         sys.exit(rv if isinstance(rv, int) else 0)

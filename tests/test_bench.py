@@ -10,10 +10,11 @@ import onnx
 import pytest
 
 from optimizer_cli.bench.accuracy import fidelity, topk_accuracy
-from optimizer_cli.bench.environment import cpu_isa, cpu_label, environment
+from optimizer_cli.bench.environment import cpu_label, environment
 from optimizer_cli.bench.latency import bootstrap_ratio, measure_ab
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.report.gate import evaluate, parse_gate
+from optimizer_cli.runtime.cpu import cpu_isa, u8s8_saturates
 from optimizer_cli.runtime.providers import parse_provider_list, probe_provider, silence_native_output
 
 from .builders import mlp
@@ -170,3 +171,13 @@ def test_environment_labels_the_cpu_with_its_isa() -> None:
     env = environment()
     assert cpu_label(env).startswith(env["cpu"])
     assert cpu_label({"cpu": "old report"}) == "old report"  # reports written before cpu_isa existed
+
+
+def test_u8s8_saturates_only_on_x86_without_vnni(monkeypatch) -> None:
+    import optimizer_cli.runtime.cpu as cpu
+
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
+    assert u8s8_saturates("AVX2 (no VNNI)") and u8s8_saturates("AVX512BW (no VNNI)")
+    assert not u8s8_saturates("AVX512-VNNI") and not u8s8_saturates("AVX-VNNI")
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "aarch64")
+    assert not u8s8_saturates("AVX2 (no VNNI)")

@@ -83,3 +83,30 @@ def test_random_calibration_is_noted(model_path: Path, tmp_path: Path) -> None:
     result = run_pipeline(model_path, recipe, tmp_path / "out.onnx", calibration="random")
     assert any("random" in n for n in result.notes)
     assert result.stages[0].stats["quant_ops"]["QuantizeLinear"] > 0
+
+
+def test_approximate_stages_are_judged_with_orts_optimized_kernels(
+    model_path: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """QDQ models run as float simulation with optimizations off, as int8 kernels with them on; the
+    kernels are what users get (they saturate on CPUs without VNNI), so the gate must see them."""
+    import optimizer_cli.pipeline as pipeline
+
+    real_run_model = pipeline.run_model
+    levels: list[str] = []
+
+    def kernels_that_drift(model, feeds, config, outputs=None):
+        levels.append(config.opt_level)
+        results = real_run_model(model, feeds, config, outputs)
+        if config.opt_level == "all":  # stand-in for int8 kernels that disagree with the float simulation
+            return [[-r for r in res] for res in results]
+        return results
+
+    monkeypatch.setattr(pipeline, "run_model", kernels_that_drift)
+    recipe = "passes:\n  - type: cleanup\n  - type: quantize\n    mode: dynamic\n"
+    result = run_pipeline(model_path, parse_recipe(recipe), tmp_path / "out.onnx")
+    assert levels.count("all") == 1, "only the approximate stage is run with optimizations on"
+    assert result.stages[0].worst_cosine() == pytest.approx(1.0)
+    assert result.stages[1].worst_cosine() < 0  # the optimized run's drift is the one reported
+    with pytest.raises(VerificationError, match="verify.min_cosine"):
+        run_pipeline(model_path, parse_recipe(recipe + "verify:\n  min_cosine: 0.9\n"), tmp_path / "out2.onnx")

@@ -104,3 +104,42 @@ def test_exclude_nodes_and_op_types(tmp_path) -> None:
     assert op_counts(model)["MatMulInteger"] == 2
     with pytest.raises(UserInputError, match="not in the model"):
         QuantizePass(QuantizeConfig(mode="dynamic", exclude_nodes=["nope"]), context(tmp_path))(to_ir(proto))
+
+
+def _int8_weight_range(model: ir.Model) -> int:
+    """Largest |q| over the int8 weight initializers (127 for full range, 64 for 7-bit reduce_range)."""
+    weights = [v.const_value.numpy() for v in model.graph.initializers.values() if v.const_value is not None]
+    return max(int(np.abs(w.astype(np.int32)).max()) for w in weights if w.dtype == np.int8 and w.size > 16)
+
+
+@pytest.mark.parametrize(
+    ("isa", "saturates", "expect_on"),
+    [("AVX2 (no VNNI)", True, True), ("AVX512-VNNI", False, False)],
+)
+def test_reduce_range_auto_follows_the_cpu(tmp_path, monkeypatch, isa: str, saturates: bool, expect_on: bool) -> None:
+    import optimizer_cli.passes.quantize as quantize_module
+
+    monkeypatch.setattr(quantize_module, "cpu_isa", lambda: isa)
+    monkeypatch.setattr(quantize_module, "u8s8_saturates", lambda _isa=None: saturates)
+    proto = mlp((64, 128, 64, 10))
+    for mode, calibration in (("dynamic", None), ("static", _calibration(proto))):
+        model = to_ir(proto)
+        quantizer = QuantizePass(QuantizeConfig(mode=mode), context(tmp_path, calibration))
+        quantizer(model)
+        check(model)
+        assert quantizer.stats["reduce_range"].startswith("on (auto" if expect_on else "off (auto"), quantizer.stats
+        assert isa in quantizer.stats["reduce_range"]
+        # 7-bit weights are the point of reduce_range: |q| <= 64 instead of reaching 127.
+        assert (_int8_weight_range(model) <= 64) == expect_on, mode
+
+
+def test_reduce_range_from_the_recipe_wins(tmp_path, monkeypatch) -> None:
+    import optimizer_cli.passes.quantize as quantize_module
+
+    monkeypatch.setattr(quantize_module, "u8s8_saturates", lambda _isa=None: True)
+    proto = mlp((64, 128, 64, 10))
+    quantizer = QuantizePass(QuantizeConfig(mode="dynamic", reduce_range=False), context(tmp_path))
+    model = to_ir(proto)
+    quantizer(model)
+    assert quantizer.stats["reduce_range"] == "off (recipe)"
+    assert _int8_weight_range(model) > 64

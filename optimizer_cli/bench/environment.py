@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 from optimizer_cli import __version__
+from optimizer_cli.runtime.cpu import cpu_isa
 from optimizer_cli.runtime.providers import installed_runtimes
 
 
@@ -19,35 +20,6 @@ def cpu_model() -> str:
             if line.lower().startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
-
-
-# The int8 speedup on CPU depends mostly on these (ORT picks its int8 GEMM kernels by them): VNNI does a
-# u8*s8 dot product in one instruction, plain AVX2 needs three, so the same model gains less.
-INT8_ISA_FLAGS = (
-    ("amx_int8", "AMX-INT8"),
-    ("avx512_vnni", "AVX512-VNNI"),
-    ("avx_vnni", "AVX-VNNI"),
-    ("avx512bw", "AVX512BW"),
-    ("avx2", "AVX2"),
-    ("asimddp", "NEON-DOTPROD"),
-    ("asimd", "NEON"),
-)
-
-
-def cpu_isa(cpuinfo_text: str | None = None) -> str:
-    """The best int8-relevant vector extension of this CPU, e.g. 'AVX512-VNNI' or 'AVX2 (no VNNI)'."""
-    if cpuinfo_text is None:
-        path = Path("/proc/cpuinfo")
-        cpuinfo_text = path.read_text(errors="replace") if path.exists() else ""
-    flags: set[str] = set()
-    for line in cpuinfo_text.splitlines():
-        key = line.split(":", 1)[0].strip().lower()
-        if key in ("flags", "features"):
-            flags.update(line.split(":", 1)[1].split())
-    for flag, label in INT8_ISA_FLAGS:
-        if flag in flags:
-            return f"{label} (no VNNI)" if label in ("AVX512BW", "AVX2") else label
-    return "unknown" if not flags else "no AVX2/NEON"
 
 
 def cpu_label(env: dict) -> str:

@@ -26,6 +26,7 @@ from optimizer_cli.data import Dataset
 from optimizer_cli.errors import UserInputError, first_line
 from optimizer_cli.passes._util import is_large, load_tool_output, op_counts, replace_model_contents, write_for_tool
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs, register
+from optimizer_cli.runtime.cpu import cpu_isa, u8s8_saturates
 
 PER_CHANNEL_MIN_OPSET = 13
 # ORT's dynamic (integer-op) registry minus Conv, which runs ~4x slower than fp32 when quantized dynamically.
@@ -53,7 +54,8 @@ class QuantizeConfig(PassConfig):
     type: Literal["quantize"] = "quantize"
     mode: Literal["dynamic", "static", "fp16", "weight_only"] = "dynamic"
     per_channel: bool = True
-    reduce_range: bool = False
+    # auto: 7-bit weights where this CPU's u8*s8 kernels saturate (x86 without VNNI), full 8-bit elsewhere.
+    reduce_range: bool | Literal["auto"] = "auto"
     op_types: list[str] | None = None  # None: the mode's defaults
     exclude_nodes: list[str] = []
     exclude_op_types: list[str] = []
@@ -129,9 +131,9 @@ class QuantizePass(OptimizationPass):
             if cfg.per_channel and cfg.mode in ("dynamic", "static"):
                 src = self._ensure_opset(src, PER_CHANNEL_MIN_OPSET, large)
             if cfg.mode == "dynamic":
-                self._dynamic(src, out, cfg, sorted(exclude), large)
+                self._dynamic(src, out, cfg, sorted(exclude), large, self._reduce_range(cfg))
             elif cfg.mode == "static":
-                self._static(model, src, out, cfg, sorted(exclude), large, tmp_dir)
+                self._static(model, src, out, cfg, sorted(exclude), large, tmp_dir, self._reduce_range(cfg))
             elif cfg.mode == "fp16":
                 self._fp16(src, out, cfg, sorted(exclude), large)
             else:
@@ -150,6 +152,24 @@ class QuantizePass(OptimizationPass):
             self.stats["casts_added"] = after.get("Cast", 0) - before.get("Cast", 0)
         modified = after != before
         return ir.passes.PassResult(model, modified)
+
+    def _reduce_range(self, cfg: QuantizeConfig) -> bool:
+        """Resolve `reduce_range: auto` for the CPU this runs on (the one the verification and benchmark use)."""
+        if cfg.reduce_range != "auto":
+            self.stats["reduce_range"] = f"{'on' if cfg.reduce_range else 'off'} (recipe)"
+            return cfg.reduce_range
+        isa = cpu_isa()
+        u8s8 = cfg.weight_type == "int8" and (cfg.mode == "dynamic" or cfg.activation_type == "uint8")
+        if u8s8 and u8s8_saturates(isa):
+            self.stats["reduce_range"] = f"on (auto: {isa} CPU, full-range u8*s8 saturates)"
+            self.ctx.logger.warning(
+                "quantize: 7-bit weights (reduce_range) because this CPU (%s) saturates full-range u8*s8 "
+                "products; set reduce_range: false for a model that will only run on VNNI CPUs",
+                isa,
+            )
+            return True
+        self.stats["reduce_range"] = f"off (auto: {isa} CPU)"
+        return False
 
     def _ensure_opset(self, src: Path, minimum: int, large: bool) -> Path:
         """Per-channel Q/DQ needs the `axis` attribute of opset 13: convert older models first."""
@@ -172,7 +192,9 @@ class QuantizePass(OptimizationPass):
         self.stats["opset"] = f"{current}->{minimum} (for per-channel)"
         return target
 
-    def _dynamic(self, src: Path, out: Path, cfg: QuantizeConfig, exclude: list[str], large: bool) -> None:
+    def _dynamic(
+        self, src: Path, out: Path, cfg: QuantizeConfig, exclude: list[str], large: bool, reduce_range: bool
+    ) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(
@@ -180,7 +202,7 @@ class QuantizePass(OptimizationPass):
             str(out),
             op_types_to_quantize=cfg.op_types or DYNAMIC_DEFAULT_OPS,
             per_channel=cfg.per_channel,
-            reduce_range=cfg.reduce_range,
+            reduce_range=reduce_range,
             weight_type=QuantType.QInt8 if cfg.weight_type == "int8" else QuantType.QUInt8,
             nodes_to_exclude=exclude,
             use_external_data_format=large,
@@ -188,7 +210,15 @@ class QuantizePass(OptimizationPass):
         )
 
     def _static(
-        self, model: ir.Model, src: Path, out: Path, cfg: QuantizeConfig, exclude: list[str], large: bool, tmp: Path
+        self,
+        model: ir.Model,
+        src: Path,
+        out: Path,
+        cfg: QuantizeConfig,
+        exclude: list[str],
+        large: bool,
+        tmp: Path,
+        reduce_range: bool,
     ) -> None:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -212,7 +242,7 @@ class QuantizePass(OptimizationPass):
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=cfg.op_types,
             per_channel=cfg.per_channel,
-            reduce_range=cfg.reduce_range,
+            reduce_range=reduce_range,
             activation_type=QuantType.QUInt8 if cfg.activation_type == "uint8" else QuantType.QInt8,
             weight_type=QuantType.QInt8 if cfg.weight_type == "int8" else QuantType.QUInt8,
             nodes_to_exclude=exclude,
