@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 
@@ -143,3 +144,36 @@ def test_reduce_range_from_the_recipe_wins(tmp_path, monkeypatch) -> None:
     quantizer(model)
     assert quantizer.stats["reduce_range"] == "off (recipe)"
     assert _int8_weight_range(model) > 64
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_full_range_int8_weights_are_found_and_reported(tmp_path, mode: str, monkeypatch) -> None:
+    """The diagnostic behind the benchmark note: which int8 weights a CPU without VNNI may clip."""
+    from optimizer_cli.analysis.int8 import full_range_int8_weights, saturation_note
+    from optimizer_cli.bench import harness
+    from optimizer_cli.bench.harness import BenchSettings, run_benchmark
+    from optimizer_cli.data import random_dataset
+    from optimizer_cli.model_io import load_model, save_model
+
+    proto = mlp((64, 128, 64, 10))
+    calibration = _calibration(proto) if mode == "static" else None
+    models = {}
+    for reduce in (False, True):
+        model = to_ir(proto)
+        QuantizePass(QuantizeConfig(mode=mode, reduce_range=reduce), context(tmp_path, calibration))(model)
+        models[reduce] = model
+    full, total = full_range_int8_weights(models[False])
+    assert total == 3 and full == 3  # the three MatMul weights; zero points and scales are not counted
+    assert full_range_int8_weights(models[True]) == (0, 3)
+    assert saturation_note(models[True], "AVX2 (no VNNI)") is None
+    assert "3 of 3 int8 weight tensors" in saturation_note(models[False], "AVX2 (no VNNI)")
+
+    original, quantized = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    onnx.save(proto, str(original))
+    save_model(models[False], quantized)
+    data = random_dataset(load_model(original), 2, 0, {"batch": 1})
+    settings = BenchSettings(providers=["cpu"], rounds=2, warmup=1, runs_per_round=2, memory=False)
+    for saturates in (True, False):
+        monkeypatch.setattr(harness, "u8s8_saturates", lambda saturates=saturates: saturates)
+        notes = run_benchmark(original, quantized, settings, data).notes
+        assert any("full int8 range" in n for n in notes) == saturates

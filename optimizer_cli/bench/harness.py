@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from optimizer_cli.analysis.int8 import saturation_note
 from optimizer_cli.bench.accuracy import Accuracy, Fidelity, Metric, accuracy, fidelity
 from optimizer_cli.bench.environment import environment
 from optimizer_cli.bench.latency import LatencyStats, SpeedupEstimate, cycling, measure_ab
@@ -17,6 +18,7 @@ from optimizer_cli.bench.memory import session_peak_memory
 from optimizer_cli.data import Dataset, input_specs, random_feed
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.model_io import file_size
+from optimizer_cli.runtime.cpu import cpu_isa, u8s8_saturates
 from optimizer_cli.runtime.providers import probe_provider, resolve_provider
 from optimizer_cli.runtime.session import (
     ModelSource,
@@ -221,6 +223,10 @@ def run_benchmark(
         )
     if eval_data.is_random:
         notes.append("evaluated on seeded random inputs: fidelity only, accuracy on real data is unknown")
+    if "cpu" in settings.providers and u8s8_saturates():
+        note = saturation_note(ir.load(optimized), cpu_isa())  # ir.load maps external data, reads only int8
+        if note:
+            notes.append(note)
     return BenchReport(
         rows=rows,
         original_bytes=file_size(original),
