@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -177,3 +179,27 @@ def test_full_range_int8_weights_are_found_and_reported(tmp_path, mode: str, mon
         monkeypatch.setattr(harness, "u8s8_saturates", lambda saturates=saturates: saturates)
         notes = run_benchmark(original, quantized, settings, data).notes
         assert any("full int8 range" in n for n in notes) == saturates
+
+
+def test_library_scratch_files_stay_out_of_the_working_directory(tmp_path, monkeypatch) -> None:
+    """onnxruntime's symbolic shape inference saves sym_shape_infer_temp.onnx into the working
+    directory when it gives up; the user's directory must not collect it."""
+    import onnxruntime.quantization.shape_inference as ort_shape_inference
+
+    def failing_preprocess(*_args, **_kwargs) -> None:
+        Path("sym_shape_infer_temp.onnx").write_bytes(b"scratch")  # what ORT does, relative to the cwd
+        raise RuntimeError("Incomplete symbolic shape inference")
+
+    monkeypatch.setattr(ort_shape_inference, "quant_pre_process", failing_preprocess)
+    user_dir = tmp_path / "user"
+    user_dir.mkdir()
+    monkeypatch.chdir(user_dir)
+    proto = mlp((64, 128, 64, 10))
+    quantizer = QuantizePass(QuantizeConfig(mode="static"), context(tmp_path / "scratch", _calibration(proto)))
+    (tmp_path / "scratch").mkdir()
+    model = to_ir(proto)
+    quantizer(model)
+    check(model)
+    assert "skipped" in quantizer.stats["preprocess"]  # the failure is reported, the pass goes on
+    assert list(user_dir.iterdir()) == []
+    assert Path.cwd() == user_dir

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +37,20 @@ def replace_model_contents(target: ir.Model, source: ir.Model) -> None:
 def lift_constants(model: ir.Model) -> bool:
     """Paddle and TF exports keep weights in Constant nodes; quantizers and our passes want initializers."""
     return common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model).modified
+
+
+@contextlib.contextmanager
+def tool_working_directory(directory: Path) -> Iterator[Path]:
+    """Run library tools from `directory`: onnxruntime's symbolic shape inference, when it gives up,
+    saves sym_shape_infer_temp.onnx and a uuid-named .data file into the working directory, which
+    would be the user's. Paths given to the tools must be absolute (they are: temp dirs)."""
+    directory = directory.resolve()
+    previous = os.getcwd()
+    os.chdir(directory)
+    try:
+        yield directory
+    finally:
+        os.chdir(previous)
 
 
 def write_for_tool(model: ir.Model, directory: Path, name: str = "input.onnx") -> Path:

@@ -27,6 +27,7 @@ from optimizer_cli.passes._util import (
     lift_constants,
     load_tool_output,
     replace_model_contents,
+    tool_working_directory,
     write_for_tool,
 )
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, register
@@ -135,8 +136,11 @@ class FusePass(OptimizationPass):
     def _transformer_fusions(self, model: ir.Model, cfg: FuseConfig) -> dict[str, int]:
         from onnxruntime.transformers.optimizer import optimize_model
 
-        with tempfile.TemporaryDirectory(prefix="optimize-fuse-", dir=self.ctx.tmp_dir) as tmp:
-            src = write_for_tool(model, Path(tmp))
+        with (
+            tempfile.TemporaryDirectory(prefix="optimize-fuse-", dir=self.ctx.tmp_dir) as tmp_name,
+            tool_working_directory(Path(tmp_name)) as tmp,
+        ):
+            src = write_for_tool(model, tmp)
             optimized = optimize_model(
                 str(src),
                 model_type=cfg.transformer,
@@ -146,7 +150,7 @@ class FusePass(OptimizationPass):
                 only_onnxruntime=False,
             )
             counts = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items()}
-            out = Path(tmp) / "fused.onnx"
+            out = tmp / "fused.onnx"
             optimized.save_model_to_file(str(out), use_external_data_format=is_large(model))
             replace_model_contents(model, load_tool_output(out))
         return {k: v for k, v in counts.items() if v or k in ("Attention", "SkipLayerNormalization", "BiasGelu")}

@@ -24,7 +24,14 @@ from pydantic import model_validator
 
 from optimizer_cli.data import Dataset
 from optimizer_cli.errors import UserInputError, first_line
-from optimizer_cli.passes._util import is_large, load_tool_output, op_counts, replace_model_contents, write_for_tool
+from optimizer_cli.passes._util import (
+    is_large,
+    load_tool_output,
+    op_counts,
+    replace_model_contents,
+    tool_working_directory,
+    write_for_tool,
+)
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs, register
 from optimizer_cli.runtime.cpu import cpu_isa, u8s8_saturates
 
@@ -123,8 +130,10 @@ class QuantizePass(OptimizationPass):
         unknown = set(cfg.exclude_nodes) - {n.name for n in model.graph}
         if unknown:
             raise UserInputError(f"quantize: exclude_nodes not in the model: {', '.join(sorted(unknown))}")
-        with tempfile.TemporaryDirectory(prefix="optimize-quant-", dir=self.ctx.tmp_dir) as tmp:
-            tmp_dir = Path(tmp)
+        with (
+            tempfile.TemporaryDirectory(prefix="optimize-quant-", dir=self.ctx.tmp_dir) as tmp,
+            tool_working_directory(Path(tmp)) as tmp_dir,
+        ):
             src = write_for_tool(model, tmp_dir)
             out = tmp_dir / "quantized.onnx"
             large = is_large(model)
