@@ -83,3 +83,31 @@ def test_sweep_times_each_shape(examples_dir: Path, tmp_path: Path) -> None:
     rows = json.loads(proc.stdout)["benchmark"]["rows"]
     assert [r["shape"] for r in rows] == ["batch=1", "batch=4"]
     assert rows[1]["latency_original"]["throughput"] > 0
+
+
+def test_saturating_cpu_gets_a_reduce_range_patch_not_layer_exclusions(tmp_path: Path, monkeypatch) -> None:
+    """On a CPU without VNNI, full-range int8 weights lose fidelity in every layer; the fix is one
+    recipe key, found by re-running the recipe with it, not a list of excluded layers."""
+    from optimizer_cli.bench import attribution
+    from optimizer_cli.data import random_dataset
+    from optimizer_cli.pipeline import run_pipeline
+    from optimizer_cli.recipe import parse_recipe
+
+    from .builders import mlp
+
+    source, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(mlp((64, 128, 64, 10)), str(source))
+    recipe = parse_recipe("passes:\n  - type: quantize\n    mode: dynamic\n    reduce_range: false\n")
+    run_pipeline(source, recipe, out)
+    data = random_dataset(load_model(source), 8, 0, {"batch": 2})
+    # The measured fidelity on a saturating CPU (this test may run on any CPU, so it is given).
+    report = {"benchmark": {"rows": [{"usable": True, "fidelity": {"cosine_min": 0.8}}]}}
+
+    monkeypatch.setattr(attribution, "u8s8_saturates", lambda: True)
+    result = attribution.attribute_if_needed(report, source, out, recipe, data, None, None, 2)
+    assert result is not None and result["patch"] == "--set 'passes.0.reduce_range=true'"
+    assert result["patch_meets_threshold"] and result["patch_fidelity"] >= 0.99 and result["nodes"] == []
+
+    monkeypatch.setattr(attribution, "u8s8_saturates", lambda: False)
+    result = attribution.attribute_if_needed(report, source, out, recipe, data, None, None, 2)
+    assert result is not None and "reduce_range" not in (result["patch"] or "")

@@ -15,9 +15,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from optimizer_cli.analysis.int8 import full_range_int8_weights
 from optimizer_cli.bench.accuracy import fidelity
 from optimizer_cli.data import Dataset
 from optimizer_cli.model_io import load_model
+from optimizer_cli.runtime.cpu import cpu_isa, u8s8_saturates
 from optimizer_cli.runtime.session import SessionConfig, run_model
 from optimizer_cli.verify import compare_arrays
 
@@ -171,6 +173,38 @@ def _stage_before(
     return run_pipeline(model_path, trial, None, calibration=calib, evaluation=evaluation, threads=threads).model
 
 
+def _saturation_fix(
+    recipe: Any,
+    index: int,
+    model_path: Path,
+    output_path: Path,
+    data: Dataset,
+    calib: str | None,
+    evaluation: str | None,
+    threads: int,
+) -> dict[str, Any] | None:
+    """On a CPU whose u8*s8 kernels saturate, full-range int8 weights lose fidelity in every layer at
+    once and no layer ranks high in the float simulation: try 7-bit weights before excluding layers."""
+    config = recipe.passes[index]
+    if config.mode not in ("dynamic", "static") or config.reduce_range is not False or not u8s8_saturates():
+        return None  # `auto` already means 7-bit weights on such a CPU
+    if not full_range_int8_weights(load_model(output_path))[0]:
+        return None
+    subset = data.take(MAX_SAMPLES)
+    reference = run_model(load_model(model_path), subset.feeds, SessionConfig(threads=threads))
+    trial = recipe.model_copy(deep=True)
+    trial.verify.enabled = False
+    trial.passes[index].reduce_range = True
+    cosine = _fidelity_of(trial, model_path, subset, reference, calib, evaluation, threads)
+    return {
+        "search": f"this CPU ({cpu_isa()}) saturates full-range int8 weights in every int8 layer; "
+        f"7-bit weights (reduce_range) give cosine {cosine:.5f} with no layer excluded",
+        "patch": f"--set 'passes.{index}.reduce_range=true'",
+        "patch_fidelity": cosine,
+        "patch_meets_threshold": cosine >= recipe.benchmark.attribution_threshold,
+    }
+
+
 def attribute_if_needed(
     report: dict[str, Any],
     model_path: Path,
@@ -190,6 +224,13 @@ def attribute_if_needed(
         return None
     log(f"fidelity cosine {current:.5f} < {threshold}: attributing the loss to layers")
     quant_indices = [i for i, p in enumerate(recipe.passes) if p.type == "quantize"]
+    if quant_indices:
+        saturation = _saturation_fix(
+            recipe, quant_indices[-1], model_path, output_path, data, calib, evaluation, threads
+        )
+        if saturation is not None and saturation["patch_fidelity"] >= threshold:
+            log(saturation["search"])
+            return {"threshold": threshold, "cosine": current, "nodes": [], **saturation}
     # Compare against the model the quantizer saw: its node and tensor names are the ones to exclude.
     before_quant = (
         _stage_before(recipe, quant_indices[-1], model_path, calib, evaluation, threads) if quant_indices else None

@@ -153,12 +153,13 @@ def render_rich(report: dict[str, Any], console: Console) -> None:
         )
     attribution = report.get("attribution")
     if attribution:
-        t = Table(title="Layers that cost fidelity (largest local drop first)", title_justify="left")
-        for h in ("node", "op", "cosine of output", "local drop"):
-            t.add_column(h)
-        for item in attribution["nodes"][:10]:
-            t.add_row(escape(item["node"]), item["op"], f"{item['cosine']:.5f}", f"{item['local_drop']:.5f}")
-        console.print(t)
+        if attribution["nodes"]:
+            t = Table(title="Layers that cost fidelity (largest local drop first)", title_justify="left")
+            for h in ("node", "op", "cosine of output", "local drop"):
+                t.add_column(h)
+            for item in attribution["nodes"][:10]:
+                t.add_row(escape(item["node"]), item["op"], f"{item['cosine']:.5f}", f"{item['local_drop']:.5f}")
+            console.print(t)
         if attribution.get("search"):
             console.print(f"  {escape(attribution['search'])}")
         if attribution.get("patch"):
