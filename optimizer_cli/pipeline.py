@@ -241,7 +241,14 @@ def run_pipeline(
                 stage.drift_vs_previous = _drift(output_names, previous_outputs, current)
                 stage.drift_vs_original = _drift(output_names, original_outputs, current)
                 if exactness is not Exactness.EXACT:
-                    deployed = _drift(output_names, original_outputs, reference.outputs(model, deployed=True))
+                    try:
+                        deployed_outputs = reference.outputs(model, deployed=True)
+                    except Exception as exc:
+                        raise VerificationError(
+                            f"pass {index} ({label}) produced a model onnxruntime cannot run with its graph "
+                            f"optimizations on (its default): {ort_error_message(exc)}"
+                        ) from exc
+                    deployed = _drift(output_names, original_outputs, deployed_outputs)
                     stage.drift_vs_original = _worse_per_output(stage.drift_vs_original, deployed)
                 if exactness is Exactness.EXACT:
                     _check_exact(index, label, output_names, previous_outputs, current, vs.rtol, vs.atol)

@@ -110,3 +110,22 @@ def test_approximate_stages_are_judged_with_orts_optimized_kernels(
     assert result.stages[1].worst_cosine() < 0  # the optimized run's drift is the one reported
     with pytest.raises(VerificationError, match="verify.min_cosine"):
         run_pipeline(model_path, parse_recipe(recipe + "verify:\n  min_cosine: 0.9\n"), tmp_path / "out2.onnx")
+
+
+def test_approximate_stage_that_fails_with_optimizations_on_is_caught(
+    model_path: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import optimizer_cli.pipeline as pipeline
+
+    real_run_model = pipeline.run_model
+
+    def optimizer_rejects(model, feeds, config, outputs=None):
+        if config.opt_level == "all":
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : fusion broke a node")
+        return real_run_model(model, feeds, config, outputs)
+
+    monkeypatch.setattr(pipeline, "run_model", optimizer_rejects)
+    recipe = parse_recipe("passes:\n  - type: quantize\n    mode: dynamic\n")
+    with pytest.raises(VerificationError, match=r"pass 0 \(quantize\).*graph optimizations on.*fusion broke"):
+        run_pipeline(model_path, recipe, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
