@@ -25,7 +25,7 @@ import onnx_ir as ir
 from optimizer_cli.analysis.channel_groups import Analysis, Group, Root, analyze, expr_mask, expr_size
 from optimizer_cli.analysis.cost import macs, parameter_count
 from optimizer_cli.errors import UserInputError
-from optimizer_cli.passes._util import infer_shapes, is_large, refresh_shapes, replace_model_contents
+from optimizer_cli.passes._util import infer_shapes, is_large, new_initializer, refresh_shapes, replace_model_contents
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs, register
 from optimizer_cli.runtime.session import SessionConfig, capture_values, run_model
 
@@ -68,16 +68,7 @@ def _set_const(node: ir.Node, index: int, array: np.ndarray, graph: ir.Graph) ->
         value.const_value = ir.tensor(array, name=value.name)
         value.shape = ir.Shape(array.shape)
         return
-    base = f"{value.name}_{node.name}"
-    name, k = base, 0
-    while name in graph.initializers:
-        k += 1
-        name = f"{base}_{k}"
-    new_value = ir.Value(
-        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(value.dtype), const_value=ir.tensor(array, name=name)
-    )
-    graph.register_initializer(new_value)
-    node.replace_input_with(index, new_value)
+    node.replace_input_with(index, new_initializer(graph, f"{value.name}_{node.name}", array))
 
 
 def activation_importance(
