@@ -12,7 +12,6 @@ asked for), and dynamic quantization of MatMul/Gemm only (dynamic Conv is ~4x sl
 
 from __future__ import annotations
 
-import platform
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -33,7 +32,7 @@ from optimizer_cli.passes._util import (
     write_for_tool,
 )
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs, register
-from optimizer_cli.runtime.cpu import cpu_isa, u8s8_saturates
+from optimizer_cli.runtime.cpu import cpu_isa, is_x86, u8s8_saturates
 
 PER_CHANNEL_MIN_OPSET = 13
 # ORT's dynamic (integer-op) registry minus Conv, which runs ~4x slower than fp32 when quantized dynamically.
@@ -82,8 +81,7 @@ class QuantizeConfig(PassConfig):
 
     @model_validator(mode="after")
     def _no_slow_s8s8(self) -> QuantizeConfig:
-        is_x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
-        if self.mode == "static" and self.activation_type == "int8" and is_x86 and not self.allow_s8s8:
+        if self.mode == "static" and self.activation_type == "int8" and is_x86() and not self.allow_s8s8:
             raise ValueError(
                 "activation_type int8 (S8S8) runs slower than fp32 on x86; use uint8 or set allow_s8s8: true"
             )

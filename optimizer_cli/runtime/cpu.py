@@ -34,10 +34,14 @@ def cpu_isa(cpuinfo_text: str | None = None) -> str:
     return "unknown" if not flags else "no AVX2/NEON"
 
 
+def is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
 def u8s8_saturates(isa: str | None = None) -> bool:
     """True on x86 CPUs without VNNI: ORT's u8*s8 kernels there (VPMADDUBSW) add pairs of products in
     int16 with saturation, so full-range int8 weights can clip (onnxruntime's quantization docs; measured
     here: a trained ResNet's top-1 fell from 98.7% to 86.9%). 7-bit weights (reduce_range) cannot."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+    if not is_x86():
         return False
     return (isa or cpu_isa()).endswith("(no VNNI)")
