@@ -240,7 +240,9 @@ def run_pipeline(
                     ) from exc
                 stage.drift_vs_previous = _drift(output_names, previous_outputs, current)
                 stage.drift_vs_original = _drift(output_names, original_outputs, current)
-                if exactness is not Exactness.EXACT:
+                if exactness is Exactness.EXACT:
+                    _check_exact(index, label, output_names, previous_outputs, current, vs.rtol, vs.atol)
+                else:
                     try:
                         deployed_outputs = reference.outputs(model, deployed=True)
                     except Exception as exc:
@@ -250,11 +252,8 @@ def run_pipeline(
                         ) from exc
                     deployed = _drift(output_names, original_outputs, deployed_outputs)
                     stage.drift_vs_original = _worse_per_output(stage.drift_vs_original, deployed)
-                if exactness is Exactness.EXACT:
-                    _check_exact(index, label, output_names, previous_outputs, current, vs.rtol, vs.atol)
-                elif vs.min_cosine is not None:
                     worst = stage.worst_cosine()
-                    if worst is not None and worst < vs.min_cosine:
+                    if vs.min_cosine is not None and worst is not None and worst < vs.min_cosine:
                         raise VerificationError(
                             f"pass {index} ({label}): output cosine vs original {worst:.4f} < verify.min_cosine {vs.min_cosine}"
                         )
