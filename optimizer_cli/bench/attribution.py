@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -178,7 +179,8 @@ def _saturation_fix(
     index: int,
     model_path: Path,
     output_path: Path,
-    data: Dataset,
+    subset: Dataset,
+    reference: Callable[[], list[list[np.ndarray]]],
     calib: str | None,
     evaluation: str | None,
     threads: int,
@@ -190,12 +192,10 @@ def _saturation_fix(
         return None  # `auto` already means 7-bit weights on such a CPU
     if not full_range_int8_weights(load_model(output_path))[0]:
         return None
-    subset = data.take(MAX_SAMPLES)
-    reference = run_model(load_model(model_path), subset.feeds, SessionConfig(threads=threads))
     trial = recipe.model_copy(deep=True)
     trial.verify.enabled = False
     trial.passes[index].reduce_range = True
-    cosine = _fidelity_of(trial, model_path, subset, reference, calib, evaluation, threads)
+    cosine = _fidelity_of(trial, model_path, subset, reference(), calib, evaluation, threads)
     return {
         "search": f"this CPU ({cpu_isa()}) saturates full-range int8 weights in every int8 layer; "
         f"7-bit weights (reduce_range) give cosine {cosine:.5f} with no layer excluded",
@@ -224,9 +224,12 @@ def attribute_if_needed(
         return None
     log(f"fidelity cosine {current:.5f} < {threshold}: attributing the loss to layers")
     quant_indices = [i for i, p in enumerate(recipe.passes) if p.type == "quantize"]
+    subset = data.take(MAX_SAMPLES)
+    # The original's outputs score every trial recipe; computed once, and only if a trial runs.
+    reference = functools.cache(lambda: run_model(load_model(model_path), subset.feeds, SessionConfig(threads=threads)))
     if quant_indices:
         saturation = _saturation_fix(
-            recipe, quant_indices[-1], model_path, output_path, data, calib, evaluation, threads
+            recipe, quant_indices[-1], model_path, output_path, subset, reference, calib, evaluation, threads
         )
         if saturation is not None and saturation["patch_fidelity"] >= threshold:
             log(saturation["search"])
@@ -239,7 +242,6 @@ def attribute_if_needed(
     if before_quant is None:
         normalize(original)
     optimized = load_model(output_path)
-    subset = data.take(MAX_SAMPLES)
     ranked = rank_nodes(original, optimized, subset.feeds, threads)
     result: dict[str, Any] = {
         "threshold": threshold,
@@ -265,13 +267,11 @@ def attribute_if_needed(
         result["search"] = "no node loses fidelity locally"
         return result
 
-    reference = run_model(load_model(model_path), subset.feeds, SessionConfig(threads=threads))
-
     def score(k: int) -> float:
         trial = recipe.model_copy(deep=True)
         trial.verify.enabled = False
         trial.passes[index].exclude_nodes = already + candidates[:k]
-        return _fidelity_of(trial, model_path, subset, reference, calib, evaluation, threads)
+        return _fidelity_of(trial, model_path, subset, reference(), calib, evaluation, threads)
 
     best_k, best_cos = len(candidates), score(len(candidates))
     log(f"excluding all {len(candidates)} candidates gives cosine {best_cos:.5f}")
