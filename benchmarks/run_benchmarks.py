@@ -264,7 +264,7 @@ def main() -> None:
                 m["build_s"] = build_s
                 entry["variants"][name] = m
                 print(
-                    f"[{key}] {name}: {m['speedup']['median']:.2f}x [{m['speedup']['ci_low']:.2f}, {m['speedup']['ci_high']:.2f}]"
+                    f"[{key}] {name}: {_speed(m['speedup'])}"
                     f" cosine {m['fidelity']['cosine_mean']:.4f} (min {m['fidelity']['cosine_min']:.4f})"
                     f" top-1 agree {m['fidelity']['top1_agreement']} size {m['bytes'] / 1e6:.1f} MB"
                     + (f" full-length {_speed(m['full_length']['speedup'])}" if "full_length" in m else ""),
