@@ -11,6 +11,7 @@ import os
 import sys
 import traceback
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +49,6 @@ def _emit_json(doc: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def _gates_and_exit(report: dict[str, Any]) -> None:
-    if any(g["violated"] for g in report.get("gates", [])):
-        raise typer.Exit(GateFailure.exit_code)
-
-
 ProvidersOpt = typer.Option(None, "--providers", help="Comma list: cpu,cuda,trt (default: all usable).")
 
 
@@ -70,7 +66,7 @@ def run_cmd(
     strict_ep: bool = typer.Option(False, "--strict-ep", help="Error instead of skipping unusable providers."),
     threads: int | None = typer.Option(None, "--threads", help="Intra-op threads (default: recipe, 2)."),
     sweep: list[str] = typer.Option([], "--sweep", help="Shape sweep, e.g. batch=1,8 (repeatable)."),
-    eval_samples: int | None = typer.Option(256, "--eval-samples", help="Cap on evaluation samples."),
+    eval_samples: int = typer.Option(256, "--eval-samples", min=1, help="Cap on evaluation samples."),
     metric: str | None = typer.Option(None, "--metric", help="User metric module:function(outputs, labels)."),
     fail_if: list[str] = typer.Option([], "--fail-if", help="Exit 1 if true, e.g. 'accuracy_drop>1%', 'speedup<1.5'."),
     baseline: Path | None = typer.Option(None, "--baseline", help="Compare with a stored --json report."),
@@ -85,19 +81,30 @@ def run_cmd(
 
     human, log = _consoles(json_out)
     rec = load_recipe(recipe, overrides)
-    gates = _parse_gates(fail_if)
     output = output or model.with_name(model.stem + ".opt.onnx")
     if dry_run:
+        _parse_gates(fail_if)
         _dry_run(model, rec, output, calib, data, human, json_out)
         return
     from optimizer_cli.pipeline import run_pipeline
 
     threads = threads or rec.benchmark.threads
+    benchmarking = bench and rec.benchmark.enabled
+    # Everything that can be checked without the model is checked now, before any work or any write.
+    checks = _preflight(
+        model,
+        output,
+        {"--recipe": recipe, "--calib": calib or rec.data.calibration, "--data": data or rec.data.evaluation},
+        fail_if=fail_if,
+        baseline=baseline,
+        metric=metric,
+        markdown=markdown,
+        report_path=report_path,
+        benchmarking=benchmarking,
+    )
+    settings = _bench_settings(rec, providers, strict_ep, threads, sweep, eval_samples, memory)
+    _check_providers(settings, checks.gates)
     _capture_warnings(log)
-    if providers:
-        from optimizer_cli.runtime.providers import parse_provider_list
-
-        parse_provider_list(providers)  # a typo fails now, not after the passes ran
 
     def on_stage(stage: Any) -> None:
         cos = stage.worst_cosine()
@@ -106,34 +113,95 @@ def run_cmd(
             + (f", cosine vs original {cos:.5f}" if cos is not None else "")
         )
 
-    result = run_pipeline(
-        model,
-        rec,
-        output,
-        calibration=calib,
-        evaluation=data,
-        threads=threads,
-        on_stage=on_stage,
-        logger=logging.getLogger("optimizer_cli"),
+    plan = checks.plan
+    try:
+        staged = plan.staged_model()
+        result = run_pipeline(
+            model,
+            rec,
+            staged,
+            calibration=calib,
+            evaluation=data,
+            threads=threads,
+            on_stage=on_stage,
+            logger=logging.getLogger("optimizer_cli"),
+        )
+        report: dict[str, Any] = {
+            "tool": f"optimizer-cli {__version__}",
+            "input": str(model),
+            "output": str(output),
+            "recipe": {"path": str(recipe), "name": rec.name, "passes": [p.model_dump() for p in rec.passes]},
+            "input_bytes": result.input_bytes,
+            "output_bytes": result.output_bytes,
+            "stages": [s.as_dict() for s in result.stages],
+            "notes": list(result.notes),
+        }
+        if benchmarking:
+            eval_data = result.evaluation if result.evaluation is not None else result.verify_data
+            _benchmark_into(report, model, staged, settings, eval_data, checks.metric, rec.data.dims, log)
+            if attribute:
+                _attribution_into(report, model, staged, rec, eval_data, calib, data, threads, log)
+        _finish(report, checks, json_out, human, log)
+    finally:
+        plan.discard()
+
+
+@dataclass
+class _Checked:
+    """What _preflight validated: parsed gates, the loaded baseline and metric, the output plan."""
+
+    gates: list[Any]
+    baseline: dict[str, Any] | None
+    metric: Any
+    plan: Any
+
+
+def _preflight(
+    model: Path,
+    output: Path | None,
+    inputs: dict[str, str | Path | None],
+    *,
+    fail_if: list[str],
+    baseline: Path | None,
+    metric: str | None,
+    markdown: Path | None,
+    report_path: Path | None,
+    benchmarking: bool,
+) -> _Checked:
+    """Validate every flag and path before the model is loaded: a mistake costs nothing and writes nothing."""
+    from optimizer_cli.bench.accuracy import load_metric
+    from optimizer_cli.outputs import OutputPlan, read_paths
+    from optimizer_cli.report.baseline import load_baseline
+
+    if not model.exists():
+        raise UserInputError("file not found", model)
+    gates = _parse_gates(fail_if)
+    if gates and not benchmarking:
+        raise UserInputError("--fail-if needs a benchmark (remove --no-bench or set benchmark.enabled=true)")
+    reports = {k: v for k, v in (("--report", report_path), ("--markdown", markdown)) if v is not None}
+    plan = OutputPlan(model=output, reports=reports)
+    plan.check(read_paths(model, {**inputs, "--baseline": baseline}))
+    return _Checked(
+        gates=gates,
+        baseline=load_baseline(baseline) if baseline is not None else None,
+        metric=load_metric(metric) if metric else None,
+        plan=plan,
     )
-    report: dict[str, Any] = {
-        "tool": f"optimizer-cli {__version__}",
-        "input": str(model),
-        "output": str(output),
-        "recipe": {"path": str(recipe), "name": rec.name, "passes": [p.model_dump() for p in rec.passes]},
-        "input_bytes": result.input_bytes,
-        "output_bytes": result.output_bytes,
-        "stages": [s.as_dict() for s in result.stages],
-        "notes": list(result.notes),
-    }
-    log.print(f"wrote {output} ({result.output_bytes / 1e6:.2f} MB, was {result.input_bytes / 1e6:.2f} MB)")
-    if bench and rec.benchmark.enabled:
-        eval_data = result.evaluation if result.evaluation is not None else result.verify_data
-        settings = _bench_settings(rec, providers, strict_ep, threads, sweep, eval_samples, memory)
-        _benchmark_into(report, model, output, settings, eval_data, metric, rec.data.dims, log)
-        if attribute:
-            _attribution_into(report, model, output, rec, eval_data, calib, data, threads, log)
-    _finish(report, gates, baseline, json_out, markdown, report_path, human)
+
+
+def _check_providers(settings: Any, gates: list[Any]) -> None:
+    """Gates the benchmark cannot measure, and (--strict-ep) unusable providers, fail now, not after the passes."""
+    from optimizer_cli.report.gate import check_measurable
+    from optimizer_cli.runtime.providers import probe_provider
+
+    check_measurable(gates, settings.runs_per_round, settings.rounds, settings.providers)
+    if not settings.strict_ep:
+        return
+
+    for alias in settings.providers:
+        status = probe_provider(alias)
+        if not status.usable:
+            raise UserInputError(f"execution provider '{alias}' is not usable: {status.reason} (--strict-ep)")
 
 
 def _parse_gates(exprs: list[str]) -> list[Any]:
@@ -169,7 +237,11 @@ def _bench_settings(
     from optimizer_cli.runtime.providers import parse_provider_list
 
     b = rec.benchmark
-    provider_list = parse_provider_list(providers) if providers else (b.providers or parse_provider_list(None))
+    recipe_providers = parse_provider_list(",".join(b.providers)) if b.providers else None  # typos fail now
+    if providers:
+        provider_list = parse_provider_list(providers)
+    else:
+        provider_list = recipe_providers or parse_provider_list(None)
     return BenchSettings(
         providers=provider_list,
         threads=threads,
@@ -194,11 +266,10 @@ def _benchmark_into(
     output: Path,
     settings: Any,
     eval_data: Any,
-    metric: str | None,
+    metric: Any,
     dims: dict[str, int],
     log: Console,
 ) -> None:
-    from optimizer_cli.bench.accuracy import load_metric
     from optimizer_cli.bench.harness import run_benchmark
 
     bench = run_benchmark(
@@ -206,7 +277,7 @@ def _benchmark_into(
         Path(output),
         settings,
         eval_data,
-        metric=load_metric(metric) if metric else None,
+        metric=metric,
         dims=dims,
         log=lambda m: log.print(f"  {m}"),
     )
@@ -234,36 +305,43 @@ def _attribution_into(
         report["attribution"] = found
 
 
-def _finish(
-    report: dict[str, Any],
-    gates: list[Any],
-    baseline: Path | None,
-    json_out: bool,
-    markdown: Path | None,
-    report_path: Path | None,
-    human: Console,
-) -> None:
+def _finish(report: dict[str, Any], checks: _Checked, json_out: bool, human: Console, log: Console) -> None:
+    """Gates and baseline, then every output: reports are rendered in memory first, the model is moved into
+    place only when no gate failed, and reports are written atomically last."""
+    from optimizer_cli.outputs import write_text_atomic
     from optimizer_cli.report.table import render_markdown, render_rich
 
-    if baseline is not None and report.get("benchmark"):
-        from optimizer_cli.report.baseline import compare, load_baseline
+    if checks.baseline is not None and report.get("benchmark"):
+        from optimizer_cli.report.baseline import compare
 
-        report["baseline"] = compare(report, load_baseline(baseline))
-    if gates:
-        if not report.get("benchmark"):
-            raise UserInputError("--fail-if needs a benchmark (remove --no-bench)")
+        report["baseline"] = compare(report, checks.baseline)
+    if checks.gates:
         from optimizer_cli.report.gate import evaluate
 
-        report["gates"] = [g.as_dict() for g in evaluate(gates, report["benchmark"])]
-    if report_path:
-        report_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    if markdown:
-        markdown.write_text(render_markdown(report))
+        report["gates"] = [g.as_dict() for g in evaluate(checks.gates, report["benchmark"])]
+    violated = any(g["violated"] for g in report.get("gates", []))
+    plan = checks.plan
+    if plan.model is not None:
+        report["output_written"] = not violated
+        if violated:
+            report["notes"].append(f"a --fail-if gate was violated: {plan.model} was not written")
+    texts = {
+        path: (json.dumps(report, indent=2, default=str) + "\n" if flag == "--report" else render_markdown(report))
+        for flag, path in plan.reports.items()
+    }
+    if plan.model is not None and not violated:
+        plan.commit_model()
+        log.print(
+            f"wrote {plan.model} ({report['output_bytes'] / 1e6:.2f} MB, was {report['input_bytes'] / 1e6:.2f} MB)"
+        )
+    for path, text in texts.items():
+        write_text_atomic(path, text)
     if json_out:
         _emit_json(report)
     else:
         render_rich(report, human)
-    _gates_and_exit(report)
+    if violated:
+        raise typer.Exit(GateFailure.exit_code)
 
 
 def _dry_run(
@@ -302,6 +380,9 @@ def _dry_run(
         for problem in problems:
             human.print(f"[red]problem:[/red] {problem}")
     if problems:
+        if json_out:  # the plan (with its problems) is the one JSON document; the error goes to stderr only
+            sys.stderr.write(f"error: {problems[0]}\n")
+            raise typer.Exit(UserInputError.exit_code)
         raise UserInputError(problems[0])
 
 
@@ -313,10 +394,10 @@ def bench_cmd(
     providers: str | None = ProvidersOpt,
     strict_ep: bool = typer.Option(False, "--strict-ep"),
     threads: int = typer.Option(2, "--threads"),
-    rounds: int = typer.Option(10, "--rounds"),
+    rounds: int = typer.Option(10, "--rounds", min=2),
     sweep: list[str] = typer.Option([], "--sweep"),
     dims: list[str] = typer.Option([], "--dim", help="Symbolic dim value for random inputs, e.g. seq=128."),
-    eval_samples: int | None = typer.Option(256, "--eval-samples"),
+    eval_samples: int = typer.Option(256, "--eval-samples", min=1),
     metric: str | None = typer.Option(None, "--metric"),
     fail_if: list[str] = typer.Option([], "--fail-if"),
     baseline: Path | None = typer.Option(None, "--baseline"),
@@ -332,15 +413,29 @@ def bench_cmd(
     from optimizer_cli.verify import signature
 
     human, log = _consoles(json_out)
-    gates = _parse_gates(fail_if)
+    if not optimized.exists():
+        raise UserInputError("file not found", optimized)
+    checks = _preflight(
+        original,
+        None,
+        {"the optimized model": optimized, "--data": data},
+        fail_if=fail_if,
+        baseline=baseline,
+        metric=metric,
+        markdown=markdown,
+        report_path=report_path,
+        benchmarking=True,
+    )
+    dim_values = _parse_dims(dims)
+    rec = empty_recipe([f"benchmark.threads={threads}", f"benchmark.rounds={rounds}"])
+    rec.data.dims = dim_values
+    settings = _bench_settings(rec, providers, strict_ep, threads, sweep, eval_samples, memory)
+    _check_providers(settings, checks.gates)
     _capture_warnings(log)
     a = load_model(original)
     b = load_model(optimized)
     if signature(a) != signature(b):
         raise UserInputError(f"models have different inputs/outputs: {signature(a)} vs {signature(b)}", optimized)
-    dim_values = _parse_dims(dims)
-    rec = empty_recipe([f"benchmark.threads={threads}", f"benchmark.rounds={rounds}"])
-    rec.data.dims = dim_values
     eval_data = resolve_dataset(data, a, samples=8, seed=0, dims=dim_values) or random_dataset(a, 8, 0, dim_values)
     report: dict[str, Any] = {
         "tool": f"optimizer-cli {__version__}",
@@ -348,9 +443,8 @@ def bench_cmd(
         "output": str(optimized),
         "notes": [],
     }
-    settings = _bench_settings(rec, providers, strict_ep, threads, sweep, eval_samples, memory)
-    _benchmark_into(report, original, optimized, settings, eval_data, metric, dim_values, log)
-    _finish(report, gates, baseline, json_out, markdown, report_path, human)
+    _benchmark_into(report, original, optimized, settings, eval_data, checks.metric, dim_values, log)
+    _finish(report, checks, json_out, human, log)
 
 
 def _parse_dims(items: list[str]) -> dict[str, int]:
@@ -486,10 +580,19 @@ def _root(
     pass
 
 
+def _fail(message: str, exit_code: int, json_mode: bool, path: str | None = None) -> None:
+    """One line on stderr; with --json also one JSON document on stdout, so pipelines always parse something."""
+    sys.stderr.write(f"error: {message}\n")
+    if json_mode:
+        _emit_json({"error": message, "exit_code": exit_code, "file": path})
+    sys.exit(exit_code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: `optimize MODEL ...` is `optimize run MODEL ...`; errors are one line, exit code by kind."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    json_mode = "--json" in args
     args = [a for a in args if a != "--debug"]
     if args and args[0] not in SUBCOMMANDS and not args[0].startswith("-"):
         args.insert(0, "run")
@@ -504,25 +607,20 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except TyperException as exc:  # usage errors: bad flags, missing arguments
         show = getattr(exc, "show", None)
-        if show:
+        if show and not json_mode:
             show()
-        else:
-            sys.stderr.write(f"error: {exc.format_message()}\n")
-        sys.exit(2)
+            sys.exit(2)
+        _fail(exc.format_message(), 2, json_mode)
     except typer.Abort:
-        sys.stderr.write("aborted\n")
-        sys.exit(130)
+        _fail("aborted", 130, json_mode)
     except OptimizerError as exc:
         if debug:
             traceback.print_exc()
-        sys.stderr.write(f"error: {exc}\n")
-        sys.exit(exc.exit_code)
+        _fail(str(exc), exc.exit_code, json_mode, getattr(exc, "path", None))
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+        _fail("interrupted", 130, json_mode)
     except Exception as exc:
         if debug:
             traceback.print_exc()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        sys.stderr.write(f"error: internal error: {type(exc).__name__}: {first} (rerun with --debug for a traceback)\n")
-        sys.exit(4)
+        _fail(f"internal error: {type(exc).__name__}: {first} (rerun with --debug for a traceback)", 4, json_mode)

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -37,15 +38,46 @@ def load_model(path: str | Path) -> ir.Model:
     if model.ir_version is None or model.ir_version <= 0 or len(model.graph.outputs) == 0:
         raise UserInputError("not an ONNX model (no IR version or no graph outputs)", path)
     _check_external_data(model, path)
+    if has_external_data(model) and weights_nbytes(model) <= EXTERNAL_DATA_THRESHOLD_BYTES:
+        # Small enough for one protobuf: hold the weights in memory, so sessions built from bytes and
+        # passes that save to a scratch folder never resolve `location` against the wrong directory.
+        ir.external_data.load_to_model(model)
     return model
+
+
+def has_external_data(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in _all_initializers(model.graph))
+
+
+def external_data_files(path: str | Path) -> list[Path]:
+    """The external data files a saved model references (resolved against the model's folder)."""
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return []
+    files = []
+    for tensor in _iter_proto_tensors(proto.graph):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                files.append((path.parent / entry.value).resolve())
+    return sorted(set(files))
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
     """Fail early (and clearly) when an external data file is missing or shorter than declared."""
+    folder = path.resolve().parent
     for init in _all_initializers(model.graph):
         tensor = init.const_value
         if isinstance(tensor, ir.ExternalTensor):
-            data_path = Path(tensor.base_dir) / tensor.location
+            data_path = (Path(tensor.base_dir) / tensor.location).resolve()
+            # onnx and onnxruntime refuse data outside the model's folder; so do we, before any work.
+            if Path(tensor.location).is_absolute() or not data_path.is_relative_to(folder):
+                raise UserInputError(
+                    f"external data location '{tensor.location}' (tensor '{init.name}') leaves the model's folder; "
+                    "move the data file next to the model and use a relative location",
+                    path,
+                )
             if not data_path.exists():
                 raise UserInputError(f"external data file '{tensor.location}' not found", path)
             needed = (tensor.offset or 0) + (tensor.length or tensor.nbytes)
@@ -66,6 +98,23 @@ def _all_initializers(graph: ir.Graph) -> list[ir.Value]:
                 for g in attr.value:
                     values.extend(g.initializers.values())
     return values
+
+
+def nonfinite_weights(model: ir.Model) -> list[str]:
+    """Names of floating-point initializers holding NaN or Inf (read one tensor at a time: external data
+    stays memory-mapped)."""
+    bad = []
+    for init in _all_initializers(model.graph):
+        tensor = init.const_value
+        if tensor is None or not tensor.dtype.is_floating_point():
+            continue
+        try:
+            array = tensor.numpy()
+        except Exception:  # a dtype numpy cannot hold (e.g. some float8 variants): nothing to check
+            continue
+        if not np.isfinite(array.astype(np.float32, copy=False)).all():
+            bad.append(init.name or "?")
+    return bad
 
 
 def weights_nbytes(model: ir.Model) -> int:
@@ -114,16 +163,7 @@ def _iter_proto_tensors(graph: onnx.GraphProto):
 
 def _protected_paths(input_path: Path) -> set[Path]:
     """The input model file and its external data files: a save must never write over them."""
-    protected = {input_path.resolve()}
-    try:
-        proto = onnx.load(str(input_path), load_external_data=False)
-    except Exception:
-        return protected
-    for tensor in _iter_proto_tensors(proto.graph):
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                protected.add((input_path.parent / entry.value).resolve())
-    return protected
+    return {input_path.resolve(), *external_data_files(input_path)}
 
 
 def check_output_path(output: Path, input_path: Path) -> None:
@@ -143,15 +183,17 @@ def save_model(
     input_path: str | Path | None = None,
     external_data: bool | None = None,
 ) -> Path:
-    """Save atomically; use external data when asked or when weights approach the 2 GB limit.
+    """Save atomically; use external data when asked, when weights approach the 2 GB limit, or when the
+    model still reads weights from an external file (they are copied, never referenced).
 
-    Returns the external data path if one was written.
+    The data file is always named after the model (`out.onnx.data`) and written beside it, so an output
+    never points at another model's data. Returns the external data path if one was written.
     """
     path = Path(path)
     if input_path is not None:
         check_output_path(path, Path(input_path))
     if external_data is None:
-        external_data = weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+        external_data = weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES or has_external_data(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     data_name = path.name + ".data" if external_data else None
     tmp_dir = Path(tempfile.mkdtemp(prefix=".optimize-", dir=path.parent))

@@ -22,7 +22,15 @@ import onnx_ir.passes.common as common
 
 from optimizer_cli.data import Dataset, random_dataset, resolve_dataset
 from optimizer_cli.errors import UserInputError, VerificationError, first_line
-from optimizer_cli.model_io import check_output_path, file_size, load_model, save_model, weights_nbytes
+from optimizer_cli.model_io import (
+    check_output_path,
+    external_data_files,
+    file_size,
+    load_model,
+    nonfinite_weights,
+    save_model,
+    weights_nbytes,
+)
 from optimizer_cli.passes import PASS_REGISTRY, Exactness, PassContext, RunInputs
 from optimizer_cli.passes._util import lift_constants, node_count
 from optimizer_cli.recipe import Recipe
@@ -136,6 +144,19 @@ def normalize(model: ir.Model) -> list[str]:
     return notes
 
 
+def check_input_model(model: ir.Model, path: Path) -> None:
+    """A model that is invalid or holds NaN/Inf weights before any pass is the user's to fix (exit 2), not a
+    pass's fault."""
+    try:
+        check_model(model)
+    except VerificationError as exc:
+        raise UserInputError(f"the input model fails onnx.checker / shape inference: {exc}", path) from exc
+    bad = nonfinite_weights(model)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise UserInputError(f"the input model has NaN/Inf weights in {', '.join(bad[:3])}{more}", path)
+
+
 def _load_normalized(path: Path) -> ir.Model:
     model = load_model(path)
     normalize(model)
@@ -165,6 +186,7 @@ def run_pipeline(
     if output_path is not None:
         check_output_path(Path(output_path), input_path)
     notes = normalize(model)
+    check_input_model(model, input_path)
     dims = recipe.data.dims
     vs = recipe.verify
     calib = resolve_dataset(calibration, model, samples=64, seed=vs.seed + 1, dims=dims)
@@ -240,6 +262,7 @@ def run_pipeline(
                     ) from exc
                 stage.drift_vs_previous = _drift(output_names, previous_outputs, current)
                 stage.drift_vs_original = _drift(output_names, original_outputs, current)
+                _check_finite(index, label, stage.drift_vs_previous)
                 if exactness is Exactness.EXACT:
                     _check_exact(index, label, output_names, previous_outputs, current, vs.rtol, vs.atol)
                 else:
@@ -251,6 +274,7 @@ def run_pipeline(
                             f"optimizations on (its default): {ort_error_message(exc)}"
                         ) from exc
                     deployed = _drift(output_names, original_outputs, deployed_outputs)
+                    _check_finite(index, label, deployed, " with onnxruntime's optimized kernels")
                     stage.drift_vs_original = _worse_per_output(stage.drift_vs_original, deployed)
                     worst = stage.worst_cosine()
                     if vs.min_cosine is not None and worst is not None and worst < vs.min_cosine:
@@ -266,7 +290,9 @@ def run_pipeline(
     output_bytes = None
     out_path = Path(output_path) if output_path is not None else None
     if out_path is not None:
-        save_model(model, out_path, input_path=input_path)
+        # An input kept in external data gives an output kept in external data (named after the output).
+        keep_external = bool(external_data_files(input_path)) or None
+        save_model(model, out_path, input_path=input_path, external_data=keep_external)
         output_bytes = file_size(out_path)
     return PipelineResult(
         model=model,
@@ -292,6 +318,15 @@ def _drift(names: list[str], ref: list[list[np.ndarray]], new: list[list[np.ndar
 def _worse_per_output(a: list[Drift], b: list[Drift]) -> list[Drift]:
     """Per output, the drift with the lower cosine (the float simulation or ORT's optimized kernels)."""
     return [y if y.cosine < x.cosine else x for x, y in zip(a, b, strict=True)]
+
+
+def _check_finite(index: int, label: str, drifts: list[Drift], how: str = "") -> None:
+    for d in drifts:
+        if d.nonfinite:
+            raise VerificationError(
+                f"pass {index} ({label}) made output '{d.output}' NaN/Inf{how} ({d.nonfinite} values) "
+                "where it was finite"
+            )
 
 
 def _check_exact(index: int, label: str, names: list[str], ref, new, rtol: float, atol: float) -> None:

@@ -60,6 +60,7 @@ class Drift:
     rel_l2: float
     cosine: float
     top1_agreement: float | None
+    nonfinite: int = 0  # NaN/Inf values in the new output where the reference is finite
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +76,8 @@ def compare_arrays(name: str, ref: np.ndarray, new: np.ndarray) -> Drift:
     b = new.astype(np.float64).ravel()
     finite = np.isfinite(a) & np.isfinite(b)
     same_nonfinite = bool(np.array_equal(~np.isfinite(a), ~np.isfinite(b)))
+    # A NaN/Inf the reference does not have is a broken output, whatever the finite part says.
+    new_nonfinite = int(np.count_nonzero(np.isfinite(a) & ~np.isfinite(b)))
     a, b = a[finite], b[finite]
     diff = a - b
     max_abs = float(np.max(np.abs(diff))) if diff.size else 0.0
@@ -92,7 +95,15 @@ def compare_arrays(name: str, ref: np.ndarray, new: np.ndarray) -> Drift:
     top1 = None
     if ref.ndim >= 2 and ref.shape[-1] > 1 and np.issubdtype(ref.dtype, np.floating):
         top1 = float(np.mean(ref.argmax(-1) == new.argmax(-1)))
-    return Drift(name, max_abs, rel_l2, cosine, top1)
+    if new_nonfinite:
+        cosine, rel_l2 = 0.0, float("inf")
+        if top1 is not None:  # rows holding a new NaN do not agree, whatever argmax picks
+            bad_rows = ~np.isfinite(new).reshape(-1, new.shape[-1]).all(-1) & np.isfinite(ref).reshape(
+                -1, ref.shape[-1]
+            ).all(-1)
+            agree = (ref.argmax(-1) == new.argmax(-1)).reshape(-1) & ~bad_rows
+            top1 = float(np.mean(agree))
+    return Drift(name, max_abs, rel_l2, cosine, top1, new_nonfinite)
 
 
 def aggregate(drifts: list[list[Drift]]) -> list[Drift]:
@@ -109,6 +120,7 @@ def aggregate(drifts: list[list[Drift]]) -> list[Drift]:
                 max(d.rel_l2 for d in per_output),
                 min(d.cosine for d in per_output),
                 float(np.mean(tops)) if tops else None,
+                sum(d.nonfinite for d in per_output),
             )
         )
     return out

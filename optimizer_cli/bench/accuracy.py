@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from optimizer_cli.data import Dataset
-from optimizer_cli.errors import UserInputError
+from optimizer_cli.errors import UserInputError, first_line
 from optimizer_cli.verify import compare_arrays
 
 Metric = Callable[[list[list[np.ndarray]], list[np.ndarray]], float]
@@ -25,6 +25,7 @@ class Fidelity:
     cosine_mean: float
     cosine_min: float
     top1_agreement: float | None
+    nonfinite: int = 0  # NaN/Inf values the optimized model produced where the original's were finite
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -45,6 +46,7 @@ def fidelity(ref: list[list[np.ndarray]], new: list[list[np.ndarray]], output_na
         cosine_mean=float(np.mean([d.cosine for d in drifts])),
         cosine_min=min(d.cosine for d in drifts),
         top1_agreement=float(np.mean(tops)) if tops else None,
+        nonfinite=sum(d.nonfinite for d in drifts),
     )
 
 
@@ -68,9 +70,12 @@ def load_metric(spec: str) -> Metric:
     module_name, func_name = spec.split(":", 1)
     try:
         module = importlib.import_module(module_name)
-        return getattr(module, func_name)
-    except (ImportError, AttributeError) as exc:
-        raise UserInputError(f"--metric '{spec}': cannot import ({exc})") from exc
+        func = getattr(module, func_name)
+    except Exception as exc:  # ImportError, AttributeError, or whatever the module raises at import
+        raise UserInputError(f"--metric '{spec}': cannot import ({type(exc).__name__}: {first_line(exc)})") from exc
+    if not callable(func):
+        raise UserInputError(f"--metric '{spec}': {func_name} is not a function")
+    return func
 
 
 @dataclass
@@ -89,5 +94,15 @@ def accuracy(outputs: list[list[np.ndarray]], data: Dataset, metric: Metric | No
     return Accuracy(
         top1=topk_accuracy(outputs, data.labels, 1),
         top5=topk_accuracy(outputs, data.labels, 5),
-        metric=float(metric(outputs, data.labels)) if metric else None,
+        metric=_call_metric(metric, outputs, data.labels) if metric else None,
     )
+
+
+def _call_metric(metric: Metric, outputs: list[list[np.ndarray]], labels: list[np.ndarray]) -> float:
+    """The user's metric; whatever it raises or returns that is not a number is their error (exit 2)."""
+    name = f"{getattr(metric, '__module__', '?')}:{getattr(metric, '__qualname__', metric)}"
+    try:
+        value = float(metric(outputs, labels))
+    except Exception as exc:
+        raise UserInputError(f"--metric {name} failed: {type(exc).__name__}: {first_line(exc)}") from exc
+    return value

@@ -64,11 +64,37 @@ class ProviderRow:
     memory_original_mb: float | None = None
     memory_optimized_mb: float | None = None
 
+    @property
+    def verdict(self) -> str | None:
+        """'faster' / 'slower' when the speedup's 95% interval lies wholly above / below 1, else no change."""
+        if self.speedup is None:
+            return None
+        return verdict_of(self.speedup.ci_low, self.speedup.ci_high)
+
     def as_dict(self) -> dict[str, Any]:
         def d(x: Any) -> Any:
             return x.as_dict() if hasattr(x, "as_dict") else x
 
-        return {k: d(v) for k, v in self.__dict__.items()}
+        return {**{k: d(v) for k, v in self.__dict__.items()}, "verdict": self.verdict}
+
+
+def verdict_of(ci_low: float, ci_high: float) -> str:
+    if ci_low > 1.0:
+        return "faster"
+    if ci_high < 1.0:
+        return "slower"
+    return "no significant change"
+
+
+def overall_verdict(rows: list[ProviderRow]) -> str:
+    """One word for the run: slower if the optimized model is significantly slower on every measured row,
+    faster if significantly faster on every one, else mixed / no significant change / not measured."""
+    verdicts = {r.verdict for r in rows if r.verdict is not None}
+    if not verdicts:
+        return "not measured"
+    if len(verdicts) == 1:
+        return verdicts.pop()
+    return "mixed"
 
 
 @dataclass
@@ -84,6 +110,7 @@ class BenchReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "verdict": overall_verdict(self.rows),
             "original_bytes": self.original_bytes,
             "optimized_bytes": self.optimized_bytes,
             "size_ratio": self.optimized_bytes / self.original_bytes if self.original_bytes else None,
@@ -94,6 +121,41 @@ class BenchReport:
             "environment": self.environment,
             "notes": self.notes,
         }
+
+
+def _outcome_notes(rows: list[ProviderRow], settings: BenchSettings) -> list[str]:
+    """Say plainly what the numbers mean when they are bad news or missing."""
+    notes = []
+    measured = [r for r in rows if r.speedup is not None]
+    if not measured:
+        notes.append(
+            "no provider could be measured ("
+            + "; ".join(f"{r.provider}: {r.reason}" for r in rows if not r.usable)
+            + "): there is no latency, accuracy or fidelity to report"
+        )
+        return notes
+    slower = [r for r in measured if r.verdict == "slower"]
+    if slower and len(slower) == len(measured):
+        worst = min(r.speedup.median for r in slower if r.speedup is not None)
+        notes.append(
+            f"SLOWER: the optimized model is significantly slower than the original on every measured provider "
+            f"(speedup {worst:.2f}x); gate pipelines with --fail-if 'speedup_ci_high<1'"
+        )
+    elif slower:
+        notes.append("slower on " + ", ".join(r.provider + (f"[{r.shape}]" if r.shape else "") for r in slower))
+    broken = [r for r in measured if r.fidelity is not None and r.fidelity.nonfinite]
+    for r in broken:
+        assert r.fidelity is not None
+        notes.append(
+            f"{r.provider}: the optimized model produced {r.fidelity.nonfinite} NaN/Inf values where the original's "
+            "outputs were finite (fidelity counts them as failures)"
+        )
+    if settings.runs_per_round < 100:
+        notes.append(
+            f"p99 speedup needs >= 100 runs per round (benchmark.runs_per_round is {settings.runs_per_round}): not "
+            "reported"
+        )
+    return notes
 
 
 def _batch_size(feed: dict[str, np.ndarray]) -> int:
@@ -223,6 +285,7 @@ def run_benchmark(
         )
     if eval_data.is_random:
         notes.append("evaluated on seeded random inputs: fidelity only, accuracy on real data is unknown")
+    notes.extend(_outcome_notes(rows, settings))
     if "cpu" in settings.providers and u8s8_saturates():
         note = saturation_note(ir.load(optimized), cpu_isa())  # ir.load maps external data, reads only int8
         if note:

@@ -15,16 +15,19 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+# Runs needed before a percentile means something: the tail beyond it must hold ~1 run (10 for p90, 100 for p99).
+PERCENTILE_MIN_RUNS = {90: 10, 99: 100}
+
 
 @dataclass
 class LatencyStats:
     runs: int
     mean_ms: float
     p50_ms: float
-    p90_ms: float
-    p99_ms: float
+    p90_ms: float | None  # None with fewer than 10 runs (a p90 needs a tail to stand on)
+    p99_ms: float | None  # None with fewer than 100 runs
     min_ms: float
-    throughput: float  # samples per second at the measured batch size
+    throughput: float  # samples per second at the measured batch size, from the median (outliers do not rule it)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -37,8 +40,8 @@ class SpeedupEstimate:
     median: float
     ci_low: float
     ci_high: float
-    p90: float
-    p99: float
+    p90: float | None  # median over rounds of the per-round p90 ratio; None with < 10 runs per round
+    p99: float | None  # likewise p99; None with < 100 runs per round (it would be the round's maximum)
     rounds: int
     noisy: bool
     significant: bool
@@ -61,15 +64,15 @@ def cycling(run: Callable[[dict], object], feeds: list[dict]) -> Callable[[], ob
 
 def summarize(times_s: np.ndarray, batch_size: int) -> LatencyStats:
     ms = np.asarray(times_s) * 1e3
-    mean = float(ms.mean())
+    p50 = float(np.percentile(ms, 50))
     return LatencyStats(
         runs=len(ms),
-        mean_ms=mean,
-        p50_ms=float(np.percentile(ms, 50)),
-        p90_ms=float(np.percentile(ms, 90)),
-        p99_ms=float(np.percentile(ms, 99)),
+        mean_ms=float(ms.mean()),
+        p50_ms=p50,
+        p90_ms=float(np.percentile(ms, 90)) if len(ms) >= PERCENTILE_MIN_RUNS[90] else None,
+        p99_ms=float(np.percentile(ms, 99)) if len(ms) >= PERCENTILE_MIN_RUNS[99] else None,
         min_ms=float(ms.min()),
-        throughput=float(batch_size * 1e3 / mean) if mean > 0 else float("inf"),
+        throughput=float(batch_size * 1e3 / p50) if p50 > 0 else float("inf"),
     )
 
 
@@ -125,8 +128,11 @@ def measure_ab(
     a_stats = summarize(np.array(samples["a"]), batch_size)
     b_stats = summarize(np.array(samples["b"]), batch_size)
     med, lo, hi = bootstrap_ratio(np.array(round_medians["a"]), np.array(round_medians["b"]))
-    p90 = float(np.median(np.array(round_p90["a"]) / np.array(round_p90["b"])))
-    p99 = float(np.median(np.array(round_p99["a"]) / np.array(round_p99["b"])))
+    p90 = p99 = None
+    if runs_per_round >= PERCENTILE_MIN_RUNS[90]:
+        p90 = float(np.median(np.array(round_p90["a"]) / np.array(round_p90["b"])))
+    if runs_per_round >= PERCENTILE_MIN_RUNS[99]:
+        p99 = float(np.median(np.array(round_p99["a"]) / np.array(round_p99["b"])))
     noisy = (hi - lo) / med > noise_threshold if med > 0 else True
     significant = lo > 1.0 or hi < 1.0
     return a_stats, b_stats, SpeedupEstimate(med, lo, hi, p90, p99, rounds, noisy, significant)

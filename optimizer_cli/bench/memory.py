@@ -1,4 +1,9 @@
-"""Peak resident memory of one session (creation + one run), measured in a fresh child process."""
+"""Peak resident memory of one session (creation + one run), measured in a fresh child process.
+
+The child reads its own high-water mark (VmHWM), not getrusage's ru_maxrss: Linux carries ru_maxrss
+across fork+exec, so a child of a large parent reports the parent's peak before and after and the
+difference is 0. psutil gives the resident size before the session is made.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +16,31 @@ from pathlib import Path
 import numpy as np
 
 _CHILD = r"""
-import json, resource, sys, os
+import json, sys, os
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import numpy as np
 import onnxruntime as ort
+import psutil
 from optimizer_cli.runtime.session import SessionConfig, create_session
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def peak_mb():
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    info = psutil.Process().memory_info()
+    return getattr(info, "peak_wset", info.rss) / 2**20  # Windows keeps a peak; elsewhere rss is a floor
+
 model, feeds_path, provider, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 feeds = dict(np.load(feeds_path))
+before = psutil.Process().memory_info().rss / 2**20
 sess = create_session(model, SessionConfig(provider=provider, threads=threads))
 sess.run(None, feeds)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"peak_mb": after / 1024, "delta_mb": (after - before) / 1024}))
+peak = max(peak_mb(), psutil.Process().memory_info().rss / 2**20)
+print(json.dumps({"peak_mb": peak, "delta_mb": max(0.0, peak - before)}))
 """
 
 

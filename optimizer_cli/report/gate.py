@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from optimizer_cli.errors import UserInputError
+from optimizer_cli.runtime.providers import PROVIDER_ALIASES
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le,
@@ -19,8 +20,14 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
 }
 _PATTERN = re.compile(
-    r"^\s*(?:(?P<prov>[a-zA-Z]+)\s*:\s*)?(?P<metric>[a-z_0-9]+)\s*(?P<op><=|>=|==|!=|<|>)\s*(?P<value>-?[0-9.]+(?:e-?\d+)?)\s*(?P<pct>%)?\s*$"
+    r"^\s*(?:(?P<prov>[a-zA-Z]+)\s*:\s*)?(?P<metric>[a-z_0-9]+)\s*(?P<op><=|>=|==|!=|<|>)\s*"
+    r"(?P<value>-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(?P<pct>%)?\s*$"
 )
+# Metrics that are fractions in [0, 1]: "accuracy_drop>1" (no %) would mean 100 points and never fire.
+FRACTION_METRICS = {"accuracy_drop", "accuracy", "cosine", "cosine_mean", "top1_agreement"}
+# A percentile of n runs is only a percentile when the tail holds a few runs: p90 needs 10 per round, p99 100.
+PERCENTILE_RUNS = {"p90_speedup": 10, "p99_speedup": 100}  # runs per round
+PERCENTILE_TOTAL_RUNS = {"p90_ms": 10, "p99_ms": 100}  # runs in all
 
 
 def _get(row: dict[str, Any], section: str, key: str) -> float | None:
@@ -43,6 +50,7 @@ def _size_ratio(bench: dict[str, Any]) -> float | None:
 METRICS: dict[str, Callable[[dict[str, Any], dict[str, Any]], float | None]] = {
     "speedup": lambda r, _: _get(r, "speedup", "median"),
     "speedup_ci_low": lambda r, _: _get(r, "speedup", "ci_low"),
+    "speedup_ci_high": lambda r, _: _get(r, "speedup", "ci_high"),
     "p90_speedup": lambda r, _: _get(r, "speedup", "p90"),
     "p99_speedup": lambda r, _: _get(r, "speedup", "p99"),
     "accuracy_drop": lambda r, _: _accuracy_drop(r),
@@ -52,6 +60,7 @@ METRICS: dict[str, Callable[[dict[str, Any], dict[str, Any]], float | None]] = {
     "top1_agreement": lambda r, _: _get(r, "fidelity", "top1_agreement"),
     "max_abs": lambda r, _: _get(r, "fidelity", "max_abs"),
     "rel_l2": lambda r, _: _get(r, "fidelity", "rel_l2"),
+    "nonfinite": lambda r, _: _get(r, "fidelity", "nonfinite"),
     "p50_ms": lambda r, _: _get(r, "latency_optimized", "p50_ms"),
     "p90_ms": lambda r, _: _get(r, "latency_optimized", "p90_ms"),
     "p99_ms": lambda r, _: _get(r, "latency_optimized", "p99_ms"),
@@ -89,7 +98,38 @@ def parse_gate(text: str) -> Gate:
     if metric not in METRICS:
         raise UserInputError(f"--fail-if '{text}': unknown metric '{metric}' (known: {', '.join(sorted(METRICS))})")
     value = float(m["value"]) / (100.0 if m["pct"] else 1.0)
-    return Gate(text.strip(), m["prov"].lower() if m["prov"] else None, metric, m["op"], value)
+    if metric in FRACTION_METRICS and not m["pct"] and abs(value) > 1:
+        raise UserInputError(
+            f"--fail-if '{text}': {metric} is a fraction between 0 and 1; write {m['value']}% "
+            f"or {value / 100:g} (a value over 1 could never be reached)"
+        )
+    provider = m["prov"].lower() if m["prov"] else None
+    if provider is not None and provider not in PROVIDER_ALIASES:
+        known = ", ".join(sorted(PROVIDER_ALIASES))
+        raise UserInputError(f"--fail-if '{text}': unknown provider '{provider}' (known: {known})")
+    return Gate(text.strip(), provider, metric, m["op"], value)
+
+
+def check_measurable(gates: list[Gate], runs_per_round: int, rounds: int, providers: list[str]) -> None:
+    """Refuse, before any work, gates the benchmark as configured cannot measure."""
+    for gate in gates:
+        total = PERCENTILE_TOTAL_RUNS.get(gate.metric)
+        if total and rounds * runs_per_round < total:
+            raise UserInputError(
+                f"--fail-if '{gate.expression}': {gate.metric} needs at least {total} timed runs "
+                f"(benchmark.rounds x runs_per_round is {rounds * runs_per_round})"
+            )
+        need = PERCENTILE_RUNS.get(gate.metric)
+        if need and runs_per_round < need:
+            raise UserInputError(
+                f"--fail-if '{gate.expression}': {gate.metric} needs at least {need} runs per round to be measured "
+                f"(benchmark.runs_per_round is {runs_per_round}; add --set benchmark.runs_per_round={need})"
+            )
+        if gate.provider is not None and gate.provider not in providers:
+            raise UserInputError(
+                f"--fail-if '{gate.expression}': provider '{gate.provider}' is not benchmarked "
+                f"(benchmarked: {', '.join(providers)})"
+            )
 
 
 def evaluate(gates: list[Gate], bench: dict[str, Any]) -> list[GateResult]:

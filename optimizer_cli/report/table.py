@@ -87,6 +87,7 @@ def bench_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 speed = f"{sp['median']:.2f}x [{sp['ci_low']:.2f}, {sp['ci_high']:.2f}]"
                 speed += " noisy" if sp["noisy"] else ""
                 speed += " n.s." if not sp["significant"] else ""
+                speed += " SLOWER" if sp["ci_high"] < 1.0 else ""
             rows.append(
                 [
                     "" if optimized else provider,
@@ -121,6 +122,19 @@ def setup_lines(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def verdict_line(report: dict[str, Any]) -> str:
+    """The run's outcome in one phrase (speedup 95% intervals): faster, slower, no significant change, ..."""
+    verdict = report["benchmark"].get("verdict", "not measured")
+    meaning = {
+        "faster": "the optimized model is significantly faster on every measured provider",
+        "slower": "the optimized model is significantly SLOWER than the original on every measured provider",
+        "no significant change": "no significant speed difference (the 95% intervals include 1.0)",
+        "mixed": "faster on some providers, not on others",
+        "not measured": "no provider could be measured",
+    }
+    return f"verdict: {verdict}: {meaning.get(verdict, '')}"
+
+
 def render_rich(report: dict[str, Any], console: Console) -> None:
     if report.get("stages"):
         head, rows = stage_rows(report)
@@ -145,6 +159,7 @@ def render_rich(report: dict[str, Any], console: Console) -> None:
         console.print(t)
         for line in setup_lines(report) + unusable_lines(report):
             console.print(f"  {line}")
+        console.print(verdict_line(report))
     for entry in report.get("baseline", []):
         console.print(
             f"vs baseline {entry['provider']} {entry['shape']}: p50 {_f(entry['p50_ms']['now'])} ms "
@@ -186,6 +201,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("benchmark"):
         parts.append(_md_table(*bench_rows(report)))
         parts.extend(f"- {line}" for line in setup_lines(report) + unusable_lines(report))
+        parts.append(f"**{verdict_line(report)}**")
         env = report["benchmark"]["environment"]
         parts.append(
             f"_{env['tool']}, onnxruntime {env['onnxruntime']}, {cpu_label(env)}, GPUs: {', '.join(env['gpus']) or 'none'}_"
