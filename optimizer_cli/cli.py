@@ -5,12 +5,15 @@ Only parsing and wiring here; the work is in pipeline, bench and report.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shlex
 import sys
 import traceback
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,8 +89,6 @@ def run_cmd(
         _parse_gates(fail_if)
         _dry_run(model, rec, output, calib, data, human, json_out)
         return
-    from optimizer_cli.pipeline import run_pipeline
-
     threads = threads or rec.benchmark.threads
     benchmarking = bench and rec.benchmark.enabled
     # Everything that can be checked without the model is checked now, before any work or any write.
@@ -105,6 +106,51 @@ def run_cmd(
     settings = _bench_settings(rec, providers, strict_ep, threads, sweep, eval_samples, memory)
     _check_providers(settings, checks.gates)
     _capture_warnings(log)
+    plan = checks.plan
+    try:
+        staged = plan.staged_model()
+        with _library_output_to_stderr():
+            report = _optimize_and_measure(
+                model, output, recipe, rec, staged, calib, data, threads, settings, checks, benchmarking, attribute, log
+            )
+        _finish(report, checks, json_out, human, log)
+    finally:
+        plan.discard()
+
+
+@contextlib.contextmanager
+def _library_output_to_stderr() -> Iterator[None]:
+    """stdout carries only our report: what libraries print during the work (onnxruntime.transformers'
+    print(), native printf) goes to stderr, at the Python and the file-descriptor level."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _optimize_and_measure(
+    model: Path,
+    output: Path,
+    recipe: Path,
+    rec: Any,
+    staged: Path,
+    calib: str | None,
+    data: str | None,
+    threads: int,
+    settings: Any,
+    checks: _Checked,
+    benchmarking: bool,
+    attribute: bool,
+    log: Console,
+) -> dict[str, Any]:
+    """The work of `run`: passes (saved to the staging path), then benchmark and attribution."""
+    from optimizer_cli.pipeline import run_pipeline
 
     def on_stage(stage: Any) -> None:
         cos = stage.worst_cosine()
@@ -113,37 +159,47 @@ def run_cmd(
             + (f", cosine vs original {cos:.5f}" if cos is not None else "")
         )
 
-    plan = checks.plan
-    try:
-        staged = plan.staged_model()
-        result = run_pipeline(
-            model,
-            rec,
-            staged,
-            calibration=calib,
-            evaluation=data,
-            threads=threads,
-            on_stage=on_stage,
-            logger=logging.getLogger("optimizer_cli"),
-        )
-        report: dict[str, Any] = {
-            "tool": f"optimizer-cli {__version__}",
-            "input": str(model),
-            "output": str(output),
-            "recipe": {"path": str(recipe), "name": rec.name, "passes": [p.model_dump() for p in rec.passes]},
-            "input_bytes": result.input_bytes,
-            "output_bytes": result.output_bytes,
-            "stages": [s.as_dict() for s in result.stages],
-            "notes": list(result.notes),
-        }
-        if benchmarking:
-            eval_data = result.evaluation if result.evaluation is not None else result.verify_data
-            _benchmark_into(report, model, staged, settings, eval_data, checks.metric, rec.data.dims, log)
-            if attribute:
-                _attribution_into(report, model, staged, rec, eval_data, calib, data, threads, log)
-        _finish(report, checks, json_out, human, log)
-    finally:
-        plan.discard()
+    result = run_pipeline(
+        model,
+        rec,
+        staged,
+        calibration=calib,
+        evaluation=data,
+        threads=threads,
+        on_stage=on_stage,
+        logger=logging.getLogger("optimizer_cli"),
+    )
+    report: dict[str, Any] = {
+        **_provenance(model, staged),
+        "output": str(output),
+        "recipe": {"path": str(recipe), **rec.model_dump(mode="json")},
+        "input_bytes": result.input_bytes,
+        "output_bytes": result.output_bytes,
+        "stages": [s.as_dict() for s in result.stages],
+        "notes": list(result.notes),
+    }
+    if benchmarking:
+        eval_data = result.evaluation if result.evaluation is not None else result.verify_data
+        _benchmark_into(report, model, staged, settings, eval_data, checks.metric, rec.data.dims, log)
+        if attribute:
+            _attribution_into(report, model, staged, rec, eval_data, calib, data, threads, log)
+    return report
+
+
+def _provenance(model: Path, output: Path) -> dict[str, Any]:
+    """What identifies the run: tool, command line, time, and the hashes of the input and output models."""
+    from datetime import datetime, timezone
+
+    from optimizer_cli.model_io import model_sha256
+
+    return {
+        "tool": f"optimizer-cli {__version__}",
+        "command": " ".join(shlex.quote(a) for a in ["optimize", *sys.argv[1:]]),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "input": str(model),
+        "input_sha256": model_sha256(model),
+        "output_sha256": model_sha256(output) if output.exists() else None,
+    }
 
 
 @dataclass
@@ -312,9 +368,13 @@ def _finish(report: dict[str, Any], checks: _Checked, json_out: bool, human: Con
     from optimizer_cli.report.table import render_markdown, render_rich
 
     if checks.baseline is not None and report.get("benchmark"):
-        from optimizer_cli.report.baseline import compare
+        from optimizer_cli.report.baseline import compare, provenance_warnings
 
         report["baseline"] = compare(report, checks.baseline)
+        warnings_ = provenance_warnings(report, checks.baseline)
+        for w in warnings_:
+            log.print(f"[yellow]warning:[/yellow] {w}")
+        report["notes"].extend(warnings_)
     if checks.gates:
         from optimizer_cli.report.gate import evaluate
 
@@ -437,13 +497,9 @@ def bench_cmd(
     if signature(a) != signature(b):
         raise UserInputError(f"models have different inputs/outputs: {signature(a)} vs {signature(b)}", optimized)
     eval_data = resolve_dataset(data, a, samples=8, seed=0, dims=dim_values) or random_dataset(a, 8, 0, dim_values)
-    report: dict[str, Any] = {
-        "tool": f"optimizer-cli {__version__}",
-        "input": str(original),
-        "output": str(optimized),
-        "notes": [],
-    }
-    _benchmark_into(report, original, optimized, settings, eval_data, checks.metric, dim_values, log)
+    report: dict[str, Any] = {**_provenance(original, optimized), "output": str(optimized), "notes": []}
+    with _library_output_to_stderr():
+        _benchmark_into(report, original, optimized, settings, eval_data, checks.metric, dim_values, log)
     _finish(report, checks, json_out, human, log)
 
 

@@ -74,6 +74,10 @@ def resolve_shape(spec: InputSpec, dims: dict[str, int], default_dim: int = 1) -
     return tuple(out)
 
 
+# One random input larger than this is refused: a declared [100000, 100000] would try to allocate 37 GiB.
+MAX_RANDOM_INPUT_BYTES = 1 << 30
+
+
 def random_feed(
     specs: list[InputSpec], rng: np.random.Generator, dims: dict[str, int] | None = None, int_high: int = 64
 ) -> dict[str, np.ndarray]:
@@ -82,6 +86,18 @@ def random_feed(
     feed = {}
     for spec in specs:
         shape = resolve_shape(spec, dims)
+        nbytes = int(np.prod(shape, dtype=np.float64)) * spec.dtype.itemsize
+        if nbytes > MAX_RANDOM_INPUT_BYTES:
+            symbolic = [d for d in (spec.shape or ()) if isinstance(d, str)]
+            hint = (
+                f"set smaller dims with --set data.dims.{symbolic[0]}=N"
+                if symbolic
+                else "give real data with --data/--calib"
+            )
+            raise UserInputError(
+                f"a random feed for input '{spec.name}' of shape {list(shape)} would take "
+                f"{nbytes / 2**30:.1f} GiB (limit {MAX_RANDOM_INPUT_BYTES / 2**30:.0f} GiB); {hint}"
+            )
         lname = spec.name.lower()
         if spec.dtype == np.bool_:
             arr = rng.random(shape) > 0.5
@@ -197,6 +213,11 @@ def load_dataset(path: str | Path, model: ir.Model, batch_size: int = 1, limit: 
     if len(counts) != 1:
         raise UserInputError(f"inputs have different sample counts: {sorted(counts)}", path)
     n = counts.pop()
+    if n == 0:
+        raise UserInputError("holds no samples (the arrays are empty)", path)
+    empty = [name for name, samples in per_input.items() if any(a.size == 0 for a in samples)]
+    if empty:
+        raise UserInputError(f"input '{empty[0]}' has samples with no elements (a zero-length axis)", path)
     if limit is not None:
         n = min(n, limit)
     feeds = [{name: per_input[name][i] for name in per_input} for i in range(n)]

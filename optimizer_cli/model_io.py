@@ -7,6 +7,7 @@ into place, and a save whose target is the input (or its external data) is refus
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -159,6 +160,16 @@ def _iter_proto_tensors(graph: onnx.GraphProto):
                 yield from _iter_proto_tensors(attr.g)
             for g in attr.graphs:
                 yield from _iter_proto_tensors(g)
+
+
+def model_sha256(path: str | Path) -> str:
+    """sha256 over the model file and then its external data files (in location order), read in chunks."""
+    digest = hashlib.sha256()
+    for part in [Path(path), *external_data_files(path)]:
+        with open(part, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _protected_paths(input_path: Path) -> set[Path]:

@@ -20,7 +20,32 @@ def load_baseline(path: str | Path) -> dict[str, Any]:
     bench = data.get("benchmark") if isinstance(data, dict) else None
     if not isinstance(bench, dict) or "rows" not in bench:
         raise UserInputError("baseline JSON has no benchmark rows (write one with --json)", path)
+    rows = bench["rows"]
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("provider"), str) for r in rows):
+        raise UserInputError(
+            "baseline JSON's benchmark.rows is not a list of provider rows (write one with --json)", path
+        )
+    for row in rows:
+        for section in ("latency_optimized", "accuracy_optimized", "fidelity", "speedup"):
+            if row.get(section) is not None and not isinstance(row[section], dict):
+                raise UserInputError(f"baseline row '{row['provider']}' has a malformed '{section}'", path)
     return data
+
+
+def provenance_warnings(current: dict[str, Any], baseline: dict[str, Any]) -> list[str]:
+    """A baseline of another model or recipe compares apples with pears: say so."""
+    notes = []
+    now, then = current.get("input_sha256"), baseline.get("input_sha256")
+    if then is None:
+        notes.append("the baseline report records no input model hash: cannot tell whether it is the same model")
+    elif now != then:
+        notes.append(
+            f"the baseline was measured on a different input model (sha256 {then[:12]} vs {now[:12] if now else '?'})"
+        )
+    rec_now, rec_then = current.get("recipe"), baseline.get("recipe")
+    if isinstance(rec_now, dict) and isinstance(rec_then, dict) and rec_now.get("passes") != rec_then.get("passes"):
+        notes.append("the baseline used a different recipe (its passes differ)")
+    return notes
 
 
 def compare(current: dict[str, Any], baseline: dict[str, Any]) -> list[dict[str, Any]]:
