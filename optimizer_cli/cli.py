@@ -469,6 +469,7 @@ def bench_cmd(
     """Benchmark two existing models side by side (latency, accuracy, fidelity, memory, size)."""
     from optimizer_cli.data import random_dataset, resolve_dataset
     from optimizer_cli.model_io import load_model
+    from optimizer_cli.pipeline import require_inputs
     from optimizer_cli.recipe import empty_recipe
     from optimizer_cli.verify import signature
 
@@ -494,6 +495,7 @@ def bench_cmd(
     _capture_warnings(log)
     a = load_model(original)
     b = load_model(optimized)
+    require_inputs(a, original)
     if signature(a) != signature(b):
         raise UserInputError(f"models have different inputs/outputs: {signature(a)} vs {signature(b)}", optimized)
     eval_data = resolve_dataset(data, a, samples=8, seed=0, dims=dim_values) or random_dataset(a, 8, 0, dim_values)

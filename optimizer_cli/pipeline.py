@@ -144,9 +144,15 @@ def normalize(model: ir.Model) -> list[str]:
     return notes
 
 
+def require_inputs(model: ir.Model, path: Path) -> None:
+    if not any(v.name not in model.graph.initializers for v in model.graph.inputs):
+        raise UserInputError("the model has no inputs: there is nothing to feed, verify or time", path)
+
+
 def check_input_model(model: ir.Model, path: Path) -> None:
     """A model that is invalid or holds NaN/Inf weights before any pass is the user's to fix (exit 2), not a
     pass's fault."""
+    require_inputs(model, path)
     try:
         check_model(model)
     except VerificationError as exc:

@@ -98,7 +98,9 @@ def parse_gate(text: str) -> Gate:
     if metric not in METRICS:
         raise UserInputError(f"--fail-if '{text}': unknown metric '{metric}' (known: {', '.join(sorted(METRICS))})")
     value = float(m["value"]) / (100.0 if m["pct"] else 1.0)
-    if metric in FRACTION_METRICS and not m["pct"] and abs(value) > 1:
+    # accuracy_drop>1 can never fire (a drop is at most 1); the writer meant 1%.
+    out_of_range = abs(value) > 1 or (metric == "accuracy_drop" and abs(value) >= 1)
+    if metric in FRACTION_METRICS and not m["pct"] and out_of_range:
         raise UserInputError(
             f"--fail-if '{text}': {metric} is a fraction between 0 and 1; write {m['value']}% "
             f"or {value / 100:g} (a value over 1 could never be reached)"
