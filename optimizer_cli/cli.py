@@ -28,21 +28,26 @@ from optimizer_cli import __version__
 from optimizer_cli.errors import GateFailure, OptimizerError, UserInputError
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Optimize ONNX models with a recipe of verified graph rewrites and benchmark the result.\n\n"
     "Main form: optimize MODEL --recipe RECIPE -o OUT (same as `optimize run ...`).",
     pretty_exceptions_enable=False,
 )
 
 SUBCOMMANDS = {"run", "bench", "passes", "validate", "inspect", "providers", "schema", "--help", "-h", "--version"}
+SUBCOMMANDS |= {"--install-completion", "--show-completion"}
+VERBOSITY_FLAGS = {"-v": 1, "--verbose": 1, "-q": -1, "--quiet": -1}
+# -v / -q, read by main() before typer sees the arguments (they are accepted anywhere on the line).
+_verbosity = 0
 
 
 def _consoles(json_mode: bool) -> tuple[Console, Console]:
     """(human output, log): with --json, stdout carries exactly one JSON document and nothing else."""
-    # Piped output keeps wide tables on one line instead of folding them at 80 columns.
-    width = None if sys.stdout.isatty() else 180
-    log = Console(stderr=True, width=width)
+    # Piped output keeps wide tables on one line, unless COLUMNS says how wide the reader is.
+    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS", "").isdigit() else 180
+    log = Console(stderr=True, width=width, quiet=_verbosity < 0)
     human = Console(stderr=True, width=width) if json_mode else Console(width=width)
     return human, log
 
@@ -109,13 +114,51 @@ def run_cmd(
     plan = checks.plan
     try:
         staged = plan.staged_model()
-        with _library_output_to_stderr():
+        with _library_output_to_stderr(), _Progress(log) as progress:
             report = _optimize_and_measure(
-                model, output, recipe, rec, staged, calib, data, threads, settings, checks, benchmarking, attribute, log
+                model,
+                output,
+                recipe,
+                rec,
+                staged,
+                calib,
+                data,
+                threads,
+                settings,
+                checks,
+                benchmarking,
+                attribute,
+                progress,
             )
         _finish(report, checks, json_out, human, log)
     finally:
         plan.discard()
+
+
+class _Progress:
+    """Step lines on stderr and, on a terminal, a spinner naming the step that is running (rich)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        show = console.is_terminal and not console.quiet
+        self._status = console.status("starting", spinner="dots") if show else None
+
+    def __enter__(self) -> _Progress:
+        if self._status is not None:
+            self._status.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._status is not None:
+            self._status.stop()
+
+    def step(self, text: str) -> None:
+        if self._status is not None:
+            self._status.update(text)
+
+    def line(self, text: str) -> None:
+        self.console.print(f"  {text}")
+        self.step(text)
 
 
 @contextlib.contextmanager
@@ -147,18 +190,19 @@ def _optimize_and_measure(
     checks: _Checked,
     benchmarking: bool,
     attribute: bool,
-    log: Console,
+    log: _Progress,
 ) -> dict[str, Any]:
     """The work of `run`: passes (saved to the staging path), then benchmark and attribution."""
     from optimizer_cli.pipeline import run_pipeline
 
     def on_stage(stage: Any) -> None:
         cos = stage.worst_cosine()
-        log.print(
-            f"  {stage.name}: {stage.seconds:.2f}s, {stage.nodes} nodes"
+        log.line(
+            f"{stage.name}: {stage.seconds:.2f}s, {stage.nodes} nodes"
             + (f", cosine vs original {cos:.5f}" if cos is not None else "")
         )
 
+    log.step("loading and checking the model")
     result = run_pipeline(
         model,
         rec,
@@ -167,6 +211,7 @@ def _optimize_and_measure(
         evaluation=data,
         threads=threads,
         on_stage=on_stage,
+        on_start=lambda i, label: log.step(f"pass {i + 1} of {len(rec.passes)}: {label}"),
         logger=logging.getLogger("optimizer_cli"),
     )
     report: dict[str, Any] = {
@@ -266,7 +311,18 @@ def _parse_gates(exprs: list[str]) -> list[Any]:
     return [parse_gate(e) for e in exprs]
 
 
+def _quiet_runtime() -> None:
+    """onnxruntime's default logger (used by the sessions its quantization tools make) follows -v."""
+    import onnxruntime as ort
+
+    from optimizer_cli.runtime.session import ort_log_severity
+
+    ort.set_default_logger_severity(min(3, ort_log_severity()))
+
+
 def _capture_warnings(log: Console) -> None:
+    _quiet_runtime()
+
     def show(
         message: Warning | str,
         category: type[Warning],
@@ -324,7 +380,7 @@ def _benchmark_into(
     eval_data: Any,
     metric: Any,
     dims: dict[str, int],
-    log: Console,
+    log: _Progress,
 ) -> None:
     from optimizer_cli.bench.harness import run_benchmark
 
@@ -335,7 +391,7 @@ def _benchmark_into(
         eval_data,
         metric=metric,
         dims=dims,
-        log=lambda m: log.print(f"  {m}"),
+        log=log.line,
     )
     report["benchmark"] = bench.as_dict()
     report["notes"].extend(n for n in bench.notes if n not in report["notes"])
@@ -350,13 +406,11 @@ def _attribution_into(
     calib: str | None,
     data: str | None,
     threads: int,
-    log: Console,
+    log: _Progress,
 ) -> None:
     from optimizer_cli.bench.attribution import attribute_if_needed
 
-    found = attribute_if_needed(
-        report, Path(model), Path(output), rec, eval_data, calib, data, threads, log=lambda m: log.print(f"  {m}")
-    )
+    found = attribute_if_needed(report, Path(model), Path(output), rec, eval_data, calib, data, threads, log=log.line)
     if found:
         report["attribution"] = found
 
@@ -500,8 +554,8 @@ def bench_cmd(
         raise UserInputError(f"models have different inputs/outputs: {signature(a)} vs {signature(b)}", optimized)
     eval_data = resolve_dataset(data, a, samples=8, seed=0, dims=dim_values) or random_dataset(a, 8, 0, dim_values)
     report: dict[str, Any] = {**_provenance(original, optimized), "output": str(optimized), "notes": []}
-    with _library_output_to_stderr():
-        _benchmark_into(report, original, optimized, settings, eval_data, checks.metric, dim_values, log)
+    with _library_output_to_stderr(), _Progress(log) as progress:
+        _benchmark_into(report, original, optimized, settings, eval_data, checks.metric, dim_values, progress)
     _finish(report, checks, json_out, human, log)
 
 
@@ -648,16 +702,19 @@ def _fail(message: str, exit_code: int, json_mode: bool, path: str | None = None
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: `optimize MODEL ...` is `optimize run MODEL ...`; errors are one line, exit code by kind."""
+    global _verbosity
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     json_mode = "--json" in args
-    args = [a for a in args if a != "--debug"]
+    _verbosity = sum(VERBOSITY_FLAGS.get(a, 0) for a in args) + (1 if debug else 0)
+    args = [a for a in args if a != "--debug" and a not in VERBOSITY_FLAGS]
     if args and args[0] not in SUBCOMMANDS and not args[0].startswith("-"):
         args.insert(0, "run")
     # Other libraries' warnings (onnxruntime.quantization's advice) stay hidden; our passes' warnings show.
     logging.basicConfig(level=logging.DEBUG if debug else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     if not debug:
-        logging.getLogger("optimizer_cli").setLevel(logging.WARNING)
+        level = logging.INFO if _verbosity > 0 else logging.ERROR if _verbosity < 0 else logging.WARNING
+        logging.getLogger("optimizer_cli").setLevel(level)
     try:
         rv = app(args=args, prog_name="optimize", standalone_mode=False)
         sys.exit(rv if isinstance(rv, int) else 0)

@@ -41,6 +41,7 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple[int | str | None, ...] | None  # ints are fixed, str/None are symbolic
+    index_limit: int | None = None  # integer inputs that index a table (Gather): random values stay below this
 
 
 def input_specs(model: ir.Model) -> list[InputSpec]:
@@ -55,8 +56,30 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         shape = None
         if value.shape is not None:
             shape = tuple(d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape.dims)
-        specs.append(InputSpec(value.name, _NUMPY_DTYPES[dtype], shape))
+        limit = _index_limit(value) if np.issubdtype(_NUMPY_DTYPES[dtype], np.integer) else None
+        specs.append(InputSpec(value.name, _NUMPY_DTYPES[dtype], shape, limit))
     return specs
+
+
+def _index_limit(value: ir.Value) -> int | None:
+    """Rows of the smallest constant table this input indexes through Gather (directly or via a Cast), so
+    random token ids stay valid for an embedding of any vocabulary size."""
+    limits = []
+    frontier = [value]
+    for _ in range(2):  # the input itself, then the outputs of Casts it feeds
+        next_frontier = []
+        for v in frontier:
+            for use in v.uses():
+                node = use.node
+                if node.op_type == "Cast" and node.domain == "":
+                    next_frontier.extend(node.outputs)
+                elif node.op_type == "Gather" and node.domain == "" and use.idx == 1:
+                    table = node.inputs[0]
+                    axis = node.attributes.get_int("axis", 0)
+                    if table is not None and table.shape is not None and isinstance(table.shape[axis], int):
+                        limits.append(int(table.shape[axis]))
+        frontier = next_frontier
+    return min(limits) if limits else None
 
 
 def resolve_shape(spec: InputSpec, dims: dict[str, int], default_dim: int = 1) -> tuple[int, ...]:
@@ -109,7 +132,8 @@ def random_feed(
             arr = np.zeros(shape, spec.dtype)
         else:
             info = np.iinfo(spec.dtype)
-            arr = rng.integers(max(info.min, 0), min(info.max, int_high), size=shape).astype(spec.dtype)
+            high = min(info.max, int_high if spec.index_limit is None else spec.index_limit)
+            arr = rng.integers(max(info.min, 0), max(high, 1), size=shape).astype(spec.dtype)
         feed[spec.name] = arr
     return feed
 

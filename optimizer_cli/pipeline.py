@@ -178,6 +178,7 @@ def run_pipeline(
     evaluation: str | None = None,
     threads: int = 2,
     on_stage: Callable[[StageReport], None] | None = None,
+    on_start: Callable[[int, str], None] | None = None,
     logger: logging.Logger | None = None,
 ) -> PipelineResult:
     logger = logger or logging.getLogger("optimizer_cli")
@@ -233,6 +234,8 @@ def run_pipeline(
             pass_cls = PASS_REGISTRY[cfg.type]
             instance = pass_cls(cfg, ctx)
             label = cfg.label or cfg.type
+            if on_start:
+                on_start(index, label)
             start = time.perf_counter()
             try:
                 result = instance(model)

@@ -76,3 +76,13 @@ def test_missing_and_unreadable(tmp_path: Path, model: ir.Model) -> None:
 def test_random_data_says_which_symbolic_dims_defaulted(model: ir.Model) -> None:
     assert any("batch" in n for n in random_dataset(model, 1, seed=0).notes)
     assert not random_dataset(model, 1, seed=0, dims={"batch": 4}).notes
+
+
+def test_random_token_ids_stay_inside_the_embedding_table() -> None:
+    from .builders import tiny_encoder
+
+    model = ir.serde.deserialize_model(tiny_encoder(vocab=7))
+    ids = next(s for s in input_specs(model) if s.index_limit is not None)
+    assert ids.index_limit == 7
+    feeds = random_dataset(model, 4, seed=0, dims={"batch": 2, "sequence": 64}).feeds
+    assert max(int(f[ids.name].max()) for f in feeds) < 7, "ids past the vocabulary make Gather fail"

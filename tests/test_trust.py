@@ -464,3 +464,23 @@ def test_library_prints_do_not_reach_json_stdout(work: Path) -> None:
 
 def test_env_unchanged() -> None:
     assert os.environ.get("ORT_DISABLE_TELEMETRY") == "1"
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(__file__).parent.parent / "recipes").glob("*.yaml")))
+def test_every_shipped_recipe_prints_one_json_document(tmp_path: Path, recipe: str) -> None:
+    """Fusion libraries print to stdout; whatever a recipe runs, --json stdout parses as one document."""
+    from .builders import tiny_encoder
+
+    transformer = recipe.startswith("transformer")
+    model = tiny_encoder() if transformer else mlp()
+    onnx.save(model, tmp_path / "m.onnx")
+    proc = run_cli(
+        str(tmp_path / "m.onnx"), "-r", f"recipes/{recipe}", "-o", str(tmp_path / "o.onnx"), "--calib", "random",
+        *FAST, "--json",
+    )  # fmt: skip
+    if proc.returncode == 0:
+        doc = json.loads(proc.stdout)
+        assert doc["output_written"] and (tmp_path / "o.onnx").exists()
+    else:  # a recipe may refuse a model; it must say so as one JSON document too
+        doc = json.loads(proc.stdout)
+        assert doc["exit_code"] == proc.returncode in (2, 3), proc.stderr

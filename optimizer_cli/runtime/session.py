@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import tempfile
 import time
@@ -22,6 +23,12 @@ OPT_LEVELS = {
     "extended": "ORT_ENABLE_EXTENDED",
     "all": "ORT_ENABLE_ALL",
 }
+
+
+def ort_log_severity() -> int:
+    """onnxruntime's own log lines (colour-coded warnings and errors) reach the user only with -v: its errors
+    also come back as exceptions, which we report in one line."""
+    return 2 if logging.getLogger("optimizer_cli").isEnabledFor(logging.INFO) else 4
 
 
 def ort_error_message(exc: BaseException) -> str:
@@ -95,7 +102,7 @@ def create_session(source: ModelSource | ir.Model | str | Path, config: SessionC
     options.intra_op_num_threads = config.threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[config.opt_level])
-    options.log_severity_level = 3
+    options.log_severity_level = ort_log_severity()
     providers = _provider_entry(config)
     silence = (
         silence_native_output()
