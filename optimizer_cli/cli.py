@@ -369,6 +369,7 @@ def _bench_settings(
         memory=memory,
         sweep=sweep_points(sweep),
         eval_samples=eval_samples,
+        max_seconds=b.max_seconds,
     )
 
 

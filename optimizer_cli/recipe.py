@@ -56,6 +56,12 @@ class BenchmarkSettings(_Strict):
     trt_int8: bool = False
     trt_cache_dir: str | None = None
     attribution_threshold: float = 0.99  # cosine under which per-layer attribution runs
+    max_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="Wall-time budget per provider for accuracy and latency (like trtexec --duration): when one "
+        "inference is slow, fewer samples and runs are used and the report says so.",
+    )
 
 
 def _pass_union() -> Any:

@@ -183,3 +183,35 @@ def test_u8s8_saturates_only_on_x86_without_vnni(monkeypatch) -> None:
     assert not u8s8_saturates("AVX512-VNNI") and not u8s8_saturates("AVX-VNNI")
     monkeypatch.setattr(cpu.platform, "machine", lambda: "aarch64")
     assert not u8s8_saturates("AVX2 (no VNNI)")
+
+
+def test_latency_plan_fits_the_budget_and_keeps_two_rounds() -> None:
+    from optimizer_cli.bench.latency import LatencyPlan, fit_to_budget
+
+    asked = LatencyPlan(warmup=5, rounds=10, runs_per_round=10, discard_after_switch=3, inputs=32)
+    same = fit_to_budget(asked, seconds_per_call=1e-4, budget_s=100)
+    assert not same.shortened and same.rounds == 10 and same.runs_per_round == 32, "a round covers every input"
+    slow = fit_to_budget(asked, seconds_per_call=5.0, budget_s=60)
+    assert slow.shortened and slow.calls() * 5.0 <= 60
+    assert slow.rounds >= 2 and slow.runs_per_round >= 1 and slow.runs_per_round >= slow.inputs
+    hopeless = fit_to_budget(asked, seconds_per_call=100.0, budget_s=1)
+    assert hopeless.rounds == 2 and hopeless.runs_per_round == 1 and hopeless.inputs == 1
+    assert hopeless.warmup == 1 and hopeless.discard_after_switch == 0
+
+
+def test_slow_model_benchmark_is_shortened_and_says_so(tmp_path) -> None:
+    from optimizer_cli.bench.harness import BenchSettings, run_benchmark
+    from optimizer_cli.data import random_dataset
+    from optimizer_cli.model_io import load_model
+
+    path = tmp_path / "m.onnx"
+    onnx.save(mlp((512, 1024, 1024, 1024, 1024, 10)), str(path))
+    data = random_dataset(load_model(path), 64, 0, {"batch": 256})
+    start = time.perf_counter()
+    report = run_benchmark(path, path, BenchSettings(providers=["cpu"], memory=False, max_seconds=1.0), data)
+    took = time.perf_counter() - start
+    row = report.rows[0]
+    assert row.usable and row.speedup is not None and row.speedup.rounds == 2
+    assert any("shortened" in n for n in report.notes), report.notes
+    assert any("accuracy/fidelity used" in n for n in report.notes), report.notes
+    assert took < 20, f"the 1 s budget was ignored ({took:.1f} s)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,14 @@ import onnx_ir as ir
 from optimizer_cli.analysis.int8 import saturation_note
 from optimizer_cli.bench.accuracy import Accuracy, Fidelity, Metric, accuracy, fidelity
 from optimizer_cli.bench.environment import environment
-from optimizer_cli.bench.latency import LatencyStats, SpeedupEstimate, cycling, measure_ab
+from optimizer_cli.bench.latency import (
+    LatencyPlan,
+    LatencyStats,
+    SpeedupEstimate,
+    cycling,
+    fit_to_budget,
+    measure_ab,
+)
 from optimizer_cli.bench.memory import session_peak_memory
 from optimizer_cli.data import Dataset, input_specs, random_feed
 from optimizer_cli.errors import UserInputError
@@ -45,6 +53,7 @@ class BenchSettings:
     sweep: list[dict[str, int]] = field(default_factory=list)  # symbolic dim values per shape point
     eval_samples: int | None = None
     latency_samples: int = 32  # evaluation inputs the latency rounds cycle through
+    max_seconds: float = 300.0  # per provider, accuracy and latency together; slow models get fewer runs
 
 
 @dataclass
@@ -121,6 +130,20 @@ class BenchReport:
             "environment": self.environment,
             "notes": self.notes,
         }
+
+
+def _seconds_per_call(sess_a: Any, sess_b: Any, feed: dict[str, np.ndarray]) -> float:
+    """Mean seconds of one inference of either model (one warm run each), to size the benchmark."""
+    start = time.perf_counter()
+    run_session(sess_a, feed)
+    run_session(sess_b, feed)
+    return (time.perf_counter() - start) / 2
+
+
+def _eval_within_budget(data: Dataset, seconds_per_call: float, budget_s: float) -> Dataset:
+    """As many evaluation samples as both models can run within `budget_s` (at least one)."""
+    affordable = int(budget_s / max(2 * seconds_per_call, 1e-9))
+    return data if affordable >= len(data) else data.take(max(1, affordable))
 
 
 def _outcome_notes(rows: list[ProviderRow], settings: BenchSettings) -> list[str]:
@@ -227,13 +250,20 @@ def run_benchmark(
                 raise UserInputError(msg + " (--strict-ep)")
             rows.append(ProviderRow(alias, False, msg))
             continue
+        per_call = _seconds_per_call(sess_a, sess_b, first_feed)
+        provider_eval = _eval_within_budget(eval_data, per_call, settings.max_seconds / 2)
+        if len(provider_eval) < len(eval_data):
+            notes.append(
+                f"{alias}: one inference takes {per_call:.2f}s, so accuracy/fidelity used {len(provider_eval)} of "
+                f"{len(eval_data)} samples to stay within benchmark.max_seconds={settings.max_seconds:g}"
+            )
         if log:
-            log(f"benchmarking on {alias}: accuracy/fidelity over {len(eval_data)} samples")
-        outs_a = [run_session(sess_a, f) for f in eval_data.feeds]
-        outs_b = [run_session(sess_b, f) for f in eval_data.feeds]
+            log(f"benchmarking on {alias}: accuracy/fidelity over {len(provider_eval)} samples")
+        outs_a = [run_session(sess_a, f) for f in provider_eval.feeds]
+        outs_b = [run_session(sess_b, f) for f in provider_eval.feeds]
         fid = fidelity(outs_a, outs_b, output_names)
-        acc_a = accuracy(outs_a, eval_data, metric)
-        acc_b = accuracy(outs_b, eval_data, metric)
+        acc_a = accuracy(outs_a, provider_eval, metric)
+        acc_b = accuracy(outs_b, provider_eval, metric)
         mem_a = mem_b = None
         if settings.memory and optimized.exists():
             ma = session_peak_memory(original, first_feed, alias, settings.threads)
@@ -246,16 +276,29 @@ def run_benchmark(
             else:
                 feeds = eval_data.feeds[: max(1, settings.latency_samples)]
             feed = feeds[0]
+            asked = LatencyPlan(
+                settings.warmup, settings.rounds, settings.runs_per_round, settings.discard_after_switch, len(feeds)
+            )
+            budget = settings.max_seconds / (2 * len(points))
+            plan = fit_to_budget(asked, _seconds_per_call(sess_a, sess_b, feed), budget)
+            feeds = feeds[: plan.inputs]
+            if plan.shortened:
+                notes.append(
+                    f"{alias}{' ' + _shape_label(point) if point else ''}: latency shortened to {plan.rounds} rounds x "
+                    f"{plan.runs_per_round} runs over {plan.inputs} input(s) (asked {asked.rounds} x "
+                    f"{max(asked.runs_per_round, asked.inputs)} over {asked.inputs}) to stay within "
+                    f"benchmark.max_seconds={settings.max_seconds:g}"
+                )
             if log:
-                log(f"latency on {alias} {_shape_label(point)}: {settings.rounds} interleaved rounds")
+                log(f"latency on {alias} {_shape_label(point)}: {plan.rounds} interleaved rounds")
             lat_a, lat_b, speed = measure_ab(
                 cycling(lambda f, s=sess_a: s.run(None, f), feeds),
                 cycling(lambda f, s=sess_b: s.run(None, f), feeds),
-                warmup=settings.warmup,
-                rounds=settings.rounds,
+                warmup=plan.warmup,
+                rounds=plan.rounds,
                 # Every round covers all the inputs, so rounds (and their paired ratios) compare the same mix.
-                runs_per_round=max(settings.runs_per_round, len(feeds)),
-                discard_after_switch=settings.discard_after_switch,
+                runs_per_round=plan.runs_per_round,
+                discard_after_switch=plan.discard_after_switch,
                 batch_size=_batch_size(feed),
             )
             rows.append(

@@ -136,3 +136,53 @@ def measure_ab(
     noisy = (hi - lo) / med > noise_threshold if med > 0 else True
     significant = lo > 1.0 or hi < 1.0
     return a_stats, b_stats, SpeedupEstimate(med, lo, hi, p90, p99, rounds, noisy, significant)
+
+
+@dataclass
+class LatencyPlan:
+    """How much timing to do: what was asked, or less when one inference is slow (see fit_to_budget)."""
+
+    warmup: int
+    rounds: int
+    runs_per_round: int
+    discard_after_switch: int
+    inputs: int  # distinct inputs the rounds cycle through
+    shortened: bool = False
+
+    def calls(self) -> int:
+        """Inferences the plan runs, both models together."""
+        return 2 * self.warmup + 2 * self.rounds * (self.discard_after_switch + self.runs_per_round)
+
+
+def fit_to_budget(asked: LatencyPlan, seconds_per_call: float, budget_s: float) -> LatencyPlan:
+    """Shrink a latency plan until it fits `budget_s` at `seconds_per_call`, like trtexec's --duration.
+
+    What carries least information goes first: discarded runs and warm-up down to 1, then runs per round
+    (a round still covers every input), then distinct inputs, then rounds, never below 2 rounds of 1 run:
+    a paired ratio needs two rounds. The result may still exceed the budget when even that does not fit.
+    """
+    plan = LatencyPlan(**{**asked.__dict__, "shortened": False})
+    plan.runs_per_round = max(plan.runs_per_round, plan.inputs)
+
+    def fits() -> bool:
+        return plan.calls() * seconds_per_call <= budget_s
+
+    steps = [
+        ("discard_after_switch", 1),
+        ("warmup", 1),
+        ("runs_per_round", None),  # down to `inputs`, then together with inputs
+        ("inputs", 1),
+        ("rounds", 2),
+        ("discard_after_switch", 0),
+    ]
+    for name, floor in steps:
+        while not fits():
+            value = getattr(plan, name)
+            low = plan.inputs if name == "runs_per_round" else floor
+            if value <= low:
+                break
+            setattr(plan, name, max(low, value // 2 if name in ("runs_per_round", "rounds", "inputs") else value - 1))
+            if name == "inputs":
+                plan.runs_per_round = min(plan.runs_per_round, max(plan.inputs, 1))
+            plan.shortened = True
+    return plan
