@@ -27,7 +27,7 @@ from optimizer_cli.model_io import (
     external_data_files,
     file_size,
     load_model,
-    nonfinite_weights,
+    nan_weights,
     save_model,
     weights_nbytes,
 )
@@ -150,17 +150,17 @@ def require_inputs(model: ir.Model, path: Path) -> None:
 
 
 def check_input_model(model: ir.Model, path: Path) -> None:
-    """A model that is invalid or holds NaN/Inf weights before any pass is the user's to fix (exit 2), not a
+    """A model that is invalid or holds NaN weights before any pass is the user's to fix (exit 2), not a
     pass's fault."""
     require_inputs(model, path)
     try:
         check_model(model)
     except VerificationError as exc:
         raise UserInputError(f"the input model fails onnx.checker / shape inference: {exc}", path) from exc
-    bad = nonfinite_weights(model)
+    bad = nan_weights(model)
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise UserInputError(f"the input model has NaN/Inf weights in {', '.join(bad[:3])}{more}", path)
+        raise UserInputError(f"the input model has NaN weights in {', '.join(bad[:3])}{more}", path)
 
 
 def _load_normalized(path: Path) -> ir.Model:
