@@ -155,3 +155,62 @@ def test_loss_at_prune_blames_prune_and_prints_no_quantize_patch(examples_dir: P
     assert attribution["stage"]["quantize_share"] < 0.5
     assert attribution["patch"] is None and "exclude_nodes=[" not in proc.stdout
     assert "passes.2.sparsity" in attribution["suggestion"] and "pass 2 (prune)" in attribution["search"]
+
+
+def test_verification_failure_of_static_int8_gets_a_patch_that_passes(examples_dir: Path, tmp_path: Path) -> None:
+    """Static int8 under a strict verify.min_cosine stops the run (exit 3); the search finds the layers to
+    exclude, and the patch, applied with --set as printed, lets the same run pass."""
+    from optimizer_cli.bench.attribution import attribute_verification_failure, min_cosine_failure_index
+    from optimizer_cli.recipe import load_recipe
+
+    calib, data = str(examples_dir / "digits_calib.npz"), str(examples_dir / "digits_eval.npz")
+    strict = "verify.min_cosine=0.995"  # static int8 of the digits CNN measures ~0.989
+
+    def run(*extra: str):
+        return run_cli(
+            str(examples_dir / "digits_cnn.onnx"), "-r", "recipes/cnn-int8.yaml", "-o", str(tmp_path / "q.onnx"),
+            "--calib", calib, "--data", data, "--no-bench", "--json", "--set", strict, *extra,
+        )  # fmt: skip
+
+    failed = run()
+    assert failed.returncode == 3, failed.stderr
+    message = failed.stderr.strip().splitlines()[-1].removeprefix("error: ")
+    index = min_cosine_failure_index(message)
+    assert index == 2, message
+
+    recipe = load_recipe("recipes/cnn-int8.yaml", [strict])
+    found = attribute_verification_failure(examples_dir / "digits_cnn.onnx", recipe, index, calib, data, 2)
+    assert found is not None and found["verified"] and found["nodes"]
+    assert found["patch"].startswith("--set 'passes.2.exclude_nodes=[") and found["patch_cosine"] >= 0.995
+
+    passed = run("--set", found["patch"].split("'")[1])
+    assert passed.returncode == 0, passed.stderr
+    quantize = json.loads(passed.stdout)["stages"][2]
+    assert quantize["type"] == "quantize" and min(d["cosine"] for d in quantize["drift_vs_original"]) >= 0.995
+    assert quantize["stats"]["quant_ops"]  # a patch that excludes some layers, not the whole quantization
+
+
+def test_verification_failure_of_a_non_quantize_pass_gets_its_knob_not_a_patch() -> None:
+    from optimizer_cli.bench.attribution import attribute_verification_failure, min_cosine_failure_index
+    from optimizer_cli.recipe import parse_recipe
+
+    recipe = parse_recipe("passes:\n  - type: fuse\n  - type: prune\n    sparsity: 0.5\nverify: {min_cosine: 0.9}\n")
+    assert min_cosine_failure_index("pass 1 (prune): output cosine vs original 0.3056 < verify.min_cosine 0.9") == 1
+    assert min_cosine_failure_index("pass 1 (prune) produced an invalid model: bad") is None
+    found = attribute_verification_failure("unused.onnx", recipe, 1, None, None)
+    assert found is not None and found["patch"] is None and "passes.1.sparsity" in found["suggestion"]
+    assert attribute_verification_failure("unused.onnx", parse_recipe("passes: [{type: fuse}]"), 0, None, None) is None
+
+
+def test_verification_failure_out_of_reach_returns_no_patch(examples_dir: Path) -> None:
+    """0.99999 is beyond what excluding every ranked layer reaches: no patch, only advice."""
+    from optimizer_cli.bench.attribution import attribute_verification_failure
+    from optimizer_cli.recipe import load_recipe
+
+    recipe = load_recipe("recipes/cnn-int8.yaml", ["verify.min_cosine=0.99999"])
+    found = attribute_verification_failure(
+        examples_dir / "digits_cnn.onnx", recipe, 2, str(examples_dir / "digits_calib.npz"),
+        str(examples_dir / "digits_eval.npz"), 2,
+    )  # fmt: skip
+    assert found is not None and found["patch"] is None and "verified" not in found
+    assert found["best_cosine"] < 0.99999 and "exclude_nodes" not in found["suggestion"]

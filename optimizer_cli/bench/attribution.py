@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -200,8 +201,10 @@ def blame_stage(stages: list[dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
-def suggest_knob(recipe: Any, index: int) -> str:
-    """The setting of pass `index` that trades its savings for fidelity (advice, not a verified patch)."""
+def suggest_knob(recipe: Any, index: int, excluded_tried: bool = False) -> str:
+    """The setting of pass `index` that trades its savings for fidelity (advice, not a verified patch).
+
+    `excluded_tried`: the exclude_nodes search already failed, so do not suggest it again."""
     cfg = recipe.passes[index]
     key = f"passes.{index}"
     keep_whole = f"or keep the most sensitive layers whole with {key}.exclude_nodes"
@@ -224,12 +227,12 @@ def suggest_knob(recipe: Any, index: int) -> str:
             f"or exclude layers with {key}.exclude_nodes"
         )
     if cfg.type == "quantize":
-        tips = [f"exclude layers with {key}.exclude_nodes"]
+        tips = [] if excluded_tried else [f"exclude layers with {key}.exclude_nodes"]
         if cfg.mode in ("dynamic", "static") and not cfg.per_channel:
             tips.append(f"{key}.per_channel=true")
         if cfg.mode == "static" and cfg.calibration_method == "minmax":
             tips.append(f"{key}.calibration_method=percentile")
-        return ", or ".join(tips)
+        return "try " + ", or ".join(tips) if tips else f"this threshold is out of reach for {key} ({cfg.mode})"
     if "exclude_nodes" in type(cfg).model_fields:
         return f"exclude layers with {key}.exclude_nodes"
     return f"review the settings of {key} ({cfg.type})"
@@ -486,7 +489,7 @@ def attribute_if_needed(
             best_cos = cos
     if confirmed is None:
         result["best_fidelity"] = best_cos
-        result["suggestion"] = suggest_knob(recipe, index)
+        result["suggestion"] = suggest_knob(recipe, index, excluded_tried=True)
         result["search"] = (
             f"excluding up to {len(candidates)} nodes from pass {index} (quantize) reaches cosine {best_cos:.5f} "
             f"< {threshold}: no exclusion patch meets the threshold; {result['suggestion']}"
@@ -496,3 +499,114 @@ def attribute_if_needed(
     result["patch_fidelity"] = confirmed
     result["patch_meets_threshold"] = True
     return result
+
+
+# --- after a verification failure: an approximate pass fell below verify.min_cosine -------------------
+
+_MIN_COSINE_FAILURE = re.compile(r"^pass (\d+) \(.*\): output cosine vs original \S+ < verify\.min_cosine ")
+
+
+def min_cosine_failure_index(error: BaseException | str) -> int | None:
+    """The pass index of a pipeline VerificationError raised by the verify.min_cosine gate, else None
+    (invalid models, exact-pass drift and crashes are not a fidelity trade-off to search)."""
+    match = _MIN_COSINE_FAILURE.match(str(error))
+    return int(match.group(1)) if match else None
+
+
+def attribute_verification_failure(
+    model_path: str | Path,
+    recipe: Any,
+    failing_pass_index: int,
+    calib: str | None,
+    data: str | None,
+    threads: int = 2,
+    log: Callable[[str], None] = lambda _m: None,
+) -> dict[str, Any] | None:
+    """For a run that stopped at `failing_pass_index` below verify.min_cosine: a `--set` patch that passes.
+
+    `calib` / `data` are the run's --calib / --data (the pipeline derives its verification samples from
+    them, so trials are judged on exactly the samples that failed). For a quantize pass, ranks the nodes
+    between the model the quantizer saw and its output, bisects on how many to exclude with the
+    pipeline's own gate metric, then re-runs the whole recipe patched through `--set`: `patch` is set only
+    if that run passes every verification. Other passes get `suggestion` (their knob), no patch.
+    None when the recipe has no min_cosine or the index is out of range."""
+    from optimizer_cli.errors import VerificationError
+    from optimizer_cli.pipeline import run_pipeline
+
+    model_path = Path(model_path)
+    threshold = recipe.verify.min_cosine
+    index = failing_pass_index
+    if threshold is None or not 0 <= index < len(recipe.passes):
+        return None
+    cfg = recipe.passes[index]
+    result: dict[str, Any] = {"pass": index, "type": cfg.type, "threshold": threshold, "nodes": [], "patch": None}
+    if cfg.type != "quantize":
+        result["suggestion"] = suggest_knob(recipe, index)
+        result["search"] = f"pass {index} ({cfg.type}) lost the fidelity: {result['suggestion']}"
+        return result
+    log(f"pass {index} (quantize) is below verify.min_cosine {threshold}: searching for layers to exclude")
+
+    def gate_cosine(trial: Any) -> float:
+        """The pipeline's own gate metric at this pass (worst of float simulation and ORT's kernels)."""
+        trial = trial.model_copy(deep=True)
+        trial.passes = trial.passes[: index + 1]
+        trial.verify.enabled = True
+        trial.verify.min_cosine = None  # measure instead of raising
+        stages = run_pipeline(model_path, trial, None, calibration=calib, evaluation=data, threads=threads).stages
+        return stages[index].worst_cosine() or 0.0
+
+    def passes_whole_recipe(assignment: str) -> str | None:
+        """None if the recipe patched via --set passes every verification, else why not."""
+        try:
+            run_pipeline(model_path, with_override(recipe, assignment), None, calibration=calib, evaluation=data,
+                         threads=threads)  # fmt: skip
+        except VerificationError as exc:
+            return str(exc)
+        return None
+
+    def found(assignment: str, cosine: float, how: str) -> dict[str, Any] | None:
+        problem = passes_whole_recipe(assignment)
+        if problem is not None:
+            log(f"{how}, but the patched recipe still fails: {problem}")
+            result["search"] = f"{how}, but the patched recipe still fails: {problem}"
+            return None
+        result.update(patch=f"--set '{assignment}'", patch_cosine=cosine, verified=True, search=how)
+        return result
+
+    if cfg.mode in ("dynamic", "static") and cfg.reduce_range is False and u8s8_saturates():
+        # Saturating u8*s8 kernels lose fidelity in every layer at once: one key, not a list of layers.
+        trial = recipe.model_copy(deep=True)
+        trial.passes[index].reduce_range = True
+        cosine = gate_cosine(trial)
+        if cosine >= threshold:
+            how = f"this CPU ({cpu_isa()}) saturates full-range int8 weights; 7-bit weights give cosine {cosine:.5f}"
+            if found(f"passes.{index}.reduce_range=true", cosine, how) is not None:
+                return result
+
+    before = _run_prefix(recipe, index, model_path, calib, data, threads)
+    quantized = _run_prefix(recipe, index + 1, model_path, calib, data, threads).model
+    ranked = rank_nodes(before.model, quantized, before.verify_data.feeds[:MAX_SAMPLES], threads)
+    result["nodes"] = ranked[:MAX_CANDIDATES]
+    already = list(cfg.exclude_nodes)
+    candidates = _candidates(ranked, already)
+    if not candidates:
+        result["search"] = "no node loses fidelity locally"
+        result["suggestion"] = suggest_knob(recipe, index)
+        return result
+
+    def score(k: int) -> float:
+        trial = recipe.model_copy(deep=True)
+        trial.passes[index].exclude_nodes = already + candidates[:k]
+        return gate_cosine(trial)
+
+    best_k, best_cos = _smallest_passing(len(candidates), score, threshold, log)
+    if best_cos < threshold:
+        result["best_cosine"] = best_cos
+        result["suggestion"] = suggest_knob(recipe, index, excluded_tried=True)
+        result["search"] = (
+            f"excluding up to {len(candidates)} nodes from pass {index} (quantize) reaches cosine {best_cos:.5f} "
+            f"< verify.min_cosine {threshold}: {result['suggestion']}"
+        )
+        return result
+    how = f"excluding {best_k} node(s) from pass {index} (quantize) gives cosine {best_cos:.5f} >= {threshold}"
+    return found(exclude_assignment(index, already + candidates[:best_k]), best_cos, how) or result
