@@ -160,7 +160,7 @@ def test_loss_at_prune_blames_prune_and_prints_no_quantize_patch(examples_dir: P
 def test_verification_failure_of_static_int8_gets_a_patch_that_passes(examples_dir: Path, tmp_path: Path) -> None:
     """Static int8 under a strict verify.min_cosine stops the run (exit 3); the search finds the layers to
     exclude, and the patch, applied with --set as printed, lets the same run pass."""
-    from optimizer_cli.bench.attribution import attribute_verification_failure, min_cosine_failure_index
+    from optimizer_cli.bench.attribution import min_cosine_failure_index, on_verification_failure
     from optimizer_cli.recipe import load_recipe
 
     calib, data = str(examples_dir / "digits_calib.npz"), str(examples_dir / "digits_eval.npz")
@@ -179,8 +179,10 @@ def test_verification_failure_of_static_int8_gets_a_patch_that_passes(examples_d
     assert index == 2, message
 
     recipe = load_recipe("recipes/cnn-int8.yaml", [strict])
-    found = attribute_verification_failure(examples_dir / "digits_cnn.onnx", recipe, index, calib, data, 2)
-    assert found is not None and found["verified"] and found["nodes"]
+    # What the CLI calls with the error (the message is all it needs to find the failing pass).
+    found = on_verification_failure(message, examples_dir / "digits_cnn.onnx", recipe, calib, data, 2)
+    assert found is not None and found["verified"] and found["nodes"] and found["pass"] == 2
+    assert found["message"].startswith("Recipe patch (verified") and found["patch"] in found["message"]
     assert found["patch"].startswith("--set 'passes.2.exclude_nodes=[") and found["patch_cosine"] >= 0.995
 
     passed = run("--set", found["patch"].split("'")[1])
@@ -191,12 +193,20 @@ def test_verification_failure_of_static_int8_gets_a_patch_that_passes(examples_d
 
 
 def test_verification_failure_of_a_non_quantize_pass_gets_its_knob_not_a_patch() -> None:
-    from optimizer_cli.bench.attribution import attribute_verification_failure, min_cosine_failure_index
+    from optimizer_cli.bench.attribution import (
+        attribute_verification_failure,
+        min_cosine_failure_index,
+        on_verification_failure,
+    )
     from optimizer_cli.recipe import parse_recipe
 
     recipe = parse_recipe("passes:\n  - type: fuse\n  - type: prune\n    sparsity: 0.5\nverify: {min_cosine: 0.9}\n")
     assert min_cosine_failure_index("pass 1 (prune): output cosine vs original 0.3056 < verify.min_cosine 0.9") == 1
     assert min_cosine_failure_index("pass 1 (prune) produced an invalid model: bad") is None
+    assert (
+        on_verification_failure("pass 1 (prune) produced an invalid model: bad", "unused.onnx", recipe, None, None)
+        is None
+    )
     found = attribute_verification_failure("unused.onnx", recipe, 1, None, None)
     assert found is not None and found["patch"] is None and "passes.1.sparsity" in found["suggestion"]
     assert attribute_verification_failure("unused.onnx", parse_recipe("passes: [{type: fuse}]"), 0, None, None) is None

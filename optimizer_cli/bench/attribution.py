@@ -468,6 +468,7 @@ def attribute_if_needed(
         return _fidelity_of(trial, model_path, subset, reference(), calib, evaluation, threads)
 
     best_k, best_cos = _smallest_passing(len(candidates), score, threshold, log)
+    blamed = f"{_stage_text(stage)}; " if stage is not None else ""  # the table prints `search`, not the log
     confirmed = None
     if best_cos >= threshold:
         # The search scored a few samples; on all of the benchmark's, the smallest k may miss: then bisect
@@ -491,10 +492,14 @@ def attribute_if_needed(
         result["best_fidelity"] = best_cos
         result["suggestion"] = suggest_knob(recipe, index, excluded_tried=True)
         result["search"] = (
-            f"excluding up to {len(candidates)} nodes from pass {index} (quantize) reaches cosine {best_cos:.5f} "
-            f"< {threshold}: no exclusion patch meets the threshold; {result['suggestion']}"
+            f"{blamed}excluding up to {len(candidates)} nodes from pass {index} (quantize) reaches cosine "
+            f"{best_cos:.5f} < {threshold}: no exclusion patch meets the threshold; {result['suggestion']}"
         )
         return result
+    result["search"] = (
+        f"{blamed}excluding {best_k} node(s) from pass {index} (quantize) gives cosine {confirmed:.5f} "
+        f">= {threshold} on all {len(full)} benchmark samples"
+    )
     result["patch"] = f"--set '{exclude_assignment(index, already + candidates[:best_k])}'"
     result["patch_fidelity"] = confirmed
     result["patch_meets_threshold"] = True
@@ -610,3 +615,30 @@ def attribute_verification_failure(
         return result
     how = f"excluding {best_k} node(s) from pass {index} (quantize) gives cosine {best_cos:.5f} >= {threshold}"
     return found(exclude_assignment(index, already + candidates[:best_k]), best_cos, how) or result
+
+
+def on_verification_failure(
+    error: BaseException | str,
+    model_path: str | Path,
+    recipe: Any,
+    calib: str | None,
+    data: str | None,
+    threads: int = 2,
+    log: Callable[[str], None] = lambda _m: None,
+) -> dict[str, Any] | None:
+    """The CLI's one call on a VerificationError: None unless it came from the verify.min_cosine gate;
+    otherwise attribute_verification_failure's result plus `message`, one line to print before the error."""
+    index = min_cosine_failure_index(error)
+    if index is None:
+        return None
+    found = attribute_verification_failure(model_path, recipe, index, calib, data, threads, log)
+    if found is None:
+        return None
+    if found["patch"]:
+        found["message"] = (
+            f"Recipe patch (verified: the run passes, pass {index} cosine {found['patch_cosine']:.5f} >= "
+            f"verify.min_cosine {found['threshold']}): {found['patch']}"
+        )
+    else:
+        found["message"] = f"No verified recipe patch: {found['search']}"
+    return found
