@@ -1,20 +1,28 @@
-"""Per-layer attribution: which nodes cost fidelity, and a recipe patch that excludes them.
+"""Per-layer attribution: which stage and which nodes cost fidelity, and a recipe patch that excludes them.
 
+0. Blame a stage: the pipeline records each stage's worst cosine vs the original; the stage with the
+   largest drop from the one before lost the fidelity. Excluding nodes from quantization can only help
+   when the loss is mostly at a quantize stage; otherwise the answer is that pass's knob.
 1. Rank: run the original and the optimized model with every shared intermediate tensor exposed;
    a node's local drop is how much cosine its output loses beyond the worst of its inputs.
 2. Search: re-run the recipe with the top-ranked nodes excluded from the quantize pass and bisect on
    the number excluded, keeping the smallest set whose fidelity meets the threshold.
+3. Verify: a patch is reported only after the recipe, patched through the same `--set` path the user
+   takes, meets the threshold on the data the threshold was measured on.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import yaml
 
 from optimizer_cli.analysis.int8 import full_range_int8_weights
 from optimizer_cli.bench.accuracy import fidelity
@@ -141,6 +149,127 @@ def rank_nodes(
     return ranked
 
 
+# --- which stage lost the fidelity -------------------------------------------------------------------
+
+# Excluding quantized layers can only give back what quantization took: below this share of the
+# total loss, the patch search would be spent on the wrong pass.
+QUANTIZE_SHARE_FOR_PATCH = 0.5
+
+
+def stage_losses(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per stage (report["stages"] order == pass order): its worst cosine vs the original and the drop
+    from the stage before (the original counts as 1.0). Empty when verification was off."""
+    losses = []
+    before = 1.0
+    for index, stage in enumerate(stages):
+        cosines = [d["cosine"] for d in stage.get("drift_vs_original", [])]
+        if not cosines:
+            return []  # a stage without drift: nothing to compare consecutive stages with
+        worst = float(min(cosines))
+        losses.append(
+            {
+                "index": index,
+                "name": stage.get("name", stage.get("type", "?")),
+                "type": stage.get("type", "?"),
+                "cosine_before": before,
+                "cosine": worst,
+                "drop": before - worst,
+            }
+        )
+        before = worst
+    return losses
+
+
+def blame_stage(stages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The stage with the largest cosine drop, its share of all drops, and the quantize stages' share.
+
+    Shares are of the summed positive drops (a reconstruct stage that recovers cosine does not offset a
+    prune that lost it: the loss still happened at prune)."""
+    losses = stage_losses(stages)
+    lost = sum(max(0.0, s["drop"]) for s in losses)
+    if not losses or lost <= 0.0:
+        return None
+    worst = max(losses, key=lambda s: s["drop"])
+    quantize = [s for s in losses if s["type"] == "quantize" and s["drop"] > 0]
+    return {
+        **worst,
+        "share": worst["drop"] / lost,
+        "quantize_share": sum(s["drop"] for s in quantize) / lost,
+        # The quantize stage to exclude nodes from, if any lost fidelity (the one that lost most).
+        "quantize_index": max(quantize, key=lambda s: s["drop"])["index"] if quantize else None,
+        "stages": losses,
+    }
+
+
+def suggest_knob(recipe: Any, index: int, excluded_tried: bool = False) -> str:
+    """The setting of pass `index` that trades its savings for fidelity (advice, not a verified patch).
+
+    `excluded_tried`: the exclude_nodes search already failed, so do not suggest it again."""
+    cfg = recipe.passes[index]
+    key = f"passes.{index}"
+    keep_whole = f"or keep the most sensitive layers whole with {key}.exclude_nodes"
+    if cfg.type == "prune":
+        return (
+            f"lower {key}.sparsity (now {cfg.sparsity}) or set {key}.target_cosine to let prune pick the "
+            f"largest sparsity that keeps that cosine, {keep_whole}"
+        )
+    if cfg.type == "factorize":
+        if cfg.rank is not None:
+            knob = f"raise {key}.rank (now {cfg.rank})"
+        elif cfg.rank_ratio is not None:
+            knob = f"raise {key}.rank_ratio (now {cfg.rank_ratio})"
+        else:
+            knob = f"raise {key}.energy (now {cfg.energy}, e.g. 0.99)"
+        return f"{knob}, {keep_whole}"
+    if cfg.type == "reconstruct":
+        return (
+            f"raise {key}.samples (now {cfg.samples}) or {key}.damping (now {cfg.damping}), "
+            f"or exclude layers with {key}.exclude_nodes"
+        )
+    if cfg.type == "quantize":
+        tips = [] if excluded_tried else [f"exclude layers with {key}.exclude_nodes"]
+        if cfg.mode in ("dynamic", "static") and not cfg.per_channel:
+            tips.append(f"{key}.per_channel=true")
+        if cfg.mode == "static" and cfg.calibration_method == "minmax":
+            tips.append(f"{key}.calibration_method=percentile")
+        return "try " + ", or ".join(tips) if tips else f"this threshold is out of reach for {key} ({cfg.mode})"
+    if "exclude_nodes" in type(cfg).model_fields:
+        return f"exclude layers with {key}.exclude_nodes"
+    return f"review the settings of {key} ({cfg.type})"
+
+
+def _stage_text(stage: dict[str, Any]) -> str:
+    return (
+        f"fidelity was lost at pass {stage['index']} ({stage['name']}): cosine vs original "
+        f"{stage['cosine_before']:.5f} -> {stage['cosine']:.5f} ({stage['share']:.0%} of the loss over all stages)"
+    )
+
+
+# --- re-running the recipe ---------------------------------------------------------------------------
+
+
+def _yaml_item(name: str) -> str:
+    """A node name as an item of a YAML flow list: quoted only when it would not read back as itself."""
+    try:
+        plain = yaml.safe_load(f"[{name}]") == [name]
+    except yaml.YAMLError:
+        plain = False
+    return name if plain else json.dumps(name)
+
+
+def exclude_assignment(index: int, nodes: list[str]) -> str:
+    return f"passes.{index}.exclude_nodes=[{','.join(_yaml_item(n) for n in nodes)}]"
+
+
+def with_override(recipe: Any, assignment: str) -> Any:
+    """The recipe as `--set ASSIGNMENT` makes it: patches are checked through the path the user takes."""
+    from optimizer_cli.recipe import Recipe, apply_override
+
+    data = recipe.model_dump(mode="json")
+    apply_override(data, assignment)
+    return Recipe.model_validate(data)
+
+
 def _cpu_cosine(report: dict[str, Any]) -> float | None:
     rows = [r for r in report.get("benchmark", {}).get("rows", []) if r.get("usable") and r.get("fidelity")]
     return min((r["fidelity"]["cosine_min"] for r in rows), default=None)
@@ -163,15 +292,54 @@ def _fidelity_of(
     return fidelity(reference, run_model(result.model, data.feeds, SessionConfig(threads=threads)), names).cosine_min
 
 
-def _stage_before(
-    recipe: Any, index: int, model_path: Path, calib: str | None, evaluation: str | None, threads: int
-) -> ir.Model:
+def _run_prefix(
+    recipe: Any, stop: int, model_path: Path, calib: str | None, evaluation: str | None, threads: int
+) -> Any:
+    """The pipeline's result after passes[:stop], unverified (the stage a pass starts from or produced)."""
     from optimizer_cli.pipeline import run_pipeline
 
     trial = recipe.model_copy(deep=True)
-    trial.passes = trial.passes[:index]
+    trial.passes = trial.passes[:stop]
     trial.verify.enabled = False
-    return run_pipeline(model_path, trial, None, calibration=calib, evaluation=evaluation, threads=threads).model
+    return run_pipeline(model_path, trial, None, calibration=calib, evaluation=evaluation, threads=threads)
+
+
+def _stage_before(
+    recipe: Any, index: int, model_path: Path, calib: str | None, evaluation: str | None, threads: int
+) -> ir.Model:
+    return _run_prefix(recipe, index, model_path, calib, evaluation, threads).model
+
+
+def _candidates(ranked: list[dict[str, Any]], already: list[str]) -> list[str]:
+    """Node names of the ranked steps that lose fidelity locally, worst first."""
+    candidates: list[str] = []
+    for item in ranked:
+        if item["local_drop"] > 0 and len(candidates) < MAX_CANDIDATES:
+            candidates.extend(n for n in item["nodes"] if n not in already and n not in candidates)
+    return candidates
+
+
+def _smallest_passing(
+    n: int, score: Callable[[int], float], threshold: float, log: Callable[[str], None], lo: int = 1
+) -> tuple[int, float]:
+    """Bisect on how many candidates to exclude: (k, cosine) of the smallest k in [lo, n] found to meet the
+    threshold, or (n, cosine with all n) when even all n do not (fidelity grows with k in practice)."""
+    best_k, best_cos = n, score(n)
+    log(f"excluding all {n} candidates gives cosine {best_cos:.5f}")
+    if best_cos >= threshold:
+        hi = n
+        while lo < hi:
+            mid = (lo + hi) // 2
+            cos = score(mid)
+            log(f"excluding {mid}: cosine {cos:.5f}")
+            if cos >= threshold:
+                hi, best_k, best_cos = mid, mid, cos
+            else:
+                lo = mid + 1
+    return best_k, best_cos
+
+
+# --- after a benchmark: fidelity below benchmark.attribution_threshold --------------------------------
 
 
 def _saturation_fix(
@@ -216,6 +384,11 @@ def attribute_if_needed(
     threads: int,
     log: Callable[[str], None] = lambda _m: None,
 ) -> dict[str, Any] | None:
+    """When the benchmark's fidelity is below benchmark.attribution_threshold: which stage lost it, which
+    nodes, and (only if verified to meet the threshold) a `--set` patch. None when fidelity is fine.
+
+    `result["patch"]` is set only after the patched recipe met the threshold on the benchmark's own
+    evaluation samples; `result["stage"]` names the stage blamed; `result["suggestion"]` is advice."""
     from optimizer_cli.pipeline import normalize
 
     threshold = recipe.benchmark.attribution_threshold
@@ -223,46 +396,67 @@ def attribute_if_needed(
     if current is None or current >= threshold:
         return None
     log(f"fidelity cosine {current:.5f} < {threshold}: attributing the loss to layers")
+    result: dict[str, Any] = {"threshold": threshold, "cosine": current, "nodes": [], "patch": None}
+    stage = blame_stage(report.get("stages") or [])
+    if stage is not None:
+        result["stage"] = {k: v for k, v in stage.items() if k != "stages"}
+        result["stage_losses"] = stage["stages"]
+        log(_stage_text(stage))
+        if stage["quantize_share"] < QUANTIZE_SHARE_FOR_PATCH:
+            # Excluding nodes from quantization cannot restore what an earlier pass removed.
+            result["suggestion"] = suggest_knob(recipe, stage["index"])
+            result["search"] = (
+                f"{_stage_text(stage)}; quantization lost {stage['quantize_share']:.0%} of it, so no quantize "
+                f"exclusion patch is offered: {result['suggestion']}"
+            )
+            return result
     quant_indices = [i for i, p in enumerate(recipe.passes) if p.type == "quantize"]
+    if stage is not None and stage["quantize_index"] is not None:
+        index: int | None = stage["quantize_index"]
+    else:
+        index = quant_indices[-1] if quant_indices else None
     subset = data.take(MAX_SAMPLES)
+    # The threshold was measured on the benchmark's samples: a patch is confirmed on the same ones.
+    bench_samples = report.get("benchmark", {}).get("eval_samples")
+    full = data.take(bench_samples) if bench_samples else data
     # The original's outputs score every trial recipe; computed once, and only if a trial runs.
     reference = functools.cache(lambda: run_model(load_model(model_path), subset.feeds, SessionConfig(threads=threads)))
-    if quant_indices:
+    full_reference = functools.cache(
+        lambda: run_model(load_model(model_path), full.feeds, SessionConfig(threads=threads))
+    )
+
+    def confirm(assignment: str) -> float:
+        trial = with_override(recipe, assignment)
+        trial.verify.enabled = False
+        return _fidelity_of(trial, model_path, full, full_reference(), calib, evaluation, threads)
+
+    if index is not None:
         saturation = _saturation_fix(
-            recipe, quant_indices[-1], model_path, output_path, subset, reference, calib, evaluation, threads
+            recipe, index, model_path, output_path, subset, reference, calib, evaluation, threads
         )
         if saturation is not None and saturation["patch_fidelity"] >= threshold:
-            log(saturation["search"])
-            return {"threshold": threshold, "cosine": current, "nodes": [], **saturation}
+            confirmed = confirm(f"passes.{index}.reduce_range=true")
+            if confirmed >= threshold:
+                log(saturation["search"])
+                return {**result, **saturation, "patch_fidelity": confirmed, "patch_meets_threshold": True}
     # Compare against the model the quantizer saw: its node and tensor names are the ones to exclude.
-    before_quant = (
-        _stage_before(recipe, quant_indices[-1], model_path, calib, evaluation, threads) if quant_indices else None
-    )
+    before_quant = _stage_before(recipe, index, model_path, calib, evaluation, threads) if index is not None else None
     original = before_quant or load_model(model_path)
     if before_quant is None:
         normalize(original)
     optimized = load_model(output_path)
     ranked = rank_nodes(original, optimized, subset.feeds, threads)
-    result: dict[str, Any] = {
-        "threshold": threshold,
-        "cosine": current,
-        "nodes": ranked[:MAX_CANDIDATES],
-        "patch": None,
-    }
-    if not quant_indices or not ranked:
+    result["nodes"] = ranked[:MAX_CANDIDATES]
+    if index is None or not ranked:
         result["search"] = (
             "no quantize pass to exclude nodes from (pruned or factorized layers change tensor shapes, so they "
             "are not compared layer by layer: keep a layer whole with that pass's exclude_nodes)"
-            if not quant_indices
+            if index is None
             else "no shared tensors to compare"
         )
         return result
-    index = quant_indices[-1]
     already = list(recipe.passes[index].exclude_nodes)
-    candidates: list[str] = []
-    for item in ranked:
-        if item["local_drop"] > 0 and len(candidates) < MAX_CANDIDATES:
-            candidates.extend(n for n in item["nodes"] if n not in already and n not in candidates)
+    candidates = _candidates(ranked, already)
     if not candidates:
         result["search"] = "no node loses fidelity locally"
         return result
@@ -273,20 +467,178 @@ def attribute_if_needed(
         trial.passes[index].exclude_nodes = already + candidates[:k]
         return _fidelity_of(trial, model_path, subset, reference(), calib, evaluation, threads)
 
-    best_k, best_cos = len(candidates), score(len(candidates))
-    log(f"excluding all {len(candidates)} candidates gives cosine {best_cos:.5f}")
+    best_k, best_cos = _smallest_passing(len(candidates), score, threshold, log)
+    blamed = f"{_stage_text(stage)}; " if stage is not None else ""  # the table prints `search`, not the log
+    confirmed = None
     if best_cos >= threshold:
-        lo, hi = 1, len(candidates)
-        while lo < hi:  # smallest k that meets the threshold (fidelity grows with k in practice)
-            mid = (lo + hi) // 2
-            cos = score(mid)
-            log(f"excluding {mid}: cosine {cos:.5f}")
-            if cos >= threshold:
-                hi, best_k, best_cos = mid, mid, cos
-            else:
-                lo = mid + 1
-    nodes = already + candidates[:best_k]
-    result["patch"] = f"--set 'passes.{index}.exclude_nodes=[{','.join(nodes)}]'"
-    result["patch_fidelity"] = best_cos
-    result["patch_meets_threshold"] = best_cos >= threshold
+        # The search scored a few samples; on all of the benchmark's, the smallest k may miss: then bisect
+        # again above it, scoring on all samples.
+        assignment = functools.partial(exclude_assignment, index)
+        cos = confirm(assignment(already + candidates[:best_k]))
+        log(f"excluding {best_k} on all {len(full)} samples: cosine {cos:.5f}")
+        if cos < threshold and best_k < len(candidates):
+            best_k, cos = _smallest_passing(
+                len(candidates),
+                lambda k: confirm(assignment(already + candidates[:k])),
+                threshold,
+                lambda m: log(f"{m} (all {len(full)} samples)"),
+                lo=best_k + 1,
+            )
+        if cos >= threshold:
+            confirmed = cos
+        else:
+            best_cos = cos
+    if confirmed is None:
+        result["best_fidelity"] = best_cos
+        result["suggestion"] = suggest_knob(recipe, index, excluded_tried=True)
+        result["search"] = (
+            f"{blamed}excluding up to {len(candidates)} nodes from pass {index} (quantize) reaches cosine "
+            f"{best_cos:.5f} < {threshold}: no exclusion patch meets the threshold; {result['suggestion']}"
+        )
+        return result
+    result["search"] = (
+        f"{blamed}excluding {best_k} node(s) from pass {index} (quantize) gives cosine {confirmed:.5f} "
+        f">= {threshold} on all {len(full)} benchmark samples"
+    )
+    result["patch"] = f"--set '{exclude_assignment(index, already + candidates[:best_k])}'"
+    result["patch_fidelity"] = confirmed
+    result["patch_meets_threshold"] = True
     return result
+
+
+# --- after a verification failure: an approximate pass fell below verify.min_cosine -------------------
+
+_MIN_COSINE_FAILURE = re.compile(r"^pass (\d+) \(.*\): output cosine vs original \S+ < verify\.min_cosine ")
+
+
+def min_cosine_failure_index(error: BaseException | str) -> int | None:
+    """The pass index of a pipeline VerificationError raised by the verify.min_cosine gate, else None
+    (invalid models, exact-pass drift and crashes are not a fidelity trade-off to search)."""
+    match = _MIN_COSINE_FAILURE.match(str(error))
+    return int(match.group(1)) if match else None
+
+
+def attribute_verification_failure(
+    model_path: str | Path,
+    recipe: Any,
+    failing_pass_index: int,
+    calib: str | None,
+    data: str | None,
+    threads: int = 2,
+    log: Callable[[str], None] = lambda _m: None,
+) -> dict[str, Any] | None:
+    """For a run that stopped at `failing_pass_index` below verify.min_cosine: a `--set` patch that passes.
+
+    `calib` / `data` are the run's --calib / --data (the pipeline derives its verification samples from
+    them, so trials are judged on exactly the samples that failed). For a quantize pass, ranks the nodes
+    between the model the quantizer saw and its output, bisects on how many to exclude with the
+    pipeline's own gate metric, then re-runs the whole recipe patched through `--set`: `patch` is set only
+    if that run passes every verification. Other passes get `suggestion` (their knob), no patch.
+    None when the recipe has no min_cosine or the index is out of range."""
+    from optimizer_cli.errors import VerificationError
+    from optimizer_cli.pipeline import run_pipeline
+
+    model_path = Path(model_path)
+    threshold = recipe.verify.min_cosine
+    index = failing_pass_index
+    if threshold is None or not 0 <= index < len(recipe.passes):
+        return None
+    cfg = recipe.passes[index]
+    result: dict[str, Any] = {"pass": index, "type": cfg.type, "threshold": threshold, "nodes": [], "patch": None}
+    if cfg.type != "quantize":
+        result["suggestion"] = suggest_knob(recipe, index)
+        result["search"] = f"pass {index} ({cfg.type}) lost the fidelity: {result['suggestion']}"
+        return result
+    log(f"pass {index} (quantize) is below verify.min_cosine {threshold}: searching for layers to exclude")
+
+    def gate_cosine(trial: Any) -> float:
+        """The pipeline's own gate metric at this pass (worst of float simulation and ORT's kernels)."""
+        trial = trial.model_copy(deep=True)
+        trial.passes = trial.passes[: index + 1]
+        trial.verify.enabled = True
+        trial.verify.min_cosine = None  # measure instead of raising
+        stages = run_pipeline(model_path, trial, None, calibration=calib, evaluation=data, threads=threads).stages
+        return stages[index].worst_cosine() or 0.0
+
+    def passes_whole_recipe(assignment: str) -> str | None:
+        """None if the recipe patched via --set passes every verification, else why not."""
+        try:
+            run_pipeline(model_path, with_override(recipe, assignment), None, calibration=calib, evaluation=data,
+                         threads=threads)  # fmt: skip
+        except VerificationError as exc:
+            return str(exc)
+        return None
+
+    def found(assignment: str, cosine: float, how: str) -> dict[str, Any] | None:
+        problem = passes_whole_recipe(assignment)
+        if problem is not None:
+            log(f"{how}, but the patched recipe still fails: {problem}")
+            result["search"] = f"{how}, but the patched recipe still fails: {problem}"
+            return None
+        result.update(patch=f"--set '{assignment}'", patch_cosine=cosine, verified=True, search=how)
+        return result
+
+    if cfg.mode in ("dynamic", "static") and cfg.reduce_range is False and u8s8_saturates():
+        # Saturating u8*s8 kernels lose fidelity in every layer at once: one key, not a list of layers.
+        trial = recipe.model_copy(deep=True)
+        trial.passes[index].reduce_range = True
+        cosine = gate_cosine(trial)
+        if cosine >= threshold:
+            how = f"this CPU ({cpu_isa()}) saturates full-range int8 weights; 7-bit weights give cosine {cosine:.5f}"
+            if found(f"passes.{index}.reduce_range=true", cosine, how) is not None:
+                return result
+
+    before = _run_prefix(recipe, index, model_path, calib, data, threads)
+    quantized = _run_prefix(recipe, index + 1, model_path, calib, data, threads).model
+    ranked = rank_nodes(before.model, quantized, before.verify_data.feeds[:MAX_SAMPLES], threads)
+    result["nodes"] = ranked[:MAX_CANDIDATES]
+    already = list(cfg.exclude_nodes)
+    candidates = _candidates(ranked, already)
+    if not candidates:
+        result["search"] = "no node loses fidelity locally"
+        result["suggestion"] = suggest_knob(recipe, index)
+        return result
+
+    def score(k: int) -> float:
+        trial = recipe.model_copy(deep=True)
+        trial.passes[index].exclude_nodes = already + candidates[:k]
+        return gate_cosine(trial)
+
+    best_k, best_cos = _smallest_passing(len(candidates), score, threshold, log)
+    if best_cos < threshold:
+        result["best_cosine"] = best_cos
+        result["suggestion"] = suggest_knob(recipe, index, excluded_tried=True)
+        result["search"] = (
+            f"excluding up to {len(candidates)} nodes from pass {index} (quantize) reaches cosine {best_cos:.5f} "
+            f"< verify.min_cosine {threshold}: {result['suggestion']}"
+        )
+        return result
+    how = f"excluding {best_k} node(s) from pass {index} (quantize) gives cosine {best_cos:.5f} >= {threshold}"
+    return found(exclude_assignment(index, already + candidates[:best_k]), best_cos, how) or result
+
+
+def on_verification_failure(
+    error: BaseException | str,
+    model_path: str | Path,
+    recipe: Any,
+    calib: str | None,
+    data: str | None,
+    threads: int = 2,
+    log: Callable[[str], None] = lambda _m: None,
+) -> dict[str, Any] | None:
+    """The CLI's one call on a VerificationError: None unless it came from the verify.min_cosine gate;
+    otherwise attribute_verification_failure's result plus `message`, one line to print before the error."""
+    index = min_cosine_failure_index(error)
+    if index is None:
+        return None
+    found = attribute_verification_failure(model_path, recipe, index, calib, data, threads, log)
+    if found is None:
+        return None
+    if found["patch"]:
+        found["message"] = (
+            f"Recipe patch (verified: the run passes, pass {index} cosine {found['patch_cosine']:.5f} >= "
+            f"verify.min_cosine {found['threshold']}): {found['patch']}"
+        )
+    else:
+        found["message"] = f"No verified recipe patch: {found['search']}"
+    return found
