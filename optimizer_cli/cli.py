@@ -22,10 +22,11 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.exceptions import TyperException
 
 from optimizer_cli import __version__
-from optimizer_cli.errors import GateFailure, OptimizerError, UserInputError
+from optimizer_cli.errors import GateFailure, OptimizerError, UserInputError, VerificationError
 
 app = typer.Typer(
     add_completion=True,
@@ -115,24 +116,31 @@ def run_cmd(
     try:
         staged = plan.staged_model()
         with _library_output_to_stderr(), _Progress(log) as progress:
-            report = _optimize_and_measure(
-                model,
-                output,
-                recipe,
-                rec,
-                staged,
-                calib,
-                data,
-                threads,
-                settings,
-                checks,
-                benchmarking,
-                attribute,
-                progress,
-            )
+            try:
+                report = _optimize_and_measure(
+                    model, output, recipe, rec, staged, calib, data, threads, settings, checks, benchmarking,
+                    attribute, progress,
+                )  # fmt: skip
+            except VerificationError as exc:
+                if attribute:
+                    _attribute_failure(exc, model, rec, calib, data, threads, progress)
+                raise
         _finish(report, checks, json_out, human, log)
     finally:
         plan.discard()
+
+
+def _attribute_failure(
+    exc: VerificationError, model: Path, rec: Any, calib: str | None, data: str | None, threads: int, log: _Progress
+) -> None:
+    """A quantize pass stopped below verify.min_cosine: find (and verify) the exclusion patch that passes, so the
+    user's next command works. It rides on the error: printed before it, and in the --json error document."""
+    from optimizer_cli.bench.attribution import on_verification_failure
+
+    found = on_verification_failure(exc, model, rec, calib, data, threads, log=log.line)
+    if found:
+        log.console.print(escape(found["message"]), soft_wrap=True)
+        exc.details["attribution"] = found
 
 
 class _Progress:
@@ -693,11 +701,13 @@ def _root(
     pass
 
 
-def _fail(message: str, exit_code: int, json_mode: bool, path: str | None = None) -> None:
+def _fail(
+    message: str, exit_code: int, json_mode: bool, path: str | None = None, details: dict[str, Any] | None = None
+) -> None:
     """One line on stderr; with --json also one JSON document on stdout, so pipelines always parse something."""
     sys.stderr.write(f"error: {message}\n")
     if json_mode:
-        _emit_json({"error": message, "exit_code": exit_code, "file": path})
+        _emit_json({"error": message, "exit_code": exit_code, "file": path, **(details or {})})
     sys.exit(exit_code)
 
 
@@ -732,7 +742,7 @@ def main(argv: list[str] | None = None) -> None:
     except OptimizerError as exc:
         if debug:
             traceback.print_exc()
-        _fail(str(exc), exc.exit_code, json_mode, getattr(exc, "path", None))
+        _fail(str(exc), exc.exit_code, json_mode, getattr(exc, "path", None), exc.details)
     except KeyboardInterrupt:
         _fail("interrupted", 130, json_mode)
     except Exception as exc:

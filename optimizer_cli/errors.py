@@ -20,6 +20,11 @@ class OptimizerError(Exception):
 
     exit_code = 4
 
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        # What else the report of this failure should carry (e.g. a verified recipe patch), JSON-ready.
+        self.details: dict[str, object] = {}
+
 
 class UserInputError(OptimizerError):
     """Bad input the user can fix: missing file, bad recipe, unknown pass, missing data."""

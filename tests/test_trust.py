@@ -484,3 +484,20 @@ def test_every_shipped_recipe_prints_one_json_document(tmp_path: Path, recipe: s
     else:  # a recipe may refuse a model; it must say so as one JSON document too
         doc = json.loads(proc.stdout)
         assert doc["exit_code"] == proc.returncode in (2, 3), proc.stderr
+
+
+def test_verification_failure_offers_the_patch_that_passes(examples_dir: Path, tmp_path: Path) -> None:
+    """Static int8 stopped by verify.min_cosine: the user gets a verified exclusion patch, not only the failure."""
+    args = [
+        str(examples_dir / "digits_cnn.onnx"), "-r", "recipes/cnn-int8.yaml", "-o", str(tmp_path / "o.onnx"),
+        "--calib", str(examples_dir / "digits_calib.npz"), "--data", str(examples_dir / "digits_eval.npz"),
+        "--set", "verify.min_cosine=0.995",
+    ]  # fmt: skip
+    failed = run_cli(*args, "--no-bench", "--json")
+    assert failed.returncode == 3, failed.stderr
+    doc = json.loads(failed.stdout)
+    patch = doc["attribution"]["patch"]
+    assert patch and doc["attribution"]["verified"] and "Recipe patch (verified" in failed.stderr
+    assert patch.startswith("--set 'passes.2.exclude_nodes=")
+    fixed = run_cli(*args, "--no-bench", "--set", patch.removeprefix("--set ").strip("'"))
+    assert fixed.returncode == 0, fixed.stderr
