@@ -27,35 +27,45 @@ class _Strict(BaseModel):
 
 
 class VerifySettings(_Strict):
-    enabled: bool = True
-    samples: int = Field(4, ge=1)
-    seed: int = 0
+    enabled: bool = Field(True, description="Check the model after every pass.")
+    samples: int = Field(4, ge=1, description="Random (or --data) samples compared after every pass.")
+    # numpy's seeded generator refuses negative seeds.
+    seed: int = Field(0, ge=0, description="Seed of the random inputs.")
     # Exact passes must keep outputs within rtol / atol * max(1, |output|max).
-    rtol: float = 1e-3
-    atol: float = 1e-4
-    # Approximate passes fail the run if any output's cosine vs the original drops below this.
-    min_cosine: float | None = None
+    rtol: float = Field(1e-3, ge=0, description="Relative tolerance for exact passes.")
+    atol: float = Field(1e-4, ge=0, description="Absolute tolerance for exact passes, times max(1, |output|max).")
+    min_cosine: float | None = Field(
+        None, ge=-1, le=1, description="Fail if an approximate pass drops any output's cosine below this."
+    )
 
 
 class DataSettings(_Strict):
-    calibration: str | None = None  # .npz, folder of .npy, or "random"
-    evaluation: str | None = None
-    dims: dict[str, int] = {}  # symbolic dim values for random inputs, e.g. {batch: 1, sequence: 128}
+    calibration: str | None = Field(None, description='Calibration data: .npz, folder of .npy, or "random".')
+    evaluation: str | None = Field(None, description="Evaluation data (.npz or folder of .npy) for accuracy.")
+    dims: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        {}, description="Symbolic dim values for random inputs, e.g. {batch: 1, sequence: 128}."
+    )
 
 
 class BenchmarkSettings(_Strict):
-    enabled: bool = True
-    providers: list[str] | None = None  # None: every usable provider
-    threads: int = Field(2, ge=1)
-    warmup: int = Field(5, ge=0)
-    rounds: int = Field(10, ge=2)
-    runs_per_round: int = Field(10, ge=1)
-    discard_after_switch: int = Field(3, ge=0)
-    opt_level: Literal["disable", "basic", "extended", "all"] = "all"
-    trt_fp16: bool = False
-    trt_int8: bool = False
-    trt_cache_dir: str | None = None
-    attribution_threshold: float = 0.99  # cosine under which per-layer attribution runs
+    enabled: bool = Field(True, description="Benchmark original vs optimized after the run.")
+    providers: list[str] | None = Field(
+        None, description="Execution providers (cpu, cuda, trt); null: every usable one."
+    )
+    threads: int = Field(2, ge=1, description="Intra-op threads per session.")
+    warmup: int = Field(5, ge=0, description="Untimed runs per session before timing.")
+    rounds: int = Field(10, ge=2, description="Interleaved A/B rounds (>= 2 for a confidence interval).")
+    runs_per_round: int = Field(10, ge=1, description="Timed runs per model per round.")
+    discard_after_switch: int = Field(3, ge=0, description="Runs discarded after switching model (cache effects).")
+    opt_level: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="onnxruntime graph optimization level of the benchmark sessions."
+    )
+    trt_fp16: bool = Field(False, description="TensorRT: allow fp16 kernels.")
+    trt_int8: bool = Field(False, description="TensorRT: allow int8 kernels.")
+    trt_cache_dir: str | None = Field(None, description="TensorRT engine cache folder (null: no cache).")
+    attribution_threshold: float = Field(
+        0.99, ge=-1, le=1, description="Output cosine under which per-layer attribution runs."
+    )
 
 
 def _pass_union() -> Any:
@@ -64,12 +74,12 @@ def _pass_union() -> Any:
 
 
 class Recipe(_Strict):
-    name: str = "recipe"
-    description: str = ""
-    passes: list[_pass_union()] = []  # type: ignore[valid-type]
-    verify: VerifySettings = VerifySettings()
-    data: DataSettings = DataSettings()
-    benchmark: BenchmarkSettings = BenchmarkSettings()
+    name: str = Field("recipe", description="Shown in reports.")
+    description: str = Field("", description="Free text.")
+    passes: list[_pass_union()] = Field([], description="Passes, run in order.")  # type: ignore[valid-type]
+    verify: VerifySettings = Field(VerifySettings(), description="Checks between passes.")
+    data: DataSettings = Field(DataSettings(), description="Data for calibration, evaluation and random inputs.")
+    benchmark: BenchmarkSettings = Field(BenchmarkSettings(), description="Benchmark settings.")
 
 
 def _line_map(text: str) -> dict[tuple, int]:

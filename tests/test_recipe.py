@@ -86,3 +86,55 @@ def test_schema_is_json() -> None:
 
     schema = json.loads(recipe_json_schema())
     assert "passes" in schema["properties"]
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("passes:\n  - type: prune\n    sparsity: 1.0\n", "r.yaml:3: passes.0.sparsity: Input should be less than 1"),
+        ("passes:\n  - type: prune\n    sparsity: -0.1\n", "passes.0.sparsity"),
+        ("passes:\n  - type: factorize\n    rank: 0\n", "r.yaml:3: passes.0.rank"),
+        ("passes:\n  - type: factorize\n    energy: 1.5\n", "passes.0.energy"),
+        ("passes:\n  - type: factorize\n    energy: 0\n", "passes.0.energy"),
+        ("passes:\n  - type: quantize\n    percentile: 150\n", "passes.0.percentile"),
+        ("verify:\n  samples: 0\n", "r.yaml:2: verify.samples"),
+        ("benchmark:\n  attribution_threshold: 2\n", "benchmark.attribution_threshold"),
+        ("data:\n  dims: {batch: 0}\n", "data.dims.batch"),
+    ],
+)
+def test_out_of_bounds_options_name_the_key(text: str, needle: str) -> None:
+    with pytest.raises(UserInputError) as err:
+        parse_recipe(text, "r.yaml")
+    assert needle in str(err.value)
+
+
+def test_bounds_keep_the_edges_that_make_sense() -> None:
+    assert parse_recipe("passes:\n  - type: prune\n    sparsity: 0\n").passes[0].sparsity == 0
+    assert parse_recipe("passes:\n  - type: factorize\n    energy: 1\n").passes[0].energy == 1
+    assert parse_recipe("passes:\n  - type: factorize\n    rank: 1\n").passes[0].rank == 1
+
+
+def _numeric(annotation: object) -> bool:
+    """int / float, optional or not (containers and Literals bound their items otherwise)."""
+    import types
+    import typing
+
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_numeric(a) for a in typing.get_args(annotation))
+    return annotation in (int, float)
+
+
+def test_every_option_is_described_and_every_number_bounded() -> None:
+    from annotated_types import Ge, Gt, Le, Lt
+
+    from optimizer_cli.recipe import BenchmarkSettings, DataSettings, Recipe, VerifySettings
+
+    models = [Recipe, VerifySettings, DataSettings, BenchmarkSettings, *(c.Config for c in PASS_REGISTRY.values())]
+    for model in models:
+        for name, field in model.model_fields.items():
+            if name in ("type", "label"):
+                continue
+            assert field.description, f"{model.__name__}.{name} has no description"
+            if _numeric(field.annotation):
+                bounded = any(isinstance(m, (Ge, Gt, Le, Lt)) for m in field.metadata)
+                assert bounded, f"{model.__name__}.{name} is a number without bounds"
