@@ -105,9 +105,76 @@ def _line_map(text: str) -> dict[tuple, int]:
     return lines
 
 
+# Aliases may add at most this many nodes to a document: a recipe needs few, and a 464-byte
+# "billion laughs" expands to ~10^9 nodes that pydantic would walk until memory runs out.
+MAX_ALIAS_NODES = 10_000
+
+
+class _Refused(yaml.YAMLError):
+    """YAML that parses but that we will not construct (alias bombs, recursion, deep nesting)."""
+
+
+def _check_aliases(root: yaml.Node) -> None:
+    """Refuse recursive aliases and alias expansion past MAX_ALIAS_NODES, without expanding anything.
+
+    The composed document is a DAG when aliases are used (a graph with cycles when an alias points
+    into its own anchor); its expanded size is computed once per node, bottom-up, iteratively
+    (deep alias chains must not hit Python's recursion limit).
+    """
+    size: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            on_path.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in _children(node))
+            continue
+        if key in size:
+            continue
+        if key in on_path:
+            raise _Refused("an alias refers to its own anchor (recursive structure)")
+        on_path.add(key)
+        stack.append((node, True))
+        for child in _children(node):
+            if id(child) in on_path:
+                raise _Refused("an alias refers to its own anchor (recursive structure)")
+            if id(child) not in size:
+                stack.append((child, False))
+    unique = len(size)
+    if size[id(root)] - unique > MAX_ALIAS_NODES:
+        raise _Refused(f"aliases expand the document past {MAX_ALIAS_NODES} extra nodes")
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _safe_load(text: str) -> Any:
+    """yaml.safe_load, refusing alias bombs and recursive aliases before anything is constructed."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        _check_aliases(root)
+        return loader.construct_document(root)
+    except RecursionError as exc:  # PyYAML's composer recurses once per nesting level
+        raise _Refused("YAML nested too deeply") from exc
+    finally:
+        loader.dispose()
+
+
 def _parse_scalar(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return _safe_load(text)
+    except _Refused:
+        raise
     except yaml.YAMLError:
         return text
 
@@ -165,7 +232,9 @@ def _format_error(err: dict, lines: dict[tuple, int], source: str) -> str:
 
 def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
     try:
-        data = yaml.safe_load(text)
+        data = _safe_load(text)
+    except _Refused as exc:
+        raise UserInputError(f"{source}: refused: {exc}") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
@@ -176,7 +245,10 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | Non
     if not isinstance(data, dict):
         raise UserInputError(f"{source}: a recipe is a YAML mapping with a 'passes' list")
     for assignment in overrides or []:
-        apply_override(data, assignment)
+        try:
+            apply_override(data, assignment)
+        except _Refused as exc:
+            raise UserInputError(f"--set '{assignment}': refused: {exc}") from exc
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:

@@ -138,3 +138,32 @@ def test_every_option_is_described_and_every_number_bounded() -> None:
             if _numeric(field.annotation):
                 bounded = any(isinstance(m, (Ge, Gt, Le, Lt)) for m in field.metadata)
                 assert bounded, f"{model.__name__}.{name} is a number without bounds"
+
+
+# The classic "billion laughs": 9 levels of 9 aliases, ~10^9 strings once expanded.
+BILLION_LAUGHS = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{','.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8)
+)
+
+
+def test_alias_bomb_is_refused_without_expanding_it() -> None:
+    assert len(BILLION_LAUGHS) < 500
+    with pytest.raises(UserInputError, match=r"r.yaml: refused: aliases expand"):
+        parse_recipe(BILLION_LAUGHS, "r.yaml")
+    with pytest.raises(UserInputError, match=r"--set 'name=.*refused: aliases expand"):
+        parse_recipe("{}", "r.yaml", ["name=" + BILLION_LAUGHS.replace("\n", ", ").join("{}")])
+
+
+@pytest.mark.parametrize("text", ["x: &x [*x]\n", "passes: &p\n  - type: fuse\n  - *p\n", "a: &a {b: *a}\n"])
+def test_recursive_alias_is_refused(text: str) -> None:
+    with pytest.raises(UserInputError, match=r"r.yaml: refused: an alias refers to its own anchor"):
+        parse_recipe(text, "r.yaml")
+
+
+def test_deep_nesting_is_refused_and_small_aliases_still_work() -> None:
+    with pytest.raises(UserInputError, match="nested too deeply"):
+        parse_recipe("[" * 5000 + "]" * 5000, "r.yaml")
+    recipe = parse_recipe(
+        "passes:\n  - type: factorize\n    op_types: &ops [MatMul, Gemm]\n  - type: reconstruct\n    op_types: *ops\n"
+    )
+    assert recipe.passes[1].op_types == ["MatMul", "Gemm"]
