@@ -387,10 +387,20 @@ def validate_cmd(
     overrides: list[str] = typer.Option([], "--set"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Validate a recipe (unknown keys, types, pass names) and print it resolved."""
-    from optimizer_cli.recipe import load_recipe
+    """Validate a recipe (unknown keys, types, bounds, pass names): every problem with its line."""
+    from optimizer_cli.recipe import RecipeProblems, load_recipe
 
-    rec = load_recipe(recipe, overrides)
+    try:
+        rec = load_recipe(recipe, overrides)
+    except RecipeProblems as exc:
+        # Unlike `run`, which stops at the first problem, list them all so one edit fixes the file.
+        if json_out:
+            _emit_json({"valid": False, "problems": exc.problems})
+        else:
+            for problem in exc.problems:
+                sys.stderr.write(f"error: {problem}\n")
+            sys.stderr.write(f"{len(exc.problems)} problem{'s' if len(exc.problems) > 1 else ''} in {recipe}\n")
+        raise typer.Exit(exc.exit_code) from None
     if json_out:
         _emit_json({"valid": True, "recipe": rec.model_dump()})
     else:

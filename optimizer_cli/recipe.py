@@ -11,6 +11,7 @@ benchmark: {providers: [cpu], threads: 2}
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -179,58 +180,182 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-def apply_override(data: dict, assignment: str) -> None:
-    """`passes.1.mode=static` / `benchmark.providers=[cpu]` / `verify.samples=8`."""
+def _did_you_mean(word: object, known: list[str]) -> str:
+    close = difflib.get_close_matches(str(word), known, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _list_index(items: list, part: str, assignment: str, where: str) -> int:
+    """A list item by position, or a pass by its `label` (`passes.myquant.mode=static`)."""
+    if part.isdigit():
+        if int(part) >= len(items):
+            raise UserInputError(f"--set '{assignment}': no list item {part} at {where}")
+        return int(part)
+    labels = [i for i, item in enumerate(items) if isinstance(item, dict) and item.get("label") == part]
+    if len(labels) > 1:
+        raise UserInputError(f"--set '{assignment}': label '{part}' is used by several items at {where}")
+    if not labels:
+        known = [str(item["label"]) for item in items if isinstance(item, dict) and item.get("label")]
+        raise UserInputError(
+            f"--set '{assignment}': no list item {part} at {where}{_did_you_mean(part, known)}"
+            + (f" (labels: {', '.join(known)})" if known else "")
+        )
+    return labels[0]
+
+
+def apply_override(data: dict, assignment: str) -> tuple[str | int, ...]:
+    """`passes.1.mode=static` / `passes.myquant.mode=static` / `benchmark.providers=[cpu]`.
+
+    Returns the path it set, with labels resolved to indices (errors there are blamed on the flag).
+    """
     if "=" not in assignment:
         raise UserInputError(f"--set '{assignment}': expected KEY=VALUE")
     key, raw = assignment.split("=", 1)
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise UserInputError(f"--set '{assignment}': empty key")
+    path: list[str | int] = []
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise UserInputError(f"--set '{assignment}': no list item {part} at {'.'.join(parts[:i]) or 'top'}")
-            node = node[int(part)]
+            index = _list_index(node, part, assignment, ".".join(parts[:i]) or "top")
+            path.append(index)
+            node = node[index]
         else:
+            path.append(part)
             node = node.setdefault(part, {})
         if not isinstance(node, (dict, list)):
             raise UserInputError(f"--set '{assignment}': '{'.'.join(parts[: i + 1])}' is not a section")
     last = parts[-1]
     value = _parse_scalar(raw)
     if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise UserInputError(f"--set '{assignment}': no list item {last}")
-        node[int(last)] = value
+        index = _list_index(node, last, assignment, ".".join(parts[:-1]) or "top")
+        path.append(index)
+        node[index] = value
     else:
+        path.append(last)
         node[last] = value
+    return tuple(path)
 
 
-def _format_error(err: dict, lines: dict[tuple, int], source: str) -> str:
-    loc = tuple(
-        p for p in err["loc"] if not (isinstance(p, str) and p in {c.Config.__name__ for c in PASS_REGISTRY.values()})
-    )
+def _config_fields(loc: tuple, data: Any) -> list[str]:
+    """The keys allowed at `loc` (a mapping's path), following pass types through `passes`."""
+    model: type[BaseModel] = Recipe
+    node = data
+    i = 0
+    while i < len(loc):
+        part = loc[i]
+        node = node.get(part) if isinstance(node, dict) else None
+        if model is Recipe and part == "passes":
+            if i + 1 >= len(loc):
+                return []
+            index = loc[i + 1]
+            item = node[index] if isinstance(node, list) and isinstance(index, int) and index < len(node) else None
+            cls = PASS_REGISTRY.get(item.get("type")) if isinstance(item, dict) else None
+            if cls is None:
+                return []
+            model, node = cls.Config, item
+            i += 2
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+        i += 1
+    return list(model.model_fields)
+
+
+def _field_loc(err: dict, data: Any) -> tuple:
+    """The error's path in the recipe: without pydantic's pass tag and union-member names."""
+    tags = {c.Config.__name__ for c in PASS_REGISTRY.values()}
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in tags))
     # pydantic puts the discriminator tag in loc (e.g. ('passes', 0, 'quantize', 'mode')): drop it.
     loc = tuple(p for i, p in enumerate(loc) if not (i == 2 and loc[0] == "passes" and p in PASS_REGISTRY))
-    dotted = ".".join(str(p) for p in loc) or "(top level)"
-    line = None
+    if err["type"] == "extra_forbidden":
+        return loc
+    # A union reports one error per member, under names like 'bool' or "literal['auto']" that are not
+    # in the input: cut the path where the input ends so they group as one problem.
+    node = data
+    for n, part in enumerate(loc):
+        in_dict = isinstance(node, dict) and part in node
+        in_list = isinstance(node, list) and isinstance(part, int) and part < len(node)
+        if not (in_dict or in_list):
+            return loc[:n]
+        node = node[part]
+    return loc
+
+
+def _flag_for(loc: tuple, overridden: dict[tuple, str]) -> str | None:
+    """The --set assignment that set `loc`, something inside it, or something containing it (the last wins)."""
+    for path, assignment in reversed(overridden.items()):
+        if loc[: len(path)] == path or (loc and path[: len(loc)] == loc):
+            return assignment
+    return None
+
+
+def _line_of(loc: tuple, lines: dict[tuple, int]) -> int | None:
     for n in range(len(loc), -1, -1):
         if loc[:n] in lines:
-            line = lines[loc[:n]]
-            break
-    where = f"{source}:{line}" if line else source
+            return lines[loc[:n]]
+    return None
+
+
+def _where(loc: tuple, lines: dict[tuple, int], source: str, overridden: dict[tuple, str]) -> str:
+    # A value set with --set is blamed on the flag: the file's line there says something else.
+    flag = _flag_for(loc, overridden)
+    if flag is not None:
+        return f"--set '{flag}'"
+    line = _line_of(loc, lines)
+    return f"{source}:{line}" if line else source
+
+
+def _format_error(
+    err: dict, lines: dict[tuple, int], source: str, data: Any = None, overridden: dict[tuple, str] | None = None
+) -> str:
+    loc = _field_loc(err, data)
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    where = _where(loc, lines, source, overridden or {})
+    known = sorted(PASS_REGISTRY)
     if err["type"] == "extra_forbidden":
-        return f"{where}: unknown key '{loc[-1]}' at {dotted}"
+        hint = _did_you_mean(loc[-1], _config_fields(loc[:-1], data))
+        return f"{where}: unknown key '{loc[-1]}' at {dotted}{hint}"
     if err["type"] == "union_tag_invalid":
         tag = err.get("input", {}).get("type") if isinstance(err.get("input"), dict) else None
-        return f"{where}: unknown pass type '{tag}' at {dotted} (known: {', '.join(sorted(PASS_REGISTRY))})"
+        return f"{where}: unknown pass type '{tag}' at {dotted}{_did_you_mean(tag, known)} (known: {', '.join(known)})"
     if err["type"] == "union_tag_not_found":
-        return f"{where}: pass at {dotted} has no 'type' (known: {', '.join(sorted(PASS_REGISTRY))})"
+        return f"{where}: pass at {dotted} has no 'type' (known: {', '.join(known)})"
     return f"{where}: {dotted}: {err['msg']}"
 
 
+class RecipeProblems(UserInputError):
+    """An invalid recipe: the message names the first problem; `problems` has all of them, one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        more = len(problems) - 1
+        super().__init__(problems[0] + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""))
+
+
+def _problems(exc: ValidationError, text: str, source: str, data: Any, overridden: dict[tuple, str]) -> list[str]:
+    lines = _line_map(text)
+    problems: list[str] = []
+    keys: list[tuple[int, int, int]] = []
+    by_loc: dict[tuple, int] = {}
+    for err in exc.errors():
+        loc = _field_loc(err, data)
+        if err["type"] != "extra_forbidden" and loc in by_loc:
+            # Union members failing on the same value: one problem, their messages joined.
+            problems[by_loc[loc]] += f"; or {err['msg']}"
+            continue
+        by_loc.setdefault(loc, len(problems))
+        # Flags first (they are what the user just typed), then the file's problems in line order.
+        keys.append((_flag_for(loc, overridden) is None, _line_of(loc, lines) or 0, len(problems)))
+        problems.append(_format_error(err, lines, source, data, overridden))
+    return [problems[k[-1]] for k in sorted(keys)]
+
+
 def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
+    """The validated recipe, or RecipeProblems (a UserInputError) listing every problem with its line."""
     try:
         data = _safe_load(text)
     except _Refused as exc:
@@ -244,21 +369,16 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | Non
         data = {}
     if not isinstance(data, dict):
         raise UserInputError(f"{source}: a recipe is a YAML mapping with a 'passes' list")
+    overridden: dict[tuple, str] = {}
     for assignment in overrides or []:
         try:
-            apply_override(data, assignment)
+            overridden[apply_override(data, assignment)] = assignment
         except _Refused as exc:
             raise UserInputError(f"--set '{assignment}': refused: {exc}") from exc
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        lines = _line_map(text)
-        first = exc.errors()[0]
-        more = len(exc.errors()) - 1
-        message = _format_error(first, lines, source)
-        if more:
-            message += f" (and {more} more problem{'s' if more > 1 else ''})"
-        raise UserInputError(message) from exc
+        raise RecipeProblems(_problems(exc, text, source, data, overridden)) from exc
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

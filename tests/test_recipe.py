@@ -167,3 +167,62 @@ def test_deep_nesting_is_refused_and_small_aliases_still_work() -> None:
         "passes:\n  - type: factorize\n    op_types: &ops [MatMul, Gemm]\n  - type: reconstruct\n    op_types: *ops\n"
     )
     assert recipe.passes[1].op_types == ["MatMul", "Gemm"]
+
+
+BAD = """passes:
+  - type: quantize
+    per_chanel: true
+    bits: 3
+  - type: quantise
+benchmark:
+  thread: 2
+"""
+
+
+def test_every_problem_is_listed_with_its_line_and_a_suggestion() -> None:
+    from optimizer_cli.recipe import RecipeProblems
+
+    with pytest.raises(RecipeProblems) as err:
+        parse_recipe(BAD, "r.yaml")
+    assert err.value.problems == [
+        "r.yaml:3: unknown key 'per_chanel' at passes.0.per_chanel (did you mean 'per_channel'?)",
+        "r.yaml:4: passes.0.bits: Input should be 4 or 8",
+        "r.yaml:5: unknown pass type 'quantise' at passes.1 (did you mean 'quantize'?) (known: "
+        + ", ".join(sorted(PASS_REGISTRY))
+        + ")",
+        "r.yaml:7: unknown key 'thread' at benchmark.thread (did you mean 'threads'?)",
+    ]
+    # `run` stops at the first one, as before.
+    assert str(err.value) == err.value.problems[0] + " (and 3 more problems)"
+
+
+def test_union_members_failing_on_one_value_are_one_problem() -> None:
+    from optimizer_cli.recipe import RecipeProblems
+
+    with pytest.raises(RecipeProblems) as err:
+        parse_recipe("passes:\n  - type: quantize\n    reduce_range: maybe\n", "r.yaml")
+    assert len(err.value.problems) == 1
+    assert err.value.problems[0].startswith("r.yaml:3: passes.0.reduce_range: ")
+
+
+def test_set_errors_point_at_the_flag() -> None:
+    text = "name: x\npasses:\n  - type: fuse\n  - type: quantize\n"
+    with pytest.raises(UserInputError) as err:
+        parse_recipe(text, "r.yaml", ["passes.1.mode=x"])
+    assert str(err.value).startswith("--set 'passes.1.mode=x': passes.1.mode: ")
+    with pytest.raises(UserInputError, match=r"^--set 'verify.sampels=3': unknown key .*did you mean 'samples'"):
+        parse_recipe(text, "r.yaml", ["verify.sampels=3"])
+    with pytest.raises(UserInputError, match=r"^--set 'benchmark.rounds=1': benchmark.rounds"):
+        parse_recipe("{}", "<no recipe>", ["benchmark.rounds=1"])
+
+
+def test_set_addresses_passes_by_label() -> None:
+    text = "passes:\n  - type: fuse\n  - type: quantize\n    label: myquant\n"
+    assert parse_recipe(text, "r.yaml", ["passes.myquant.mode=static"]).passes[1].mode == "static"
+    with pytest.raises(UserInputError, match=r"no list item myqant at passes \(did you mean 'myquant'\?\)"):
+        parse_recipe(text, "r.yaml", ["passes.myqant.mode=static"])
+    with pytest.raises(UserInputError, match=r"^--set 'passes.myquant.bits=3': passes.1.bits"):
+        parse_recipe(text, "r.yaml", ["passes.myquant.bits=3"])
+    twice = text + "  - type: quantize\n    label: myquant\n"
+    with pytest.raises(UserInputError, match="used by several items"):
+        parse_recipe(twice, "r.yaml", ["passes.myquant.mode=static"])
