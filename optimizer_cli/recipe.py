@@ -398,3 +398,73 @@ def empty_recipe(overrides: list[str] | None = None) -> Recipe:
 
 def recipe_json_schema() -> str:
     return json.dumps(TypeAdapter(Recipe).json_schema(), indent=2)
+
+
+# What `optimize passes` shows comes from the same pydantic schema as `optimize schema`, so the
+# option list, types, defaults, bounds and descriptions cannot drift apart.
+_BOUND_KEYS = {"minimum": "ge", "exclusiveMinimum": "gt", "maximum": "le", "exclusiveMaximum": "lt"}
+
+
+def _type_name(schema: dict[str, Any]) -> str:
+    if "anyOf" in schema:
+        return " | ".join(_type_name(s) for s in schema["anyOf"])
+    if "enum" in schema:
+        return " | ".join(str(v) for v in schema["enum"])
+    if "const" in schema:
+        return str(schema["const"])
+    kind = schema.get("type")
+    if kind == "array":
+        return f"list[{_type_name(schema.get('items', {}))}]"
+    if kind == "object":
+        return f"dict[str, {_type_name(schema.get('additionalProperties', {}))}]"
+    return {"integer": "int", "number": "float", "boolean": "bool", "string": "str", "null": "null"}.get(kind, "any")
+
+
+def _constraints(schema: dict[str, Any]) -> dict[str, float]:
+    """pydantic's names (ge/gt/le/lt) for the numeric bounds, looking inside Optional / unions."""
+    found = {_BOUND_KEYS[k]: v for k, v in schema.items() if k in _BOUND_KEYS}
+    for member in schema.get("anyOf", []):
+        found.update(_constraints(member))
+    return found
+
+
+def bounds_text(constraints: dict[str, float]) -> str:
+    """{'ge': 0, 'lt': 1} -> '[0, 1)'; one-sided -> '>= 1'; none -> ''."""
+    low = ("[", constraints["ge"]) if "ge" in constraints else ("(", constraints["gt"]) if "gt" in constraints else None
+    high = (
+        ("]", constraints["le"]) if "le" in constraints else (")", constraints["lt"]) if "lt" in constraints else None
+    )
+    if low and high:
+        return f"{low[0]}{low[1]}, {high[1]}{high[0]}"
+    if low:
+        return f"{'>=' if low[0] == '[' else '>'} {low[1]}"
+    if high:
+        return f"{'<=' if high[0] == ']' else '<'} {high[1]}"
+    return ""
+
+
+def pass_options(name: str) -> dict[str, dict[str, Any]]:
+    """A pass's options (not `type`): type, default, bounds and description, all JSON values."""
+    schema = PASS_REGISTRY[name].Config.model_json_schema()
+    options: dict[str, dict[str, Any]] = {}
+    for key, prop in schema["properties"].items():
+        if key == "type":
+            continue
+        constraints = _constraints(prop)
+        options[key] = {
+            "type": _type_name(prop),
+            "default": prop.get("default"),
+            "bounds": bounds_text(constraints) or None,
+            "constraints": constraints,
+            "description": prop.get("description", ""),
+        }
+    return options
+
+
+def pass_info(name: str) -> dict[str, Any]:
+    """One pass as `optimize passes` shows it; an unknown name is a UserInputError with a suggestion."""
+    if name not in PASS_REGISTRY:
+        known = sorted(PASS_REGISTRY)
+        raise UserInputError(f"unknown pass '{name}'{_did_you_mean(name, known)} (known: {', '.join(known)})")
+    cls = PASS_REGISTRY[name]
+    return {"type": name, "exactness": cls.exactness.value, "contract": cls.contract, "options": pass_options(name)}
