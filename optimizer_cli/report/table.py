@@ -173,9 +173,14 @@ def render_rich(report: dict[str, Any], console: Console) -> None:
         console.print(f"[yellow]note:[/yellow] {note}")
 
 
+def _md_cell(text: str) -> str:
+    """A `|` ends a Markdown cell (headers included: `max|Δ|`) and a newline ends the row."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
 def _md_table(head: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    lines = ["| " + " | ".join(_md_cell(h) for h in head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
