@@ -1,11 +1,14 @@
-"""Report rendering: Markdown tables that stay tables."""
+"""Report rendering: Markdown tables that stay tables, rich tables readable at 80 columns."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
-from optimizer_cli.report.table import render_markdown
+import pytest
+from rich.console import Console
+
+from optimizer_cli.report.table import bench_rows, render_markdown, render_rich, stage_rows
 
 PATCH = "--set 'passes.2.reduce_range=true' --set 'passes.2.exclude_nodes=[/layer4/conv2/Conv_quant, /fc/Gemm]'"
 
@@ -82,3 +85,36 @@ def test_markdown_escapes_pipes_in_headers_and_cells() -> None:
     assert len(tables) == 2
     for lines in tables:
         assert len({_cells(line) for line in lines}) == 1, lines
+
+
+def _rendered(width: int) -> list[str]:
+    console = Console(width=width, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    render_rich(fake_report(), console)
+    return console.export_text().splitlines()
+
+
+@pytest.mark.parametrize("width", [80, 100, 200])
+def test_rich_tables_never_split_a_number(width: int) -> None:
+    lines = _rendered(width)
+    assert max(len(line.rstrip()) for line in lines if PATCH not in line) <= width
+    report = fake_report()
+    text_columns = {"#", "pass", "kind", "details", "provider", "model", "speedup [95% CI]"}
+    for head, rows in (stage_rows(report), bench_rows(report)):
+        for row in rows:
+            for h, cell in zip(head, row, strict=True):
+                if cell and h not in text_columns:
+                    assert any(cell in line for line in lines), (width, h, cell)
+    # The speedup and its interval stay on one line, so do model names; a long shape (text, no
+    # spaces) may fold at 80 columns but no wider.
+    assert any("1.98x [1.89, 2.10]" in line for line in lines)
+    assert any("optimized" in line for line in lines)
+    assert width == 80 or any("batch=1,sequence=128" in line for line in lines)
+
+
+def test_recipe_patch_is_one_unbroken_line() -> None:
+    assert any(line.strip() == PATCH for line in _rendered(80))
+
+
+def test_wide_terminal_keeps_one_table_with_details() -> None:
+    lines = _rendered(200)
+    assert any("details" in line for line in lines) and any("speedup" in line and "p50" in line for line in lines)
