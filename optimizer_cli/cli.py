@@ -516,7 +516,7 @@ def bench_cmd(
     data: str | None = typer.Option(None, "--data", help="Evaluation data (.npz/.npy folder, labels optional)."),
     providers: str | None = ProvidersOpt,
     strict_ep: bool = typer.Option(False, "--strict-ep"),
-    threads: int = typer.Option(2, "--threads"),
+    threads: int = typer.Option(2, "--threads", min=1),
     rounds: int = typer.Option(10, "--rounds", min=2),
     sweep: list[str] = typer.Option([], "--sweep"),
     dims: list[str] = typer.Option([], "--dim", help="Symbolic dim value for random inputs, e.g. seq=128."),
@@ -579,21 +579,38 @@ def _parse_dims(items: list[str]) -> dict[str, int]:
 
 
 @app.command("passes")
-def passes_cmd(json_out: bool = typer.Option(False, "--json")) -> None:
-    """List passes with their contracts and options."""
-    from optimizer_cli.passes import PASS_REGISTRY
+def passes_cmd(
+    name: str | None = typer.Argument(None, help="One pass in detail (default: all)."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """List passes: contract, and each option's type, default, bounds and meaning."""
+    from rich.markup import escape
+    from rich.table import Table
 
-    items = []
-    for name, cls in sorted(PASS_REGISTRY.items()):
-        fields = {k: repr(f.default) for k, f in cls.Config.model_fields.items() if k not in ("type", "label")}
-        items.append({"type": name, "exactness": cls.exactness.value, "contract": cls.contract, "options": fields})
+    from optimizer_cli.passes import PASS_REGISTRY
+    from optimizer_cli.recipe import pass_info
+
+    items = [pass_info(name)] if name is not None else [pass_info(n) for n in sorted(PASS_REGISTRY)]
     if json_out:
-        _emit_json({"passes": items})
+        _emit_json(items[0] if name is not None else {"passes": items})
         return
     console = Console()
     for item in items:
-        console.print(f"[bold]{item['type']}[/bold] ({item['exactness']}): {item['contract']}")
-        console.print("    " + ", ".join(f"{k}={v}" for k, v in item["options"].items()))
+        console.print(f"[bold]{item['type']}[/bold] ({item['exactness']}): {escape(item['contract'])}")
+        table = Table(box=None, pad_edge=False, show_edge=False)
+        table.add_column("option", no_wrap=True)
+        table.add_column("type", overflow="fold", max_width=16)
+        table.add_column("default", overflow="fold", max_width=14)
+        table.add_column("bounds", no_wrap=True)
+        table.add_column("description", overflow="fold")
+        for key, opt in item["options"].items():
+            default = opt["default"]
+            # YAML spelling (true, null, [..]) rather than Python's True/None.
+            shown = default if isinstance(default, str) else json.dumps(default)
+            # Types like list[str] and descriptions are text, not rich markup.
+            table.add_row(key, escape(opt["type"]), escape(shown), opt["bounds"] or "", escape(opt["description"]))
+        console.print(table)
+        console.print()
 
 
 @app.command("validate")
@@ -602,10 +619,20 @@ def validate_cmd(
     overrides: list[str] = typer.Option([], "--set"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Validate a recipe (unknown keys, types, pass names) and print it resolved."""
-    from optimizer_cli.recipe import load_recipe
+    """Validate a recipe (unknown keys, types, bounds, pass names): every problem with its line."""
+    from optimizer_cli.recipe import RecipeProblems, load_recipe
 
-    rec = load_recipe(recipe, overrides)
+    try:
+        rec = load_recipe(recipe, overrides)
+    except RecipeProblems as exc:
+        # Unlike `run`, which stops at the first problem, list them all so one edit fixes the file.
+        if json_out:
+            _emit_json({"valid": False, "problems": exc.problems})
+        else:
+            for problem in exc.problems:
+                sys.stderr.write(f"error: {problem}\n")
+            sys.stderr.write(f"{len(exc.problems)} problem{'s' if len(exc.problems) > 1 else ''} in {recipe}\n")
+        raise typer.Exit(exc.exit_code) from None
     if json_out:
         _emit_json({"valid": True, "recipe": rec.model_dump()})
     else:

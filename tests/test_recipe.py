@@ -86,3 +86,143 @@ def test_schema_is_json() -> None:
 
     schema = json.loads(recipe_json_schema())
     assert "passes" in schema["properties"]
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("passes:\n  - type: prune\n    sparsity: 1.0\n", "r.yaml:3: passes.0.sparsity: Input should be less than 1"),
+        ("passes:\n  - type: prune\n    sparsity: -0.1\n", "passes.0.sparsity"),
+        ("passes:\n  - type: factorize\n    rank: 0\n", "r.yaml:3: passes.0.rank"),
+        ("passes:\n  - type: factorize\n    energy: 1.5\n", "passes.0.energy"),
+        ("passes:\n  - type: factorize\n    energy: 0\n", "passes.0.energy"),
+        ("passes:\n  - type: quantize\n    percentile: 150\n", "passes.0.percentile"),
+        ("verify:\n  samples: 0\n", "r.yaml:2: verify.samples"),
+        ("benchmark:\n  attribution_threshold: 2\n", "benchmark.attribution_threshold"),
+        ("data:\n  dims: {batch: 0}\n", "data.dims.batch"),
+    ],
+)
+def test_out_of_bounds_options_name_the_key(text: str, needle: str) -> None:
+    with pytest.raises(UserInputError) as err:
+        parse_recipe(text, "r.yaml")
+    assert needle in str(err.value)
+
+
+def test_bounds_keep_the_edges_that_make_sense() -> None:
+    assert parse_recipe("passes:\n  - type: prune\n    sparsity: 0\n").passes[0].sparsity == 0
+    assert parse_recipe("passes:\n  - type: factorize\n    energy: 1\n").passes[0].energy == 1
+    assert parse_recipe("passes:\n  - type: factorize\n    rank: 1\n").passes[0].rank == 1
+
+
+def _numeric(annotation: object) -> bool:
+    """int / float, optional or not (containers and Literals bound their items otherwise)."""
+    import types
+    import typing
+
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_numeric(a) for a in typing.get_args(annotation))
+    return annotation in (int, float)
+
+
+def test_every_option_is_described_and_every_number_bounded() -> None:
+    from annotated_types import Ge, Gt, Le, Lt
+
+    from optimizer_cli.recipe import BenchmarkSettings, DataSettings, Recipe, VerifySettings
+
+    models = [Recipe, VerifySettings, DataSettings, BenchmarkSettings, *(c.Config for c in PASS_REGISTRY.values())]
+    for model in models:
+        for name, field in model.model_fields.items():
+            if name in ("type", "label"):
+                continue
+            assert field.description, f"{model.__name__}.{name} has no description"
+            if _numeric(field.annotation):
+                bounded = any(isinstance(m, (Ge, Gt, Le, Lt)) for m in field.metadata)
+                assert bounded, f"{model.__name__}.{name} is a number without bounds"
+
+
+# The classic "billion laughs": 9 levels of 9 aliases, ~10^9 strings once expanded.
+BILLION_LAUGHS = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{','.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8)
+)
+
+
+def test_alias_bomb_is_refused_without_expanding_it() -> None:
+    assert len(BILLION_LAUGHS) < 500
+    with pytest.raises(UserInputError, match=r"r.yaml: refused: aliases expand"):
+        parse_recipe(BILLION_LAUGHS, "r.yaml")
+    with pytest.raises(UserInputError, match=r"--set 'name=.*refused: aliases expand"):
+        parse_recipe("{}", "r.yaml", ["name=" + BILLION_LAUGHS.replace("\n", ", ").join("{}")])
+
+
+@pytest.mark.parametrize("text", ["x: &x [*x]\n", "passes: &p\n  - type: fuse\n  - *p\n", "a: &a {b: *a}\n"])
+def test_recursive_alias_is_refused(text: str) -> None:
+    with pytest.raises(UserInputError, match=r"r.yaml: refused: an alias refers to its own anchor"):
+        parse_recipe(text, "r.yaml")
+
+
+def test_deep_nesting_is_refused_and_small_aliases_still_work() -> None:
+    with pytest.raises(UserInputError, match="nested too deeply"):
+        parse_recipe("[" * 5000 + "]" * 5000, "r.yaml")
+    recipe = parse_recipe(
+        "passes:\n  - type: factorize\n    op_types: &ops [MatMul, Gemm]\n  - type: reconstruct\n    op_types: *ops\n"
+    )
+    assert recipe.passes[1].op_types == ["MatMul", "Gemm"]
+
+
+BAD = """passes:
+  - type: quantize
+    per_chanel: true
+    bits: 3
+  - type: quantise
+benchmark:
+  thread: 2
+"""
+
+
+def test_every_problem_is_listed_with_its_line_and_a_suggestion() -> None:
+    from optimizer_cli.recipe import RecipeProblems
+
+    with pytest.raises(RecipeProblems) as err:
+        parse_recipe(BAD, "r.yaml")
+    assert err.value.problems == [
+        "r.yaml:3: unknown key 'per_chanel' at passes.0.per_chanel (did you mean 'per_channel'?)",
+        "r.yaml:4: passes.0.bits: Input should be 4 or 8",
+        "r.yaml:5: unknown pass type 'quantise' at passes.1 (did you mean 'quantize'?) (known: "
+        + ", ".join(sorted(PASS_REGISTRY))
+        + ")",
+        "r.yaml:7: unknown key 'thread' at benchmark.thread (did you mean 'threads'?)",
+    ]
+    # `run` stops at the first one, as before.
+    assert str(err.value) == err.value.problems[0] + " (and 3 more problems)"
+
+
+def test_union_members_failing_on_one_value_are_one_problem() -> None:
+    from optimizer_cli.recipe import RecipeProblems
+
+    with pytest.raises(RecipeProblems) as err:
+        parse_recipe("passes:\n  - type: quantize\n    reduce_range: maybe\n", "r.yaml")
+    assert len(err.value.problems) == 1
+    assert err.value.problems[0].startswith("r.yaml:3: passes.0.reduce_range: ")
+
+
+def test_set_errors_point_at_the_flag() -> None:
+    text = "name: x\npasses:\n  - type: fuse\n  - type: quantize\n"
+    with pytest.raises(UserInputError) as err:
+        parse_recipe(text, "r.yaml", ["passes.1.mode=x"])
+    assert str(err.value).startswith("--set 'passes.1.mode=x': passes.1.mode: ")
+    with pytest.raises(UserInputError, match=r"^--set 'verify.sampels=3': unknown key .*did you mean 'samples'"):
+        parse_recipe(text, "r.yaml", ["verify.sampels=3"])
+    with pytest.raises(UserInputError, match=r"^--set 'benchmark.rounds=1': benchmark.rounds"):
+        parse_recipe("{}", "<no recipe>", ["benchmark.rounds=1"])
+
+
+def test_set_addresses_passes_by_label() -> None:
+    text = "passes:\n  - type: fuse\n  - type: quantize\n    label: myquant\n"
+    assert parse_recipe(text, "r.yaml", ["passes.myquant.mode=static"]).passes[1].mode == "static"
+    with pytest.raises(UserInputError, match=r"no list item myqant at passes \(did you mean 'myquant'\?\)"):
+        parse_recipe(text, "r.yaml", ["passes.myqant.mode=static"])
+    with pytest.raises(UserInputError, match=r"^--set 'passes.myquant.bits=3': passes.1.bits"):
+        parse_recipe(text, "r.yaml", ["passes.myquant.bits=3"])
+    twice = text + "  - type: quantize\n    label: myquant\n"
+    with pytest.raises(UserInputError, match="used by several items"):
+        parse_recipe(twice, "r.yaml", ["passes.myquant.mode=static"])

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from optimizer_cli.data import Dataset
 
@@ -29,7 +29,9 @@ class PassConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: str
-    label: str | None = None  # shown in reports instead of the type
+    label: str | None = Field(
+        None, description="Shown in reports instead of the type; `--set passes.LABEL.key=value` addresses the pass."
+    )
 
 
 @dataclass

@@ -12,6 +12,7 @@ from typing import Literal
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 import onnxscript.optimizer
+from pydantic import Field
 
 from optimizer_cli.passes._util import (
     is_large,
@@ -41,13 +42,15 @@ SEQUENCE_OPS = {
 
 class CleanupConfig(PassConfig):
     type: Literal["cleanup"] = "cleanup"
-    fold_constants: bool = True
-    lift_constants: bool = True
-    remove_identity: bool = True
-    deduplicate_initializers: bool = True
-    common_subexpressions: bool = True
+    fold_constants: bool = Field(True, description="Fold subgraphs whose inputs are all constants.")
+    lift_constants: bool = Field(True, description="Turn Constant nodes into initializers.")
+    remove_identity: bool = Field(True, description="Remove Identity nodes.")
+    deduplicate_initializers: bool = Field(True, description="Share initializers with identical values.")
+    common_subexpressions: bool = Field(True, description="Merge nodes computing the same thing.")
     # Folding must not blow up the file: outputs larger than this stay computed at run time.
-    fold_output_size_limit: int = 1 << 20
+    fold_output_size_limit: int = Field(
+        1 << 20, ge=0, description="Largest folded output (elements); bigger ones stay computed at run time."
+    )
 
 
 @register

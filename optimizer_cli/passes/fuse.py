@@ -20,6 +20,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.rewriter import RewriteRuleSet
 from onnxscript.rewriter.rules import common as rules
+from pydantic import Field
 
 from optimizer_cli.passes._util import (
     infer_shapes,
@@ -37,12 +38,14 @@ TransformerType = Literal["none", "bert", "bart", "gpt2", "t5", "vit", "clip", "
 
 class FuseConfig(PassConfig):
     type: Literal["fuse"] = "fuse"
-    batchnorm: bool = True
-    matmul_add_to_gemm: bool = True
-    pad_into_conv: bool = True
-    transformer: TransformerType = "none"
-    num_heads: int = 0  # 0: let onnxruntime.transformers detect
-    hidden_size: int = 0
+    batchnorm: bool = Field(True, description="Fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm.")
+    matmul_add_to_gemm: bool = Field(True, description="MatMul + Add (2-D) -> Gemm.")
+    pad_into_conv: bool = Field(True, description="Fold Pad into the following Conv's pads.")
+    transformer: TransformerType = Field(
+        "none", description="Run onnxruntime.transformers' fusions for this model family (none: skip)."
+    )
+    num_heads: int = Field(0, ge=0, description="Attention heads for the transformer fusions (0: detect).")
+    hidden_size: int = Field(0, ge=0, description="Hidden size for the transformer fusions (0: detect).")
 
 
 def _rule_groups(cfg: FuseConfig) -> dict[str, RewriteRuleSet]:

@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from optimizer_cli.analysis.cost import macs, parameter_count
 from optimizer_cli.passes._util import infer_shapes, new_initializer, refresh_shapes
@@ -26,14 +26,18 @@ LOWRANK_SUFFIX = "_lowrank"
 
 class FactorizeConfig(PassConfig):
     type: Literal["factorize"] = "factorize"
-    rank: int | None = None  # fixed rank
-    energy: float | None = 0.9  # keep singular values up to this fraction of sum(s^2)
-    rank_ratio: float | None = None  # rank = ratio * min(K, N)
-    round_to: int = 8
-    min_size: int = 64  # skip layers whose smaller dimension is below this
-    max_cost_ratio: float = 0.8  # factorize only if MACs after / before <= this
-    op_types: list[str] = ["MatMul", "Gemm", "Conv"]
-    exclude_nodes: list[str] = []
+    # One of rank / energy / rank_ratio picks the rank (giving rank or rank_ratio clears energy).
+    rank: int | None = Field(None, ge=1, description="Fixed rank per layer.")
+    energy: float | None = Field(
+        0.9, gt=0, le=1, description="Keep singular values up to this fraction of sum(s^2) (the default rule)."
+    )
+    rank_ratio: float | None = Field(None, gt=0, le=1, description="Rank = ratio * min(K, N).")
+    round_to: int = Field(8, ge=1, description="Round the rank up to a multiple of this (1: no rounding).")
+    min_size: int = Field(64, ge=1, description="Skip layers whose smaller dimension is below this.")
+    # No upper bound: tests force a factorization with a ratio > 1 to check the math.
+    max_cost_ratio: float = Field(0.8, gt=0, description="Factorize only if MACs after / before <= this.")
+    op_types: list[str] = Field(["MatMul", "Gemm", "Conv"], description="Op types to factorize.")
+    exclude_nodes: list[str] = Field([], description="Node names left alone.")
 
     @model_validator(mode="after")
     def _one_rule(self) -> FactorizeConfig:

@@ -21,6 +21,7 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
+from pydantic import Field
 
 from optimizer_cli.analysis.channel_groups import Analysis, Group, Root, analyze, expr_mask, expr_size
 from optimizer_cli.analysis.cost import macs, parameter_count
@@ -32,25 +33,39 @@ from optimizer_cli.runtime.session import SessionConfig, capture_values, run_mod
 
 class PruneConfig(PassConfig):
     type: Literal["prune"] = "prune"
-    method: Literal["structured", "magnitude"] = "structured"
-    sparsity: float = 0.3  # fraction of channels (structured) or weights (magnitude) to remove
-    scope: Literal["layer", "global"] = "layer"
-    round_to: int = 8
-    min_channels: int = 8
-    op_types: list[str] = ["Conv", "MatMul", "Gemm"]
-    exclude_nodes: list[str] = []
+    method: Literal["structured", "magnitude"] = Field(
+        "structured", description="structured: remove whole channels; magnitude: zero the smallest weights."
+    )
+    # 1.0 would remove every channel: the model is destroyed, so the bound is strict.
+    sparsity: float = Field(
+        0.3, ge=0, lt=1, description="Fraction of channels (structured) or weights (magnitude) to remove."
+    )
+    scope: Literal["layer", "global"] = Field(
+        "layer", description="Rank importance per layer or across all layers (global)."
+    )
+    round_to: int = Field(8, ge=1, description="Round kept channels up to a multiple of this (1: no rounding).")
+    min_channels: int = Field(8, ge=1, description="Keep at least this many channels per group.")
+    op_types: list[str] = Field(["Conv", "MatMul", "Gemm"], description="Op types whose channels are pruned.")
+    exclude_nodes: list[str] = Field([], description="Node names left alone.")
     # activation: channel RMS on calibration data x norm of the consumer weights reading it (what the
     # channel contributes downstream; needs --calib); weight: producer weight norms. auto: activation
     # for MatMul/Gemm groups, weight for Conv groups. Measured with reconstruct, held-out data:
     # MiniLM FFN 25%: cosine 0.955 (activation) vs 0.814 (weight); digits ResNet 30%: top-1 91.8%
     # (activation) vs 98.4% (weight, = fp32).
-    importance: Literal["auto", "activation", "weight"] = "auto"
-    samples: int = 32
+    importance: Literal["auto", "activation", "weight"] = Field(
+        "auto",
+        description="Channel importance: activation (needs --calib), weight norms, or auto "
+        "(activation for MatMul/Gemm, weight for Conv).",
+    )
+    samples: int = Field(32, ge=1, description="Calibration samples for activation importance.")
     # Accuracy-guarded: find the largest sparsity <= `sparsity` whose outputs keep this cosine to the
     # unpruned model on held-out calibration samples (after a least-squares refit when `refit`).
-    target_cosine: float | None = None
-    search_steps: int = 5
-    refit: bool = True
+    # No upper bound: a target above 1 is never met, so the pass keeps the model (tests rely on it).
+    target_cosine: float | None = Field(
+        None, ge=-1, description="Search the largest sparsity keeping this output cosine (needs --calib)."
+    )
+    search_steps: int = Field(5, ge=1, description="Trials of the target_cosine bisection.")
+    refit: bool = Field(True, description="Least-squares refit (reconstruct) of each search trial before scoring.")
 
 
 KEPT_CHANNELS_META = "optimizer_cli.kept_channels"

@@ -19,7 +19,7 @@ from typing import Literal
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from optimizer_cli.data import Dataset
 from optimizer_cli.errors import UserInputError, first_line
@@ -58,26 +58,37 @@ QUANT_OPS = {
 
 class QuantizeConfig(PassConfig):
     type: Literal["quantize"] = "quantize"
-    mode: Literal["dynamic", "static", "fp16", "weight_only"] = "dynamic"
-    per_channel: bool = True
+    mode: Literal["dynamic", "static", "fp16", "weight_only"] = Field(
+        "dynamic",
+        description="dynamic: int8 weights, activations at run time; static: int8 QDQ from calibration; "
+        "fp16: float16 weights and compute; weight_only: 4/8-bit MatMul weights.",
+    )
+    per_channel: bool = Field(True, description="One weight scale per output channel instead of per tensor.")
     # auto: 7-bit weights where this CPU's u8*s8 kernels saturate (x86 without VNNI), full 8-bit elsewhere.
-    reduce_range: bool | Literal["auto"] = "auto"
-    op_types: list[str] | None = None  # None: the mode's defaults
-    exclude_nodes: list[str] = []
-    exclude_op_types: list[str] = []
+    reduce_range: bool | Literal["auto"] = Field(
+        "auto", description="7-bit weights (auto: where this CPU's u8*s8 kernels saturate)."
+    )
+    op_types: list[str] | None = Field(None, description="Op types to quantize (null: the mode's defaults).")
+    exclude_nodes: list[str] = Field([], description="Node names left in float.")
+    exclude_op_types: list[str] = Field([], description="Op types left in float.")
     # static
-    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
-    percentile: float = 99.999
-    calibration_samples: int = 64
-    activation_type: Literal["uint8", "int8"] = "uint8"
-    weight_type: Literal["int8", "uint8"] = "int8"
-    allow_s8s8: bool = False
-    preprocess: bool = True
+    calibration_method: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="static: how activation ranges are calibrated."
+    )
+    percentile: float = Field(99.999, gt=0, le=100, description="static, percentile method: range percentile.")
+    calibration_samples: int = Field(64, ge=1, description="static: calibration samples used.")
+    activation_type: Literal["uint8", "int8"] = Field("uint8", description="static: activation integer type.")
+    weight_type: Literal["int8", "uint8"] = Field("int8", description="Weight integer type.")
+    allow_s8s8: bool = Field(False, description="static: allow int8 activations on x86 (slower than fp32 there).")
+    preprocess: bool = Field(True, description="static: run onnxruntime's quantization pre-processing first.")
     # weight_only
-    bits: Literal[4, 8] = 4
-    block_size: int = 32
-    symmetric: bool = True
-    accuracy_level: int | None = 4
+    bits: Literal[4, 8] = Field(4, description="weight_only: bits per weight.")
+    # MatMulNBits wants a power of two >= 16.
+    block_size: int = Field(32, ge=16, description="weight_only: weights per scale (a power of two >= 16).")
+    symmetric: bool = Field(True, description="weight_only: symmetric (no zero point).")
+    accuracy_level: int | None = Field(
+        4, ge=0, le=4, description="weight_only: MatMulNBits compute type (0: unset, 1 fp32 .. 4 int8)."
+    )
 
     @model_validator(mode="after")
     def _no_slow_s8s8(self) -> QuantizeConfig:

@@ -17,6 +17,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 from numpy.lib.stride_tricks import sliding_window_view
+from pydantic import Field
 
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs, register
@@ -26,12 +27,14 @@ from optimizer_cli.runtime.session import capture_values
 
 class ReconstructConfig(PassConfig):
     type: Literal["reconstruct"] = "reconstruct"
-    samples: int = 128
-    damping: float = 1e-3
-    max_rows: int = 50_000
-    op_types: list[str] = ["MatMul", "Gemm", "Conv"]
-    scope: Literal["changed", "all"] = "changed"
-    exclude_nodes: list[str] = []
+    samples: int = Field(128, ge=1, description="Calibration samples used for the fit.")
+    damping: float = Field(1e-3, ge=0, description="Ridge damping, relative to the mean diagonal of X^T X.")
+    max_rows: int = Field(50_000, ge=1, description="Rows sampled per layer for the least-squares fit.")
+    op_types: list[str] = Field(["MatMul", "Gemm", "Conv"], description="Op types refitted.")
+    scope: Literal["changed", "all"] = Field(
+        "changed", description="Refit layers changed by earlier passes, or all of them."
+    )
+    exclude_nodes: list[str] = Field([], description="Node names left alone.")
 
 
 def im2col(

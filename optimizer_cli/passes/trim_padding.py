@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
+from pydantic import Field
 
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.passes._util import new_initializer, refresh_shapes
@@ -35,8 +36,10 @@ RTOL, ATOL = 1e-3, 1e-4  # the pipeline's exact-pass tolerance (atol scaled by t
 
 class TrimPaddingConfig(PassConfig):
     type: Literal["trim_padding"] = "trim_padding"
-    mask_input: str | None = None  # default: the one integer/bool rank-2 input whose name contains "mask"
-    samples: int = 4  # feeds used for the invariance check
+    mask_input: str | None = Field(
+        None, description="Attention-mask input (null: the one integer/bool rank-2 input named *mask*)."
+    )
+    samples: int = Field(4, ge=1, description="Feeds used for the invariance check.")
 
 
 def find_mask_input(model: ir.Model, name: str | None) -> ir.Value:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -135,28 +137,98 @@ def verdict_line(report: dict[str, Any]) -> str:
     return f"verdict: {verdict}: {meaning.get(verdict, '')}"
 
 
+# The text columns; every other column holds numbers (or short codes) and is never wrapped, so a
+# value is never split mid-digit.
+_STAGE_TEXT = {"pass", "details"}
+_BENCH_TEXT = {"provider", "model"}
+# Text columns wrap at spaces and fold inside a word only past this width (long shapes, stats).
+_NAME_MIN = 12
+# When the benchmark table is wider than the terminal it is printed as two: latency, then accuracy.
+_BENCH_SPLIT = (
+    ["provider", "model", "size", "p50 ms", "p90 ms", "p99 ms", "thru/s", "mem MB"],
+    ["provider", "model", "speedup [95% CI]", "top-1", "cosine min", "top-1 agree"],
+)
+
+
+def _table(title: str, head: list[str], rows: list[list[str]], text_columns: set[str], compact: bool) -> Table:
+    """Numeric columns: no_wrap, as wide as their widest value, header wrapped at spaces to fit;
+    text columns: see _NAME_MIN. compact: no outer edge or vertical rules, two spaces between
+    columns (for narrow terminals)."""
+    style: dict[str, Any] = (
+        {"box": box.SIMPLE_HEAD, "show_edge": False, "pad_edge": False, "collapse_padding": True} if compact else {}
+    )
+    t = Table(title=title, title_justify="left", **style)
+    for i, h in enumerate(head):
+        cells = [row[i] for row in rows]
+        if h in text_columns:
+            longest = max(len(w) for c in [h, *cells] for w in c.split() or [""])
+            # Names and shapes: whole words up to _NAME_MIN, folded (never cut with an ellipsis) past it.
+            t.add_column(escape(h), min_width=min(longest, _NAME_MIN), overflow="fold")
+            continue
+        width = max([len(c) for c in cells] + [len(w) for w in h.split()])
+        t.add_column(escape("\n".join(textwrap.wrap(h, width))), no_wrap=True, min_width=width)
+    for row in rows:
+        t.add_row(*(escape(c) for c in row))
+    return t
+
+
+def _min_width(head: list[str], rows: list[list[str]], text_columns: set[str], compact: bool) -> int:
+    """Narrowest rendering of _table that cuts no value and no word. rich's own measure lets no_wrap
+    columns squeeze text columns to nothing, so count here: per column 2 padding + 1 rule (plus the
+    closing rule), or in compact style 2 spaces between columns."""
+    widths = []
+    for i, h in enumerate(head):
+        words = [w for c in [h] + [row[i] for row in rows] for w in c.split()] or [""]
+        if h in text_columns:
+            widths.append(min(max(len(w) for w in words), _NAME_MIN))
+        else:
+            widths.append(max([len(w) for w in words] + [len(row[i]) for row in rows]))
+    return sum(widths) + (2 * (len(head) - 1) if compact else 3 * len(head) + 1)
+
+
+def _style_for(console: Console, head: list[str], rows: list[list[str]], text: set[str], room: int = 0) -> bool | None:
+    """False: the normal style fits (with `room` to spare); True: only the compact one; None: neither."""
+    for compact in (False, True):
+        if _min_width(head, rows, text, compact) + room <= console.width:
+            return compact
+    return None
+
+
+def _columns(head: list[str], rows: list[list[str]], keep: list[str]) -> tuple[list[str], list[list[str]]]:
+    index = [head.index(h) for h in keep]
+    return [head[i] for i in index], [[row[i] for i in index] for row in rows]
+
+
 def render_rich(report: dict[str, Any], console: Console) -> None:
     if report.get("stages"):
         head, rows = stage_rows(report)
-        t = Table(title=f"Passes: {report.get('recipe', {}).get('name', '')}", title_justify="left")
-        for h in head:
-            t.add_column(h, overflow="fold")
-        for row in rows:
-            t.add_row(*row)
-        console.print(t)
+        title = f"Passes: {report.get('recipe', {}).get('name', '')}"
+        without = _columns(head, rows, head[:-1])
+        # A details column squeezed under 30 characters is unreadable: then the details go under the
+        # table, one line per pass.
+        compact = _style_for(console, *without, _STAGE_TEXT, room=30 + 3)
+        if compact is not None:
+            console.print(_table(title, head, rows, _STAGE_TEXT, compact))
+        else:
+            console.print(_table(title, *without, _STAGE_TEXT, _style_for(console, *without, _STAGE_TEXT) is not False))
+            for row in rows:
+                if row[-1]:
+                    console.print(f"  {escape(row[0])} {escape(row[1])}: {escape(row[-1])}")
     if report.get("benchmark"):
         head, rows = bench_rows(report)
         env = report["benchmark"]["environment"]
-        t = Table(
-            title=f"Benchmark ({report['benchmark']['eval_samples']} samples from {report['benchmark']['eval_source']}; "
-            f"ORT {env['onnxruntime']}, {cpu_label(env)})",
-            title_justify="left",
+        title = (
+            f"Benchmark ({report['benchmark']['eval_samples']} samples from {report['benchmark']['eval_source']}; "
+            f"ORT {env['onnxruntime']}, {cpu_label(env)})"
         )
-        for h in head:
-            t.add_column(h, overflow="fold")
-        for row in rows:
-            t.add_row(*row)
-        console.print(t)
+        compact = _style_for(console, head, rows, _BENCH_TEXT)
+        if compact is not None:
+            console.print(_table(title, head, rows, _BENCH_TEXT, compact))
+        else:
+            for n, keep in enumerate(_BENCH_SPLIT):
+                part = _columns(head, rows, keep)
+                style = _style_for(console, *part, _BENCH_TEXT) is not False
+                console.print(_table("" if n else title, *part, _BENCH_TEXT, style))
         for line in setup_lines(report) + unusable_lines(report):
             console.print(f"  {line}")
         console.print(verdict_line(report))
@@ -178,9 +250,9 @@ def render_rich(report: dict[str, Any], console: Console) -> None:
         if attribution.get("search"):
             console.print(f"  {escape(attribution['search'])}")
         if attribution.get("patch"):
-            console.print(
-                f"[bold]Recipe patch[/bold] (fidelity {attribution['patch_fidelity']:.5f}): {escape(attribution['patch'])}"
-            )
+            console.print(f"[bold]Recipe patch[/bold] (fidelity {attribution['patch_fidelity']:.5f}):")
+            # On its own line and soft-wrapped: the terminal folds it, a copy-paste gets one intact line.
+            console.print(f"  {escape(attribution['patch'])}", soft_wrap=True)
     for gate in report.get("gates", []):
         style = "red" if gate["violated"] else "green"
         console.print(f"[{style}]fail-if {gate['expression']}: {gate['detail']}[/{style}]")
@@ -188,9 +260,14 @@ def render_rich(report: dict[str, Any], console: Console) -> None:
         console.print(f"[yellow]note:[/yellow] {note}")
 
 
+def _md_cell(text: str) -> str:
+    """A `|` ends a Markdown cell (headers included: `max|Δ|`) and a newline ends the row."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
 def _md_table(head: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    lines = ["| " + " | ".join(_md_cell(h) for h in head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
