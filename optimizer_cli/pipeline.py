@@ -34,16 +34,8 @@ from optimizer_cli.model_io import (
 from optimizer_cli.passes import PASS_REGISTRY, Exactness, PassContext, RunInputs
 from optimizer_cli.passes._util import lift_constants, node_count
 from optimizer_cli.recipe import Recipe
-from optimizer_cli.runtime.session import SessionConfig, ort_error_message, run_model
-from optimizer_cli.verify import (
-    Drift,
-    aggregate,
-    check_model,
-    check_signature,
-    compare_arrays,
-    signature,
-    within_tolerance,
-)
+from optimizer_cli.runtime.session import ort_error_message
+from optimizer_cli.verify import Drift, StageVerifier, Tolerance, check_model
 
 
 @dataclass
@@ -116,23 +108,6 @@ def requirement_problems(recipe: Recipe, inputs: RunInputs) -> list[str]:
     return problems
 
 
-class _Reference:
-    """Runs a model stage on the verification feeds (ORT, CPU).
-
-    Graph optimizations are off by default, so a stage is checked as written. `deployed=True` turns them
-    on: that is when ORT swaps QDQ pairs for its int8 kernels, whose results can differ from the float
-    simulation (e.g. u8*s8 saturation on CPUs without VNNI), so approximate stages are judged that way.
-    """
-
-    def __init__(self, feeds: list[dict[str, np.ndarray]], threads: int) -> None:
-        self.feeds = feeds
-        self.config = SessionConfig(provider="cpu", threads=threads, opt_level="disable")
-        self.deployed_config = SessionConfig(provider="cpu", threads=threads, opt_level="all")
-
-    def outputs(self, model: ir.Model, deployed: bool = False) -> list[list[np.ndarray]]:
-        return run_model(model, self.feeds, self.deployed_config if deployed else self.config)
-
-
 def normalize(model: ir.Model) -> list[str]:
     """Semantics-preserving set-up every pass relies on: weights as initializers, named nodes."""
     notes = []
@@ -181,123 +156,39 @@ def run_pipeline(
     on_start: Callable[[int, str], None] | None = None,
     logger: logging.Logger | None = None,
 ) -> PipelineResult:
-    logger = logger or logging.getLogger("optimizer_cli")
+    """Check requirements, load, run every pass with a StageVerifier check after each, save."""
     input_path = Path(input_path)
     calibration = calibration or recipe.data.calibration
     evaluation = evaluation or recipe.data.evaluation
     problems = requirement_problems(recipe, RunInputs(calibration=calibration, evaluation=evaluation))
     if problems:
         raise UserInputError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-
     model = load_model(input_path)
     if output_path is not None:
         check_output_path(Path(output_path), input_path)
     notes = normalize(model)
     check_input_model(model, input_path)
-    dims = recipe.data.dims
-    vs = recipe.verify
-    calib = resolve_dataset(calibration, model, samples=64, seed=vs.seed + 1, dims=dims)
-    if calib is not None and calib.is_random:
-        notes.append("calibration uses seeded random inputs: accuracy on real data is unknown")
-    eval_data = resolve_dataset(evaluation, model, samples=vs.samples, seed=vs.seed, dims=dims)
-    if eval_data is not None and not eval_data.is_random:
-        verify_data = eval_data.take(vs.samples)
-    elif calib is not None and not calib.is_random:
-        verify_data = calib.take(vs.samples)
-    else:
-        verify_data = random_dataset(model, vs.samples, vs.seed, dims)
-        notes.extend(verify_data.notes)
-
-    stages: list[StageReport] = []
-    base_sig = signature(model)
-    reference = _Reference(verify_data.feeds, threads)
-    try:
-        original_outputs = reference.outputs(model) if vs.enabled else []
-    except Exception as exc:  # e.g. an IR version or op this onnxruntime does not know, or bad data shapes
-        raise UserInputError(
-            f"onnxruntime cannot run the input model on the verification data: {ort_error_message(exc)}", input_path
-        ) from exc
-    previous_outputs = original_outputs
-    output_names = [v.name for v in model.graph.outputs]
-
+    data = _datasets(model, recipe, calibration, evaluation, notes)
+    verifier = _verifier(model, recipe, data.verify, threads, input_path)
     with tempfile.TemporaryDirectory(prefix="optimize-run-") as tmp:
         ctx = PassContext(
-            calibration=calib,
-            verify_data=verify_data,
-            rng=np.random.default_rng(vs.seed),
+            calibration=data.calibration,
+            verify_data=data.verify,
+            rng=np.random.default_rng(recipe.verify.seed),
             tmp_dir=Path(tmp),
             threads=threads,
             reference=lambda: _load_normalized(input_path),
-            logger=logger,
+            logger=logger or logging.getLogger("optimizer_cli"),
+            tolerance=verifier.tolerance,
         )
+        stages = []
         for index, cfg in enumerate(recipe.passes):
-            pass_cls = PASS_REGISTRY[cfg.type]
-            instance = pass_cls(cfg, ctx)
-            label = cfg.label or cfg.type
-            if on_start:
-                on_start(index, label)
-            start = time.perf_counter()
-            try:
-                result = instance(model)
-            except (UserInputError, VerificationError):
-                raise
-            except Exception as exc:
-                raise VerificationError(f"pass {index} ({label}) failed: {first_line(exc)}") from exc
-            model = result.model
-            seconds = time.perf_counter() - start
-            exactness = instance.exactness_for()
-            stage = StageReport(
-                name=label,
-                pass_type=cfg.type,
-                exactness=exactness.value,
-                seconds=seconds,
-                modified=result.modified,
-                nodes=node_count(model),
-                weight_bytes=weights_nbytes(model),
-                stats=instance.stats,
-            )
-            vstart = time.perf_counter()
-            try:
-                check_model(model)
-                check_signature(base_sig, model)
-            except VerificationError as exc:
-                raise VerificationError(f"pass {index} ({label}) produced an invalid model: {exc}") from exc
-            if vs.enabled:
-                try:
-                    current = reference.outputs(model)
-                except Exception as exc:
-                    raise VerificationError(
-                        f"pass {index} ({label}) produced a model onnxruntime cannot run: {ort_error_message(exc)}"
-                    ) from exc
-                stage.drift_vs_previous = _drift(output_names, previous_outputs, current)
-                stage.drift_vs_original = _drift(output_names, original_outputs, current)
-                _check_finite(index, label, stage.drift_vs_previous)
-                if exactness is Exactness.EXACT:
-                    _check_exact(index, label, output_names, previous_outputs, current, vs.rtol, vs.atol)
-                else:
-                    try:
-                        deployed_outputs = reference.outputs(model, deployed=True)
-                    except Exception as exc:
-                        raise VerificationError(
-                            f"pass {index} ({label}) produced a model onnxruntime cannot run with its graph "
-                            f"optimizations on (its default): {ort_error_message(exc)}"
-                        ) from exc
-                    deployed = _drift(output_names, original_outputs, deployed_outputs)
-                    _check_finite(index, label, deployed, " with onnxruntime's optimized kernels")
-                    stage.drift_vs_original = _worse_per_output(stage.drift_vs_original, deployed)
-                    worst = stage.worst_cosine()
-                    if vs.min_cosine is not None and worst is not None and worst < vs.min_cosine:
-                        raise VerificationError(
-                            f"pass {index} ({label}): output cosine vs original {worst:.4f} < verify.min_cosine {vs.min_cosine}"
-                        )
-                previous_outputs = current
-            stage.verify_seconds = time.perf_counter() - vstart
+            model, stage = _run_stage(index, cfg, model, ctx, verifier, on_start)
             stages.append(stage)
             if on_stage:
                 on_stage(stage)
-
-    output_bytes = None
     out_path = Path(output_path) if output_path is not None else None
+    output_bytes = None
     if out_path is not None:
         # An input kept in external data gives an output kept in external data (named after the output).
         keep_external = bool(external_data_files(input_path)) or None
@@ -310,39 +201,88 @@ def run_pipeline(
         stages=stages,
         input_bytes=file_size(input_path),
         output_bytes=output_bytes,
-        verify_data=verify_data,
-        evaluation=eval_data,
+        verify_data=data.verify,
+        evaluation=data.evaluation,
         notes=notes,
     )
 
 
-def _drift(names: list[str], ref: list[list[np.ndarray]], new: list[list[np.ndarray]]) -> list[Drift]:
-    per_sample = [
-        [compare_arrays(name, a, b) for name, a, b in zip(names, ref_s, new_s, strict=True)]
-        for ref_s, new_s in zip(ref, new, strict=True)
-    ]
-    return aggregate(per_sample)
+@dataclass
+class _RunData:
+    calibration: Dataset | None
+    evaluation: Dataset | None
+    verify: Dataset  # the feeds every stage is checked on: real data when given, else seeded random
 
 
-def _worse_per_output(a: list[Drift], b: list[Drift]) -> list[Drift]:
-    """Per output, the drift with the lower cosine (the float simulation or ORT's optimized kernels)."""
-    return [y if y.cosine < x.cosine else x for x, y in zip(a, b, strict=True)]
+def _datasets(
+    model: ir.Model, recipe: Recipe, calibration: str | None, evaluation: str | None, notes: list[str]
+) -> _RunData:
+    dims, vs = recipe.data.dims, recipe.verify
+    calib = resolve_dataset(calibration, model, samples=64, seed=vs.seed + 1, dims=dims)
+    if calib is not None and calib.is_random:
+        notes.append("calibration uses seeded random inputs: accuracy on real data is unknown")
+    eval_data = resolve_dataset(evaluation, model, samples=vs.samples, seed=vs.seed, dims=dims)
+    if eval_data is not None and not eval_data.is_random:
+        verify_data = eval_data.take(vs.samples)
+    elif calib is not None and not calib.is_random:
+        verify_data = calib.take(vs.samples)
+    else:
+        verify_data = random_dataset(model, vs.samples, vs.seed, dims)
+        notes.extend(verify_data.notes)
+    return _RunData(calib, eval_data, verify_data)
 
 
-def _check_finite(index: int, label: str, drifts: list[Drift], how: str = "") -> None:
-    for d in drifts:
-        if d.nonfinite:
-            raise VerificationError(
-                f"pass {index} ({label}) made output '{d.output}' NaN/Inf{how} ({d.nonfinite} values) "
-                "where it was finite"
-            )
+def _verifier(model: ir.Model, recipe: Recipe, data: Dataset, threads: int, input_path: Path) -> StageVerifier:
+    vs = recipe.verify
+    try:
+        return StageVerifier(
+            model,
+            data.feeds,
+            threads=threads,
+            tolerance=Tolerance(vs.rtol, vs.atol),
+            min_cosine=vs.min_cosine,
+            numeric=vs.enabled,
+        )
+    except Exception as exc:  # e.g. an IR version or op this onnxruntime does not know, or bad data shapes
+        raise UserInputError(
+            f"onnxruntime cannot run the input model on the verification data: {ort_error_message(exc)}", input_path
+        ) from exc
 
 
-def _check_exact(index: int, label: str, names: list[str], ref, new, rtol: float, atol: float) -> None:
-    for ref_s, new_s in zip(ref, new, strict=True):
-        for name, a, b in zip(names, ref_s, new_s, strict=True):
-            if not within_tolerance(a, b, rtol, atol):
-                err = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
-                raise VerificationError(
-                    f"pass {index} ({label}) is declared exact but changed output '{name}' (max abs diff {err:.3g})"
-                )
+def _run_stage(
+    index: int,
+    cfg: Any,
+    model: ir.Model,
+    ctx: PassContext,
+    verifier: StageVerifier,
+    on_start: Callable[[int, str], None] | None,
+) -> tuple[ir.Model, StageReport]:
+    """One pass, timed, then verified; a pass that raises is reported by name (exit 3), not as a crash."""
+    instance = PASS_REGISTRY[cfg.type](cfg, ctx)
+    label = cfg.label or cfg.type
+    if on_start:
+        on_start(index, label)
+    start = time.perf_counter()
+    try:
+        result = instance(model)
+    except (UserInputError, VerificationError):
+        raise
+    except Exception as exc:
+        raise VerificationError(f"pass {index} ({label}) failed: {first_line(exc)}") from exc
+    model = result.model
+    exactness = instance.exactness_for()
+    stage = StageReport(
+        name=label,
+        pass_type=cfg.type,
+        exactness=exactness.value,
+        seconds=time.perf_counter() - start,
+        modified=result.modified,
+        nodes=node_count(model),
+        weight_bytes=weights_nbytes(model),
+        stats=instance.stats,
+    )
+    vstart = time.perf_counter()
+    drift = verifier.check(f"pass {index} ({label})", model, exact=exactness is Exactness.EXACT)
+    stage.drift_vs_previous, stage.drift_vs_original = drift.vs_previous, drift.vs_original
+    stage.verify_seconds = time.perf_counter() - vstart
+    return model, stage

@@ -12,6 +12,7 @@ import onnx_ir as ir
 
 from optimizer_cli.errors import VerificationError, first_line
 from optimizer_cli.model_io import EXTERNAL_DATA_THRESHOLD_BYTES, save_model, to_proto, weights_nbytes
+from optimizer_cli.runtime.session import SessionConfig, ort_error_message, run_model
 
 
 def check_model(model: ir.Model, *, strict_shapes: bool = True) -> None:
@@ -132,3 +133,126 @@ def within_tolerance(ref: np.ndarray, new: np.ndarray, rtol: float, atol: float)
         return bool(np.array_equal(ref, new))
     scale = float(np.max(np.abs(ref))) if ref.size else 0.0
     return bool(np.allclose(new, ref, rtol=rtol, atol=atol * max(1.0, scale), equal_nan=True))
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """The exact-pass oracle: outputs within rtol / atol * max(1, |output|max) (fusions reorder float sums)."""
+
+    rtol: float = 1e-3
+    atol: float = 1e-4
+
+    def allows(self, ref: np.ndarray, new: np.ndarray) -> bool:
+        return ref.shape == new.shape and within_tolerance(ref, new, self.rtol, self.atol)
+
+    def all_close(self, ref: list[list[np.ndarray]], new: list[list[np.ndarray]]) -> bool:
+        """Every output of every sample within tolerance."""
+        return all(self.allows(r, n) for rs, ns in zip(ref, new, strict=True) for r, n in zip(rs, ns, strict=True))
+
+
+def drift(names: list[str], ref: list[list[np.ndarray]], new: list[list[np.ndarray]]) -> list[Drift]:
+    """Per output, the worst drift over samples of `new` against `ref`."""
+    per_sample = [
+        [compare_arrays(name, a, b) for name, a, b in zip(names, ref_s, new_s, strict=True)]
+        for ref_s, new_s in zip(ref, new, strict=True)
+    ]
+    return aggregate(per_sample)
+
+
+def worse_per_output(a: list[Drift], b: list[Drift]) -> list[Drift]:
+    """Per output, the drift with the lower cosine."""
+    return [y if y.cosine < x.cosine else x for x, y in zip(a, b, strict=True)]
+
+
+@dataclass
+class StageDrift:
+    vs_previous: list[Drift]
+    vs_original: list[Drift]
+
+
+class StageVerifier:
+    """Checks each stage of a pipeline: onnx.checker + strict shape inference, an unchanged signature, and the
+    drift of every output on fixed feeds (ORT, CPU) against the previous stage and the original.
+
+    Exact stages must stay within `tolerance` of the previous stage. Approximate stages are also run with
+    ORT's graph optimizations on, which is when QDQ pairs become int8 kernels whose results can differ from
+    the float simulation (u8*s8 saturation on CPUs without VNNI): the worse drift counts, and below
+    `min_cosine` the run stops. A stage that makes a finite output NaN/Inf stops the run either way.
+    """
+
+    def __init__(
+        self,
+        original: ir.Model,
+        feeds: list[dict[str, np.ndarray]],
+        *,
+        threads: int = 2,
+        tolerance: Tolerance = Tolerance(),
+        min_cosine: float | None = None,
+        numeric: bool = True,
+    ) -> None:
+        self.feeds = feeds
+        self.tolerance = tolerance
+        self.min_cosine = min_cosine
+        self.numeric = numeric
+        self.names = [v.name for v in original.graph.outputs]
+        self.signature = signature(original)
+        self._as_written = SessionConfig(provider="cpu", threads=threads, opt_level="disable")
+        self._deployed = SessionConfig(provider="cpu", threads=threads, opt_level="all")
+        # Raises what onnxruntime raises: the caller decides whose fault an unrunnable original is.
+        self.original = self._run(original) if numeric else []
+        self.previous = self.original
+
+    def _run(self, model: ir.Model, deployed: bool = False) -> list[list[np.ndarray]]:
+        return run_model(model, self.feeds, self._deployed if deployed else self._as_written)
+
+    def check(self, stage: str, model: ir.Model, exact: bool) -> StageDrift:
+        """Verify one stage (`stage` names it in errors, e.g. "pass 2 (quantize)"); raises VerificationError."""
+        try:
+            check_model(model)
+            check_signature(self.signature, model)
+        except VerificationError as exc:
+            raise VerificationError(f"{stage} produced an invalid model: {exc}") from exc
+        if not self.numeric:
+            return StageDrift([], [])
+        current = self._outputs(stage, model, deployed=False)
+        result = StageDrift(drift(self.names, self.previous, current), drift(self.names, self.original, current))
+        self._check_finite(stage, result.vs_previous)
+        if exact:
+            self._check_exact(stage, current)
+        else:
+            deployed = drift(self.names, self.original, self._outputs(stage, model, deployed=True))
+            self._check_finite(stage, deployed, " with onnxruntime's optimized kernels")
+            result.vs_original = worse_per_output(result.vs_original, deployed)
+            worst = min((d.cosine for d in result.vs_original), default=None)
+            if self.min_cosine is not None and worst is not None and worst < self.min_cosine:
+                raise VerificationError(
+                    f"{stage}: output cosine vs original {worst:.4f} < verify.min_cosine {self.min_cosine}"
+                )
+        self.previous = current
+        return result
+
+    def _outputs(self, stage: str, model: ir.Model, deployed: bool) -> list[list[np.ndarray]]:
+        try:
+            return self._run(model, deployed)
+        except Exception as exc:
+            how = " with its graph optimizations on (its default)" if deployed else ""
+            raise VerificationError(
+                f"{stage} produced a model onnxruntime cannot run{how}: {ort_error_message(exc)}"
+            ) from exc
+
+    @staticmethod
+    def _check_finite(stage: str, drifts: list[Drift], how: str = "") -> None:
+        for d in drifts:
+            if d.nonfinite:
+                raise VerificationError(
+                    f"{stage} made output '{d.output}' NaN/Inf{how} ({d.nonfinite} values) where it was finite"
+                )
+
+    def _check_exact(self, stage: str, current: list[list[np.ndarray]]) -> None:
+        for ref_s, new_s in zip(self.previous, current, strict=True):
+            for name, a, b in zip(self.names, ref_s, new_s, strict=True):
+                if not self.tolerance.allows(a, b):
+                    err = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
+                    raise VerificationError(
+                        f"{stage} is declared exact but changed output '{name}' (max abs diff {err:.3g})"
+                    )

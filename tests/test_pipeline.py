@@ -90,9 +90,9 @@ def test_approximate_stages_are_judged_with_orts_optimized_kernels(
 ) -> None:
     """QDQ models run as float simulation with optimizations off, as int8 kernels with them on; the
     kernels are what users get (they saturate on CPUs without VNNI), so the gate must see them."""
-    import optimizer_cli.pipeline as pipeline
+    import optimizer_cli.verify as verify
 
-    real_run_model = pipeline.run_model
+    real_run_model = verify.run_model
     levels: list[str] = []
 
     def kernels_that_drift(model, feeds, config, outputs=None):
@@ -102,7 +102,7 @@ def test_approximate_stages_are_judged_with_orts_optimized_kernels(
             return [[-r for r in res] for res in results]
         return results
 
-    monkeypatch.setattr(pipeline, "run_model", kernels_that_drift)
+    monkeypatch.setattr(verify, "run_model", kernels_that_drift)
     recipe = "passes:\n  - type: cleanup\n  - type: quantize\n    mode: dynamic\n"
     result = run_pipeline(model_path, parse_recipe(recipe), tmp_path / "out.onnx")
     assert levels.count("all") == 1, "only the approximate stage is run with optimizations on"
@@ -115,16 +115,16 @@ def test_approximate_stages_are_judged_with_orts_optimized_kernels(
 def test_approximate_stage_that_fails_with_optimizations_on_is_caught(
     model_path: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    import optimizer_cli.pipeline as pipeline
+    import optimizer_cli.verify as verify
 
-    real_run_model = pipeline.run_model
+    real_run_model = verify.run_model
 
     def optimizer_rejects(model, feeds, config, outputs=None):
         if config.opt_level == "all":
             raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : fusion broke a node")
         return real_run_model(model, feeds, config, outputs)
 
-    monkeypatch.setattr(pipeline, "run_model", optimizer_rejects)
+    monkeypatch.setattr(verify, "run_model", optimizer_rejects)
     recipe = parse_recipe("passes:\n  - type: quantize\n    mode: dynamic\n")
     with pytest.raises(VerificationError, match=r"pass 0 \(quantize\).*graph optimizations on.*fusion broke"):
         run_pipeline(model_path, recipe, tmp_path / "out.onnx")

@@ -14,6 +14,7 @@ import onnx_ir as ir
 from pydantic import BaseModel, ConfigDict, Field
 
 from optimizer_cli.data import Dataset
+from optimizer_cli.verify import Tolerance
 
 
 class Exactness(str, enum.Enum):
@@ -46,6 +47,8 @@ class PassContext:
     # Loads the run's input model, normalized like the pipeline's (for passes that fit to it).
     reference: Callable[[], ir.Model] | None = None
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("optimizer_cli"))
+    # The run's exact-pass oracle (verify.rtol/atol), for passes that check their own rewrite on data.
+    tolerance: Tolerance = field(default_factory=Tolerance)
 
 
 @dataclass

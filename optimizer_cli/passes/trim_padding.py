@@ -26,12 +26,10 @@ from optimizer_cli.errors import UserInputError
 from optimizer_cli.passes._util import new_initializer, refresh_shapes
 from optimizer_cli.passes.base import OptimizationPass, PassConfig, register
 from optimizer_cli.runtime.session import SessionConfig, ort_error_message, run_model
-from optimizer_cli.verify import within_tolerance
 
 SEQUENCE_AXIS = 1
 PREFIX = "trim_padding"
 TRIMMED_SUFFIX = "_trimmed"
-RTOL, ATOL = 1e-3, 1e-4  # the pipeline's exact-pass tolerance (atol scaled by the output's magnitude)
 
 
 class TrimPaddingConfig(PassConfig):
@@ -168,14 +166,6 @@ def remove_trim(model: ir.Model, nodes: list[ir.Node], seq_inputs: list[ir.Value
             del model.graph.initializers[name]
 
 
-def _all_close(reference: list[list[np.ndarray]], other: list[list[np.ndarray]]) -> bool:
-    return all(
-        r.shape == o.shape and within_tolerance(r, o, RTOL, ATOL)
-        for rs, os_ in zip(reference, other, strict=True)
-        for r, o in zip(rs, os_, strict=True)
-    )
-
-
 @register
 class TrimPaddingPass(OptimizationPass):
     name = "trim_padding"
@@ -215,11 +205,12 @@ class TrimPaddingPass(OptimizationPass):
             return "no data with room for padding to check the rewrite on"
         config = SessionConfig(threads=self.ctx.threads, opt_level="disable")
         reference = run_model(model, first, config)
-        if not _all_close(reference, run_model(model, second, config)):
+        tolerance = self.ctx.tolerance  # the run's verify.rtol/atol: the same oracle as the pipeline's check
+        if not tolerance.all_close(reference, run_model(model, second, config)):
             return "the outputs depend on what masked-out positions hold"
         nodes = insert_trim(model, mask, seq_inputs)
         try:
-            if _all_close(reference, run_model(model, first, config)):
+            if tolerance.all_close(reference, run_model(model, first, config)):
                 refresh_shapes(model)
                 return None
             problem = "the trimmed model's outputs differ from the original's on padded data"
