@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,111 +218,177 @@ def run_benchmark(
     log: Any = None,
 ) -> BenchReport:
     """Latency (interleaved A/B), accuracy and fidelity per provider; unusable providers become rows saying why."""
+    log = log or (lambda _m: None)
     model_for_specs = ir.load(original)
-    specs = input_specs(model_for_specs)
-    output_names = [v.name for v in model_for_specs.graph.outputs]
     eval_data = data if settings.eval_samples is None else data.take(settings.eval_samples)
     notes: list[str] = list(data.notes)
     rows: list[ProviderRow] = []
     src_a, src_b = ModelSource(original), ModelSource(optimized)
     points = settings.sweep or [dict(dims or {})]
-    for alias in settings.providers:
-        status = probe_provider(alias)
-        if not status.usable:
-            if settings.strict_ep:
-                raise UserInputError(f"execution provider '{alias}' is not usable: {status.reason} (--strict-ep)")
-            rows.append(ProviderRow(alias, False, status.reason))
-            continue
-        config = SessionConfig(
-            provider=alias,
-            threads=settings.threads,
-            opt_level=settings.opt_level,
-            trt_fp16=settings.trt_fp16,
-            trt_int8=settings.trt_int8,
-            trt_cache_dir=settings.trt_cache_dir,
+    try:
+        for alias in settings.providers:
+            pair = _open_sessions(alias, src_a, src_b, settings, eval_data.feeds[0], rows)
+            if pair is None:
+                continue
+            quality = _quality(pair, (original, optimized), settings, eval_data, model_for_specs, metric, notes, log)
+            for point in points:
+                feeds = _latency_feeds(settings, eval_data, input_specs(model_for_specs), {**(dims or {}), **point})
+                timing = _latency(pair, feeds, settings, _shape_label(point), len(points), notes, log)
+                row = ProviderRow(
+                    provider=alias,
+                    usable=True,
+                    reason="ok",
+                    shape=_shape_label(point),
+                    **pair.setup,
+                    **quality,
+                    **timing,
+                )
+                rows.append(row)
+            del pair
+    finally:
+        src_a.close()
+        src_b.close()
+    notes.extend(_closing_notes(optimized, settings, eval_data, rows))
+    return BenchReport(
+        rows=rows,
+        original_bytes=file_size(original),
+        optimized_bytes=file_size(optimized),
+        eval_source=eval_data.source,
+        eval_samples=len(eval_data),
+        labelled=eval_data.labels is not None,
+        environment=environment(),
+        notes=notes,
+    )
+
+
+@dataclass
+class _Sessions:
+    """Both models' sessions on one provider."""
+
+    alias: str
+    a: Any
+    b: Any
+    setup: dict[str, float]  # session creation + first run, where TensorRT builds its engine
+
+
+def _open_sessions(
+    alias: str,
+    src_a: ModelSource,
+    src_b: ModelSource,
+    settings: BenchSettings,
+    first_feed: dict[str, np.ndarray],
+    rows: list[ProviderRow],
+) -> _Sessions | None:
+    """Sessions for both models, or None with a row saying why the provider is unusable (--strict-ep: raise)."""
+    status = probe_provider(alias)
+    if not status.usable:
+        if settings.strict_ep:
+            raise UserInputError(f"execution provider '{alias}' is not usable: {status.reason} (--strict-ep)")
+        rows.append(ProviderRow(alias, False, status.reason))
+        return None
+    config = SessionConfig(
+        provider=alias,
+        threads=settings.threads,
+        opt_level=settings.opt_level,
+        trt_fp16=settings.trt_fp16,
+        trt_int8=settings.trt_int8,
+        trt_cache_dir=settings.trt_cache_dir,
+    )
+    sess_a, setup_a = timed_session(src_a, config, first_feed)
+    sess_b, setup_b = timed_session(src_b, config, first_feed)
+    active = sess_b.get_providers()[0]
+    if active != resolve_provider(alias):
+        msg = f"session for '{alias}' fell back to {active}"
+        if settings.strict_ep:
+            raise UserInputError(msg + " (--strict-ep)")
+        rows.append(ProviderRow(alias, False, msg))
+        return None
+    return _Sessions(alias, sess_a, sess_b, {"setup_s_original": setup_a, "setup_s_optimized": setup_b})
+
+
+def _quality(
+    pair: _Sessions,
+    paths: tuple[Path, Path],
+    settings: BenchSettings,
+    eval_data: Dataset,
+    model: ir.Model,
+    metric: Metric | None,
+    notes: list[str],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Accuracy, fidelity and peak memory on one provider (ProviderRow fields), within half the time budget."""
+    first_feed = eval_data.feeds[0]
+    per_call = _seconds_per_call(pair.a, pair.b, first_feed)
+    data = _eval_within_budget(eval_data, per_call, settings.max_seconds / 2)
+    if len(data) < len(eval_data):
+        notes.append(
+            f"{pair.alias}: one inference takes {per_call:.2f}s, so accuracy/fidelity used {len(data)} of "
+            f"{len(eval_data)} samples to stay within benchmark.max_seconds={settings.max_seconds:g}"
         )
-        first_feed = eval_data.feeds[0]
-        sess_a, setup_a = timed_session(src_a, config, first_feed)
-        sess_b, setup_b = timed_session(src_b, config, first_feed)
-        active = sess_b.get_providers()[0]
-        if active != resolve_provider(alias):
-            msg = f"session for '{alias}' fell back to {active}"
-            if settings.strict_ep:
-                raise UserInputError(msg + " (--strict-ep)")
-            rows.append(ProviderRow(alias, False, msg))
-            continue
-        per_call = _seconds_per_call(sess_a, sess_b, first_feed)
-        provider_eval = _eval_within_budget(eval_data, per_call, settings.max_seconds / 2)
-        if len(provider_eval) < len(eval_data):
-            notes.append(
-                f"{alias}: one inference takes {per_call:.2f}s, so accuracy/fidelity used {len(provider_eval)} of "
-                f"{len(eval_data)} samples to stay within benchmark.max_seconds={settings.max_seconds:g}"
-            )
-        if log:
-            log(f"benchmarking on {alias}: accuracy/fidelity over {len(provider_eval)} samples")
-        outs_a = [run_session(sess_a, f) for f in provider_eval.feeds]
-        outs_b = [run_session(sess_b, f) for f in provider_eval.feeds]
-        fid = fidelity(outs_a, outs_b, output_names)
-        acc_a = accuracy(outs_a, provider_eval, metric)
-        acc_b = accuracy(outs_b, provider_eval, metric)
-        mem_a = mem_b = None
-        if settings.memory and optimized.exists():
-            ma = session_peak_memory(original, first_feed, alias, settings.threads)
-            mb = session_peak_memory(optimized, first_feed, alias, settings.threads)
-            mem_a = ma["delta_mb"] if ma else None
-            mem_b = mb["delta_mb"] if mb else None
-        for point in points:
-            if settings.sweep:
-                feeds = [random_feed(specs, np.random.default_rng(0), {**(dims or {}), **point})]
-            else:
-                feeds = eval_data.feeds[: max(1, settings.latency_samples)]
-            feed = feeds[0]
-            asked = LatencyPlan(
-                settings.warmup, settings.rounds, settings.runs_per_round, settings.discard_after_switch, len(feeds)
-            )
-            budget = settings.max_seconds / (2 * len(points))
-            plan = fit_to_budget(asked, _seconds_per_call(sess_a, sess_b, feed), budget)
-            feeds = feeds[: plan.inputs]
-            if plan.shortened:
-                notes.append(
-                    f"{alias}{' ' + _shape_label(point) if point else ''}: latency shortened to {plan.rounds} rounds x "
-                    f"{plan.runs_per_round} runs over {plan.inputs} input(s) (asked {asked.rounds} x "
-                    f"{max(asked.runs_per_round, asked.inputs)} over {asked.inputs}) to stay within "
-                    f"benchmark.max_seconds={settings.max_seconds:g}"
-                )
-            if log:
-                log(f"latency on {alias} {_shape_label(point)}: {plan.rounds} interleaved rounds")
-            lat_a, lat_b, speed = measure_ab(
-                cycling(lambda f, s=sess_a: s.run(None, f), feeds),
-                cycling(lambda f, s=sess_b: s.run(None, f), feeds),
-                warmup=plan.warmup,
-                rounds=plan.rounds,
-                # Every round covers all the inputs, so rounds (and their paired ratios) compare the same mix.
-                runs_per_round=plan.runs_per_round,
-                discard_after_switch=plan.discard_after_switch,
-                batch_size=_batch_size(feed),
-            )
-            rows.append(
-                ProviderRow(
-                    alias,
-                    True,
-                    "ok",
-                    _shape_label(point),
-                    setup_a,
-                    setup_b,
-                    lat_a,
-                    lat_b,
-                    speed,
-                    acc_a,
-                    acc_b,
-                    fid,
-                    mem_a,
-                    mem_b,
-                )
-            )
-        del sess_a, sess_b
-    src_a.close()
-    src_b.close()
+    log(f"benchmarking on {pair.alias}: accuracy/fidelity over {len(data)} samples")
+    outs_a = [run_session(pair.a, f) for f in data.feeds]
+    outs_b = [run_session(pair.b, f) for f in data.feeds]
+    memory: dict[str, float | None] = {"memory_original_mb": None, "memory_optimized_mb": None}
+    if settings.memory and paths[1].exists():
+        for key, path in zip(memory, paths, strict=True):
+            peak = session_peak_memory(path, first_feed, pair.alias, settings.threads)
+            memory[key] = peak["delta_mb"] if peak else None
+    return {
+        "accuracy_original": accuracy(outs_a, data, metric),
+        "accuracy_optimized": accuracy(outs_b, data, metric),
+        "fidelity": fidelity(outs_a, outs_b, [v.name for v in model.graph.outputs]),
+        **memory,
+    }
+
+
+def _latency_feeds(
+    settings: BenchSettings, eval_data: Dataset, specs: list[Any], dims: dict[str, int]
+) -> list[dict[str, np.ndarray]]:
+    """A sweep point times one random full-size input; otherwise the rounds cycle through evaluation inputs."""
+    if settings.sweep:
+        return [random_feed(specs, np.random.default_rng(0), dims)]
+    return eval_data.feeds[: max(1, settings.latency_samples)]
+
+
+def _latency(
+    pair: _Sessions,
+    feeds: list[dict[str, np.ndarray]],
+    settings: BenchSettings,
+    shape: str,
+    n_points: int,
+    notes: list[str],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Interleaved A/B timing of one shape point within its share of the time budget (ProviderRow fields)."""
+    asked = LatencyPlan(
+        settings.warmup, settings.rounds, settings.runs_per_round, settings.discard_after_switch, len(feeds)
+    )
+    budget = settings.max_seconds / (2 * n_points)
+    plan = fit_to_budget(asked, _seconds_per_call(pair.a, pair.b, feeds[0]), budget)
+    feeds = feeds[: plan.inputs]
+    if plan.shortened:
+        notes.append(
+            f"{pair.alias}{' ' + shape if shape else ''}: latency shortened to {plan.rounds} rounds x "
+            f"{plan.runs_per_round} runs over {plan.inputs} input(s) (asked {asked.rounds} x "
+            f"{max(asked.runs_per_round, asked.inputs)} over {asked.inputs}) to stay within "
+            f"benchmark.max_seconds={settings.max_seconds:g}"
+        )
+    log(f"latency on {pair.alias} {shape}: {plan.rounds} interleaved rounds")
+    lat_a, lat_b, speed = measure_ab(
+        cycling(lambda f, s=pair.a: s.run(None, f), feeds),
+        cycling(lambda f, s=pair.b: s.run(None, f), feeds),
+        warmup=plan.warmup,
+        rounds=plan.rounds,
+        # Every round covers all the inputs, so rounds (and their paired ratios) compare the same mix.
+        runs_per_round=plan.runs_per_round,
+        discard_after_switch=plan.discard_after_switch,
+        batch_size=_batch_size(feeds[0]),
+    )
+    return {"latency_original": lat_a, "latency_optimized": lat_b, "speedup": speed}
+
+
+def _closing_notes(optimized: Path, settings: BenchSettings, eval_data: Dataset, rows: list[ProviderRow]) -> list[str]:
+    notes = []
     if not settings.sweep and len(eval_data) > 1:
         notes.append(
             f"latency cycles through {min(len(eval_data), max(1, settings.latency_samples))} evaluation inputs"
@@ -333,13 +400,4 @@ def run_benchmark(
         note = saturation_note(ir.load(optimized), cpu_isa())  # ir.load maps external data, reads only int8
         if note:
             notes.append(note)
-    return BenchReport(
-        rows=rows,
-        original_bytes=file_size(original),
-        optimized_bytes=file_size(optimized),
-        eval_source=eval_data.source,
-        eval_samples=len(eval_data),
-        labelled=eval_data.labels is not None,
-        environment=environment(),
-        notes=notes,
-    )
+    return notes
