@@ -166,3 +166,23 @@ def test_property_exact_passes_on_random_cnn_chains(tmp_path_factory, ops: list[
     FusePass(FuseConfig(), context(tmp_path))(model)
     check(model)
     _assert_same(proto, model, random_feed(proto, seed=seed), rtol=1e-4, atol=1e-5)
+
+
+def test_cleanup_undoes_a_fold_that_writes_a_newer_opset(tmp_path) -> None:
+    """onnxscript's folder rewrites ConcatFromSequence(new_axis=1) into Unsqueeze with an axes input
+    (opset 13) even at opset 12, which the checker refuses (onnx's simple/test_sequence_model5)."""
+    xs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("a", "b")]
+    graph = helper.make_graph(
+        [
+            helper.make_node("SequenceConstruct", ["a", "b"], ["seq"]),
+            helper.make_node("ConcatFromSequence", ["seq"], ["y"], axis=-1, new_axis=1),
+        ],
+        "g",
+        xs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 2])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)], ir_version=7)
+    model = to_ir(proto)
+    CleanupPass(CleanupConfig(), context(tmp_path))(model)
+    check(model)
+    _assert_same(proto, model, random_feed(proto))
