@@ -203,3 +203,37 @@ def test_library_scratch_files_stay_out_of_the_working_directory(tmp_path, monke
     assert "skipped" in quantizer.stats["preprocess"]  # the failure is reported, the pass goes on
     assert list(user_dir.iterdir()) == []
     assert Path.cwd() == user_dir
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_already_quantized_model_is_left_unchanged(tmp_path, mode: str, caplog) -> None:
+    """A conv net through onnxruntime's quantize_dynamic (ConvInteger, MatMulInteger, DynamicQuantizeLinear):
+    static mode used to die with KeyError '<tensor>_scale'; both modes now skip and say why."""
+    import logging
+
+    from onnxruntime.quantization import quantize_dynamic
+
+    src, dst = tmp_path / "fp32.onnx", tmp_path / "dyn.onnx"
+    onnx.save(resnet_like(), str(src))
+    quantize_dynamic(str(src), str(dst))
+    proto = onnx.load(str(dst))
+    assert {"ConvInteger", "DynamicQuantizeLinear"} <= {n.op_type for n in proto.graph.node}
+    model = to_ir(proto)
+    before = ir.serde.serialize_model(model).SerializeToString()
+    quantizer = QuantizePass(QuantizeConfig(mode=mode), context(tmp_path, _calibration(resnet_like())))
+    with caplog.at_level(logging.WARNING):
+        result = quantizer(model)
+    assert not result.modified
+    assert ir.serde.serialize_model(model).SerializeToString() == before
+    assert "already quantized" in quantizer.stats["skipped"] and "ConvInteger" in quantizer.stats["skipped"]
+    assert any("already quantized" in r.getMessage() for r in caplog.records)
+    check(model)
+
+
+def test_qdq_model_is_left_unchanged(tmp_path) -> None:
+    """A static QDQ output quantized a second time would stack Q/DQ on Q/DQ: skipped."""
+    proto = resnet_like()
+    _, model = _quantize(tmp_path, proto, _calibration(proto), mode="static")
+    again = QuantizePass(QuantizeConfig(mode="static"), context(tmp_path, _calibration(proto)))
+    assert not again(model).modified
+    assert "QuantizeLinear" in again.stats["skipped"]

@@ -13,6 +13,7 @@ asked for), and dynamic quantization of MatMul/Gemm only (dynamic Conv is ~4x sl
 from __future__ import annotations
 
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -54,6 +55,11 @@ QUANT_OPS = {
     "QGemm",
     "QEmbedLayerNormalization",
 }
+
+
+def already_quantized(counts: Counter[str]) -> dict[str, int]:
+    """Quantization ops already in a graph (integer kernels, QLinear*, Q/DQ pairs), by op type."""
+    return {op: n for op, n in sorted(counts.items()) if n and (op in QUANT_OPS or op.startswith("QLinear"))}
 
 
 class QuantizeConfig(PassConfig):
@@ -122,6 +128,15 @@ class QuantizePass(OptimizationPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg: QuantizeConfig = self.config  # type: ignore[assignment]
         before = op_counts(model)
+        existing = already_quantized(before)
+        if existing:
+            # ORT's quantizers assume float graphs: on ConvInteger/QDQ models static mode dies with a
+            # KeyError on '<tensor>_scale' and the others would stack a second quantization on the first.
+            listed = ", ".join(f"{n} {op}" for op, n in existing.items())
+            reason = f"the model is already quantized ({listed}): left unchanged"
+            self.ctx.logger.warning("quantize: %s", reason)
+            self.stats |= {"mode": cfg.mode, "skipped": reason, "quant_ops": existing, "excluded_nodes": 0}
+            return ir.passes.PassResult(model, False)
         exclude = set(cfg.exclude_nodes)
         if cfg.exclude_op_types:
             exclude |= {n.name for n in model.graph if n.op_type in cfg.exclude_op_types and n.name}
