@@ -237,3 +237,24 @@ def test_qdq_model_is_left_unchanged(tmp_path) -> None:
     again = QuantizePass(QuantizeConfig(mode="static"), context(tmp_path, _calibration(proto)))
     assert not again(model).modified
     assert "QuantizeLinear" in again.stats["skipped"]
+
+
+def test_static_per_channel_with_a_2d_gemm_bias(tmp_path) -> None:
+    """MatMul + Add of a [1, N] bias (tf2onnx/jax2tf Dense layers, e.g. magika's head) fuses into a Gemm
+    whose C is [1, N]; ORT's per-channel bias check indexed it per channel and raised numpy's
+    "truth value of an array ... is ambiguous". The bias is given to ORT as [N] (same broadcast)."""
+    from tests.builders import Builder
+
+    b = Builder(3)
+    rng = np.random.default_rng(3)
+    h = b.op("Relu", [b.matmul("x", 32, 48)])
+    y = b.op("MatMul", [h, b.const((rng.standard_normal((48, 10)) / 7).astype(np.float32))])
+    y = b.op("Add", [y, b.const((0.1 * rng.standard_normal((1, 10))).astype(np.float32), "b")])
+    proto = b.model([("x", onnx.TensorProto.FLOAT, ["batch", 32])], [("y", y)])
+    result, model = _quantize(tmp_path, proto, _calibration(proto), mode="static", per_channel=True)
+    assert result.modified
+    gemm_biases = [n.inputs[2] for n in model.graph if n.op_type == "Gemm" and len(n.inputs) > 2]
+    assert gemm_biases, "MatMul+Add fused to Gemm before quantization"
+    assert op_counts(model)["QuantizeLinear"] > 0
+    feed = random_feed(proto, seed=5, batch=4)
+    assert snr_db(run(proto, feed)[0], run(model, feed, "all")[0]) > 15

@@ -27,6 +27,7 @@ from optimizer_cli.errors import UserInputError, first_line
 from optimizer_cli.passes._util import (
     is_large,
     load_tool_output,
+    new_initializer,
     op_counts,
     replace_model_contents,
     tool_working_directory,
@@ -60,6 +61,32 @@ QUANT_OPS = {
 def already_quantized(counts: Counter[str]) -> dict[str, int]:
     """Quantization ops already in a graph (integer kernels, QLinear*, Q/DQ pairs), by op type."""
     return {op: n for op, n in sorted(counts.items()) if n and (op in QUANT_OPS or op.startswith("QLinear"))}
+
+
+def _flatten_gemm_biases(model: ir.Model) -> int:
+    """Give Gemm a 1-D bias where it has a constant [1, N] one; returns how many were changed.
+
+    ORT's static QDQ quantizer adjusts per-channel weight scales with `abs(bias[i])` per output
+    channel, assuming a 1-D bias: a [1, N] bias (MatMul+Add fused into Gemm from tf2onnx/jax2tf
+    exports, e.g. magika) dies with numpy's "truth value of an array ... is ambiguous". Gemm's C
+    broadcasts to [M, N] either way, so [N] is the same bias.
+    """
+    graph = model.graph
+    changed = 0
+    for node in graph:
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
+            continue
+        bias = node.inputs[2]
+        if bias is None or bias.const_value is None or not bias.is_initializer() or bias.is_graph_input():
+            continue
+        array = bias.const_value.numpy()
+        if array.ndim != 2 or array.shape[0] != 1:
+            continue
+        node.replace_input_with(2, new_initializer(graph, f"{bias.name}_1d", array.reshape(-1)))
+        if not bias.uses() and not bias.is_graph_output():
+            graph.initializers.pop(bias.name)
+        changed += 1
+    return changed
 
 
 class QuantizeConfig(PassConfig):
@@ -147,6 +174,9 @@ class QuantizePass(OptimizationPass):
             tempfile.TemporaryDirectory(prefix="optimize-quant-", dir=self.ctx.tmp_dir) as tmp,
             tool_working_directory(Path(tmp)) as tmp_dir,
         ):
+            flattened = _flatten_gemm_biases(model) if cfg.mode == "static" else 0
+            if flattened:
+                self.stats["gemm_biases_flattened"] = flattened
             src = write_for_tool(model, tmp_dir)
             out = tmp_dir / "quantized.onnx"
             large = is_large(model)
@@ -172,7 +202,7 @@ class QuantizePass(OptimizationPass):
         }
         if cfg.mode == "fp16":
             self.stats["casts_added"] = after.get("Cast", 0) - before.get("Cast", 0)
-        modified = after != before
+        modified = after != before or flattened > 0
         return ir.passes.PassResult(model, modified)
 
     def _reduce_range(self, cfg: QuantizeConfig) -> bool:
