@@ -258,3 +258,30 @@ def test_static_per_channel_with_a_2d_gemm_bias(tmp_path) -> None:
     assert op_counts(model)["QuantizeLinear"] > 0
     feed = random_feed(proto, seed=5, batch=4)
     assert snr_db(run(proto, feed)[0], run(model, feed, "all")[0]) > 15
+
+
+def test_dynamic_gemm_with_transposed_weight(tmp_path) -> None:
+    """PyTorch's Linear exports as Gemm(transB=1) (silero-vad's opset-18 LSTM cell is written that way).
+    ORT's dynamic quantizer transposes the weight in place to make a MatMul; the value_info onnx_ir
+    writes for every initializer then disagreed with it: "Inferred shape and existing shape differ in
+    dimension 0: (128) vs (512)"."""
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array((rng.standard_normal((512, 128)) / 11).astype(np.float32), "weight_ih")
+    bias = onnx.numpy_helper.from_array((0.1 * rng.standard_normal(512)).astype(np.float32), "bias_ih")
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Gemm", ["x", "weight_ih", "bias_ih"], ["g"], transB=1),
+            onnx.helper.make_node("Sigmoid", ["g"], ["y"]),
+        ],
+        "cell",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 128])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 512])],
+        initializer=[w, bias],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=10)
+    model = to_ir(proto)
+    result = QuantizePass(QuantizeConfig(mode="dynamic"), context(tmp_path))(model)
+    check(model)
+    assert result.modified and op_counts(model)["MatMulInteger"] == 1
+    feed = {"x": rng.standard_normal((1, 128)).astype(np.float32)}
+    assert snr_db(run(proto, feed)[0], run(model, feed, "all")[0]) > 25
