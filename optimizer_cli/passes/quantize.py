@@ -193,7 +193,12 @@ class QuantizePass(OptimizationPass):
             result = load_tool_output(out)
             # float16 conversion appends its Casts at the end of the node list.
             common.TopologicalSortPass()(result)
-            replace_model_contents(model, result)
+            if cfg.mode == "fp16" or already_quantized(op_counts(result)):
+                replace_model_contents(model, result)
+            else:
+                # ORT rewrites even when it quantizes nothing (e.g. Gemm -> transposed MatMul + Add in If
+                # branches it then does not enter): keep the model as it was.
+                self.stats["nothing_quantized"] = "no op was quantized: the model is left as it was"
         after = op_counts(model)
         self.stats |= {
             "mode": cfg.mode,
