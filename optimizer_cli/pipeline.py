@@ -22,7 +22,6 @@ import onnx_ir.passes.common as common
 
 from optimizer_cli.data import Dataset, random_dataset, resolve_dataset
 from optimizer_cli.errors import UserInputError, VerificationError, first_line
-from optimizer_cli.ir_compat import normalize_ir_version
 from optimizer_cli.model_io import check_output_path, file_size, load_model, save_model, weights_nbytes
 from optimizer_cli.passes import PASS_REGISTRY, Exactness, PassContext, RunInputs
 from optimizer_cli.passes._util import lift_constants, node_count
@@ -128,7 +127,9 @@ class _Reference:
 
 def normalize(model: ir.Model) -> list[str]:
     """Semantics-preserving set-up every pass relies on: weights as initializers, named nodes."""
-    notes = normalize_ir_version(model)
+    from optimizer_cli.ir_compat import normalize_ir_version
+
+    notes = normalize_ir_version(model)  # first: under IR < 4 every initializer a pass adds is invalid
     constants = sum(1 for n in model.graph if n.op_type == "Constant")
     if lift_constants(model):
         lifted = constants - sum(1 for n in model.graph if n.op_type == "Constant")
