@@ -63,22 +63,14 @@ def _dtype_min_ir(model: ir.Model) -> int:
         if isinstance(graph, ir.Graph):
             values.extend(graph.initializers.values())
         for node in graph:
-            values.extend(v for v in node.outputs)
+            values.extend(node.outputs)
             for attr in node.attributes.values():
                 if attr.type == ir.AttributeType.TENSOR and attr.value is not None:
                     dtypes.add(attr.value.dtype)
                 elif attr.type == ir.AttributeType.TENSORS:
                     dtypes.update(t.dtype for t in attr.value)
-        for value in values:
-            if value is None:
-                continue
-            if value.dtype is not None:
-                dtypes.add(value.dtype)
-            elif value.type is not None and not isinstance(value.type, ir.TensorType):
-                # sequence/optional/sparse: IR 8 at least (they existed before; be conservative)
-                elem = getattr(value.type, "dtype", None)
-                if elem is not None:
-                    dtypes.add(elem)
+        # Value.dtype is the element type for sequences and optionals too.
+        dtypes.update(v.dtype for v in values if v is not None and v.dtype is not None)
     for dtype in dtypes:
         needed = max(needed, _DTYPE_MIN_IR.get(dtype.name, 3))
     return needed
