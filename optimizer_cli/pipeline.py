@@ -110,7 +110,9 @@ def requirement_problems(recipe: Recipe, inputs: RunInputs) -> list[str]:
 
 def normalize(model: ir.Model) -> list[str]:
     """Semantics-preserving set-up every pass relies on: weights as initializers, named nodes."""
-    notes = []
+    from optimizer_cli.ir_compat import normalize_ir_version
+
+    notes = normalize_ir_version(model)  # first: under IR < 4 every initializer a pass adds is invalid
     constants = sum(1 for n in model.graph if n.op_type == "Constant")
     if lift_constants(model):
         lifted = constants - sum(1 for n in model.graph if n.op_type == "Constant")

@@ -168,3 +168,82 @@ def test_property_exact_passes_on_random_cnn_chains(tmp_path_factory, ops: list[
     FusePass(FuseConfig(), context(tmp_path))(model)
     check(model)
     _assert_same(proto, model, random_feed(proto, seed=seed), rtol=1e-4, atol=1e-5)
+
+
+def test_cleanup_undoes_a_fold_that_writes_a_newer_opset(tmp_path) -> None:
+    """onnxscript's folder rewrites ConcatFromSequence(new_axis=1) into Unsqueeze with an axes input
+    (opset 13) even at opset 12, which the checker refuses (onnx's simple/test_sequence_model5)."""
+    xs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("a", "b")]
+    graph = helper.make_graph(
+        [
+            helper.make_node("SequenceConstruct", ["a", "b"], ["seq"]),
+            helper.make_node("ConcatFromSequence", ["seq"], ["y"], axis=-1, new_axis=1),
+        ],
+        "g",
+        xs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 2])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)], ir_version=7)
+    model = to_ir(proto)
+    CleanupPass(CleanupConfig(), context(tmp_path))(model)
+    check(model)
+    _assert_same(proto, model, random_feed(proto))
+
+
+def _layernorm_decomposed(opset: int, h: int = 32) -> onnx.ModelProto:
+    """MatMul -> LayerNorm written out (ReduceMean/Sub/Pow/Sqrt/Div/Mul/Add, as PyTorch exports it below
+    opset 17) -> MatMul."""
+    b = Builder(0)
+    x = b.matmul("x", h, h)
+    d = b.op("Sub", [x, b.op("ReduceMean", [x], axes=[-1])])
+    var = b.op("ReduceMean", [b.op("Pow", [d, b.const(np.array(2.0, np.float32), "two")])], axes=[-1])
+    y = b.op("Div", [d, b.op("Sqrt", [b.op("Add", [var, b.const(np.array(1e-5, np.float32), "eps")])])])
+    gamma = b.const((1 + 0.1 * b.rng.standard_normal(h)).astype(np.float32), "gamma")
+    y = b.op("Add", [b.op("Mul", [y, gamma]), b.const((0.1 * b.rng.standard_normal(h)).astype(np.float32), "beta")])
+    return b.model([("x", TensorProto.FLOAT, ["batch", 8, h])], [("y", b.matmul(y, h, h))], opset=opset)
+
+
+def _recipe_fuse_config() -> FuseConfig:
+    from optimizer_cli.recipe import load_recipe
+
+    from .conftest import ROOT
+
+    (fuse,) = [p for p in load_recipe(ROOT / "recipes" / "transformer-int8.yaml", []).passes if p.type == "fuse"]
+    assert fuse.transformer != "none"
+    return fuse
+
+
+def test_transformer_layernorm_fusion_upgrades_an_opset16_model(tmp_path) -> None:
+    """onnxruntime.transformers writes ONNX LayerNormalization (opset 17) into opset-16 models; the
+    checker then refused them ("No Op registered for LayerNormalization with domain_version of 16")."""
+    proto = _layernorm_decomposed(16)
+    model = to_ir(proto)
+    fuser = FusePass(_recipe_fuse_config(), context(tmp_path))
+    assert fuser(model).modified
+    check(model)
+    assert op_counts(model)["LayerNormalization"] == 1 and op_counts(model)["ReduceMean"] == 0
+    assert model.opset_imports[""] == 17 and fuser.stats["opset"].startswith("16->17")
+    _assert_same(proto, model, random_feed(proto), rtol=1e-4, atol=1e-4)
+
+
+def test_transformer_fusion_keeps_the_opset_when_the_converter_fails(tmp_path, monkeypatch) -> None:
+    import optimizer_cli.passes.fuse as fuse_module
+
+    monkeypatch.setattr(fuse_module, "_upgrade_opset", lambda *_args: None)
+    proto = _layernorm_decomposed(16)
+    model = to_ir(proto)
+    fuser = FusePass(_recipe_fuse_config(), context(tmp_path))
+    fuser(model)
+    check(model)
+    assert op_counts(model)["LayerNormalization"] == 0 and model.opset_imports[""] == 16
+    assert "LayerNorm not fused" in fuser.stats["opset"]
+    _assert_same(proto, model, random_feed(proto), rtol=1e-4, atol=1e-4)
+
+
+def test_transformer_fusion_at_opset17_needs_no_upgrade(tmp_path) -> None:
+    proto = _layernorm_decomposed(17)
+    model = to_ir(proto)
+    fuser = FusePass(_recipe_fuse_config(), context(tmp_path))
+    fuser(model)
+    check(model)
+    assert op_counts(model)["LayerNormalization"] == 1 and "opset" not in fuser.stats

@@ -136,3 +136,43 @@ def test_structured_prune_oracle_on_light_cnns(name: str, tmp_path) -> None:
     feed = {data.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
     for a, b in zip(run(zeroed, feed), run(removed, feed), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(a).max())))
+
+
+MODEL_KINDS = ("pytorch-converted", "pytorch-operator", "simple")
+
+
+@pytest.mark.parametrize("recipe", ["int8", "cnn-int8"])
+def test_model_test_corpus_through_the_pipeline(recipe: str, tmp_path) -> None:
+    """onnx's 140 model tests (IR 3 to 7, opsets 6 to 12): every one gives a valid output onnxruntime
+    loads, or a one-line input error (exit 2) saying why, never a broken pass (exit 3) or a crash (4)."""
+    import onnxruntime as ort
+    from onnx.backend.test.loader import load_model_tests
+
+    from optimizer_cli.errors import UserInputError
+    from optimizer_cli.pipeline import run_pipeline
+    from optimizer_cli.recipe import load_recipe
+
+    from .conftest import ROOT
+
+    rec = load_recipe(ROOT / "recipes" / f"{recipe}.yaml", ["verify.samples=2"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cases = [c for kind in MODEL_KINDS for c in load_model_tests(kind=kind)]
+    assert len(cases) >= 140
+    ok, refused, failures = 0, 0, []
+    for case in cases:
+        out = tmp_path / f"{case.name}.onnx"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                run_pipeline(f"{case.model_dir}/model.onnx", rec, out, calibration="random")
+            onnx.checker.check_model(str(out))
+            ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            ok += 1
+        except UserInputError as exc:
+            assert "\n" not in str(exc).strip(), f"{case.name}: a reason must be one line"
+            refused += 1
+        except Exception as exc:
+            failures.append(f"{case.name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+    assert not failures, f"{len(failures)} of {len(cases)} broke:\n" + "\n".join(failures[:30])
+    assert ok >= 85, (ok, refused)

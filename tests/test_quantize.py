@@ -203,3 +203,85 @@ def test_library_scratch_files_stay_out_of_the_working_directory(tmp_path, monke
     assert "skipped" in quantizer.stats["preprocess"]  # the failure is reported, the pass goes on
     assert list(user_dir.iterdir()) == []
     assert Path.cwd() == user_dir
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_already_quantized_model_is_left_unchanged(tmp_path, mode: str, caplog) -> None:
+    """A conv net through onnxruntime's quantize_dynamic (ConvInteger, MatMulInteger, DynamicQuantizeLinear):
+    static mode used to die with KeyError '<tensor>_scale'; both modes now skip and say why."""
+    import logging
+
+    from onnxruntime.quantization import quantize_dynamic
+
+    src, dst = tmp_path / "fp32.onnx", tmp_path / "dyn.onnx"
+    onnx.save(resnet_like(), str(src))
+    quantize_dynamic(str(src), str(dst))
+    proto = onnx.load(str(dst))
+    assert {"ConvInteger", "DynamicQuantizeLinear"} <= {n.op_type for n in proto.graph.node}
+    model = to_ir(proto)
+    before = ir.serde.serialize_model(model).SerializeToString()
+    quantizer = QuantizePass(QuantizeConfig(mode=mode), context(tmp_path, _calibration(resnet_like())))
+    with caplog.at_level(logging.WARNING):
+        result = quantizer(model)
+    assert not result.modified
+    assert ir.serde.serialize_model(model).SerializeToString() == before
+    assert "already quantized" in quantizer.stats["skipped"] and "ConvInteger" in quantizer.stats["skipped"]
+    assert any("already quantized" in r.getMessage() for r in caplog.records)
+    check(model)
+
+
+def test_qdq_model_is_left_unchanged(tmp_path) -> None:
+    """A static QDQ output quantized a second time would stack Q/DQ on Q/DQ: skipped."""
+    proto = resnet_like()
+    _, model = _quantize(tmp_path, proto, _calibration(proto), mode="static")
+    again = QuantizePass(QuantizeConfig(mode="static"), context(tmp_path, _calibration(proto)))
+    assert not again(model).modified
+    assert "QuantizeLinear" in again.stats["skipped"]
+
+
+def test_static_per_channel_with_a_2d_gemm_bias(tmp_path) -> None:
+    """MatMul + Add of a [1, N] bias (tf2onnx/jax2tf Dense layers, e.g. magika's head) fuses into a Gemm
+    whose C is [1, N]; ORT's per-channel bias check indexed it per channel and raised numpy's
+    "truth value of an array ... is ambiguous". The bias is given to ORT as [N] (same broadcast)."""
+    from tests.builders import Builder
+
+    b = Builder(3)
+    rng = np.random.default_rng(3)
+    h = b.op("Relu", [b.matmul("x", 32, 48)])
+    y = b.op("MatMul", [h, b.const((rng.standard_normal((48, 10)) / 7).astype(np.float32))])
+    y = b.op("Add", [y, b.const((0.1 * rng.standard_normal((1, 10))).astype(np.float32), "b")])
+    proto = b.model([("x", onnx.TensorProto.FLOAT, ["batch", 32])], [("y", y)])
+    result, model = _quantize(tmp_path, proto, _calibration(proto), mode="static", per_channel=True)
+    assert result.modified
+    gemm_biases = [n.inputs[2] for n in model.graph if n.op_type == "Gemm" and len(n.inputs) > 2]
+    assert gemm_biases, "MatMul+Add fused to Gemm before quantization"
+    assert op_counts(model)["QuantizeLinear"] > 0
+    feed = random_feed(proto, seed=5, batch=4)
+    assert snr_db(run(proto, feed)[0], run(model, feed, "all")[0]) > 15
+
+
+def test_dynamic_gemm_with_transposed_weight(tmp_path) -> None:
+    """PyTorch's Linear exports as Gemm(transB=1) (silero-vad's opset-18 LSTM cell is written that way).
+    ORT's dynamic quantizer transposes the weight in place to make a MatMul; the value_info onnx_ir
+    writes for every initializer then disagreed with it: "Inferred shape and existing shape differ in
+    dimension 0: (128) vs (512)"."""
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array((rng.standard_normal((512, 128)) / 11).astype(np.float32), "weight_ih")
+    bias = onnx.numpy_helper.from_array((0.1 * rng.standard_normal(512)).astype(np.float32), "bias_ih")
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Gemm", ["x", "weight_ih", "bias_ih"], ["g"], transB=1),
+            onnx.helper.make_node("Sigmoid", ["g"], ["y"]),
+        ],
+        "cell",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 128])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 512])],
+        initializer=[w, bias],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=10)
+    model = to_ir(proto)
+    result = QuantizePass(QuantizeConfig(mode="dynamic"), context(tmp_path))(model)
+    check(model)
+    assert result.modified and op_counts(model)["MatMulInteger"] == 1
+    feed = {"x": rng.standard_normal((1, 128)).astype(np.float32)}
+    assert snr_db(run(proto, feed)[0], run(model, feed, "all")[0]) > 25

@@ -54,9 +54,24 @@ def tool_working_directory(directory: Path) -> Iterator[Path]:
 
 
 def write_for_tool(model: ir.Model, directory: Path, name: str = "input.onnx") -> Path:
-    """Save for a tool that takes a path; external data when the model is large."""
+    """Save for a tool that takes a path; external data when the model is large.
+
+    Initializers are written without a value_info entry (onnx_ir writes one for each by default). Tools
+    edit weights in place and leave that entry stale: ORT's dynamic quantizer transposes a Gemm's
+    transB weight to turn it into a MatMul, then its own shape inference fails on the old entry
+    ("Inferred shape and existing shape differ in dimension 0: (128) vs (512)"). The tensor's dims
+    already say everything the entry would.
+    """
     path = directory / name
-    save_model(model, path, external_data=weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES)
+    weights = [v for v in model.graph.initializers.values() if not v.is_graph_input()]
+    saved = [(v.type, v.shape) for v in weights]
+    for value in weights:
+        value.type, value.shape = None, None
+    try:
+        save_model(model, path, external_data=weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES)
+    finally:
+        for value, (type_, shape) in zip(weights, saved, strict=True):
+            value.type, value.shape = type_, shape
     return path
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import Literal
 
+import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 import onnxscript.optimizer
 from pydantic import Field
 
+from optimizer_cli.errors import first_line
 from optimizer_cli.passes._util import (
     is_large,
     lift_constants,
@@ -107,4 +109,13 @@ class CleanupPass(OptimizationPass):
             replace_model_contents(model, ir.serde.deserialize_model(backup))
             self.stats["fold_constants"] = f"skipped ({type(exc).__name__})"
             return False
+        if backup is not None:
+            # The folder's partial evaluators can write ops of a newer opset than the model's (e.g.
+            # ConcatFromSequence(new_axis=1) -> Unsqueeze with an axes input at opset 12): undo the fold.
+            try:
+                onnx.checker.check_model(ir.serde.serialize_model(model))
+            except onnx.checker.ValidationError as exc:
+                replace_model_contents(model, ir.serde.deserialize_model(backup))
+                self.stats["fold_constants"] = f"skipped (the folder wrote an invalid model: {first_line(exc, 100)})"
+                return False
         return bool(getattr(result, "modified", False))

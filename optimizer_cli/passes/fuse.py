@@ -12,10 +12,12 @@ BatchNorm folding math (per output channel c), as in onnxscript's rule:
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from pathlib import Path
 from typing import Literal
 
+import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.rewriter import RewriteRuleSet
@@ -137,23 +139,89 @@ class FusePass(OptimizationPass):
         return ir.passes.PassResult(model, modified)
 
     def _transformer_fusions(self, model: ir.Model, cfg: FuseConfig) -> dict[str, int]:
-        from onnxruntime.transformers.optimizer import optimize_model
-
         with (
             tempfile.TemporaryDirectory(prefix="optimize-fuse-", dir=self.ctx.tmp_dir) as tmp_name,
             tool_working_directory(Path(tmp_name)) as tmp,
         ):
+            large = is_large(model)
             src = write_for_tool(model, tmp)
-            optimized = optimize_model(
-                str(src),
-                model_type=cfg.transformer,
-                num_heads=cfg.num_heads,
-                hidden_size=cfg.hidden_size,
-                opt_level=0,  # graph fusions only; ORT applies its own at session creation
-                only_onnxruntime=False,
-            )
-            counts = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items()}
-            out = tmp / "fused.onnx"
-            optimized.save_model_to_file(str(out), use_external_data_format=is_large(model))
-            replace_model_contents(model, load_tool_output(out))
+            counts, fused = _run_transformer_optimizer(src, tmp / "fused.onnx", cfg, large)
+            current = _default_opset(model)
+            needed = _opset_needed(fused, current)
+            if needed is not None:
+                # onnxruntime.transformers writes ONNX LayerNormalization (opset 17) whatever the model's
+                # opset: upgrade the model first, or fuse without LayerNorm where the converter cannot.
+                upgraded = _upgrade_opset(src, tmp / "upgraded.onnx", needed, large)
+                if upgraded is not None:
+                    counts, fused = _run_transformer_optimizer(upgraded, tmp / "fused.onnx", cfg, large)
+                    self.stats["opset"] = f"{current}->{needed} (for the fused LayerNormalization)"
+                else:
+                    counts, fused = _run_transformer_optimizer(src, tmp / "fused.onnx", cfg, large, layer_norm=False)
+                    self.stats["opset"] = (
+                        f"{current} kept: LayerNorm not fused (needs opset {needed}; the version converter failed)"
+                    )
+            replace_model_contents(model, fused)
         return {k: v for k, v in counts.items() if v or k in ("Attention", "SkipLayerNormalization", "BiasGelu")}
+
+
+def _run_transformer_optimizer(
+    src: Path, out: Path, cfg: FuseConfig, large: bool, layer_norm: bool = True
+) -> tuple[dict[str, int], ir.Model]:
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions(cfg.transformer)
+    if not layer_norm:
+        options.enable_layer_norm = False
+        options.enable_skip_layer_norm = False
+        options.enable_bias_skip_layer_norm = False
+    optimized = optimize_model(
+        str(src),
+        model_type=cfg.transformer,
+        num_heads=cfg.num_heads,
+        hidden_size=cfg.hidden_size,
+        optimization_options=options,
+        opt_level=0,  # graph fusions only; ORT applies its own at session creation
+        only_onnxruntime=False,
+    )
+    counts = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items()}
+    optimized.save_model_to_file(str(out), use_external_data_format=large)
+    return counts, load_tool_output(out)
+
+
+def _default_opset(model: ir.Model) -> int:
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+
+
+@functools.cache
+def _first_version(op_type: str) -> int | None:
+    """The opset that introduced an ONNX-domain op (None: not an ONNX op, e.g. a contrib op)."""
+    versions = [
+        s.since_version for s in onnx.defs.get_all_schemas_with_history() if s.name == op_type and s.domain == ""
+    ]
+    return min(versions) if versions else None
+
+
+def _opset_needed(model: ir.Model, current: int) -> int | None:
+    """The ONNX opset the model's ops need when it is above `current` (else None)."""
+    needed = current
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain not in ("", "ai.onnx") or onnx.defs.has(node.op_type, current, ""):
+            continue
+        first = _first_version(node.op_type)
+        if first is not None:
+            needed = max(needed, first)
+    return needed if needed > current else None
+
+
+def _upgrade_opset(src: Path, target: Path, opset: int, large: bool) -> Path | None:
+    """The model at `src` converted to `opset` by onnx's version converter (None when it fails)."""
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(onnx.load(str(src)), opset)
+        onnx.checker.check_model(converted)
+    except Exception:  # the converter lacks adapters for some ops
+        return None
+    onnx.save(converted, str(target), save_as_external_data=large)
+    return target

@@ -13,6 +13,7 @@ asked for), and dynamic quantization of MatMul/Gemm only (dynamic Conv is ~4x sl
 from __future__ import annotations
 
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +27,7 @@ from optimizer_cli.errors import UserInputError, first_line
 from optimizer_cli.passes._util import (
     is_large,
     load_tool_output,
+    new_initializer,
     op_counts,
     replace_model_contents,
     tool_working_directory,
@@ -54,6 +56,37 @@ QUANT_OPS = {
     "QGemm",
     "QEmbedLayerNormalization",
 }
+
+
+def already_quantized(counts: Counter[str]) -> dict[str, int]:
+    """Quantization ops already in a graph (integer kernels, QLinear*, Q/DQ pairs), by op type."""
+    return {op: n for op, n in sorted(counts.items()) if n and (op in QUANT_OPS or op.startswith("QLinear"))}
+
+
+def _flatten_gemm_biases(model: ir.Model) -> int:
+    """Give Gemm a 1-D bias where it has a constant [1, N] one; returns how many were changed.
+
+    ORT's static QDQ quantizer adjusts per-channel weight scales with `abs(bias[i])` per output
+    channel, assuming a 1-D bias: a [1, N] bias (MatMul+Add fused into Gemm from tf2onnx/jax2tf
+    exports, e.g. magika) dies with numpy's "truth value of an array ... is ambiguous". Gemm's C
+    broadcasts to [M, N] either way, so [N] is the same bias.
+    """
+    graph = model.graph
+    changed = 0
+    for node in graph:
+        if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
+            continue
+        bias = node.inputs[2]
+        if bias is None or bias.const_value is None or not bias.is_initializer() or bias.is_graph_input():
+            continue
+        array = bias.const_value.numpy()
+        if array.ndim != 2 or array.shape[0] != 1:
+            continue
+        node.replace_input_with(2, new_initializer(graph, f"{bias.name}_1d", array.reshape(-1)))
+        if not bias.uses() and not bias.is_graph_output():
+            graph.initializers.pop(bias.name)
+        changed += 1
+    return changed
 
 
 class QuantizeConfig(PassConfig):
@@ -133,6 +166,15 @@ class QuantizePass(OptimizationPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg: QuantizeConfig = self.config  # type: ignore[assignment]
         before = op_counts(model)
+        existing = already_quantized(before)
+        if existing:
+            # ORT's quantizers assume float graphs: on ConvInteger/QDQ models static mode dies with a
+            # KeyError on '<tensor>_scale' and the others would stack a second quantization on the first.
+            listed = ", ".join(f"{n} {op}" for op, n in existing.items())
+            reason = f"the model is already quantized ({listed}): left unchanged"
+            self.ctx.logger.warning("quantize: %s", reason)
+            self.stats |= {"mode": cfg.mode, "skipped": reason, "quant_ops": existing, "excluded_nodes": 0}
+            return ir.passes.PassResult(model, False)
         exclude = set(cfg.exclude_nodes)
         if cfg.exclude_op_types:
             exclude |= {n.name for n in model.graph if n.op_type in cfg.exclude_op_types and n.name}
@@ -143,6 +185,9 @@ class QuantizePass(OptimizationPass):
             tempfile.TemporaryDirectory(prefix="optimize-quant-", dir=self.ctx.tmp_dir) as tmp,
             tool_working_directory(Path(tmp)) as tmp_dir,
         ):
+            flattened = _flatten_gemm_biases(model) if cfg.mode == "static" else 0
+            if flattened:
+                self.stats["gemm_biases_flattened"] = flattened
             src = write_for_tool(model, tmp_dir)
             out = tmp_dir / "quantized.onnx"
             large = is_large(model)
@@ -159,7 +204,12 @@ class QuantizePass(OptimizationPass):
             result = load_tool_output(out)
             # float16 conversion appends its Casts at the end of the node list.
             common.TopologicalSortPass()(result)
-            replace_model_contents(model, result)
+            if cfg.mode == "fp16" or already_quantized(op_counts(result)):
+                replace_model_contents(model, result)
+            else:
+                # ORT rewrites even when it quantizes nothing (e.g. Gemm -> transposed MatMul + Add in If
+                # branches it then does not enter): keep the model as it was.
+                self.stats["nothing_quantized"] = "no op was quantized: the model is left as it was"
         after = op_counts(model)
         self.stats |= {
             "mode": cfg.mode,
@@ -168,7 +218,7 @@ class QuantizePass(OptimizationPass):
         }
         if cfg.mode == "fp16":
             self.stats["casts_added"] = after.get("Cast", 0) - before.get("Cast", 0)
-        modified = after != before
+        modified = after != before or flattened > 0
         return ir.passes.PassResult(model, modified)
 
     def _reduce_range(self, cfg: QuantizeConfig) -> bool:
