@@ -135,7 +135,7 @@ def _attribute_failure(
 ) -> None:
     """A quantize pass stopped below verify.min_cosine: find (and verify) the exclusion patch that passes, so the
     user's next command works. It rides on the error: printed before it, and in the --json error document."""
-    from optimizer_cli.bench.attribution import on_verification_failure
+    from optimizer_cli.search.attribution import on_verification_failure
 
     found = on_verification_failure(exc, model, rec, calib, data, threads, log=log.line)
     if found:
@@ -417,7 +417,7 @@ def _attribution_into(
     threads: int,
     log: _Progress,
 ) -> None:
-    from optimizer_cli.bench.attribution import attribute_if_needed
+    from optimizer_cli.search.attribution import attribute_if_needed
 
     found = attribute_if_needed(report, Path(model), Path(output), rec, eval_data, calib, data, threads, log=log.line)
     if found:
@@ -652,9 +652,9 @@ def schema_cmd() -> None:
 @app.command("inspect")
 def inspect_cmd(model: Path = typer.Argument(...), json_out: bool = typer.Option(False, "--json")) -> None:
     """Inputs, outputs, opsets, op counts, parameters and size of a model."""
+    from optimizer_cli.analysis.graph import op_counts
     from optimizer_cli.data import input_specs
     from optimizer_cli.model_io import file_size, load_model, weights_nbytes
-    from optimizer_cli.passes._util import op_counts
 
     m = load_model(model)
     params = sum(v.const_value.size for v in m.graph.initializers.values() if v.const_value is not None)

@@ -176,6 +176,36 @@ def random_dataset(
 def load_dataset(path: str | Path, model: ir.Model, batch_size: int = 1, limit: int | None = None) -> Dataset:
     """Read a .npz or a folder of .npy files into per-sample feeds matched to the model's inputs."""
     path = Path(path)
+    arrays = _read_arrays(path)
+    specs = input_specs(model)
+    if "" in arrays:  # a lone .npy feeds the single input
+        if len(specs) != 1:
+            raise UserInputError("a single .npy only works for single-input models; use .npz keyed by input name", path)
+        arrays[specs[0].name] = arrays.pop("")
+    labels_arr = next((arrays[k] for k in LABEL_KEYS if k in arrays), None)
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        have = ", ".join(k for k in arrays if k not in LABEL_KEYS)
+        raise UserInputError(f"no array for model input(s) {', '.join(missing)} (file has: {have})", path)
+    per_input = {spec.name: _samples(spec, arrays[spec.name], batch_size, path) for spec in specs}
+    counts = {len(v) for v in per_input.values()}
+    if len(counts) != 1:
+        raise UserInputError(f"inputs have different sample counts: {sorted(counts)}", path)
+    n = counts.pop()
+    if n == 0:
+        raise UserInputError("holds no samples (the arrays are empty)", path)
+    empty = [name for name, samples in per_input.items() if any(a.size == 0 for a in samples)]
+    if empty:
+        raise UserInputError(f"input '{empty[0]}' has samples with no elements (a zero-length axis)", path)
+    if limit is not None:
+        n = min(n, limit)
+    feeds = [{name: per_input[name][i] for name in per_input} for i in range(n)]
+    labels = _split_labels(labels_arr, feeds, path) if labels_arr is not None else None
+    return Dataset(feeds, labels, str(path), False)
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Arrays by name from a .npz, a folder of .npy, or one .npy (named '')."""
     if not path.exists():
         raise UserInputError("data file not found", path)
     arrays: dict[str, np.ndarray] = {}
@@ -196,68 +226,47 @@ def load_dataset(path: str | Path, model: ir.Model, batch_size: int = 1, limit: 
         raise UserInputError(f"cannot read data ({first_line(exc)})", path) from exc
     if not arrays:
         raise UserInputError("no arrays found", path)
+    return arrays
 
-    specs = input_specs(model)
-    if "" in arrays:  # a lone .npy feeds the single input
-        if len(specs) != 1:
-            raise UserInputError("a single .npy only works for single-input models; use .npz keyed by input name", path)
-        arrays[specs[0].name] = arrays.pop("")
-    labels_arr = next((arrays[k] for k in LABEL_KEYS if k in arrays), None)
-    missing = [s.name for s in specs if s.name not in arrays]
-    if missing:
-        have = ", ".join(k for k in arrays if k not in LABEL_KEYS)
-        raise UserInputError(f"no array for model input(s) {', '.join(missing)} (file has: {have})", path)
 
-    per_input: dict[str, list[np.ndarray]] = {}
-    for spec in specs:
-        arr = arrays[spec.name]
-        if arr.dtype != spec.dtype:
-            if np.can_cast(arr.dtype, spec.dtype, casting="same_kind") or np.issubdtype(arr.dtype, np.integer):
-                arr = arr.astype(spec.dtype)
-            else:
-                raise UserInputError(f"input '{spec.name}' is {arr.dtype}, model wants {spec.dtype}", path)
-        # An input without a declared rank takes its samples along axis 0.
-        rank = len(spec.shape) if spec.shape is not None else arr.ndim - 1
-        if arr.ndim == rank + 1:
-            per_input[spec.name] = [np.asarray(arr[i]) for i in range(arr.shape[0])]
-        elif arr.ndim == rank:
-            fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
-            step = fixed or batch_size
-            if arr.shape[0] % step:
-                raise UserInputError(
-                    f"input '{spec.name}': {arr.shape[0]} rows do not split into batches of {step}", path
-                )
-            per_input[spec.name] = [arr[i : i + step] for i in range(0, arr.shape[0], step)]
+def _samples(spec: InputSpec, arr: np.ndarray, batch_size: int, path: Path) -> list[np.ndarray]:
+    """One input's array as samples: along a leading sample axis, or split along the batch axis."""
+    if arr.dtype != spec.dtype:
+        if np.can_cast(arr.dtype, spec.dtype, casting="same_kind") or np.issubdtype(arr.dtype, np.integer):
+            arr = arr.astype(spec.dtype)
         else:
-            raise UserInputError(
-                f"input '{spec.name}' has rank {arr.ndim}, model expects {rank} (or {rank + 1} with a sample axis)",
-                path,
-            )
-    counts = {len(v) for v in per_input.values()}
-    if len(counts) != 1:
-        raise UserInputError(f"inputs have different sample counts: {sorted(counts)}", path)
-    n = counts.pop()
-    if n == 0:
-        raise UserInputError("holds no samples (the arrays are empty)", path)
-    empty = [name for name, samples in per_input.items() if any(a.size == 0 for a in samples)]
-    if empty:
-        raise UserInputError(f"input '{empty[0]}' has samples with no elements (a zero-length axis)", path)
-    if limit is not None:
-        n = min(n, limit)
-    feeds = [{name: per_input[name][i] for name in per_input} for i in range(n)]
-    labels = None
-    if labels_arr is not None:
-        rows = sum(next(iter(f.values())).shape[0] if next(iter(f.values())).ndim else 1 for f in feeds)
-        flat = labels_arr.reshape(-1)
-        if len(flat) < rows:
-            raise UserInputError(f"labels has {len(flat)} entries, data has {rows} rows", path)
-        labels, pos = [], 0
-        for f in feeds:
-            first = next(iter(f.values()))
-            count = first.shape[0] if first.ndim else 1
-            labels.append(flat[pos : pos + count])
-            pos += count
-    return Dataset(feeds, labels, str(path), False)
+            raise UserInputError(f"input '{spec.name}' is {arr.dtype}, model wants {spec.dtype}", path)
+    # An input without a declared rank takes its samples along axis 0.
+    rank = len(spec.shape) if spec.shape is not None else arr.ndim - 1
+    if arr.ndim == rank + 1:
+        return [np.asarray(arr[i]) for i in range(arr.shape[0])]
+    if arr.ndim == rank:
+        fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
+        step = fixed or batch_size
+        if arr.shape[0] % step:
+            raise UserInputError(f"input '{spec.name}': {arr.shape[0]} rows do not split into batches of {step}", path)
+        return [arr[i : i + step] for i in range(0, arr.shape[0], step)]
+    raise UserInputError(
+        f"input '{spec.name}' has rank {arr.ndim}, model expects {rank} (or {rank + 1} with a sample axis)", path
+    )
+
+
+def _split_labels(labels_arr: np.ndarray, feeds: list[dict[str, np.ndarray]], path: Path) -> list[np.ndarray]:
+    """One label per sample row, in the feeds' order."""
+
+    def rows_of(feed: dict[str, np.ndarray]) -> int:
+        first = next(iter(feed.values()))
+        return int(first.shape[0]) if first.ndim else 1
+
+    flat = labels_arr.reshape(-1)
+    total = sum(rows_of(f) for f in feeds)
+    if len(flat) < total:
+        raise UserInputError(f"labels has {len(flat)} entries, data has {total} rows", path)
+    labels, pos = [], 0
+    for f in feeds:
+        labels.append(flat[pos : pos + rows_of(f)])
+        pos += rows_of(f)
+    return labels
 
 
 def resolve_dataset(

@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from optimizer_cli.analysis.graph import node_count
 from optimizer_cli.data import Dataset, random_dataset, resolve_dataset
 from optimizer_cli.errors import UserInputError, VerificationError, first_line
 from optimizer_cli.model_io import (
@@ -32,7 +33,7 @@ from optimizer_cli.model_io import (
     weights_nbytes,
 )
 from optimizer_cli.passes import PASS_REGISTRY, Exactness, PassContext, RunInputs
-from optimizer_cli.passes._util import lift_constants, node_count
+from optimizer_cli.passes._graph import lift_constants
 from optimizer_cli.recipe import Recipe
 from optimizer_cli.runtime.session import ort_error_message
 from optimizer_cli.verify import Drift, StageVerifier, Tolerance, check_model

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import onnx
 
-from optimizer_cli.bench.attribution import rank_nodes
 from optimizer_cli.model_io import load_model
 from optimizer_cli.pipeline import normalize
+from optimizer_cli.search.attribution import rank_nodes
 
 from .conftest import run_cli
 
@@ -88,7 +88,7 @@ def test_sweep_times_each_shape(examples_dir: Path, tmp_path: Path) -> None:
 def test_saturating_cpu_gets_a_reduce_range_patch_not_layer_exclusions(tmp_path: Path, monkeypatch) -> None:
     """On a CPU without VNNI, full-range int8 weights lose fidelity in every layer; the fix is one
     recipe key, found by re-running the recipe with it, not a list of excluded layers."""
-    from optimizer_cli.bench import attribution
+    from optimizer_cli.search import attribution
     from optimizer_cli.data import random_dataset
     from optimizer_cli.pipeline import run_pipeline
     from optimizer_cli.recipe import parse_recipe
@@ -118,7 +118,7 @@ def _stage(name: str, cosine: float) -> dict:
 
 
 def test_blame_stage_names_the_largest_drop_not_the_last_pass() -> None:
-    from optimizer_cli.bench.attribution import blame_stage
+    from optimizer_cli.search.attribution import blame_stage
 
     # reconstruct recovers part of what prune lost; quantize loses a little more.
     stages = [_stage("fuse", 1.0), _stage("prune", 0.8885), _stage("reconstruct", 0.95), _stage("quantize", 0.94)]
@@ -160,8 +160,8 @@ def test_loss_at_prune_blames_prune_and_prints_no_quantize_patch(examples_dir: P
 def test_verification_failure_of_static_int8_gets_a_patch_that_passes(examples_dir: Path, tmp_path: Path) -> None:
     """Static int8 under a strict verify.min_cosine stops the run (exit 3); the search finds the layers to
     exclude, and the patch, applied with --set as printed, lets the same run pass."""
-    from optimizer_cli.bench.attribution import min_cosine_failure_index, on_verification_failure
     from optimizer_cli.recipe import load_recipe
+    from optimizer_cli.search.attribution import min_cosine_failure_index, on_verification_failure
 
     calib, data = str(examples_dir / "digits_calib.npz"), str(examples_dir / "digits_eval.npz")
     strict = "verify.min_cosine=0.995"  # static int8 of the digits CNN measures ~0.989
@@ -193,12 +193,12 @@ def test_verification_failure_of_static_int8_gets_a_patch_that_passes(examples_d
 
 
 def test_verification_failure_of_a_non_quantize_pass_gets_its_knob_not_a_patch() -> None:
-    from optimizer_cli.bench.attribution import (
+    from optimizer_cli.recipe import parse_recipe
+    from optimizer_cli.search.attribution import (
         attribute_verification_failure,
         min_cosine_failure_index,
         on_verification_failure,
     )
-    from optimizer_cli.recipe import parse_recipe
 
     recipe = parse_recipe("passes:\n  - type: fuse\n  - type: prune\n    sparsity: 0.5\nverify: {min_cosine: 0.9}\n")
     assert min_cosine_failure_index("pass 1 (prune): output cosine vs original 0.3056 < verify.min_cosine 0.9") == 1
@@ -214,8 +214,8 @@ def test_verification_failure_of_a_non_quantize_pass_gets_its_knob_not_a_patch()
 
 def test_verification_failure_out_of_reach_returns_no_patch(examples_dir: Path) -> None:
     """0.99999 is beyond what excluding every ranked layer reaches: no patch, only advice."""
-    from optimizer_cli.bench.attribution import attribute_verification_failure
     from optimizer_cli.recipe import load_recipe
+    from optimizer_cli.search.attribution import attribute_verification_failure
 
     recipe = load_recipe("recipes/cnn-int8.yaml", ["verify.min_cosine=0.99999"])
     found = attribute_verification_failure(

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from optimizer_cli.passes._util import op_counts
+from optimizer_cli.analysis.graph import op_counts
 from optimizer_cli.passes.cleanup import CleanupConfig, CleanupPass
 from optimizer_cli.passes.fuse import FuseConfig, FusePass
 from optimizer_cli.verify import Tolerance

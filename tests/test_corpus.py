@@ -103,7 +103,7 @@ def test_structured_prune_oracle_on_light_cnns(name: str, tmp_path) -> None:
     channel shuffle): removing channels equals zeroing the weights that read them."""
     from optimizer_cli.analysis.channel_groups import analyze
     from optimizer_cli.analysis.cost import parameter_count
-    from optimizer_cli.passes._util import infer_shapes
+    from optimizer_cli.passes._graph import infer_shapes
     from optimizer_cli.passes.prune import PruneConfig, apply_structured, choose_keep
     from optimizer_cli.pipeline import normalize
 

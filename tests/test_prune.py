@@ -10,7 +10,7 @@ from onnx import TensorProto
 
 from optimizer_cli.analysis.channel_groups import analyze
 from optimizer_cli.analysis.cost import macs, parameter_count
-from optimizer_cli.passes._util import infer_shapes
+from optimizer_cli.passes._graph import infer_shapes
 from optimizer_cli.passes.fuse import FuseConfig, FusePass
 from optimizer_cli.passes.prune import PruneConfig, PrunePass, apply_structured, choose_keep
 

@@ -9,9 +9,9 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+from optimizer_cli.analysis.graph import op_counts
 from optimizer_cli.data import Dataset
 from optimizer_cli.errors import UserInputError
-from optimizer_cli.passes._util import op_counts
 from optimizer_cli.passes.fuse import FuseConfig, FusePass
 from optimizer_cli.passes.quantize import QuantizeConfig, QuantizePass
 

@@ -7,8 +7,8 @@ import pytest
 
 from optimizer_cli.data import Dataset
 from optimizer_cli.passes.base import RunInputs
+from optimizer_cli.passes.factorize import FactorizeConfig, FactorizePass
 from optimizer_cli.passes.fuse import FuseConfig, FusePass
-from optimizer_cli.passes.lowrank import FactorizeConfig, FactorizePass
 from optimizer_cli.passes.prune import PruneConfig, PrunePass
 from optimizer_cli.passes.reconstruct import ReconstructConfig, ReconstructPass, im2col
 

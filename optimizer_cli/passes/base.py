@@ -85,13 +85,3 @@ class OptimizationPass(ir.passes.InPlacePass):
     def exactness_for(self) -> Exactness:
         """Some passes are exact or approximate depending on their config."""
         return self.exactness
-
-
-PASS_REGISTRY: dict[str, type[OptimizationPass]] = {}
-
-
-def register(cls: type[OptimizationPass]) -> type[OptimizationPass]:
-    if cls.name in PASS_REGISTRY:
-        raise ValueError(f"pass '{cls.name}' registered twice")
-    PASS_REGISTRY[cls.name] = cls
-    return cls

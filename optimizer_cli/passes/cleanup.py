@@ -15,16 +15,10 @@ import onnx_ir.passes.common as common
 import onnxscript.optimizer
 from pydantic import Field
 
+from optimizer_cli.analysis.graph import node_count, op_counts
 from optimizer_cli.errors import first_line
-from optimizer_cli.passes._util import (
-    is_large,
-    lift_constants,
-    node_count,
-    op_counts,
-    remove_identities,
-    replace_model_contents,
-)
-from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, register
+from optimizer_cli.passes._graph import is_large, lift_constants, remove_identities, replace_model_contents
+from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig
 
 SEQUENCE_OPS = {
     "SplitToSequence",
@@ -55,7 +49,6 @@ class CleanupConfig(PassConfig):
     )
 
 
-@register
 class CleanupPass(OptimizationPass):
     name = "cleanup"
     Config = CleanupConfig

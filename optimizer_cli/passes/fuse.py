@@ -24,16 +24,9 @@ from onnxscript.rewriter import RewriteRuleSet
 from onnxscript.rewriter.rules import common as rules
 from pydantic import Field
 
-from optimizer_cli.passes._util import (
-    infer_shapes,
-    is_large,
-    lift_constants,
-    load_tool_output,
-    replace_model_contents,
-    tool_working_directory,
-    write_for_tool,
-)
-from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, register
+from optimizer_cli.passes._graph import infer_shapes, is_large, lift_constants, replace_model_contents
+from optimizer_cli.passes._tools import load_tool_output, tool_working_directory, write_for_tool
+from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig
 
 TransformerType = Literal["none", "bert", "bart", "gpt2", "t5", "vit", "clip", "unet", "vae", "phi", "sam2"]
 
@@ -105,7 +98,6 @@ def _restore_names(model: ir.Model, keep: dict[str, str]) -> None:
                 used.add(wanted)
 
 
-@register
 class FusePass(OptimizationPass):
     name = "fuse"
     Config = FuseConfig

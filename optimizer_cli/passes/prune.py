@@ -26,9 +26,17 @@ from pydantic import Field
 from optimizer_cli.analysis.channel_groups import Analysis, Group, Root, analyze, expr_mask, expr_size
 from optimizer_cli.analysis.cost import macs, parameter_count
 from optimizer_cli.errors import UserInputError
-from optimizer_cli.passes._util import infer_shapes, is_large, new_initializer, refresh_shapes, replace_model_contents
-from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs, register
+from optimizer_cli.passes._graph import (
+    KEPT_CHANNELS_META,
+    infer_shapes,
+    is_large,
+    refresh_shapes,
+    replace_model_contents,
+    set_const,
+)
+from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs
 from optimizer_cli.runtime.session import SessionConfig, capture_values, run_model
+from optimizer_cli.verify import drift
 
 
 class PruneConfig(PassConfig):
@@ -68,22 +76,8 @@ class PruneConfig(PassConfig):
     refit: bool = Field(True, description="Least-squares refit (reconstruct) of each search trial before scoring.")
 
 
-KEPT_CHANNELS_META = "optimizer_cli.kept_channels"
-
-
 def _tensor(value: ir.Value) -> np.ndarray:
     return value.const_value.numpy()  # type: ignore[union-attr]
-
-
-def _set_const(node: ir.Node, index: int, array: np.ndarray, graph: ir.Graph) -> None:
-    """Give node input `index` a new constant; copy-on-write when the initializer has other uses."""
-    value = node.inputs[index]
-    assert value is not None
-    if len(value.uses()) == 1 and value.is_initializer():
-        value.const_value = ir.tensor(array, name=value.name)
-        value.shape = ir.Shape(array.shape)
-        return
-    node.replace_input_with(index, new_initializer(graph, f"{value.name}_{node.name}", array))
 
 
 def activation_importance(
@@ -186,9 +180,9 @@ def apply_structured(
             index = [slice(None)] * w.ndim
             index[consumer.axis] = ~mask  # type: ignore[call-overload]
             w[tuple(index)] = 0
-            _set_const(consumer.node, consumer.weight_index, w, graph)
+            set_const(consumer.node, consumer.weight_index, w, graph)
         else:
-            _set_const(consumer.node, consumer.weight_index, np.compress(mask, w, axis=consumer.axis), graph)
+            set_const(consumer.node, consumer.weight_index, np.compress(mask, w, axis=consumer.axis), graph)
     if zero_only:
         return
     canonical = analysis.canonical()
@@ -200,26 +194,26 @@ def apply_structured(
                 values[name].meta[KEPT_CHANNELS_META] = np.flatnonzero(mask)
         for prod in canonical[gid].producers:
             w = _tensor(prod.node.inputs[prod.weight_index])  # type: ignore[arg-type]
-            _set_const(prod.node, prod.weight_index, np.compress(mask, w, axis=prod.axis), graph)
+            set_const(prod.node, prod.weight_index, np.compress(mask, w, axis=prod.axis), graph)
             if prod.bias_index is not None:
                 b = _tensor(prod.node.inputs[prod.bias_index])  # type: ignore[arg-type]
-                _set_const(prod.node, prod.bias_index, np.compress(mask, b, axis=b.ndim - 1), graph)
+                set_const(prod.node, prod.bias_index, np.compress(mask, b, axis=b.ndim - 1), graph)
     for dep in analysis.dependents:
         mask = expr_mask(dep.expr, keep, find)
         if not mask.all():
             c = _tensor(dep.node.inputs[dep.input_index])  # type: ignore[arg-type]
-            _set_const(dep.node, dep.input_index, np.compress(mask, c, axis=dep.axis), graph)
+            set_const(dep.node, dep.input_index, np.compress(mask, c, axis=dep.axis), graph)
     for dw in analysis.depthwise:
         mask = expr_mask(dw.expr, keep, find)
         if not mask.all():
             w = _tensor(dw.node.inputs[1])  # type: ignore[arg-type]
-            _set_const(dw.node, 1, np.compress(mask, w, axis=0), graph)
+            set_const(dw.node, 1, np.compress(mask, w, axis=0), graph)
             dw.node.attributes["group"] = ir.AttrInt64("group", int(mask.sum()))
     for split in analysis.splits:
         sizes = [int(expr_mask(part, keep, find).sum()) for part in split.parts]
         if sizes != [expr_size(part) for part in split.parts]:
             if split.from_input:
-                _set_const(split.node, 1, np.array(sizes, np.int64), graph)
+                set_const(split.node, 1, np.array(sizes, np.int64), graph)
             else:
                 split.node.attributes["split"] = ir.AttrInt64s("split", sizes)
     for fix in analysis.reshapes:
@@ -227,7 +221,7 @@ def apply_structured(
         if not mask.all():
             target = _tensor(fix.node.inputs[1]).copy()  # type: ignore[arg-type]
             target[fix.position] = int(mask.sum()) * fix.factor
-            _set_const(fix.node, 1, target, graph)
+            set_const(fix.node, 1, target, graph)
     refresh_shapes(model)
 
 
@@ -248,11 +242,10 @@ def magnitude_prune(model: ir.Model, cfg: PruneConfig) -> dict[str, object]:
         t = threshold if cfg.scope == "global" else np.quantile(np.abs(w), cfg.sparsity)
         pruned = np.where(np.abs(w) <= t, 0, w).astype(w.dtype)
         zeroed += int(np.sum(pruned == 0))
-        _set_const(node, 1, pruned, model.graph)
+        set_const(node, 1, pruned, model.graph)
     return {"layers": len(weights), "weight_sparsity": round(zeroed / total, 4)}
 
 
-@register
 class PrunePass(OptimizationPass):
     name = "prune"
     Config = PruneConfig
@@ -312,7 +305,6 @@ class PrunePass(OptimizationPass):
 
     def _search(self, model: ir.Model, cfg: PruneConfig) -> ir.passes.PassResult:
         """Bisect the sparsity; keep the largest whose held-out cosine meets the target (never nothing)."""
-        from optimizer_cli.bench.accuracy import fidelity
         from optimizer_cli.data import Dataset
         from optimizer_cli.passes.reconstruct import ReconstructConfig, ReconstructPass
 
@@ -338,7 +330,7 @@ class PrunePass(OptimizationPass):
             inner(candidate)
             if cfg.refit and self.ctx.reference is not None:
                 ReconstructPass(ReconstructConfig(samples=cfg.samples * 4), fit_ctx)(candidate)
-            cosine = fidelity(reference, run_model(candidate, score_feeds, config), names).cosine_min
+            cosine = min(d.cosine for d in drift(names, reference, run_model(candidate, score_feeds, config)))
             tried.append(f"{sparsity:.3f}:{cosine:.4f}")
             if cosine >= cfg.target_cosine and (best is None or sparsity > best[0]):  # type: ignore[operator]
                 best = (sparsity, candidate, inner.stats)

@@ -22,18 +22,12 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from pydantic import Field, model_validator
 
+from optimizer_cli.analysis.graph import op_counts
 from optimizer_cli.data import Dataset
 from optimizer_cli.errors import UserInputError, first_line
-from optimizer_cli.passes._util import (
-    is_large,
-    load_tool_output,
-    new_initializer,
-    op_counts,
-    replace_model_contents,
-    tool_working_directory,
-    write_for_tool,
-)
-from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs, register
+from optimizer_cli.passes._graph import is_large, new_initializer, replace_model_contents
+from optimizer_cli.passes._tools import load_tool_output, tool_working_directory, write_for_tool
+from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs
 from optimizer_cli.runtime.cpu import cpu_isa, is_x86, u8s8_saturates
 
 PER_CHANNEL_MIN_OPSET = 13
@@ -149,7 +143,6 @@ class _FeedReader:
         self._pos = 0
 
 
-@register
 class QuantizePass(OptimizationPass):
     name = "quantize"
     Config = QuantizeConfig

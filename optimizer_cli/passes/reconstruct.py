@@ -20,8 +20,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from pydantic import Field
 
 from optimizer_cli.errors import UserInputError
-from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs, register
-from optimizer_cli.passes.prune import KEPT_CHANNELS_META, _set_const
+from optimizer_cli.passes._graph import KEPT_CHANNELS_META, set_const
+from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs
 from optimizer_cli.runtime.session import capture_values
 
 
@@ -58,7 +58,6 @@ def ridge(x: np.ndarray, y: np.ndarray, damping: float) -> np.ndarray:
     return np.linalg.solve(gram + lam * np.eye(gram.shape[0]), x.T @ y.astype(np.float64))
 
 
-@register
 class ReconstructPass(OptimizationPass):
     name = "reconstruct"
     Config = ReconstructConfig
@@ -172,7 +171,7 @@ class ReconstructPass(OptimizationPass):
             out_w = new_w.T
         else:
             out_w = new_w
-        _set_const(node, 1, np.ascontiguousarray(out_w.astype(w.dtype)), model.graph)
+        set_const(node, 1, np.ascontiguousarray(out_w.astype(w.dtype)), model.graph)
         if new_b is not None and b is not None:
-            _set_const(node, 2, new_b.reshape(b.shape).astype(b.dtype), model.graph)
+            set_const(node, 2, new_b.reshape(b.shape).astype(b.dtype), model.graph)
         return before, after

@@ -23,8 +23,8 @@ import onnx_ir as ir
 from pydantic import Field
 
 from optimizer_cli.errors import UserInputError
-from optimizer_cli.passes._util import new_initializer, refresh_shapes
-from optimizer_cli.passes.base import OptimizationPass, PassConfig, register
+from optimizer_cli.passes._graph import new_initializer, refresh_shapes
+from optimizer_cli.passes.base import OptimizationPass, PassConfig
 from optimizer_cli.runtime.session import SessionConfig, ort_error_message, run_model
 
 SEQUENCE_AXIS = 1
@@ -166,7 +166,6 @@ def remove_trim(model: ir.Model, nodes: list[ir.Node], seq_inputs: list[ir.Value
             del model.graph.initializers[name]
 
 
-@register
 class TrimPaddingPass(OptimizationPass):
     name = "trim_padding"
     Config = TrimPaddingConfig

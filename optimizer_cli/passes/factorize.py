@@ -18,8 +18,8 @@ import onnx_ir as ir
 from pydantic import Field, model_validator
 
 from optimizer_cli.analysis.cost import macs, parameter_count
-from optimizer_cli.passes._util import infer_shapes, new_initializer, refresh_shapes
-from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, register
+from optimizer_cli.passes._graph import infer_shapes, new_initializer, refresh_shapes
+from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig
 
 LOWRANK_SUFFIX = "_lowrank"
 
@@ -69,7 +69,6 @@ def split_matrix(w: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     return (u[:, :r] * root).astype(w.dtype), (root[:, None] * vt[:r]).astype(w.dtype), s
 
 
-@register
 class FactorizePass(OptimizationPass):
     name = "factorize"
     Config = FactorizeConfig

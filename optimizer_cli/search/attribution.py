@@ -389,8 +389,6 @@ def attribute_if_needed(
 
     `result["patch"]` is set only after the patched recipe met the threshold on the benchmark's own
     evaluation samples; `result["stage"]` names the stage blamed; `result["suggestion"]` is advice."""
-    from optimizer_cli.pipeline import normalize
-
     threshold = recipe.benchmark.attribution_threshold
     current = _cpu_cosine(report)
     if current is None or current >= threshold:
@@ -415,95 +413,136 @@ def attribute_if_needed(
         index: int | None = stage["quantize_index"]
     else:
         index = quant_indices[-1] if quant_indices else None
-    subset = data.take(MAX_SAMPLES)
-    # The threshold was measured on the benchmark's samples: a patch is confirmed on the same ones.
-    bench_samples = report.get("benchmark", {}).get("eval_samples")
-    full = data.take(bench_samples) if bench_samples else data
-    # The original's outputs score every trial recipe; computed once, and only if a trial runs.
-    reference = functools.cache(lambda: run_model(load_model(model_path), subset.feeds, SessionConfig(threads=threads)))
-    full_reference = functools.cache(
-        lambda: run_model(load_model(model_path), full.feeds, SessionConfig(threads=threads))
-    )
-
-    def confirm(assignment: str) -> float:
-        trial = with_override(recipe, assignment)
-        trial.verify.enabled = False
-        return _fidelity_of(trial, model_path, full, full_reference(), calib, evaluation, threads)
-
+    search = _BenchSearch(report, model_path, recipe, data, calib, evaluation, threads, log)
     if index is not None:
-        saturation = _saturation_fix(
-            recipe, index, model_path, output_path, subset, reference, calib, evaluation, threads
-        )
-        if saturation is not None and saturation["patch_fidelity"] >= threshold:
-            confirmed = confirm(f"passes.{index}.reduce_range=true")
-            if confirmed >= threshold:
-                log(saturation["search"])
-                return {**result, **saturation, "patch_fidelity": confirmed, "patch_meets_threshold": True}
-    # Compare against the model the quantizer saw: its node and tensor names are the ones to exclude.
-    before_quant = _stage_before(recipe, index, model_path, calib, evaluation, threads) if index is not None else None
-    original = before_quant or load_model(model_path)
-    if before_quant is None:
-        normalize(original)
-    optimized = load_model(output_path)
-    ranked = rank_nodes(original, optimized, subset.feeds, threads)
-    result["nodes"] = ranked[:MAX_CANDIDATES]
-    if index is None or not ranked:
-        result["search"] = (
-            "no quantize pass to exclude nodes from (pruned or factorized layers change tensor shapes, so they "
-            "are not compared layer by layer: keep a layer whole with that pass's exclude_nodes)"
-            if index is None
-            else "no shared tensors to compare"
-        )
-        return result
-    already = list(recipe.passes[index].exclude_nodes)
-    candidates = _candidates(ranked, already)
-    if not candidates:
-        result["search"] = "no node loses fidelity locally"
-        return result
+        saturation = search.saturation_patch(index, output_path)
+        if saturation is not None:
+            return {**result, **saturation}
+    return search.exclusion_patch(result, index, output_path, stage)
 
-    def score(k: int) -> float:
-        trial = recipe.model_copy(deep=True)
+
+class _BenchSearch:
+    """The exclusion search after a benchmark: trials scored on a few samples, patches confirmed on all of the
+    benchmark's samples (where the threshold was measured)."""
+
+    def __init__(
+        self,
+        report: dict[str, Any],
+        model_path: Path,
+        recipe: Any,
+        data: Dataset,
+        calib: str | None,
+        evaluation: str | None,
+        threads: int,
+        log: Callable[[str], None],
+    ) -> None:
+        self.model_path, self.recipe, self.threshold = model_path, recipe, recipe.benchmark.attribution_threshold
+        self.calib, self.evaluation, self.threads, self.log = calib, evaluation, threads, log
+        self.subset = data.take(MAX_SAMPLES)
+        bench_samples = report.get("benchmark", {}).get("eval_samples")
+        self.full = data.take(bench_samples) if bench_samples else data
+        # The original's outputs score every trial recipe; computed once, and only if a trial runs.
+        config = SessionConfig(threads=threads)
+        self.reference = functools.cache(lambda: run_model(load_model(model_path), self.subset.feeds, config))
+        self.full_reference = functools.cache(lambda: run_model(load_model(model_path), self.full.feeds, config))
+
+    def _fidelity(self, trial: Any, data: Dataset, reference: list[list[np.ndarray]]) -> float:
         trial.verify.enabled = False
-        trial.passes[index].exclude_nodes = already + candidates[:k]
-        return _fidelity_of(trial, model_path, subset, reference(), calib, evaluation, threads)
+        return _fidelity_of(trial, self.model_path, data, reference, self.calib, self.evaluation, self.threads)
 
-    best_k, best_cos = _smallest_passing(len(candidates), score, threshold, log)
-    blamed = f"{_stage_text(stage)}; " if stage is not None else ""  # the table prints `search`, not the log
-    confirmed = None
-    if best_cos >= threshold:
-        # The search scored a few samples; on all of the benchmark's, the smallest k may miss: then bisect
-        # again above it, scoring on all samples.
+    def confirm(self, assignment: str) -> float:
+        """Fidelity of the recipe patched through `--set` on all of the benchmark's samples."""
+        return self._fidelity(with_override(self.recipe, assignment), self.full, self.full_reference())
+
+    def saturation_patch(self, index: int, output_path: Path) -> dict[str, Any] | None:
+        """On a CPU whose u8*s8 kernels saturate: 7-bit weights, if that alone meets the threshold."""
+        saturation = _saturation_fix(
+            self.recipe, index, self.model_path, output_path, self.subset, self.reference, self.calib,
+            self.evaluation, self.threads,
+        )  # fmt: skip
+        if saturation is None or saturation["patch_fidelity"] < self.threshold:
+            return None
+        confirmed = self.confirm(f"passes.{index}.reduce_range=true")
+        if confirmed < self.threshold:
+            return None
+        self.log(saturation["search"])
+        return {**saturation, "patch_fidelity": confirmed, "patch_meets_threshold": True}
+
+    def _ranked(self, index: int | None, output_path: Path) -> list[dict[str, Any]]:
+        """Nodes ranked by local loss, named as in the model the quantizer saw (the names to exclude)."""
+        from optimizer_cli.pipeline import normalize
+
+        before_quant = (
+            _stage_before(self.recipe, index, self.model_path, self.calib, self.evaluation, self.threads)
+            if index is not None
+            else None
+        )
+        original = before_quant or load_model(self.model_path)
+        if before_quant is None:
+            normalize(original)
+        return rank_nodes(original, load_model(output_path), self.subset.feeds, self.threads)
+
+    def exclusion_patch(
+        self, result: dict[str, Any], index: int | None, output_path: Path, stage: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        ranked = self._ranked(index, output_path)
+        result["nodes"] = ranked[:MAX_CANDIDATES]
+        if index is None or not ranked:
+            result["search"] = (
+                "no quantize pass to exclude nodes from (pruned or factorized layers change tensor shapes, so "
+                "they are not compared layer by layer: keep a layer whole with that pass's exclude_nodes)"
+                if index is None
+                else "no shared tensors to compare"
+            )
+            return result
+        already = list(self.recipe.passes[index].exclude_nodes)
+        candidates = _candidates(ranked, already)
+        if not candidates:
+            result["search"] = "no node loses fidelity locally"
+            return result
+        best_k, cosine, confirmed = self._smallest_confirmed(index, already, candidates)
+        blamed = f"{_stage_text(stage)}; " if stage is not None else ""  # the table prints `search`, not the log
+        if not confirmed:
+            result["best_fidelity"] = cosine
+            result["suggestion"] = suggest_knob(self.recipe, index, excluded_tried=True)
+            result["search"] = (
+                f"{blamed}excluding up to {len(candidates)} nodes from pass {index} (quantize) reaches cosine "
+                f"{cosine:.5f} < {self.threshold}: no exclusion patch meets the threshold; {result['suggestion']}"
+            )
+            return result
+        result["search"] = (
+            f"{blamed}excluding {best_k} node(s) from pass {index} (quantize) gives cosine {cosine:.5f} "
+            f">= {self.threshold} on all {len(self.full)} benchmark samples"
+        )
+        result["patch"] = f"--set '{exclude_assignment(index, already + candidates[:best_k])}'"
+        result["patch_fidelity"] = cosine
+        result["patch_meets_threshold"] = True
+        return result
+
+    def _smallest_confirmed(self, index: int, already: list[str], candidates: list[str]) -> tuple[int, float, bool]:
+        """Smallest k whose exclusion meets the threshold: bisected on a few samples, then confirmed on all
+        (and bisected again above k, on all samples, when the few were optimistic)."""
+
+        def score(k: int) -> float:
+            trial = self.recipe.model_copy(deep=True)
+            trial.passes[index].exclude_nodes = already + candidates[:k]
+            return self._fidelity(trial, self.subset, self.reference())
+
+        best_k, best_cos = _smallest_passing(len(candidates), score, self.threshold, self.log)
+        if best_cos < self.threshold:
+            return best_k, best_cos, False
         assignment = functools.partial(exclude_assignment, index)
-        cos = confirm(assignment(already + candidates[:best_k]))
-        log(f"excluding {best_k} on all {len(full)} samples: cosine {cos:.5f}")
-        if cos < threshold and best_k < len(candidates):
+        cos = self.confirm(assignment(already + candidates[:best_k]))
+        self.log(f"excluding {best_k} on all {len(self.full)} samples: cosine {cos:.5f}")
+        if cos < self.threshold and best_k < len(candidates):
             best_k, cos = _smallest_passing(
                 len(candidates),
-                lambda k: confirm(assignment(already + candidates[:k])),
-                threshold,
-                lambda m: log(f"{m} (all {len(full)} samples)"),
+                lambda k: self.confirm(assignment(already + candidates[:k])),
+                self.threshold,
+                lambda m: self.log(f"{m} (all {len(self.full)} samples)"),
                 lo=best_k + 1,
             )
-        if cos >= threshold:
-            confirmed = cos
-        else:
-            best_cos = cos
-    if confirmed is None:
-        result["best_fidelity"] = best_cos
-        result["suggestion"] = suggest_knob(recipe, index, excluded_tried=True)
-        result["search"] = (
-            f"{blamed}excluding up to {len(candidates)} nodes from pass {index} (quantize) reaches cosine "
-            f"{best_cos:.5f} < {threshold}: no exclusion patch meets the threshold; {result['suggestion']}"
-        )
-        return result
-    result["search"] = (
-        f"{blamed}excluding {best_k} node(s) from pass {index} (quantize) gives cosine {confirmed:.5f} "
-        f">= {threshold} on all {len(full)} benchmark samples"
-    )
-    result["patch"] = f"--set '{exclude_assignment(index, already + candidates[:best_k])}'"
-    result["patch_fidelity"] = confirmed
-    result["patch_meets_threshold"] = True
-    return result
+        return best_k, cos, cos >= self.threshold
 
 
 # --- after a verification failure: an approximate pass fell below verify.min_cosine -------------------
@@ -535,10 +574,6 @@ def attribute_verification_failure(
     pipeline's own gate metric, then re-runs the whole recipe patched through `--set`: `patch` is set only
     if that run passes every verification. Other passes get `suggestion` (their knob), no patch.
     None when the recipe has no min_cosine or the index is out of range."""
-    from optimizer_cli.errors import VerificationError
-    from optimizer_cli.pipeline import run_pipeline
-
-    model_path = Path(model_path)
     threshold = recipe.verify.min_cosine
     index = failing_pass_index
     if threshold is None or not 0 <= index < len(recipe.passes):
@@ -550,71 +585,95 @@ def attribute_verification_failure(
         result["search"] = f"pass {index} ({cfg.type}) lost the fidelity: {result['suggestion']}"
         return result
     log(f"pass {index} (quantize) is below verify.min_cosine {threshold}: searching for layers to exclude")
-
-    def gate_cosine(trial: Any) -> float:
-        """The pipeline's own gate metric at this pass (worst of float simulation and ORT's kernels)."""
-        trial = trial.model_copy(deep=True)
-        trial.passes = trial.passes[: index + 1]
-        trial.verify.enabled = True
-        trial.verify.min_cosine = None  # measure instead of raising
-        stages = run_pipeline(model_path, trial, None, calibration=calib, evaluation=data, threads=threads).stages
-        return stages[index].worst_cosine() or 0.0
-
-    def passes_whole_recipe(assignment: str) -> str | None:
-        """None if the recipe patched via --set passes every verification, else why not."""
-        try:
-            run_pipeline(model_path, with_override(recipe, assignment), None, calibration=calib, evaluation=data,
-                         threads=threads)  # fmt: skip
-        except VerificationError as exc:
-            return str(exc)
-        return None
-
-    def found(assignment: str, cosine: float, how: str) -> dict[str, Any] | None:
-        problem = passes_whole_recipe(assignment)
-        if problem is not None:
-            log(f"{how}, but the patched recipe still fails: {problem}")
-            result["search"] = f"{how}, but the patched recipe still fails: {problem}"
-            return None
-        result.update(patch=f"--set '{assignment}'", patch_cosine=cosine, verified=True, search=how)
-        return result
-
+    search = _VerifySearch(Path(model_path), recipe, index, calib, data, threads, log, result)
     if cfg.mode in ("dynamic", "static") and cfg.reduce_range is False and u8s8_saturates():
         # Saturating u8*s8 kernels lose fidelity in every layer at once: one key, not a list of layers.
         trial = recipe.model_copy(deep=True)
         trial.passes[index].reduce_range = True
-        cosine = gate_cosine(trial)
+        cosine = search.gate_cosine(trial)
         if cosine >= threshold:
             how = f"this CPU ({cpu_isa()}) saturates full-range int8 weights; 7-bit weights give cosine {cosine:.5f}"
-            if found(f"passes.{index}.reduce_range=true", cosine, how) is not None:
+            if search.found(f"passes.{index}.reduce_range=true", cosine, how) is not None:
                 return result
+    return search.exclusion()
 
-    before = _run_prefix(recipe, index, model_path, calib, data, threads)
-    quantized = _run_prefix(recipe, index + 1, model_path, calib, data, threads).model
-    ranked = rank_nodes(before.model, quantized, before.verify_data.feeds[:MAX_SAMPLES], threads)
-    result["nodes"] = ranked[:MAX_CANDIDATES]
-    already = list(cfg.exclude_nodes)
-    candidates = _candidates(ranked, already)
-    if not candidates:
-        result["search"] = "no node loses fidelity locally"
-        result["suggestion"] = suggest_knob(recipe, index)
-        return result
 
-    def score(k: int) -> float:
-        trial = recipe.model_copy(deep=True)
-        trial.passes[index].exclude_nodes = already + candidates[:k]
-        return gate_cosine(trial)
+class _VerifySearch:
+    """The exclusion search after a verify.min_cosine failure, judged by the pipeline's own gate metric."""
 
-    best_k, best_cos = _smallest_passing(len(candidates), score, threshold, log)
-    if best_cos < threshold:
-        result["best_cosine"] = best_cos
-        result["suggestion"] = suggest_knob(recipe, index, excluded_tried=True)
-        result["search"] = (
-            f"excluding up to {len(candidates)} nodes from pass {index} (quantize) reaches cosine {best_cos:.5f} "
-            f"< verify.min_cosine {threshold}: {result['suggestion']}"
+    def __init__(
+        self,
+        model_path: Path,
+        recipe: Any,
+        index: int,
+        calib: str | None,
+        data: str | None,
+        threads: int,
+        log: Callable[[str], None],
+        result: dict[str, Any],
+    ) -> None:
+        self.model_path, self.recipe, self.index = model_path, recipe, index
+        self.calib, self.data, self.threads, self.log, self.result = calib, data, threads, log, result
+        self.threshold = recipe.verify.min_cosine
+
+    def _run(self, recipe: Any) -> Any:
+        from optimizer_cli.pipeline import run_pipeline
+
+        return run_pipeline(
+            self.model_path, recipe, None, calibration=self.calib, evaluation=self.data, threads=self.threads
         )
-        return result
-    how = f"excluding {best_k} node(s) from pass {index} (quantize) gives cosine {best_cos:.5f} >= {threshold}"
-    return found(exclude_assignment(index, already + candidates[:best_k]), best_cos, how) or result
+
+    def gate_cosine(self, trial: Any) -> float:
+        """The pipeline's own gate metric at this pass (worst of float simulation and ORT's kernels)."""
+        trial = trial.model_copy(deep=True)
+        trial.passes = trial.passes[: self.index + 1]
+        trial.verify.enabled = True
+        trial.verify.min_cosine = None  # measure instead of raising
+        return self._run(trial).stages[self.index].worst_cosine() or 0.0
+
+    def found(self, assignment: str, cosine: float, how: str) -> dict[str, Any] | None:
+        """The result with its patch, if the whole recipe patched through `--set` passes every verification."""
+        from optimizer_cli.errors import VerificationError
+
+        try:
+            self._run(with_override(self.recipe, assignment))
+        except VerificationError as exc:
+            self.log(f"{how}, but the patched recipe still fails: {exc}")
+            self.result["search"] = f"{how}, but the patched recipe still fails: {exc}"
+            return None
+        self.result.update(patch=f"--set '{assignment}'", patch_cosine=cosine, verified=True, search=how)
+        return self.result
+
+    def exclusion(self) -> dict[str, Any]:
+        """Rank nodes between the model the quantizer saw and its output; exclude the fewest that pass."""
+        index, result, recipe = self.index, self.result, self.recipe
+        before = _run_prefix(recipe, index, self.model_path, self.calib, self.data, self.threads)
+        quantized = _run_prefix(recipe, index + 1, self.model_path, self.calib, self.data, self.threads).model
+        ranked = rank_nodes(before.model, quantized, before.verify_data.feeds[:MAX_SAMPLES], self.threads)
+        result["nodes"] = ranked[:MAX_CANDIDATES]
+        already = list(recipe.passes[index].exclude_nodes)
+        candidates = _candidates(ranked, already)
+        if not candidates:
+            result["search"] = "no node loses fidelity locally"
+            result["suggestion"] = suggest_knob(recipe, index)
+            return result
+
+        def score(k: int) -> float:
+            trial = recipe.model_copy(deep=True)
+            trial.passes[index].exclude_nodes = already + candidates[:k]
+            return self.gate_cosine(trial)
+
+        best_k, best_cos = _smallest_passing(len(candidates), score, self.threshold, self.log)
+        if best_cos < self.threshold:
+            result["best_cosine"] = best_cos
+            result["suggestion"] = suggest_knob(recipe, index, excluded_tried=True)
+            result["search"] = (
+                f"excluding up to {len(candidates)} nodes from pass {index} (quantize) reaches cosine "
+                f"{best_cos:.5f} < verify.min_cosine {self.threshold}: {result['suggestion']}"
+            )
+            return result
+        how = f"excluding {best_k} node(s) from pass {index} (quantize) gives cosine {best_cos:.5f} >= {self.threshold}"
+        return self.found(exclude_assignment(index, already + candidates[:best_k]), best_cos, how) or result
 
 
 def on_verification_failure(

@@ -1,11 +1,8 @@
-"""Helpers shared by passes: node counting and round-trips through tools that work on files."""
+"""Graph edits shared by passes: new and replaced initializers, shape refresh, constant lifting."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections import Counter
-from collections.abc import Iterator
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +10,12 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from optimizer_cli.model_io import EXTERNAL_DATA_THRESHOLD_BYTES, save_model, weights_nbytes
+from optimizer_cli.model_io import EXTERNAL_DATA_THRESHOLD_BYTES, weights_nbytes
+from optimizer_cli.passes._tools import write_for_tool
 
-
-def op_counts(model: ir.Model) -> Counter[str]:
-    return Counter(node.op_type for node in ir.traversal.RecursiveGraphIterator(model.graph))
-
-
-def node_count(model: ir.Model) -> int:
-    return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
+# Metadata a structured prune leaves on a pruned layer's output: which of the original channels it kept
+# (reconstruct refits those rows against the original model).
+KEPT_CHANNELS_META = "optimizer_cli.kept_channels"
 
 
 def replace_model_contents(target: ir.Model, source: ir.Model) -> None:
@@ -39,53 +33,8 @@ def lift_constants(model: ir.Model) -> bool:
     return common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model).modified
 
 
-@contextlib.contextmanager
-def tool_working_directory(directory: Path) -> Iterator[Path]:
-    """Run library tools from `directory`: onnxruntime's symbolic shape inference, when it gives up,
-    saves sym_shape_infer_temp.onnx and a uuid-named .data file into the working directory, which
-    would be the user's. Paths given to the tools must be absolute (they are: temp dirs)."""
-    directory = directory.resolve()
-    previous = os.getcwd()
-    os.chdir(directory)
-    try:
-        yield directory
-    finally:
-        os.chdir(previous)
-
-
-def write_for_tool(model: ir.Model, directory: Path, name: str = "input.onnx") -> Path:
-    """Save for a tool that takes a path; external data when the model is large.
-
-    Initializers are written without a value_info entry (onnx_ir writes one for each by default). Tools
-    edit weights in place and leave that entry stale: ORT's dynamic quantizer transposes a Gemm's
-    transB weight to turn it into a MatMul, then its own shape inference fails on the old entry
-    ("Inferred shape and existing shape differ in dimension 0: (128) vs (512)"). The tensor's dims
-    already say everything the entry would.
-    """
-    path = directory / name
-    weights = [v for v in model.graph.initializers.values() if not v.is_graph_input()]
-    saved = [(v.type, v.shape) for v in weights]
-    for value in weights:
-        value.type, value.shape = None, None
-    try:
-        save_model(model, path, external_data=weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES)
-    finally:
-        for value, (type_, shape) in zip(weights, saved, strict=True):
-            value.type, value.shape = type_, shape
-    return path
-
-
 def is_large(model: ir.Model) -> bool:
     return weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
-
-
-def load_tool_output(path: Path) -> ir.Model:
-    """Load a tool's output with its weights in memory, so the tool's temp dir can go away."""
-    model = ir.load(path)
-    for init in model.graph.initializers.values():
-        if isinstance(init.const_value, ir.ExternalTensor):
-            init.const_value = ir.tensor(init.const_value.numpy(), name=init.name)
-    return model
 
 
 def new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
@@ -120,8 +69,6 @@ def infer_shapes(model: ir.Model) -> None:
     onnx_ir's ShapeInferencePass rewrites value types wholesale and turns sequence-typed values in
     If/Loop bodies into tensors; passes only need main-graph tensor shapes, so copy just those.
     """
-    import tempfile
-
     try:
         if is_large(model):
             with tempfile.TemporaryDirectory(prefix="optimize-shapes-") as tmp:
@@ -169,3 +116,14 @@ def remove_identities(model: ir.Model) -> int:
         model.graph.remove(node, safe=True)
         removed += 1
     return removed
+
+
+def set_const(node: ir.Node, index: int, array: np.ndarray, graph: ir.Graph) -> None:
+    """Give node input `index` a new constant; copy-on-write when the initializer has other uses."""
+    value = node.inputs[index]
+    assert value is not None
+    if len(value.uses()) == 1 and value.is_initializer():
+        value.const_value = ir.tensor(array, name=value.name)
+        value.shape = ir.Shape(array.shape)
+        return
+    node.replace_input_with(index, new_initializer(graph, f"{value.name}_{node.name}", array))

@@ -6,8 +6,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx import TensorProto
 
-from optimizer_cli.passes._util import op_counts
-from optimizer_cli.passes.lowrank import FactorizeConfig, FactorizePass, choose_rank
+from optimizer_cli.analysis.graph import op_counts
+from optimizer_cli.passes.factorize import FactorizeConfig, FactorizePass, choose_rank
 
 from .builders import Builder, check, context, mlp, random_feed, resnet_like, run, to_ir
 

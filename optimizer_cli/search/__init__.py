@@ -1,0 +1,1 @@
+"""Searches that run the pipeline many times: the exclusion search behind attribution."""

@@ -1,0 +1,144 @@
+"""The shape of the code: layers import one way, no cycles, every pass registered, short functions.
+
+Layers, lowest first (see CONTRIBUTING.md): a module imports only its own layer or lower ones.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "optimizer_cli"
+
+LAYERS: list[tuple[str, ...]] = [
+    ("optimizer_cli", "errors"),
+    ("analysis", "model_io", "data", "runtime", "verify", "ir_compat", "outputs"),
+    ("passes",),
+    ("recipe", "pipeline"),
+    ("bench",),
+    ("search",),
+    ("report",),
+    ("cli", "__main__", "examples", "zoo"),
+]
+MAX_FUNCTION_LINES = 80
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _layer(module: str) -> int:
+    """Index of the layer holding `module` ('optimizer_cli.passes.prune' -> the layer of 'passes')."""
+    rest = module.split(".")[1:]
+    top = rest[0] if rest else "optimizer_cli"
+    for index, names in enumerate(LAYERS):
+        if top in names:
+            return index
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS and CONTRIBUTING.md")
+
+
+def _imports() -> dict[str, set[str]]:
+    """module -> the optimizer_cli modules it imports (at any depth: function-level imports count too)."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = _module_name(path)
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("optimizer_cli"):
+                # `from optimizer_cli.passes import cleanup` imports the submodule when it is one
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    found = (PACKAGE.parent / sub.replace(".", "/")).with_suffix(".py").exists()
+                    targets.add(sub if found else node.module)
+            elif isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names if a.name.startswith("optimizer_cli"))
+        graph[module] = targets - {module}
+    return graph
+
+
+def test_every_module_imports_only_its_layer_or_lower() -> None:
+    upward = [
+        f"{module} (layer {_layer(module)}) imports {target} (layer {_layer(target)})"
+        for module, targets in _imports().items()
+        for target in targets
+        if _layer(target) > _layer(module)
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_module_imports_have_no_cycles() -> None:
+    graph = _imports()
+    # A package's __init__ re-exports its modules; that is not a dependency of those modules on it.
+    edges = {m: {t for t in ts if not m.startswith(t + ".")} for m, ts in graph.items()}
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(module: str) -> None:
+        state[module] = 1
+        path.append(module)
+        for target in sorted(edges.get(module, ())):
+            if state.get(target) == 1:
+                cycle = [*path[path.index(target) :], target]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target)
+        path.pop()
+        state[module] = 2
+
+    for module in sorted(edges):
+        if module not in state:
+            visit(module)
+
+
+def test_layer_rule_catches_an_upward_import() -> None:
+    """The rule itself can fail: a pass importing the benchmark layer is caught."""
+    assert _layer("optimizer_cli.bench.accuracy") > _layer("optimizer_cli.passes.prune")
+    assert _layer("optimizer_cli") < _layer("optimizer_cli.verify") < _layer("optimizer_cli.pipeline")
+
+
+def test_every_pass_module_is_registered() -> None:
+    import importlib
+
+    from optimizer_cli.passes import PASS_REGISTRY, OptimizationPass
+
+    registered = set(PASS_REGISTRY.values())
+    for path in sorted((PACKAGE / "passes").glob("*.py")):
+        if path.stem.startswith("_") or path.stem == "base":
+            continue
+        module = importlib.import_module(f"optimizer_cli.passes.{path.stem}")
+        defined = [
+            cls
+            for _, cls in inspect.getmembers(module, inspect.isclass)
+            if issubclass(cls, OptimizationPass) and cls is not OptimizationPass and cls.__module__ == module.__name__
+        ]
+        assert defined, f"passes/{path.name} defines no pass (helpers go in a module starting with _)"
+        for cls in defined:
+            assert cls in registered, f"{cls.__name__} (passes/{path.name}) is not in optimizer_cli.passes.PASSES"
+            assert PASS_REGISTRY[cls.name] is cls
+
+
+def _long_functions() -> list[str]:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_no_function_is_longer_than_80_lines() -> None:
+    long = _long_functions()
+    assert not long, "split into named steps:\n" + "\n".join(long)
+
+
+@pytest.mark.parametrize("layer", range(len(LAYERS)))
+def test_every_layer_has_modules(layer: int) -> None:
+    """A layer name that matches nothing (a typo, a moved package) would silently exempt its modules."""
+    modules = {m for m in _imports()}
+    assert any(_layer(m) == layer for m in modules), LAYERS[layer]
