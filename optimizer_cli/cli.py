@@ -111,11 +111,11 @@ def run_cmd(
     )
     settings = _bench_settings(rec, providers, strict_ep, threads, sweep, eval_samples, memory)
     _check_providers(settings, checks.gates)
-    _capture_warnings(log)
+    _quiet_runtime()
     plan = checks.plan
     try:
         staged = plan.staged_model()
-        with _library_output_to_stderr(), _Progress(log) as progress:
+        with _library_output_to_stderr(), _warnings_to(log), _Progress(log) as progress:
             try:
                 report = _optimize_and_measure(
                     model, output, recipe, rec, staged, calib, data, threads, settings, checks, benchmarking,
@@ -328,8 +328,10 @@ def _quiet_runtime() -> None:
     ort.set_default_logger_severity(min(3, ort_log_severity()))
 
 
-def _capture_warnings(log: Console) -> None:
-    _quiet_runtime()
+@contextlib.contextmanager
+def _warnings_to(log: Console) -> Iterator[None]:
+    """Python warnings raised during the work (our passes' advice) print as one line on the log console; the
+    previous handler is restored afterwards."""
 
     def show(
         message: Warning | str,
@@ -341,7 +343,9 @@ def _capture_warnings(log: Console) -> None:
     ) -> None:
         log.print(f"[yellow]warning:[/yellow] {message}")
 
-    warnings.showwarning = show
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 def _bench_settings(
@@ -555,7 +559,7 @@ def bench_cmd(
     rec.data.dims = dim_values
     settings = _bench_settings(rec, providers, strict_ep, threads, sweep, eval_samples, memory)
     _check_providers(settings, checks.gates)
-    _capture_warnings(log)
+    _quiet_runtime()
     a = load_model(original)
     b = load_model(optimized)
     require_inputs(a, original)
@@ -563,7 +567,7 @@ def bench_cmd(
         raise UserInputError(f"models have different inputs/outputs: {signature(a)} vs {signature(b)}", optimized)
     eval_data = resolve_dataset(data, a, samples=8, seed=0, dims=dim_values) or random_dataset(a, 8, 0, dim_values)
     report: dict[str, Any] = {**_provenance(original, optimized), "output": str(optimized), "notes": []}
-    with _library_output_to_stderr(), _Progress(log) as progress:
+    with _library_output_to_stderr(), _warnings_to(log), _Progress(log) as progress:
         _benchmark_into(report, original, optimized, settings, eval_data, checks.metric, dim_values, progress)
     _finish(report, checks, json_out, human, log)
 
@@ -658,7 +662,7 @@ def inspect_cmd(model: Path = typer.Argument(...), json_out: bool = typer.Option
 
     m = load_model(model)
     params = sum(v.const_value.size for v in m.graph.initializers.values() if v.const_value is not None)
-    info = {
+    info: dict[str, Any] = {
         "path": str(model),
         "file_bytes": file_size(model),
         "weight_bytes": weights_nbytes(m),

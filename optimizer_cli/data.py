@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from optimizer_cli.analysis.graph import name_of
 from optimizer_cli.errors import UserInputError, first_line
 
 LABEL_KEYS = ("labels", "label")
@@ -57,7 +58,7 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         if value.shape is not None:
             shape = tuple(d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape.dims)
         limit = _index_limit(value) if np.issubdtype(_NUMPY_DTYPES[dtype], np.integer) else None
-        specs.append(InputSpec(value.name, _NUMPY_DTYPES[dtype], shape, limit))
+        specs.append(InputSpec(name_of(value), _NUMPY_DTYPES[dtype], shape, limit))
     return specs
 
 
@@ -67,7 +68,7 @@ def _index_limit(value: ir.Value) -> int | None:
     limits = []
     frontier = [value]
     for _ in range(2):  # the input itself, then the outputs of Casts it feeds
-        next_frontier = []
+        next_frontier: list[ir.Value] = []
         for v in frontier:
             for use in v.uses():
                 node = use.node
@@ -76,8 +77,9 @@ def _index_limit(value: ir.Value) -> int | None:
                 elif node.op_type == "Gather" and node.domain == "" and use.idx == 1:
                     table = node.inputs[0]
                     axis = node.attributes.get_int("axis", 0)
-                    if table is not None and table.shape is not None and isinstance(table.shape[axis], int):
-                        limits.append(int(table.shape[axis]))
+                    rows = table.shape[axis] if table is not None and table.shape is not None else None
+                    if isinstance(rows, int):
+                        limits.append(rows)
         frontier = next_frontier
     return min(limits) if limits else None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -97,8 +98,9 @@ def _line_map(text: str) -> dict[tuple, int]:
         lines[path] = node.start_mark.line + 1
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
-                lines[(*path, key.value)] = key.start_mark.line + 1
-                walk(value, (*path, key.value))
+                key_path = (*path, key.value)
+                lines[key_path] = key.start_mark.line + 1
+                walk(value, key_path)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 walk(item, (*path, i))
@@ -257,7 +259,7 @@ def _config_fields(loc: tuple, data: Any) -> list[str]:
                 return []
             index = loc[i + 1]
             item = node[index] if isinstance(node, list) and isinstance(index, int) and index < len(node) else None
-            cls = PASS_REGISTRY.get(item.get("type")) if isinstance(item, dict) else None
+            cls = PASS_REGISTRY.get(str(item.get("type"))) if isinstance(item, dict) else None
             if cls is None:
                 return []
             model, node = cls.Config, item
@@ -271,7 +273,7 @@ def _config_fields(loc: tuple, data: Any) -> list[str]:
     return list(model.model_fields)
 
 
-def _field_loc(err: dict, data: Any) -> tuple:
+def _field_loc(err: Mapping[str, Any], data: Any) -> tuple:
     """The error's path in the recipe: without pydantic's pass tag and union-member names."""
     tags = {c.Config.__name__ for c in PASS_REGISTRY.values()}
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in tags))
@@ -316,7 +318,11 @@ def _where(loc: tuple, lines: dict[tuple, int], source: str, overridden: dict[tu
 
 
 def _format_error(
-    err: dict, lines: dict[tuple, int], source: str, data: Any = None, overridden: dict[tuple, str] | None = None
+    err: Mapping[str, Any],
+    lines: dict[tuple, int],
+    source: str,
+    data: Any = None,
+    overridden: dict[tuple, str] | None = None,
 ) -> str:
     loc = _field_loc(err, data)
     dotted = ".".join(str(p) for p in loc) or "(top level)"
@@ -423,7 +429,9 @@ def _type_name(schema: dict[str, Any]) -> str:
         return f"list[{_type_name(schema.get('items', {}))}]"
     if kind == "object":
         return f"dict[str, {_type_name(schema.get('additionalProperties', {}))}]"
-    return {"integer": "int", "number": "float", "boolean": "bool", "string": "str", "null": "null"}.get(kind, "any")
+    return {"integer": "int", "number": "float", "boolean": "bool", "string": "str", "null": "null"}.get(
+        str(kind), "any"
+    )
 
 
 def _constraints(schema: dict[str, Any]) -> dict[str, float]:

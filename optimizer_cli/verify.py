@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from optimizer_cli.analysis.graph import name_of, output_names
 from optimizer_cli.errors import VerificationError, first_line
 from optimizer_cli.model_io import EXTERNAL_DATA_THRESHOLD_BYTES, save_model, to_proto, weights_nbytes
 from optimizer_cli.runtime.session import SessionConfig, ort_error_message, run_model
@@ -40,8 +41,8 @@ def check_model(model: ir.Model, *, strict_shapes: bool = True) -> None:
 
 
 def signature(model: ir.Model) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    ins = [(v.name, str(v.dtype)) for v in model.graph.inputs if v.name not in model.graph.initializers]
-    outs = [(v.name, str(v.dtype)) for v in model.graph.outputs]
+    ins = [(name_of(v), str(v.dtype)) for v in model.graph.inputs if v.name not in model.graph.initializers]
+    outs = [(name_of(v), str(v.dtype)) for v in model.graph.outputs]
     return ins, outs
 
 
@@ -194,7 +195,7 @@ class StageVerifier:
         self.tolerance = tolerance
         self.min_cosine = min_cosine
         self.numeric = numeric
-        self.names = [v.name for v in original.graph.outputs]
+        self.names = output_names(original)
         self.signature = signature(original)
         self._as_written = SessionConfig(provider="cpu", threads=threads, opt_level="disable")
         self._deployed = SessionConfig(provider="cpu", threads=threads, opt_level="all")

@@ -88,10 +88,10 @@ def test_sweep_times_each_shape(examples_dir: Path, tmp_path: Path) -> None:
 def test_saturating_cpu_gets_a_reduce_range_patch_not_layer_exclusions(tmp_path: Path, monkeypatch) -> None:
     """On a CPU without VNNI, full-range int8 weights lose fidelity in every layer; the fix is one
     recipe key, found by re-running the recipe with it, not a list of excluded layers."""
-    from optimizer_cli.search import attribution
     from optimizer_cli.data import random_dataset
     from optimizer_cli.pipeline import run_pipeline
     from optimizer_cli.recipe import parse_recipe
+    from optimizer_cli.search import attribution
 
     from .builders import mlp
 

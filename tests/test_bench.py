@@ -123,11 +123,19 @@ def _gpu_usable() -> bool:
     return probe_provider("cuda").usable
 
 
-def test_unusable_gpu_providers_say_why() -> None:
+def test_gpu_provider_probes_say_why_or_really_run() -> None:
+    import onnxruntime as ort
+
+    from optimizer_cli.runtime.providers import _probe_model_bytes
+
     for alias in ("cuda", "trt"):
         status = probe_provider(alias)
         if not status.usable:
             assert status.reason and status.reason != "ok"
+            continue
+        # Usable means a session really runs on it (not the silent CPU fallback).
+        sess = ort.InferenceSession(_probe_model_bytes(), providers=[status.name, "CPUExecutionProvider"])
+        assert sess.get_providers()[0] == status.name
 
 
 def test_native_output_is_silenced(capfd) -> None:

@@ -54,8 +54,10 @@ def test_fuse_refuses_rank3_matmul(tmp_path) -> None:
     y = b.matmul("x", 8, 4)
     proto = b.model([("x", TensorProto.FLOAT, [2, 3, 8])], [("y", y)])
     model = to_ir(proto)
-    assert not FusePass(FuseConfig(), context(tmp_path))(model).modified
-    assert op_counts(model)["MatMul"] == 1
+    fuse = FusePass(FuseConfig(), context(tmp_path))
+    assert not fuse(model).modified
+    counts = op_counts(model)
+    assert counts["MatMul"] == 1 and counts["Add"] == 1 and counts["Gemm"] == 0, "Gemm takes rank-2 inputs only"
 
 
 def test_fuse_refuses_batchnorm_with_shared_conv_weight(tmp_path) -> None:
@@ -69,6 +71,9 @@ def test_fuse_refuses_batchnorm_with_shared_conv_weight(tmp_path) -> None:
     model = to_ir(proto)
     FusePass(FuseConfig(), context(tmp_path))(model)
     check(model)
+    assert op_counts(model)["BatchNormalization"] == 1, "the BN must stay: folding would change the other conv"
+    weights = {n.inputs[1].const_value.numpy().tobytes() for n in model.graph if n.op_type == "Conv"}
+    assert len(weights) == 1, "both convs still read the one, unchanged weight"
     _assert_same(proto, model, random_feed(proto))
 
 
@@ -80,6 +85,9 @@ def test_fuse_keeps_batchnorm_output_that_is_a_graph_output(tmp_path) -> None:
     model = to_ir(proto)
     FusePass(FuseConfig(), context(tmp_path))(model)
     check(model)
+    assert op_counts(model)["BatchNormalization"] == 1, "the BN must stay: folding would change the other conv"
+    weights = {n.inputs[1].const_value.numpy().tobytes() for n in model.graph if n.op_type == "Conv"}
+    assert len(weights) == 1, "both convs still read the one, unchanged weight"
     _assert_same(proto, model, random_feed(proto))
 
 

@@ -8,7 +8,7 @@ Gemm/MatMul input rows) must drop the matching weight slice.
 
 Each channel axis we track is described by an expression over *root groups* (sets of tied channel
 spaces of one size): Root(g), Cat(e1, e2, ...) for Concat, Rep(e, k) for Flatten-like expansion and
-Sub(e, a, b) for Split (sizes rewritten). Elementwise ops between two tracked tensors unify their expressions
+SplitPart(e, a, b) for Split (sizes rewritten). Elementwise ops between two tracked tensors unify their expressions
 (union-find over root groups). Anything the analysis does not understand blocks the groups it
 touches, with the reason kept for the report: pruning is only ever applied where every use is known.
 """
@@ -16,9 +16,12 @@ touches, with the reason kept for the report: pruning is only ever applied where
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import numpy as np
 import onnx_ir as ir
+
+from optimizer_cli.analysis.graph import int_attr
 
 # Ops whose output carries the input channel axis unchanged (and whose other inputs are scalars or
 # per-channel constants that get sliced).
@@ -79,23 +82,29 @@ class Root:
 
 @dataclass(frozen=True)
 class Cat:
-    parts: tuple
+    """Channel spaces placed one after another (Concat along the channel axis)."""
+
+    parts: tuple[Expr, ...]
 
 
 @dataclass(frozen=True)
 class Rep:
-    inner: object
+    """Each channel repeated `factor` times in a row (Flatten/Reshape of C x H x W into C*H*W features)."""
+
+    inner: Expr
     factor: int
 
 
 @dataclass(frozen=True)
-class Sub:
-    inner: object
+class SplitPart:
+    """Channels [start, stop) of `inner`: one output of a Split along the channel axis."""
+
+    inner: Expr
     start: int
     stop: int
 
 
-Expr = Root | Cat | Rep | Sub
+Expr: TypeAlias = "Root | Cat | Rep | SplitPart"
 
 
 def expr_size(e: Expr) -> int:
@@ -113,7 +122,7 @@ def expr_roots(e: Expr) -> set[int]:
         return {e.group}
     if isinstance(e, Cat):
         return set().union(*(expr_roots(p) for p in e.parts))
-    return expr_roots(e.inner)  # type: ignore[union-attr]
+    return expr_roots(e.inner)
 
 
 # ---------------------------------------------------------------- group records
@@ -179,7 +188,7 @@ class Group:
     gid: int
     size: int
     producers: list[Producer] = field(default_factory=list)
-    values: list[str] = field(default_factory=list)
+    values: list[ir.Value] = field(default_factory=list)  # the tensors carrying this group's channels
     blocked: str | None = None
 
 
@@ -241,6 +250,13 @@ def _dims(value: ir.Value) -> tuple[int | None, ...] | None:
     return tuple(d if isinstance(d, int) else None for d in value.shape.dims)
 
 
+def _input(node: ir.Node, index: int) -> ir.Value:
+    """A node input the op requires (the walk only reaches nodes through a tracked, present input)."""
+    value = node.inputs[index]
+    assert value is not None, f"{node.op_type} '{node.name}' has no input {index}"
+    return value
+
+
 def _rank(value: ir.Value) -> int | None:
     return None if value.shape is None else len(value.shape.dims)
 
@@ -250,7 +266,7 @@ class _Analyzer:
         self.graph = graph
         self.groups: dict[int, Group] = {}
         self.parent: dict[int, int] = {}
-        self.tracked: dict[str, tuple[int, Expr]] = {}  # value name -> (channel axis, expr)
+        self.tracked: dict[ir.Value, tuple[int, Expr]] = {}  # value (by identity) -> (channel axis, expr)
         self.consumers: list[Consumer] = []
         self.dependents: list[Dependent] = []
         self.depthwise: list[DepthwiseMember] = []
@@ -286,21 +302,20 @@ class _Analyzer:
             if ra != rb:
                 self.parent[rb] = ra
             return True
-        if type(a) is type(b):
-            if isinstance(a, Cat) and len(a.parts) == len(b.parts):  # type: ignore[union-attr]
-                return all(self.unify(x, y, reason) for x, y in zip(a.parts, b.parts, strict=True))  # type: ignore[union-attr]
-            if isinstance(a, Rep) and a.factor == b.factor:  # type: ignore[union-attr]
-                return self.unify(a.inner, b.inner, reason)  # type: ignore[union-attr,arg-type]
-            if isinstance(a, Sub) and (a.start, a.stop) == (b.start, b.stop):  # type: ignore[union-attr]
-                return self.unify(a.inner, b.inner, reason)  # type: ignore[union-attr,arg-type]
+        if isinstance(a, Cat) and isinstance(b, Cat) and len(a.parts) == len(b.parts):
+            return all(self.unify(x, y, reason) for x, y in zip(a.parts, b.parts, strict=True))
+        if isinstance(a, Rep) and isinstance(b, Rep) and a.factor == b.factor:
+            return self.unify(a.inner, b.inner, reason)
+        if isinstance(a, SplitPart) and isinstance(b, SplitPart) and (a.start, a.stop) == (b.start, b.stop):
+            return self.unify(a.inner, b.inner, reason)
         self.block(a, reason)
         self.block(b, reason)
         return False
 
     def track(self, value: ir.Value, axis: int, e: Expr) -> None:
-        self.tracked[value.name] = (axis, e)
+        self.tracked[value] = (axis, e)
         for g in expr_roots(e):
-            self.groups[g].values.append(value.name)
+            self.groups[g].values.append(value)
         if value.is_graph_output():
             self.block(e, f"reaches graph output '{value.name}'")
         if any(use.node.graph is not self.graph for use in value.uses()):
@@ -309,7 +324,7 @@ class _Analyzer:
     # -- the walk
     def run(self) -> Analysis:
         for node in self.graph:
-            tracked_inputs = [(i, v) for i, v in enumerate(node.inputs) if v is not None and v.name in self.tracked]
+            tracked_inputs = [(i, v) for i, v in enumerate(node.inputs) if v is not None and v in self.tracked]
             if tracked_inputs:
                 self.visit_consumer(node, tracked_inputs)
             self.visit_producer(node)
@@ -324,8 +339,8 @@ class _Analyzer:
         out = node.outputs[0]
         if node.op_type == "Conv":
             w = _const(node.inputs[1])
-            group = node.attributes.get_int("group", 1)
-            if w is None or group != 1 or out.name in self.tracked:
+            group = int_attr(node, "group", 1)
+            if w is None or group != 1 or out in self.tracked:
                 return
             bias = 2 if len(node.inputs) > 2 and node.inputs[2] is not None else None
             if bias is not None and _const(node.inputs[2]) is None:
@@ -335,12 +350,12 @@ class _Analyzer:
             self.track(out, 1, root)
         elif node.op_type in ("MatMul", "Gemm"):
             w = _const(node.inputs[1])
-            if w is None or w.ndim != 2 or out.name in self.tracked:
+            if w is None or w.ndim != 2 or out in self.tracked:
                 return
             if node.op_type == "Gemm":
-                if node.attributes.get_int("transA", 0):
+                if int_attr(node, "transA", 0):
                     return
-                axis = 0 if node.attributes.get_int("transB", 0) else 1
+                axis = 0 if int_attr(node, "transB", 0) else 1
                 bias = 2 if len(node.inputs) > 2 and node.inputs[2] is not None else None
                 if bias is not None:
                     c = _const(node.inputs[2])
@@ -357,7 +372,7 @@ class _Analyzer:
         op = node.op_type
         if node.domain not in ("", "ai.onnx"):
             for _, v in tracked_inputs:
-                self.block(self.tracked[v.name][1], f"consumed by {node.domain}::{op} '{node.name}'")
+                self.block(self.tracked[v][1], f"consumed by {node.domain}::{op} '{node.name}'")
             return
         handler = getattr(self, f"_op_{op}", None)
         if handler is None:
@@ -369,15 +384,16 @@ class _Analyzer:
                 handler = self._spatial
         if handler is None or handler(node, tracked_inputs) is False:
             for _, v in tracked_inputs:
-                self.block(self.tracked[v.name][1], f"{op} '{node.name}' is not understood by the pruner")
+                self.block(self.tracked[v][1], f"{op} '{node.name}' is not understood by the pruner")
 
     # -- op handlers (return False to block)
     def _unary(self, node: ir.Node, tracked: list) -> bool:
         if len(tracked) != 1 or tracked[0][0] != 0:
             return False
-        axis, e = self.tracked[tracked[0][1].name]
+        axis, e = self.tracked[tracked[0][1]]
         for _i, v in enumerate(node.inputs[1:], start=1):
-            if v is not None and _const(v) is not None and _const(v).size > 1:
+            const = _const(v) if v is not None else None
+            if const is not None and const.size > 1:
                 return False
         self.track(node.outputs[0], axis, e)
         return True
@@ -385,7 +401,7 @@ class _Analyzer:
     def _spatial(self, node: ir.Node, tracked: list) -> bool:
         if tracked[0][0] != 0:
             return False
-        axis, e = self.tracked[tracked[0][1].name]
+        axis, e = self.tracked[tracked[0][1]]
         if axis != 1:
             return False
         self.track(node.outputs[0], axis, e)
@@ -398,7 +414,7 @@ class _Analyzer:
             return False
         ref_axis, ref_expr = None, None
         for _, v in tracked:
-            axis, e = self.tracked[v.name]
+            axis, e = self.tracked[v]
             rank = _rank(v)
             if rank is None:
                 return False
@@ -407,7 +423,7 @@ class _Analyzer:
                 ref_axis, ref_expr = aligned, e
             elif aligned != ref_axis:
                 return False
-            else:
+            elif ref_expr is not None:
                 self.unify(ref_expr, e, f"{node.op_type} '{node.name}' mixes channel spaces")
         assert ref_axis is not None and ref_expr is not None
         tracked_idx = {i for i, _ in tracked}
@@ -433,7 +449,7 @@ class _Analyzer:
             or (len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]))
         ):
             return False
-        axis, e = self.tracked[tracked[0][1].name]
+        axis, e = self.tracked[tracked[0][1]]
         if axis != 1 or any(_const(v) is None for v in node.inputs[1:5]):
             return False
         for i in range(1, 5):
@@ -444,7 +460,7 @@ class _Analyzer:
     def _op_InstanceNormalization(self, node: ir.Node, tracked: list) -> bool:
         if tracked[0][0] != 0 or len(tracked) != 1 or any(_const(v) is None for v in node.inputs[1:3]):
             return False
-        axis, e = self.tracked[tracked[0][1].name]
+        axis, e = self.tracked[tracked[0][1]]
         if axis != 1:
             return False
         for i in (1, 2):
@@ -455,11 +471,11 @@ class _Analyzer:
     def _op_Conv(self, node: ir.Node, tracked: list) -> bool:
         if [i for i, _ in tracked] != [0]:
             return False
-        axis, e = self.tracked[node.inputs[0].name]
+        axis, e = self.tracked[_input(node, 0)]
         w = _const(node.inputs[1])
         if axis != 1 or w is None:
             return False
-        group = node.attributes.get_int("group", 1)
+        group = int_attr(node, "group", 1)
         if group == 1:
             self.consumers.append(Consumer(node, 1, 1, e))
             return True
@@ -475,9 +491,9 @@ class _Analyzer:
         return False  # grouped conv: channels of a group are tied in blocks; not pruned
 
     def _op_ConvTranspose(self, node: ir.Node, tracked: list) -> bool:
-        if [i for i, _ in tracked] != [0] or node.attributes.get_int("group", 1) != 1:
+        if [i for i, _ in tracked] != [0] or int_attr(node, "group", 1) != 1:
             return False
-        axis, e = self.tracked[node.inputs[0].name]
+        axis, e = self.tracked[_input(node, 0)]
         if axis != 1 or _const(node.inputs[1]) is None:
             return False
         self.consumers.append(Consumer(node, 1, 0, e))
@@ -486,30 +502,30 @@ class _Analyzer:
     def _op_MatMul(self, node: ir.Node, tracked: list) -> bool:
         if [i for i, _ in tracked] != [0]:
             return False
-        axis, e = self.tracked[node.inputs[0].name]
+        axis, e = self.tracked[_input(node, 0)]
         w = _const(node.inputs[1])
-        rank = _rank(node.inputs[0])
+        rank = _rank(_input(node, 0))
         if w is None or w.ndim != 2 or rank is None or axis != rank - 1:
             return False
         self.consumers.append(Consumer(node, 1, 0, e))
         return True
 
     def _op_Gemm(self, node: ir.Node, tracked: list) -> bool:
-        if [i for i, _ in tracked] != [0] or node.attributes.get_int("transA", 0):
+        if [i for i, _ in tracked] != [0] or int_attr(node, "transA", 0):
             return False
-        axis, e = self.tracked[node.inputs[0].name]
+        axis, e = self.tracked[_input(node, 0)]
         if axis != 1 or _const(node.inputs[1]) is None:
             return False
-        self.consumers.append(Consumer(node, 1, 1 if node.attributes.get_int("transB", 0) else 0, e))
+        self.consumers.append(Consumer(node, 1, 1 if int_attr(node, "transB", 0) else 0, e))
         return True
 
     def _op_Concat(self, node: ir.Node, tracked: list) -> bool:
         out_rank = _rank(node.outputs[0])
         if out_rank is None:
             return False
-        cat_axis = node.attributes.get_int("axis", 0) % out_rank
+        cat_axis = int_attr(node, "axis", 0) % out_rank
         tracked_idx = {i: v for i, v in tracked}
-        axes = {self.tracked[v.name][0] for v in tracked_idx.values()}
+        axes = {self.tracked[v][0] for v in tracked_idx.values()}
         if len(axes) != 1:
             return False
         axis = axes.pop()
@@ -517,17 +533,17 @@ class _Analyzer:
             # Concat along another axis: all inputs must carry the same channel space.
             if len(tracked_idx) != len([v for v in node.inputs if v is not None]):
                 return False
-            first = self.tracked[node.inputs[0].name][1]
-            for v in node.inputs[1:]:
-                self.unify(first, self.tracked[v.name][1], f"Concat '{node.name}'")
+            first = self.tracked[_input(node, 0)][1]
+            for i in range(1, len(node.inputs)):
+                self.unify(first, self.tracked[_input(node, i)][1], f"Concat '{node.name}'")
             self.track(node.outputs[0], axis, first)
             return True
         parts = []
-        for i, v in enumerate(node.inputs):
+        for i in range(len(node.inputs)):
             if i in tracked_idx:
-                parts.append(self.tracked[v.name][1])
+                parts.append(self.tracked[_input(node, i)][1])
             else:
-                shape = _static_shape(v)
+                shape = _static_shape(_input(node, i))
                 if shape is None:
                     return False
                 parts.append(self.new_group(shape[axis]))  # untracked input: fixed channels
@@ -536,14 +552,14 @@ class _Analyzer:
         return True
 
     def _op_Split(self, node: ir.Node, tracked: list) -> bool:
-        """Split along the channel axis hands each output a slice (Sub) of the channel space."""
+        """Split along the channel axis hands each output a slice (SplitPart) of the channel space."""
         if [i for i, _ in tracked] != [0]:
             return False
-        axis, e = self.tracked[node.inputs[0].name]
-        rank = _rank(node.inputs[0])
+        axis, e = self.tracked[_input(node, 0)]
+        rank = _rank(_input(node, 0))
         if rank is None:
             return False
-        split_axis = node.attributes.get_int("axis", 0) % rank
+        split_axis = int_attr(node, "axis", 0) % rank
         outputs = list(node.outputs)
         if split_axis != axis:
             for out in outputs:
@@ -565,16 +581,16 @@ class _Analyzer:
         parts: list[Expr] = []
         start = 0
         for out, size in zip(outputs, sizes, strict=True):
-            parts.append(Sub(e, start, start + size))
+            parts.append(SplitPart(e, start, start + size))
             self.track(out, axis, parts[-1])
             start += size
         self.splits.append(SplitFix(node, parts, from_input))
         return True
 
     def _op_Flatten(self, node: ir.Node, tracked: list) -> bool:
-        axis, e = self.tracked[node.inputs[0].name]
-        shape = _dims(node.inputs[0])
-        if shape is None or node.attributes.get_int("axis", 1) != axis or any(d is None for d in shape[axis + 1 :]):
+        axis, e = self.tracked[_input(node, 0)]
+        shape = _dims(_input(node, 0))
+        if shape is None or int_attr(node, "axis", 1) != axis or any(d is None for d in shape[axis + 1 :]):
             return False
         factor = int(np.prod(shape[axis + 1 :])) if axis + 1 < len(shape) else 1  # type: ignore[arg-type]
         self.track(node.outputs[0], 1, e if factor == 1 else Rep(e, factor))
@@ -583,19 +599,20 @@ class _Analyzer:
     def _op_Reshape(self, node: ir.Node, tracked: list) -> bool:
         if [i for i, _ in tracked] != [0]:
             return False
-        axis, e = self.tracked[node.inputs[0].name]
-        src, dst = _dims(node.inputs[0]), _dims(node.outputs[0])
+        axis, e = self.tracked[_input(node, 0)]
+        src, dst = _dims(_input(node, 0)), _dims(node.outputs[0])
         target = _const(node.inputs[1])
-        if src is None or dst is None or target is None or node.attributes.get_int("allowzero", 0):
+        if src is None or dst is None or target is None or int_attr(node, "allowzero", 0):
             return False
         if any(d is None for d in (*src[axis:], *dst[axis:])):
             return False
         if src[:axis] != dst[:axis] or len(dst) <= axis:
             return False
-        rest = int(np.prod(src[axis + 1 :])) if axis + 1 < len(src) else 1
-        if dst[axis] == src[axis] and dst[axis + 1 :] == src[axis + 1 :]:
+        channels = int(src[axis] or 0)  # not None: checked above
+        rest = int(np.prod([int(d or 0) for d in src[axis + 1 :]])) if axis + 1 < len(src) else 1
+        if dst[axis] == channels and dst[axis + 1 :] == src[axis + 1 :]:
             factor, out_expr = 1, e
-        elif dst[axis] == src[axis] * rest and len(dst) == axis + 1:
+        elif dst[axis] == channels * rest and len(dst) == axis + 1:
             factor, out_expr = rest, (e if rest == 1 else Rep(e, rest))
         else:
             return False
@@ -618,8 +635,8 @@ class _Analyzer:
         """Squeeze/Unsqueeze of other axes: find the channel axis again by matching static shapes."""
         if [i for i, _ in tracked] != [0]:
             return False
-        axis, e = self.tracked[node.inputs[0].name]
-        src, dst = _static_shape(node.inputs[0]), _static_shape(node.outputs[0])
+        axis, e = self.tracked[_input(node, 0)]
+        src, dst = _static_shape(_input(node, 0)), _static_shape(node.outputs[0])
         if src is None or dst is None:
             return False
         before = [d for d in src[:axis] if d != 1]
@@ -630,9 +647,9 @@ class _Analyzer:
         return False
 
     def _op_Transpose(self, node: ir.Node, tracked: list) -> bool:
-        axis, e = self.tracked[node.inputs[0].name]
+        axis, e = self.tracked[_input(node, 0)]
         perm = node.attributes.get_ints("perm", None)
-        rank = _rank(node.inputs[0])
+        rank = _rank(_input(node, 0))
         if rank is None:
             return False
         perm = list(perm) if perm is not None else list(reversed(range(rank)))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from optimizer_cli.analysis.graph import int_attr
+
 
 def _shape(value: ir.Value | None) -> tuple[int, ...] | None:
     if value is None or value.shape is None:
@@ -38,7 +40,7 @@ def macs(model: ir.Model) -> int | None:
             a = _shape(node.inputs[0])
             if a is None:
                 continue
-            k = a[0] if node.op_type == "Gemm" and node.attributes.get_int("transA", 0) else a[-1]
+            k = a[0] if node.op_type == "Gemm" and int_attr(node, "transA", 0) else a[-1]
             total += int(np.prod(out)) * k
         else:
             continue

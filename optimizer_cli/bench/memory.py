@@ -50,7 +50,7 @@ def session_peak_memory(
     """{'peak_mb', 'delta_mb'} where delta excludes the interpreter and onnxruntime import; None on failure."""
     with tempfile.TemporaryDirectory(prefix="optimize-mem-") as tmp:
         feeds_path = Path(tmp) / "feeds.npz"
-        np.savez(feeds_path, **feeds)
+        np.savez(feeds_path, **feeds)  # type: ignore[arg-type]  # numpy's stub types **kwds as its flags
         try:
             proc = subprocess.run(
                 [sys.executable, "-c", _CHILD, str(model_path), str(feeds_path), provider, str(threads)],

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -59,11 +59,15 @@ class RunInputs:
     evaluation: str | None = None
 
 
-class OptimizationPass(ir.passes.InPlacePass):
+ConfigT = TypeVar("ConfigT", bound=PassConfig)
+
+
+class OptimizationPass(ir.passes.InPlacePass, Generic[ConfigT]):
     """A recipe step: a graph rewrite with a declared contract.
 
-    Subclasses set `name`, `Config`, `exactness`, `contract` (ops touched, what is preserved or
-    approximated and by how much), implement `call`, and fill `self.stats` for the report.
+    Subclasses are `OptimizationPass[TheirConfig]` (so `self.config` is typed, no casts), set `name`,
+    `Config`, `exactness`, `contract` (ops touched, what is preserved or approximated and by how much),
+    implement `call`, and fill `self.stats` for the report.
     """
 
     name: ClassVar[str]
@@ -71,15 +75,15 @@ class OptimizationPass(ir.passes.InPlacePass):
     exactness: ClassVar[Exactness] = Exactness.EXACT
     contract: ClassVar[str] = ""
 
-    def __init__(self, config: PassConfig, ctx: PassContext) -> None:
+    def __init__(self, config: ConfigT, ctx: PassContext) -> None:
         super().__init__()
-        self.config = config
+        self.config: ConfigT = config
         self.ctx = ctx
         self.stats: dict[str, Any] = {}
 
     @classmethod
-    def requirement_problems(cls, config: PassConfig, inputs: RunInputs) -> list[str]:
-        """Reasons this pass cannot run, checked before the model is loaded."""
+    def requirement_problems(cls, config: Any, inputs: RunInputs) -> list[str]:
+        """Reasons this pass cannot run, checked before the model is loaded (`config` is this pass's Config)."""
         return []
 
     def exactness_for(self) -> Exactness:

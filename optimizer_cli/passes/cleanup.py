@@ -49,14 +49,14 @@ class CleanupConfig(PassConfig):
     )
 
 
-class CleanupPass(OptimizationPass):
+class CleanupPass(OptimizationPass[CleanupConfig]):
     name = "cleanup"
     Config = CleanupConfig
     exactness = Exactness.EXACT
     contract = "constant subgraphs, Identity, dead nodes, duplicate initializers; outputs preserved exactly"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        cfg: CleanupConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         before_nodes, before_ops = node_count(model), op_counts(model)
         before_inits = len(model.graph.initializers)
         steps: list[ir.passes.PassBase] = []

@@ -18,6 +18,7 @@ import onnx_ir as ir
 from pydantic import Field, model_validator
 
 from optimizer_cli.analysis.cost import macs, parameter_count
+from optimizer_cli.analysis.graph import int_attr
 from optimizer_cli.passes._graph import infer_shapes, new_initializer, refresh_shapes
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig
 
@@ -69,14 +70,14 @@ def split_matrix(w: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     return (u[:, :r] * root).astype(w.dtype), (root[:, None] * vt[:r]).astype(w.dtype), s
 
 
-class FactorizePass(OptimizationPass):
+class FactorizePass(OptimizationPass[FactorizeConfig]):
     name = "factorize"
     Config = FactorizeConfig
     exactness = Exactness.APPROXIMATE
     contract = "MatMul/Gemm/Conv -> two low-rank nodes (second keeps the output name); skipped unless MACs drop"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        cfg: FactorizeConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         import onnx_ir.passes.common as common
 
         infer_shapes(model)
@@ -112,9 +113,9 @@ class FactorizePass(OptimizationPass):
         if w.ndim != 2:
             return "unsupported"
         if node.op_type == "Gemm":
-            if node.attributes.get_int("transA", 0):
+            if int_attr(node, "transA", 0):
                 return "unsupported"
-            if node.attributes.get_int("transB", 0):
+            if int_attr(node, "transB", 0):
                 w = w.T
         k, n = w.shape
         if min(k, n) < cfg.min_size:
@@ -132,12 +133,12 @@ class FactorizePass(OptimizationPass):
         b_val = new_initializer(graph, f"{w_value.name}{LOWRANK_SUFFIX}_b", b)
         node.replace_input_with(0, mid)
         node.replace_input_with(1, b_val)
-        if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+        if node.op_type == "Gemm" and int_attr(node, "transB", 0):
             node.attributes["transB"] = ir.AttrInt64("transB", 0)
         return r
 
     def _conv(self, graph: ir.Graph, node: ir.Node, w: np.ndarray, cfg: FactorizeConfig) -> int | str:
-        if node.attributes.get_int("group", 1) != 1 or w.ndim != 4:
+        if int_attr(node, "group", 1) != 1 or w.ndim != 4:
             return "unsupported"
         co, ci, kh, kw = w.shape
         if (kh * kw == 1 and min(co, ci) < cfg.min_size) or min(co, ci * kh * kw) < cfg.min_size:

@@ -24,6 +24,7 @@ from onnxscript.rewriter import RewriteRuleSet
 from onnxscript.rewriter.rules import common as rules
 from pydantic import Field
 
+from optimizer_cli.analysis.graph import name_of
 from optimizer_cli.passes._graph import infer_shapes, is_large, lift_constants, replace_model_contents
 from optimizer_cli.passes._tools import load_tool_output, tool_working_directory, write_for_tool
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig
@@ -76,14 +77,14 @@ def _names_to_keep(model: ir.Model) -> dict[str, str]:
     The rewriter builds new nodes with generated names; users exclude nodes from quantization by
     name, so the fused node takes the name of the Conv/Gemm/MatMul it replaces.
     """
-    keep = {}
+    keep: dict[str, str] = {}
     for node in model.graph:
         producers = _FUSED_INTO.get(node.op_type)
         if not producers or not node.inputs or node.inputs[0] is None:
             continue
         producer = node.inputs[0].producer()
         if producer is not None and producer.op_type in producers and producer.name:
-            keep[node.outputs[0].name] = producer.name
+            keep[name_of(node.outputs[0])] = producer.name
     return keep
 
 
@@ -98,7 +99,7 @@ def _restore_names(model: ir.Model, keep: dict[str, str]) -> None:
                 used.add(wanted)
 
 
-class FusePass(OptimizationPass):
+class FusePass(OptimizationPass[FuseConfig]):
     name = "fuse"
     Config = FuseConfig
     exactness = Exactness.EXACT
@@ -107,7 +108,7 @@ class FusePass(OptimizationPass):
     )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        cfg: FuseConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         modified = lift_constants(model)
         # The rules check ranks and constness: give them shapes first.
         infer_shapes(model)

@@ -25,6 +25,7 @@ from pydantic import Field
 
 from optimizer_cli.analysis.channel_groups import Analysis, Group, Root, analyze, expr_mask, expr_size
 from optimizer_cli.analysis.cost import macs, parameter_count
+from optimizer_cli.analysis.graph import name_of, output_names
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.passes._graph import (
     KEPT_CHANNELS_META,
@@ -101,7 +102,7 @@ def activation_importance(
         if value is None or rank is None:
             continue
         channel_axis = 1 if consumer.node.op_type in ("Conv", "ConvTranspose") else rank - 1
-        reads[analysis.find(consumer.expr.group)].append((value.name, channel_axis, norms))
+        reads[analysis.find(consumer.expr.group)].append((name_of(value), channel_axis, norms))
     names = sorted({name for entries in reads.values() for name, _, _ in entries})
     if not names:
         return {}
@@ -186,12 +187,10 @@ def apply_structured(
     if zero_only:
         return
     canonical = analysis.canonical()
-    values = {v.name: v for n in graph for v in n.outputs}
     for gid, mask in keep.items():
-        for name in canonical[gid].values:
-            if name in values:
-                # In-memory only: tells `reconstruct` which original channels this tensor still holds.
-                values[name].meta[KEPT_CHANNELS_META] = np.flatnonzero(mask)
+        for value in canonical[gid].values:
+            # In-memory only: tells `reconstruct` which original channels this tensor still holds.
+            value.meta[KEPT_CHANNELS_META] = np.flatnonzero(mask)
         for prod in canonical[gid].producers:
             w = _tensor(prod.node.inputs[prod.weight_index])  # type: ignore[arg-type]
             set_const(prod.node, prod.weight_index, np.compress(mask, w, axis=prod.axis), graph)
@@ -229,9 +228,10 @@ def magnitude_prune(model: ir.Model, cfg: PruneConfig) -> dict[str, object]:
     weights: list[tuple[ir.Node, np.ndarray]] = []
     for node in model.graph:
         if node.op_type in cfg.op_types and node.name not in cfg.exclude_nodes and len(node.inputs) > 1:
-            w = node.inputs[1].const_value if node.inputs[1] is not None else None
-            if w is not None and w.numpy().ndim >= 2 and np.issubdtype(w.numpy().dtype, np.floating):
-                weights.append((node, w.numpy()))
+            tensor = node.inputs[1].const_value if node.inputs[1] is not None else None
+            array = tensor.numpy() if tensor is not None else None
+            if array is not None and array.ndim >= 2 and np.issubdtype(array.dtype, np.floating):
+                weights.append((node, array))
     if not weights:
         return {"layers": 0}
     total = sum(w.size for _, w in weights)
@@ -246,7 +246,7 @@ def magnitude_prune(model: ir.Model, cfg: PruneConfig) -> dict[str, object]:
     return {"layers": len(weights), "weight_sparsity": round(zeroed / total, 4)}
 
 
-class PrunePass(OptimizationPass):
+class PrunePass(OptimizationPass[PruneConfig]):
     name = "prune"
     Config = PruneConfig
     exactness = Exactness.APPROXIMATE
@@ -255,14 +255,14 @@ class PrunePass(OptimizationPass):
     )
 
     @classmethod
-    def requirement_problems(cls, config: PassConfig, inputs: RunInputs) -> list[str]:
-        cfg: PruneConfig = config  # type: ignore[assignment]
+    def requirement_problems(cls, config: PruneConfig, inputs: RunInputs) -> list[str]:
+        cfg = config
         if cfg.target_cosine is not None and inputs.calibration is None:
             return ["prune with target_cosine needs calibration data: give --calib FILE.npz (or --calib random)"]
         return []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        cfg: PruneConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         if cfg.target_cosine is not None and cfg.method == "structured":
             return self._search(model, cfg)
         params_before, macs_before = parameter_count(model), None
@@ -270,7 +270,7 @@ class PrunePass(OptimizationPass):
         macs_before = macs(model)
         if cfg.method == "magnitude":
             self.stats = magnitude_prune(model, cfg)
-            return ir.passes.PassResult(model, self.stats.get("layers", 0) > 0)
+            return ir.passes.PassResult(model, bool(self.stats.get("layers")))
         analysis = analyze(model)
         canonical = analysis.canonical()
         excluded = set(cfg.exclude_nodes)
@@ -316,7 +316,9 @@ class PrunePass(OptimizationPass):
         n_score = max(1, len(feeds) // 4)
         fit_ctx = dataclasses.replace(self.ctx, calibration=Dataset(feeds[:-n_score], source="calibration (fit)"))
         score_feeds = feeds[-n_score:]
-        names = [v.name for v in model.graph.outputs]
+        names = output_names(model)
+        target = cfg.target_cosine
+        assert target is not None  # _search runs only when it is set
         config = SessionConfig(threads=self.ctx.threads, opt_level="disable")
         reference = run_model(model, score_feeds, config)
         baseline = ir.serde.serialize_model(model)
@@ -332,15 +334,15 @@ class PrunePass(OptimizationPass):
                 ReconstructPass(ReconstructConfig(samples=cfg.samples * 4), fit_ctx)(candidate)
             cosine = min(d.cosine for d in drift(names, reference, run_model(candidate, score_feeds, config)))
             tried.append(f"{sparsity:.3f}:{cosine:.4f}")
-            if cosine >= cfg.target_cosine and (best is None or sparsity > best[0]):  # type: ignore[operator]
+            if cosine >= target and (best is None or sparsity > best[0]):
                 best = (sparsity, candidate, inner.stats)
             return cosine
 
         lo, hi = 0.0, cfg.sparsity
-        if trial(hi) < cfg.target_cosine:  # type: ignore[operator]
+        if trial(hi) < target:
             for _ in range(max(0, cfg.search_steps - 1)):
                 mid = (lo + hi) / 2
-                if trial(mid) >= cfg.target_cosine:  # type: ignore[operator]
+                if trial(mid) >= target:
                     lo = mid
                 else:
                     hi = mid

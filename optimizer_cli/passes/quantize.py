@@ -22,7 +22,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from pydantic import Field, model_validator
 
-from optimizer_cli.analysis.graph import op_counts
+from optimizer_cli.analysis.graph import name_of, op_counts
 from optimizer_cli.data import Dataset
 from optimizer_cli.errors import UserInputError, first_line
 from optimizer_cli.passes._graph import is_large, new_initializer, replace_model_contents
@@ -78,7 +78,7 @@ def _flatten_gemm_biases(model: ir.Model) -> int:
             continue
         node.replace_input_with(2, new_initializer(graph, f"{bias.name}_1d", array.reshape(-1)))
         if not bias.uses() and not bias.is_graph_output():
-            graph.initializers.pop(bias.name)
+            graph.initializers.pop(name_of(bias))
         changed += 1
     return changed
 
@@ -143,21 +143,21 @@ class _FeedReader:
         self._pos = 0
 
 
-class QuantizePass(OptimizationPass):
+class QuantizePass(OptimizationPass[QuantizeConfig]):
     name = "quantize"
     Config = QuantizeConfig
     exactness = Exactness.APPROXIMATE
     contract = "int8/fp16/int4 via onnxruntime.quantization; io names and types kept; outputs approximated"
 
     @classmethod
-    def requirement_problems(cls, config: PassConfig, inputs: RunInputs) -> list[str]:
-        cfg: QuantizeConfig = config  # type: ignore[assignment]
+    def requirement_problems(cls, config: QuantizeConfig, inputs: RunInputs) -> list[str]:
+        cfg = config
         if cfg.mode == "static" and inputs.calibration is None:
             return ["static quantization needs calibration data: give --calib FILE.npz (or --calib random)"]
         return []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        cfg: QuantizeConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         before = op_counts(model)
         existing = already_quantized(before)
         if existing:
@@ -295,7 +295,7 @@ class QuantizePass(OptimizationPass):
         extra: dict = {"CalibTensorRangeSymmetric": False}
         if cfg.calibration_method == "percentile":
             extra["CalibPercentile"] = cfg.percentile
-        names = {v.name for v in model.graph.inputs}
+        names = {name_of(v) for v in model.graph.inputs}
         quantize_static(
             str(src),
             str(out),

@@ -19,6 +19,7 @@ import onnx_ir as ir
 from numpy.lib.stride_tricks import sliding_window_view
 from pydantic import Field
 
+from optimizer_cli.analysis.graph import int_attr, name_of
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.passes._graph import KEPT_CHANNELS_META, set_const
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs
@@ -58,31 +59,32 @@ def ridge(x: np.ndarray, y: np.ndarray, damping: float) -> np.ndarray:
     return np.linalg.solve(gram + lam * np.eye(gram.shape[0]), x.T @ y.astype(np.float64))
 
 
-class ReconstructPass(OptimizationPass):
+class ReconstructPass(OptimizationPass[ReconstructConfig]):
     name = "reconstruct"
     Config = ReconstructConfig
     exactness = Exactness.APPROXIMATE
     contract = "refits weights of changed MatMul/Gemm/Conv layers by least squares to the original outputs"
 
     @classmethod
-    def requirement_problems(cls, config: PassConfig, inputs: RunInputs) -> list[str]:
+    def requirement_problems(cls, config: ReconstructConfig, inputs: RunInputs) -> list[str]:
         if inputs.calibration is None:
             return ["reconstruct needs calibration data: give --calib FILE.npz (or --calib random)"]
         return []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        cfg: ReconstructConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         if self.ctx.calibration is None or self.ctx.reference is None:
             raise UserInputError("reconstruct needs calibration data and the original model")
         reference = self.ctx.reference()
-        ref_producers = {out.name: n for n in reference.graph for out in n.outputs}
+        ref_producers = {name_of(out): n for n in reference.graph for out in n.outputs}
         layers = [n for n in model.graph if self._candidate(n, ref_producers, cfg)]
         feeds = self.ctx.calibration.feeds[: cfg.samples]
-        targets = capture_values(reference, feeds, [n.outputs[0].name for n in layers], self.ctx.threads)
+        targets = capture_values(reference, feeds, [name_of(n.outputs[0]) for n in layers], self.ctx.threads)
         refit, details = 0, []
         for node in layers:
-            inputs = capture_values(model, feeds, [node.inputs[0].name], self.ctx.threads)[node.inputs[0].name]
-            before, after = self._refit(model, node, inputs, targets[node.outputs[0].name], cfg)
+            source = name_of(node.inputs[0]) if node.inputs[0] is not None else ""
+            inputs = capture_values(model, feeds, [source], self.ctx.threads)[source]
+            before, after = self._refit(model, node, inputs, targets[name_of(node.outputs[0])], cfg)
             if after is not None:
                 refit += 1
                 details.append(f"{node.name}: {before:.3f}->{after:.3f}")
@@ -98,17 +100,17 @@ class ReconstructPass(OptimizationPass):
         if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const_value is None:
             return False
         if node.op_type == "Conv" and (
-            node.attributes.get_int("group", 1) != 1
+            int_attr(node, "group", 1) != 1
             or node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
         ):
             return False
         if node.op_type == "Gemm" and (
-            node.attributes.get_int("transA", 0)
+            int_attr(node, "transA", 0)
             or node.attributes.get_float("alpha", 1.0) != 1.0
             or node.attributes.get_float("beta", 1.0) != 1.0
         ):
             return False
-        ref = ref_producers.get(node.outputs[0].name)
+        ref = ref_producers.get(name_of(node.outputs[0]))
         if ref is None:
             return False
         if cfg.scope == "all":
@@ -134,11 +136,11 @@ class ReconstructPass(OptimizationPass):
             strides = list(node.attributes.get_ints("strides", [1, 1]))
             pads = list(node.attributes.get_ints("pads", [0, 0, 0, 0]))
             dil = list(node.attributes.get_ints("dilations", [1, 1]))
-            x = np.concatenate([im2col(a, k, strides, pads, dil) for a in xs])  # type: ignore[arg-type]
+            x = np.concatenate([im2col(a, k, strides, pads, dil) for a in xs])
             y = np.concatenate([t.transpose(0, 2, 3, 1).reshape(-1, t.shape[1]) for t in ys])
             w_mat = w.reshape(w.shape[0], -1).T
         else:
-            trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
+            trans_b = node.op_type == "Gemm" and int_attr(node, "transB", 0)
             x = np.concatenate([a.reshape(-1, a.shape[-1]) for a in xs])
             y = np.concatenate([t.reshape(-1, t.shape[-1]) for t in ys])
             w_mat = w.T if trans_b else w
@@ -167,7 +169,7 @@ class ReconstructPass(OptimizationPass):
             return before, None
         if node.op_type == "Conv":
             out_w = new_w.T.reshape(w.shape)
-        elif node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+        elif node.op_type == "Gemm" and int_attr(node, "transB", 0):
             out_w = new_w.T
         else:
             out_w = new_w

@@ -44,7 +44,9 @@ def find_mask_input(model: ir.Model, name: str | None) -> ir.Value:
     inputs = {v.name: v for v in model.graph.inputs}
     if name is not None:
         if name not in inputs:
-            raise UserInputError(f"trim_padding: mask_input '{name}' is not a model input ({', '.join(inputs)})")
+            raise UserInputError(
+                f"trim_padding: mask_input '{name}' is not a model input ({', '.join(str(k) for k in inputs)})"
+            )
         return inputs[name]
     candidates = [
         v
@@ -131,7 +133,7 @@ def insert_trim(model: ir.Model, mask: ir.Value, seq_inputs: list[ir.Value]) -> 
     if mask.dtype == ir.DataType.BOOL:
         kept = mask
     else:
-        zero = const("mask_zero", 0, mask.dtype.numpy())  # type: ignore[union-attr]
+        zero = const("mask_zero", 0, mask.dtype.numpy().type)  # type: ignore[union-attr]
         kept = add("Not", [add("Equal", [mask, zero], "is_padding")], "is_kept")
     kept_int = add("Cast", [kept], "kept_int", to=int(ir.DataType.INT64))
     seq_len = add("Gather", [add("Shape", [mask], "mask_shape"), const("axis", SEQUENCE_AXIS)], "seq_len")
@@ -166,7 +168,7 @@ def remove_trim(model: ir.Model, nodes: list[ir.Node], seq_inputs: list[ir.Value
             del model.graph.initializers[name]
 
 
-class TrimPaddingPass(OptimizationPass):
+class TrimPaddingPass(OptimizationPass[TrimPaddingConfig]):
     name = "trim_padding"
     Config = TrimPaddingConfig
     contract = (
@@ -175,7 +177,7 @@ class TrimPaddingPass(OptimizationPass):
     )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        cfg: TrimPaddingConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         mask = find_mask_input(model, cfg.mask_input)
         seq_inputs = sequence_inputs(model, mask)
         self.stats["mask_input"] = mask.name

@@ -254,8 +254,8 @@ def render_rich(report: dict[str, Any], console: Console) -> None:
             # On its own line and soft-wrapped: the terminal folds it, a copy-paste gets one intact line.
             console.print(f"  {escape(attribution['patch'])}", soft_wrap=True)
     for gate in report.get("gates", []):
-        style = "red" if gate["violated"] else "green"
-        console.print(f"[{style}]fail-if {gate['expression']}: {gate['detail']}[/{style}]")
+        color = "red" if gate["violated"] else "green"
+        console.print(f"[{color}]fail-if {gate['expression']}: {gate['detail']}[/{color}]")
     for note in report.get("notes", []):
         console.print(f"[yellow]note:[/yellow] {note}")
 

@@ -24,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 import yaml
 
+from optimizer_cli.analysis.graph import name_of, output_names
 from optimizer_cli.analysis.int8 import full_range_int8_weights
 from optimizer_cli.bench.accuracy import fidelity
 from optimizer_cli.data import Dataset
@@ -66,7 +67,7 @@ def _effective_names(model: ir.Model, names: list[str]) -> dict[str, str]:
             if len(uses) == 1 and uses[0].op_type == "QuantizeLinear":
                 q_uses = [u.node for u in uses[0].outputs[0].uses()]
                 if len(q_uses) == 1 and q_uses[0].op_type == "DequantizeLinear":
-                    target = q_uses[0].outputs[0].name
+                    target = name_of(q_uses[0].outputs[0])
         out[name] = target
     return out
 
@@ -108,7 +109,7 @@ def rank_nodes(
                 ir.DataType.FLOAT16,
                 ir.DataType.DOUBLE,
             ):
-                candidates.append(out.name)
+                candidates.append(name_of(out))
     if not candidates:
         return []
     effective = _effective_names(optimized, candidates)
@@ -127,15 +128,15 @@ def rank_nodes(
         ]
         if vals:
             cosine[name] = float(np.mean(vals))
-    ranked = []
+    ranked: list[dict[str, Any]] = []
     for node in original.graph:
-        outs = [o.name for o in node.outputs if o.name in cosine]
+        outs = [name_of(o) for o in node.outputs if o.name in cosine]
         if not outs:
             continue
         out_cos = min(cosine[o] for o in outs)
         # Unmeasured producers (e.g. a Conv whose Relu the quantizer fused away) belong to this step.
         chain, in_cos = _measured_inputs(node, cosine)
-        names = [*(n.name for n in chain), node.name]
+        names = [str(n.name) for n in (*chain, node)]
         ranked.append(
             {
                 "node": " + ".join(names),
@@ -145,7 +146,7 @@ def rank_nodes(
                 "local_drop": max(0.0, in_cos - out_cos),
             }
         )
-    ranked.sort(key=lambda item: -item["local_drop"])
+    ranked.sort(key=lambda item: -float(item["local_drop"]))
     return ranked
 
 
@@ -288,7 +289,7 @@ def _fidelity_of(
     from optimizer_cli.pipeline import run_pipeline
 
     result = run_pipeline(model_path, recipe, None, calibration=calib, evaluation=evaluation, threads=threads)
-    names = [v.name for v in result.model.graph.outputs]
+    names = output_names(result.model)
     return fidelity(reference, run_model(result.model, data.feeds, SessionConfig(threads=threads)), names).cosine_min
 
 
