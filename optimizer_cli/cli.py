@@ -6,6 +6,7 @@ Only parsing and wiring here; the work is in pipeline, bench and report.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -366,22 +367,18 @@ def _bench_settings(
         provider_list = parse_provider_list(providers)
     else:
         provider_list = recipe_providers or parse_provider_list(None)
+    # The recipe's benchmark section carries over by name; the flags and resolved providers win.
+    shared = b.model_dump(include={f.name for f in dataclasses.fields(BenchSettings)})
     return BenchSettings(
-        providers=provider_list,
-        threads=threads,
-        warmup=b.warmup,
-        rounds=b.rounds,
-        runs_per_round=b.runs_per_round,
-        discard_after_switch=b.discard_after_switch,
-        opt_level=b.opt_level,
-        trt_fp16=b.trt_fp16,
-        trt_int8=b.trt_int8,
-        trt_cache_dir=b.trt_cache_dir,
-        strict_ep=strict_ep,
-        memory=memory,
-        sweep=sweep_points(sweep),
-        eval_samples=eval_samples,
-        max_seconds=b.max_seconds,
+        **{
+            **shared,
+            "providers": provider_list,
+            "threads": threads,
+            "strict_ep": strict_ep,
+            "memory": memory,
+            "sweep": sweep_points(sweep),
+            "eval_samples": eval_samples,
+        }
     )
 
 

@@ -9,7 +9,6 @@ declared rank always takes samples along axis 0). An optional `labels`
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,14 +157,10 @@ class Dataset:
         return Dataset(self.feeds[:n], labels, self.source, self.is_random, list(self.notes))
 
 
-def random_dataset(
-    model: ir.Model, samples: int, seed: int, dims: dict[str, int] | None = None, warn: bool = False
-) -> Dataset:
+def random_dataset(model: ir.Model, samples: int, seed: int, dims: dict[str, int] | None = None) -> Dataset:
     rng = np.random.default_rng(seed)
     specs = input_specs(model)
     feeds = [random_feed(specs, rng, dims) for _ in range(samples)]
-    if warn:
-        warnings.warn("using seeded random inputs: accuracy on real data is unknown", stacklevel=2)
     ds = Dataset(feeds, None, f"random(seed={seed})", True)
     defaulted = sorted({d for s in specs for d in (s.shape or ()) if isinstance(d, str) and d not in (dims or {})})
     if defaulted:
@@ -274,7 +269,8 @@ def _split_labels(labels_arr: np.ndarray, feeds: list[dict[str, np.ndarray]], pa
 def resolve_dataset(
     spec: str | None, model: ir.Model, *, samples: int, seed: int, dims: dict[str, int] | None = None
 ) -> Dataset | None:
-    """'random' -> seeded random (with a warning); a path -> loaded; None -> None."""
+    """'random' -> seeded random (with a note in the dataset saying accuracy is unknown); a path -> loaded;
+    None -> None."""
     if spec is None:
         return None
     if spec == "random":

@@ -273,7 +273,7 @@ def _run_stage(
     except Exception as exc:
         raise VerificationError(f"pass {index} ({label}) failed: {first_line(exc)}") from exc
     model = result.model
-    exactness = instance.exactness_for()
+    exactness = instance.exactness
     stage = StageReport(
         name=label,
         pass_type=cfg.type,

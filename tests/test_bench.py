@@ -216,10 +216,11 @@ def test_slow_model_benchmark_is_shortened_and_says_so(tmp_path) -> None:
     onnx.save(mlp((512, 1024, 1024, 1024, 1024, 10)), str(path))
     data = random_dataset(load_model(path), 64, 0, {"batch": 256})
     start = time.perf_counter()
-    report = run_benchmark(path, path, BenchSettings(providers=["cpu"], memory=False, max_seconds=1.0), data)
+    # A budget far below one round of this model (~20 ms per call): the plan must shrink to its floor.
+    report = run_benchmark(path, path, BenchSettings(providers=["cpu"], memory=False, max_seconds=0.01), data)
     took = time.perf_counter() - start
     row = report.rows[0]
     assert row.usable and row.speedup is not None and row.speedup.rounds == 2
     assert any("shortened" in n for n in report.notes), report.notes
     assert any("accuracy/fidelity used" in n for n in report.notes), report.notes
-    assert took < 20, f"the 1 s budget was ignored ({took:.1f} s)"
+    assert took < 20, f"the budget was ignored ({took:.1f} s)"

@@ -14,6 +14,7 @@ import onnx_ir as ir
 from pydantic import BaseModel, ConfigDict, Field
 
 from optimizer_cli.data import Dataset
+from optimizer_cli.errors import UserInputError
 from optimizer_cli.verify import Tolerance
 
 
@@ -82,10 +83,27 @@ class OptimizationPass(ir.passes.InPlacePass, Generic[ConfigT]):
         self.stats: dict[str, Any] = {}
 
     @classmethod
-    def requirement_problems(cls, config: Any, inputs: RunInputs) -> list[str]:
-        """Reasons this pass cannot run, checked before the model is loaded (`config` is this pass's Config)."""
+    def calibration_use(cls, config: Any) -> str | None:
+        """What needs calibration data with this config (e.g. "static quantization"), or None."""
+        return None
+
+    @classmethod
+    def host_problems(cls, config: Any) -> list[str]:
+        """Reasons this config cannot run well on this machine (CPU features): checked when a run starts,
+        not when a recipe is validated, so a recipe means the same on every host."""
         return []
 
-    def exactness_for(self) -> Exactness:
-        """Some passes are exact or approximate depending on their config."""
-        return self.exactness
+    @classmethod
+    def requirement_problems(cls, config: Any, inputs: RunInputs) -> list[str]:
+        """Every reason this pass cannot run, checked in one place before the model is loaded."""
+        problems = []
+        use = cls.calibration_use(config)
+        if use is not None and inputs.calibration is None:
+            problems.append(f"{use} needs calibration data: give --calib FILE.npz (or --calib random)")
+        return problems + cls.host_problems(config)
+
+    def calibration(self) -> Dataset:
+        """The run's calibration data; the pipeline checked it is there (requirement_problems)."""
+        if self.ctx.calibration is None:
+            raise UserInputError(f"{self.calibration_use(self.config) or self.name} needs calibration data (--calib)")
+        return self.ctx.calibration

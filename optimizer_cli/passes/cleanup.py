@@ -2,7 +2,7 @@
 
 Contract: touches only nodes whose outputs are computable from constants, Identity nodes, nodes with
 no path to a graph output, and duplicate initializers. Graph outputs are preserved bit-for-bit up to
-the constant folder's float evaluation (checked at 1e-5 by the pipeline).
+the constant folder's float evaluation (within the run's verify.rtol/atol, checked by the pipeline).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from optimizer_cli.passes._graph import (
     replace_model_contents,
     set_const,
 )
-from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs
+from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig
 from optimizer_cli.runtime.session import SessionConfig, capture_values, run_model
 from optimizer_cli.verify import drift
 
@@ -255,11 +255,8 @@ class PrunePass(OptimizationPass[PruneConfig]):
     )
 
     @classmethod
-    def requirement_problems(cls, config: PruneConfig, inputs: RunInputs) -> list[str]:
-        cfg = config
-        if cfg.target_cosine is not None and inputs.calibration is None:
-            return ["prune with target_cosine needs calibration data: give --calib FILE.npz (or --calib random)"]
-        return []
+    def calibration_use(cls, config: PruneConfig) -> str | None:
+        return "prune with target_cosine" if config.target_cosine is not None else None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.config

@@ -5,7 +5,7 @@ or every float op not blocked (fp16). Graph input/output names and element types
 (fp16 keeps io types). Outputs are approximated; the pipeline reports cosine/rel-L2 drift and the
 recipe's verify.min_cosine bounds it.
 
-Defaults follow what is fast on x86 (measured in ../shared/ANCHORS.md): per-channel int8 weights,
+Defaults follow what measured fast on x86 (README's benchmarks): per-channel int8 weights,
 QUInt8 activations for static QDQ (S8S8 activations run ~10x slower on x86 and are refused unless
 asked for), and dynamic quantization of MatMul/Gemm only (dynamic Conv is ~4x slower than fp32).
 """
@@ -20,18 +20,20 @@ from typing import Literal
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from optimizer_cli.analysis.graph import name_of, op_counts
 from optimizer_cli.data import Dataset
 from optimizer_cli.errors import UserInputError, first_line
 from optimizer_cli.passes._graph import is_large, new_initializer, replace_model_contents
 from optimizer_cli.passes._tools import load_tool_output, tool_working_directory, write_for_tool
-from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs
+from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig
 from optimizer_cli.runtime.cpu import cpu_isa, is_x86, u8s8_saturates
 
 PER_CHANNEL_MIN_OPSET = 13
-# ORT's dynamic (integer-op) registry minus Conv, which runs ~4x slower than fp32 when quantized dynamically.
+# onnxruntime's IntegerOps registry (Attention, Conv, EmbedLayerNormalization, Gather, LSTM, MatMul, Transpose)
+# without Conv, which runs ~4x slower than fp32 when quantized dynamically, and Transpose, which moves data
+# and computes nothing; Gemm is asked for too (versions whose registry lacks it ignore it).
 DYNAMIC_DEFAULT_OPS = ["MatMul", "Gemm", "Attention", "LSTM", "Gather", "EmbedLayerNormalization"]
 
 QUANT_OPS = {
@@ -117,14 +119,6 @@ class QuantizeConfig(PassConfig):
         4, ge=0, le=4, description="weight_only: MatMulNBits compute type (0: unset, 1 fp32 .. 4 int8)."
     )
 
-    @model_validator(mode="after")
-    def _no_slow_s8s8(self) -> QuantizeConfig:
-        if self.mode == "static" and self.activation_type == "int8" and is_x86() and not self.allow_s8s8:
-            raise ValueError(
-                "activation_type int8 (S8S8) runs slower than fp32 on x86; use uint8 or set allow_s8s8: true"
-            )
-        return self
-
 
 class _FeedReader:
     """CalibrationDataReader over our Dataset (ORT only calls get_next/rewind)."""
@@ -150,10 +144,13 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
     contract = "int8/fp16/int4 via onnxruntime.quantization; io names and types kept; outputs approximated"
 
     @classmethod
-    def requirement_problems(cls, config: QuantizeConfig, inputs: RunInputs) -> list[str]:
-        cfg = config
-        if cfg.mode == "static" and inputs.calibration is None:
-            return ["static quantization needs calibration data: give --calib FILE.npz (or --calib random)"]
+    def calibration_use(cls, config: QuantizeConfig) -> str | None:
+        return "static quantization" if config.mode == "static" else None
+
+    @classmethod
+    def host_problems(cls, config: QuantizeConfig) -> list[str]:
+        if config.mode == "static" and config.activation_type == "int8" and is_x86() and not config.allow_s8s8:
+            return ["activation_type int8 (S8S8) runs slower than fp32 on x86; use uint8 or set allow_s8s8: true"]
         return []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -283,8 +280,7 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
     ) -> None:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-        if self.ctx.calibration is None:
-            raise UserInputError("static quantization needs calibration data (--calib)")
+        calibration = self.calibration()
         if cfg.preprocess:
             src = self._preprocess(src, tmp, large)
         method = {
@@ -299,7 +295,7 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
         quantize_static(
             str(src),
             str(out),
-            _FeedReader(self.ctx.calibration, cfg.calibration_samples, names),
+            _FeedReader(calibration, cfg.calibration_samples, names),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=cfg.op_types,
             per_channel=cfg.per_channel,
@@ -312,7 +308,7 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
             extra_options=extra,
         )
         self.stats["calibration"] = (
-            f"{min(len(self.ctx.calibration), cfg.calibration_samples)} samples from {self.ctx.calibration.source}"
+            f"{min(len(calibration), cfg.calibration_samples)} samples from {calibration.source}"
         )
 
     def _preprocess(self, src: Path, tmp: Path, large: bool) -> Path:

@@ -22,7 +22,7 @@ from pydantic import Field
 from optimizer_cli.analysis.graph import int_attr, name_of
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.passes._graph import KEPT_CHANNELS_META, set_const
-from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs
+from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig
 from optimizer_cli.runtime.session import capture_values
 
 
@@ -66,19 +66,18 @@ class ReconstructPass(OptimizationPass[ReconstructConfig]):
     contract = "refits weights of changed MatMul/Gemm/Conv layers by least squares to the original outputs"
 
     @classmethod
-    def requirement_problems(cls, config: ReconstructConfig, inputs: RunInputs) -> list[str]:
-        if inputs.calibration is None:
-            return ["reconstruct needs calibration data: give --calib FILE.npz (or --calib random)"]
-        return []
+    def calibration_use(cls, config: ReconstructConfig) -> str | None:
+        return "reconstruct"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.config
-        if self.ctx.calibration is None or self.ctx.reference is None:
-            raise UserInputError("reconstruct needs calibration data and the original model")
+        calibration = self.calibration()
+        if self.ctx.reference is None:
+            raise UserInputError("reconstruct needs the original model (run it through the pipeline)")
         reference = self.ctx.reference()
         ref_producers = {name_of(out): n for n in reference.graph for out in n.outputs}
         layers = [n for n in model.graph if self._candidate(n, ref_producers, cfg)]
-        feeds = self.ctx.calibration.feeds[: cfg.samples]
+        feeds = calibration.feeds[: cfg.samples]
         targets = capture_values(reference, feeds, [name_of(n.outputs[0]) for n in layers], self.ctx.threads)
         refit, details = 0, []
         for node in layers:

@@ -271,7 +271,7 @@ def with_override(recipe: Any, assignment: str) -> Any:
     return Recipe.model_validate(data)
 
 
-def _cpu_cosine(report: dict[str, Any]) -> float | None:
+def _worst_cosine(report: dict[str, Any]) -> float | None:
     rows = [r for r in report.get("benchmark", {}).get("rows", []) if r.get("usable") and r.get("fidelity")]
     return min((r["fidelity"]["cosine_min"] for r in rows), default=None)
 
@@ -391,7 +391,7 @@ def attribute_if_needed(
     `result["patch"]` is set only after the patched recipe met the threshold on the benchmark's own
     evaluation samples; `result["stage"]` names the stage blamed; `result["suggestion"]` is advice."""
     threshold = recipe.benchmark.attribution_threshold
-    current = _cpu_cosine(report)
+    current = _worst_cosine(report)
     if current is None or current >= threshold:
         return None
     log(f"fidelity cosine {current:.5f} < {threshold}: attributing the loss to layers")
