@@ -180,7 +180,7 @@ def run_pipeline(
             rng=np.random.default_rng(recipe.verify.seed),
             tmp_dir=Path(tmp),
             threads=threads,
-            reference=lambda: _load_normalized(input_path),
+            load_original=lambda: _load_normalized(input_path),
             logger=logger or logging.getLogger("optimizer_cli"),
             tolerance=verifier.tolerance,
         )

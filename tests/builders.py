@@ -173,7 +173,7 @@ def check(model) -> None:
     onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
 
 
-def context(tmp_path, calibration=None, reference=None):
+def context(tmp_path, calibration=None, load_original=None):
     """A PassContext for calling passes directly."""
     from optimizer_cli.data import Dataset
     from optimizer_cli.passes.base import PassContext
@@ -183,7 +183,7 @@ def context(tmp_path, calibration=None, reference=None):
         verify_data=Dataset([]),
         rng=np.random.default_rng(0),
         tmp_dir=tmp_path,
-        reference=reference,
+        load_original=load_original,
     )
 
 

@@ -161,7 +161,7 @@ def test_accuracy_guarded_search_keeps_the_largest_sparsity_meeting_the_target(t
 
     proto = mlp((32, 128, 64, 10), seed=3)
     calib = Dataset([random_feed(proto, seed=100 + i, batch=16) for i in range(16)])
-    ctx = context(tmp_path, calibration=calib, reference=lambda: to_ir(proto))
+    ctx = context(tmp_path, calibration=calib, load_original=lambda: to_ir(proto))
     model = _prepared(proto, tmp_path)
     search = PrunePass(PruneConfig(sparsity=0.8, round_to=1, target_cosine=0.98, search_steps=5), ctx)
     result = search(model)

@@ -39,7 +39,7 @@ def test_reconstruct_lowers_error_on_held_out_inputs(tmp_path, compress: str) ->
         PrunePass(PruneConfig(sparsity=0.5, round_to=1), context(tmp_path))(model)
     held_out = random_feed(proto, seed=5, batch=64)
     before = _rel_err(proto, model, held_out)
-    ctx = context(tmp_path, calibration=_calib(proto, 32), reference=lambda: to_ir(proto))
+    ctx = context(tmp_path, calibration=_calib(proto, 32), load_original=lambda: to_ir(proto))
     result = ReconstructPass(ReconstructConfig(), ctx)(model)
     assert result.modified
     check(model)
@@ -55,7 +55,7 @@ def test_reconstruct_conv_after_prune(tmp_path) -> None:
     PrunePass(PruneConfig(sparsity=0.5, round_to=4, min_channels=4), context(tmp_path))(model)
     held_out = random_feed(proto, seed=9, batch=8)
     before = _rel_err(proto, model, held_out)
-    ctx = context(tmp_path, calibration=_calib(proto, 16, batch=2), reference=lambda: to_ir(proto))
+    ctx = context(tmp_path, calibration=_calib(proto, 16, batch=2), load_original=lambda: to_ir(proto))
     ReconstructPass(ReconstructConfig(), ctx)(model)
     after = _rel_err(proto, model, held_out)
     assert after < before, (before, after)
@@ -64,7 +64,7 @@ def test_reconstruct_conv_after_prune(tmp_path) -> None:
 def test_unchanged_model_is_left_alone(tmp_path) -> None:
     proto = mlp()
     model = to_ir(proto)
-    ctx = context(tmp_path, calibration=_calib(proto, 4), reference=lambda: to_ir(proto))
+    ctx = context(tmp_path, calibration=_calib(proto, 4), load_original=lambda: to_ir(proto))
     assert not ReconstructPass(ReconstructConfig(), ctx)(model).modified
 
 

@@ -330,14 +330,16 @@ def _slow_tail(model: onnx.ModelProto, src: str, dst: str) -> None:
     model.graph.node.extend(helper.make_node(op, ins, [out]) for op, ins, out in nodes)
 
 
-def test_nan_outputs_are_a_fidelity_failure(tmp_path: Path) -> None:
+def _bench_variant(tmp_path: Path, tail, *flags: str):
+    """`optimize bench` of an MLP against the same MLP with `tail` after its output."""
     base = mlp()
     onnx.save(base, tmp_path / "a.onnx")
-    onnx.save(_variant(base, _nan_tail), tmp_path / "b.onnx")
-    proc = run_cli(
-        "bench", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"), "--providers", "cpu", "--rounds", "2",
-        "--no-memory", "--fail-if", "cosine<0.99", "--json",
-    )  # fmt: skip
+    onnx.save(_variant(base, tail), tmp_path / "b.onnx")
+    return run_cli("bench", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"), "--providers", "cpu", *flags)
+
+
+def test_nan_outputs_are_a_fidelity_failure(tmp_path: Path) -> None:
+    proc = _bench_variant(tmp_path, _nan_tail, "--rounds", "2", "--no-memory", "--fail-if", "cosine<0.99", "--json")
     assert proc.returncode == 1, proc.stderr
     report = json.loads(proc.stdout)
     fid = report["benchmark"]["rows"][0]["fidelity"]
@@ -358,13 +360,9 @@ def test_compare_arrays_counts_new_nonfinite_values() -> None:
 
 
 def test_a_slower_model_is_called_slower(tmp_path: Path) -> None:
-    base = mlp()
-    onnx.save(base, tmp_path / "a.onnx")
-    onnx.save(_variant(base, _slow_tail), tmp_path / "b.onnx")
-    proc = run_cli(
-        "bench", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"), "--providers", "cpu", "--rounds", "6",
-        "--no-memory", "--fail-if", "speedup_ci_high<1", "--json",
-    )  # fmt: skip
+    proc = _bench_variant(
+        tmp_path, _slow_tail, "--rounds", "6", "--no-memory", "--fail-if", "speedup_ci_high<1", "--json"
+    )
     assert proc.returncode == 1, proc.stderr
     report = json.loads(proc.stdout)
     assert report["benchmark"]["verdict"] == "slower"

@@ -46,7 +46,7 @@ class PassContext:
     tmp_dir: Path
     threads: int = 2
     # Loads the run's input model, normalized like the pipeline's (for passes that fit to it).
-    reference: Callable[[], ir.Model] | None = None
+    load_original: Callable[[], ir.Model] | None = None
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("optimizer_cli"))
     # The run's exact-pass oracle (verify.rtol/atol), for passes that check their own rewrite on data.
     tolerance: Tolerance = field(default_factory=Tolerance)
@@ -101,6 +101,13 @@ class OptimizationPass(ir.passes.InPlacePass, Generic[ConfigT]):
         if use is not None and inputs.calibration is None:
             problems.append(f"{use} needs calibration data: give --calib FILE.npz (or --calib random)")
         return problems + cls.host_problems(config)
+
+    def refuse(self, model: ir.Model, reason: str) -> ir.passes.PassResult:
+        """Leave the model unchanged and say why (in the report's stage details and as a warning): the
+        pass-level form of onnxscript's MatchResult.fail."""
+        self.stats["skipped"] = reason
+        self.ctx.logger.warning("%s left the model unchanged: %s", self.name, reason)
+        return ir.passes.PassResult(model, False)
 
     def calibration(self) -> Dataset:
         """The run's calibration data; the pipeline checked it is there (requirement_problems)."""

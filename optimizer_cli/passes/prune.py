@@ -327,7 +327,7 @@ class PrunePass(OptimizationPass[PruneConfig]):
             candidate = ir.serde.deserialize_model(baseline)
             inner = PrunePass(cfg.model_copy(update={"target_cosine": None, "sparsity": sparsity}), fit_ctx)
             inner(candidate)
-            if cfg.refit and self.ctx.reference is not None:
+            if cfg.refit and self.ctx.load_original is not None:
                 ReconstructPass(ReconstructConfig(samples=cfg.samples * 4), fit_ctx)(candidate)
             cosine = min(d.cosine for d in drift(names, reference, run_model(candidate, score_feeds, config)))
             tried.append(f"{sparsity:.3f}:{cosine:.4f}")

@@ -162,9 +162,8 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
             # KeyError on '<tensor>_scale' and the others would stack a second quantization on the first.
             listed = ", ".join(f"{n} {op}" for op, n in existing.items())
             reason = f"the model is already quantized ({listed}): left unchanged"
-            self.ctx.logger.warning("quantize: %s", reason)
-            self.stats |= {"mode": cfg.mode, "skipped": reason, "quant_ops": existing, "excluded_nodes": 0}
-            return ir.passes.PassResult(model, False)
+            self.stats |= {"mode": cfg.mode, "quant_ops": existing, "excluded_nodes": 0}
+            return self.refuse(model, reason)
         exclude = set(cfg.exclude_nodes)
         if cfg.exclude_op_types:
             exclude |= {n.name for n in model.graph if n.op_type in cfg.exclude_op_types and n.name}

@@ -72,9 +72,9 @@ class ReconstructPass(OptimizationPass[ReconstructConfig]):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.config
         calibration = self.calibration()
-        if self.ctx.reference is None:
+        if self.ctx.load_original is None:
             raise UserInputError("reconstruct needs the original model (run it through the pipeline)")
-        reference = self.ctx.reference()
+        reference = self.ctx.load_original()
         ref_producers = {name_of(out): n for n in reference.graph for out in n.outputs}
         layers = [n for n in model.graph if self._candidate(n, ref_producers, cfg)]
         feeds = calibration.feeds[: cfg.samples]

@@ -183,10 +183,7 @@ class TrimPaddingPass(OptimizationPass[TrimPaddingConfig]):
         self.stats["mask_input"] = mask.name
         self.stats["sliced_inputs"] = [v.name for v in seq_inputs]
         reason = self._apply(model, mask, seq_inputs, cfg.samples)
-        if reason is not None:
-            self.stats["skipped"] = reason
-            self.ctx.logger.warning("trim_padding left the model unchanged: %s", reason)
-        return ir.passes.PassResult(model, reason is None)
+        return self.refuse(model, reason) if reason is not None else ir.passes.PassResult(model, True)
 
     def _apply(self, model: ir.Model, mask: ir.Value, seq_inputs: list[ir.Value], samples: int) -> str | None:
         """Insert the trim when it provably keeps the outputs on this data; else the reason it was not."""
