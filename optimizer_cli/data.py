@@ -1,16 +1,27 @@
-"""Model inputs: specs from the graph, seeded random feeds, and .npz / .npy-folder datasets.
+"""Model inputs: specs from the graph, seeded random feeds, and datasets from files or a Python loader.
 
-Dataset layout (.npz, or a folder of <input_name>.npy files): one array per graph input, keyed by the
+Stacked layouts (.npz, or a folder of <input_name>.npy files): one array per graph input, keyed by the
 input's name. An array with one more axis than the input's rank holds samples along axis 0; an array
 of the input's rank is split along its batch axis into samples of `batch_size` (an input without a
 declared rank always takes samples along axis 0). An optional `labels`
 (or `label`) array holds one integer class per sample row for top-1/top-5 accuracy.
+
+Per-sample layouts, for samples of different shapes (never stacked): a folder of .npz files (one feed
+each, sorted by name), one .npz keyed `<index>/<input_name>` (and `<index>/label`), or a Python loader
+`module:function` / `file.py:function` returning an iterable of feed dicts or (feeds, label) pairs. Each
+sample is checked on its own (dtype, rank, fixed dims) and only the first `limit` are read.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import itertools
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -171,10 +182,27 @@ def random_dataset(model: ir.Model, samples: int, seed: int, dims: dict[str, int
 
 
 def load_dataset(path: str | Path, model: ir.Model, batch_size: int = 1, limit: int | None = None) -> Dataset:
-    """Read a .npz or a folder of .npy files into per-sample feeds matched to the model's inputs."""
-    path = Path(path)
-    arrays = _read_arrays(path)
+    """Read any supported layout into per-sample feeds matched to the model's inputs (the first `limit`)."""
     specs = input_specs(model)
+    if isinstance(path, str) and is_loader_spec(path):
+        return _collect(_loader_samples(path, specs, limit), path, None)
+    path = Path(path)
+    if path.is_dir() and any(path.glob("*.npz")):
+        if any(path.glob("*.npy")):
+            raise UserInputError(
+                "holds both .npz and .npy files (per-sample .npz files or per-input .npy arrays)", path
+            )
+        return _collect(_npz_folder_samples(path, specs, limit), str(path), path)
+    if path.is_file() and path.suffix == ".npz":
+        indexed = _indexed_npz(path, specs, limit)
+        if indexed is not None:
+            return indexed
+    return _stacked_dataset(path, specs, batch_size, limit)
+
+
+def _stacked_dataset(path: Path, specs: list[InputSpec], batch_size: int, limit: int | None) -> Dataset:
+    """One array per input (samples along a leading axis or the batch axis), as before per-sample layouts."""
+    arrays = _read_arrays(path)
     if "" in arrays:  # a lone .npy feeds the single input
         if len(specs) != 1:
             raise UserInputError("a single .npy only works for single-input models; use .npz keyed by input name", path)
@@ -216,7 +244,9 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
         elif path.suffix == ".npy":
             arrays = {"": np.load(path, allow_pickle=False)}
         else:
-            raise UserInputError("unsupported data format (expected .npz, .npy or a folder of .npy)", path)
+            raise UserInputError(
+                "unsupported data format (expected .npz, .npy, a folder of .npy or .npz, or module:function)", path
+            )
     except UserInputError:
         raise
     except Exception as exc:
@@ -228,11 +258,10 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
 
 def _samples(spec: InputSpec, arr: np.ndarray, batch_size: int, path: Path) -> list[np.ndarray]:
     """One input's array as samples: along a leading sample axis, or split along the batch axis."""
-    if arr.dtype != spec.dtype:
-        if np.can_cast(arr.dtype, spec.dtype, casting="same_kind") or np.issubdtype(arr.dtype, np.integer):
-            arr = arr.astype(spec.dtype)
-        else:
-            raise UserInputError(f"input '{spec.name}' is {arr.dtype}, model wants {spec.dtype}", path)
+    cast = _cast(spec, arr)
+    if cast is None:
+        raise UserInputError(f"input '{spec.name}' is {arr.dtype}, model wants {spec.dtype}", path)
+    arr = cast
     # An input without a declared rank takes its samples along axis 0.
     rank = len(spec.shape) if spec.shape is not None else arr.ndim - 1
     if arr.ndim == rank + 1:
@@ -267,14 +296,260 @@ def _split_labels(labels_arr: np.ndarray, feeds: list[dict[str, np.ndarray]], pa
 
 
 def resolve_dataset(
-    spec: str | None, model: ir.Model, *, samples: int, seed: int, dims: dict[str, int] | None = None
+    spec: str | None,
+    model: ir.Model,
+    *,
+    samples: int,
+    seed: int,
+    dims: dict[str, int] | None = None,
+    limit: int | None = None,
 ) -> Dataset | None:
-    """'random' -> seeded random (with a note in the dataset saying accuracy is unknown); a path -> loaded;
-    None -> None."""
+    """'random' -> seeded random (with a note in the dataset saying accuracy is unknown); a path or a loader ->
+    its first `limit` samples; None -> None."""
     if spec is None:
         return None
     if spec == "random":
         ds = random_dataset(model, samples, seed, dims)
         ds.notes.append("seeded random data: accuracy on real data is unknown")
         return ds
-    return load_dataset(spec, model, limit=None)
+    return load_dataset(spec, model, limit=limit)
+
+
+# A Windows drive ("C:\data", "C:/data") has a colon too; it is a path, not a loader.
+_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+_INDEXED_KEY = re.compile(r"^(\d+)/(.+)$")
+
+
+def is_loader_spec(spec: str) -> bool:
+    """'module:function' or 'path/to/file.py:function' (not 'random', an existing path or a Windows drive)."""
+    if ":" not in spec or _DRIVE.match(spec) or Path(spec).exists():
+        return False
+    target, _, func = spec.rpartition(":")
+    return bool(target) and func.isidentifier()
+
+
+def loader_file(spec: str) -> Path | None:
+    """The .py file a 'file.py:function' loader reads (None for a 'module:function' loader or a path)."""
+    if not is_loader_spec(spec):
+        return None
+    target = spec.rpartition(":")[0]
+    return Path(target) if target.endswith(".py") else None
+
+
+def data_problem(spec: str) -> str | None:
+    """Why a --calib/--data value cannot be read, known before the model loads (None when it looks usable)."""
+    if spec == "random":
+        return None
+    if is_loader_spec(spec):
+        file = loader_file(spec)
+        return f"data loader file not found: {file}" if file is not None and not file.is_file() else None
+    return None if Path(spec).exists() else f"data not found: {spec}"
+
+
+def source_files(spec: str) -> list[Path]:
+    """Files a --calib/--data value reads (so no output overwrites them)."""
+    if spec == "random":
+        return []
+    if is_loader_spec(spec):
+        file = loader_file(spec)
+        return [file] if file is not None else []
+    path = Path(spec)
+    extra = sorted(path.glob("*.np[yz]")) if path.is_dir() else []
+    return [path, *extra]
+
+
+def is_per_sample(spec: str) -> bool:
+    """A loader, a folder of .npz or an `<index>/<name>` .npz: samples are read one by one, up to a limit."""
+    if is_loader_spec(spec):
+        return True
+    path = Path(spec)
+    if path.is_dir():
+        return any(path.glob("*.npz"))
+    if path.is_file() and path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as npz:  # the member names only; nothing is decompressed
+                return bool(npz.files) and all(_INDEXED_KEY.match(k) for k in npz.files)
+        except Exception:
+            return False  # reading it will say why
+    return False
+
+
+Sample = tuple[str, dict[str, np.ndarray], np.ndarray | None]  # (where, feed, label)
+
+
+def _cast(spec: InputSpec, arr: np.ndarray) -> np.ndarray | None:
+    """The array in the input's dtype under the dtype rules of every layout (None: not castable)."""
+    if arr.dtype == spec.dtype:
+        return arr
+    if np.can_cast(arr.dtype, spec.dtype, casting="same_kind") or np.issubdtype(arr.dtype, np.integer):
+        return arr.astype(spec.dtype)
+    return None
+
+
+def _dims_text(shape: tuple[int | str | None, ...]) -> str:
+    return "[" + ",".join(str(d) if isinstance(d, int) and d >= 0 else str(d or "?") for d in shape) + "]"
+
+
+def check_sample(
+    specs: list[InputSpec], arrays: Mapping[str, Any], where: str, path: Path | None
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """One sample's feed (model inputs only, cast) and its label, or a UserInputError naming the sample."""
+    names = {s.name for s in specs}
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        have = ", ".join(str(k) for k in arrays) or "nothing"
+        raise UserInputError(f"{where}: no array for model input(s) {', '.join(missing)} (it has: {have})", path)
+    feed = {}
+    for spec in specs:
+        try:
+            arr = np.asarray(arrays[spec.name])
+        except Exception as exc:
+            raise UserInputError(f"{where}: input '{spec.name}' is not an array ({first_line(exc)})", path) from exc
+        cast = _cast(spec, arr)
+        if cast is None:
+            raise UserInputError(f"{where}: input '{spec.name}' is {arr.dtype}, model wants {spec.dtype}", path)
+        if spec.shape is not None:
+            fits = cast.ndim == len(spec.shape) and all(
+                not isinstance(d, int) or d < 0 or d == n for d, n in zip(spec.shape, cast.shape, strict=True)
+            )
+            if not fits:
+                raise UserInputError(
+                    f"{where}: input '{spec.name}' has shape {list(cast.shape)}, model wants {_dims_text(spec.shape)}"
+                    f" (rank {len(spec.shape)})",
+                    path,
+                )
+        if cast.size == 0:
+            raise UserInputError(f"{where}: input '{spec.name}' has no elements (a zero-length axis)", path)
+        feed[spec.name] = cast
+    label = next((arrays[k] for k in LABEL_KEYS if k in arrays and k not in names), None)
+    return feed, (np.atleast_1d(np.asarray(label)) if label is not None else None)
+
+
+def _collect(samples: Iterable[Sample], source: str, path: Path | None) -> Dataset:
+    """Samples (already limited) into a Dataset: labels on every sample or on none."""
+    feeds: list[dict[str, np.ndarray]] = []
+    labels: list[np.ndarray | None] = []
+    wheres: list[str] = []
+    for where, feed, label in samples:
+        feeds.append(feed)
+        labels.append(label)
+        wheres.append(where)
+    if not feeds:
+        raise UserInputError(("" if path is not None else f"data loader '{source}': ") + "holds no samples", path)
+    with_label = [lab is not None for lab in labels]
+    if any(with_label) and not all(with_label):
+        unlabelled, labelled = wheres[with_label.index(False)], wheres[with_label.index(True)]
+        raise UserInputError(f"{unlabelled} has no label but {labelled} has one: label every sample or none", path)
+    kept = [lab for lab in labels if lab is not None] if all(with_label) else None
+    return Dataset(feeds, kept, source, False)
+
+
+def _npz_folder_samples(folder: Path, specs: list[InputSpec], limit: int | None) -> Iterator[Sample]:
+    """One feed per .npz file, sorted by name; only the first `limit` files are opened."""
+    files = sorted(folder.glob("*.npz"))
+    for index, file in enumerate(files[:limit] if limit is not None else files):
+        where = f"sample {index} ({file.name})"
+        try:
+            with np.load(file, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except Exception as exc:
+            raise UserInputError(f"{where}: cannot read ({first_line(exc)})", file) from exc
+        yield (where, *check_sample(specs, arrays, where, file))
+
+
+def _indexed_npz(path: Path, specs: list[InputSpec], limit: int | None) -> Dataset | None:
+    """A .npz keyed `<index>/<input_name>` as per-sample feeds (None when the keys are not laid out so)."""
+    names = {s.name for s in specs}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = list(npz.files)
+            if not keys or not all(_INDEXED_KEY.match(k) for k in keys) or all(k in names for k in keys):
+                return None
+            groups: dict[int, dict[str, str]] = {}
+            for key in keys:
+                match = _INDEXED_KEY.match(key)
+                assert match is not None
+                groups.setdefault(int(match[1]), {})[match[2]] = key
+            chosen = sorted(groups)[:limit] if limit is not None else sorted(groups)
+            # Only the chosen samples' members are decompressed (NpzFile reads a key on access).
+            samples = [
+                (f"sample {i}", *check_sample(specs, {n: npz[k] for n, k in groups[i].items()}, f"sample {i}", path))
+                for i in chosen
+            ]
+    except UserInputError:
+        raise
+    except Exception as exc:
+        raise UserInputError(f"cannot read data ({first_line(exc)})", path) from exc
+    return _collect(samples, str(path), path)
+
+
+def _import_loader(spec: str) -> Any:
+    """The function a 'module:function' or 'file.py:function' spec names."""
+    target, _, func_name = spec.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            file = Path(target)
+            module_spec = importlib.util.spec_from_file_location(f"_optimizer_data_loader_{file.stem}", file)
+            if module_spec is None or module_spec.loader is None:
+                raise ImportError(f"cannot load {file}")
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+        func = getattr(module, func_name)
+    except Exception as exc:  # ImportError, AttributeError, or whatever the module raises at import
+        raise UserInputError(f"data loader '{spec}': cannot import ({type(exc).__name__}: {first_line(exc)})") from exc
+    if not callable(func):
+        raise UserInputError(f"data loader '{spec}': {func_name} is not a function")
+    return func
+
+
+def _loader_items(spec: str, limit: int | None) -> Iterator[tuple[int, Any]]:
+    """The loader's items, pulled one at a time and never past `limit`."""
+    func = _import_loader(spec)
+    try:
+        iterator = iter(func())
+    except Exception as exc:
+        raise UserInputError(
+            f"data loader '{spec}': calling it failed or it returned no iterable ({type(exc).__name__}: "
+            f"{first_line(exc)})"
+        ) from exc
+    for index in itertools.count() if limit is None else range(limit):
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise UserInputError(
+                f"data loader '{spec}': sample {index} failed ({type(exc).__name__}: {first_line(exc)})"
+            ) from exc
+        yield index, item
+
+
+def _loader_samples(spec: str, specs: list[InputSpec], limit: int | None) -> Iterator[Sample]:
+    """A loader's feed dicts or (feeds, label) pairs as checked samples."""
+    for index, item in _loader_items(spec, limit):
+        where = f"data loader '{spec}': sample {index}"
+        label = None
+        if isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], Mapping):
+            item, label = item
+        if not isinstance(item, Mapping):
+            raise UserInputError(
+                f"{where}: expected a dict {{input name: array}} or a (feeds, label) pair, got {type(item).__name__}"
+            )
+        feed, own_label = check_sample(specs, item, where, None)
+        yield where, feed, (np.atleast_1d(np.asarray(label)) if label is not None else own_label)
+
+
+def shape_mix(feeds: list[dict[str, np.ndarray]]) -> list[tuple[dict[str, list[int]], int]]:
+    """The distinct input shapes among feeds with how many feeds have each, in order of first appearance."""
+    counts: dict[tuple[tuple[str, tuple[int, ...]], ...], int] = {}
+    for feed in feeds:
+        key = tuple((name, tuple(int(d) for d in arr.shape)) for name, arr in feed.items())
+        counts[key] = counts.get(key, 0) + 1
+    return [({name: list(shape) for name, shape in key}, n) for key, n in counts.items()]
+
+
+def shape_text(shape: dict[str, list[int]]) -> str:
+    """{'x': [1, 3, 32, 64]} -> 'x[1,3,32,64]'."""
+    return " ".join(f"{name}[{','.join(str(d) for d in dims)}]" for name, dims in shape.items())

@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from optimizer_cli.data import source_files
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.model_io import external_data_files
 
@@ -33,11 +34,12 @@ def read_paths(model: Path, others: dict[str, str | Path | None]) -> dict[Path, 
     for label, value in others.items():
         if value is None or str(value) == "random":
             continue
-        path = Path(value)
-        reads[path.resolve()] = label
-        if path.is_dir():  # a folder of .npy samples: every file in it is read
-            for item in path.glob("*.npy"):
-                reads[item.resolve()] = f"{label} (in its folder)"
+        if isinstance(value, Path):
+            reads[value.resolve()] = label
+            continue
+        # A data source: a file, a folder (every .npy/.npz in it is read) or a loader's .py file.
+        for i, item in enumerate(source_files(value)):
+            reads[item.resolve()] = label if i == 0 else f"{label} (in its folder)"
     return reads
 
 
