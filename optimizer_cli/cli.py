@@ -59,6 +59,7 @@ def _emit_json(doc: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+DATA_FORMS = ".npz, folder of .npy or of per-sample .npz, <index>/<input> .npz, or a loader file.py:function"
 ProvidersOpt = typer.Option(None, "--providers", help="Comma list: cpu,cuda,trt (default: all usable).")
 
 
@@ -68,8 +69,11 @@ def run_cmd(
     recipe: Path = typer.Option(..., "--recipe", "-r", help="Recipe YAML."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Output model (default: MODEL.opt.onnx)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. passes.1.mode=static."),
-    calib: str | None = typer.Option(None, "--calib", help="Calibration data: .npz, folder of .npy, or 'random'."),
-    data: str | None = typer.Option(None, "--data", help="Evaluation data (.npz/.npy folder, labels optional)."),
+    calib: str | None = typer.Option(None, "--calib", help=f"Calibration data: {DATA_FORMS}, or 'random'."),
+    data: str | None = typer.Option(None, "--data", help=f"Evaluation data: {DATA_FORMS} (labels optional)."),
+    calib_samples: int | None = typer.Option(
+        None, "--calib-samples", min=1, help="Calibration samples read and used (default: the pass's, 64)."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit without loading the model."),
     bench: bool = typer.Option(True, "--bench/--no-bench", help="Benchmark original vs optimized after the run."),
     providers: str | None = ProvidersOpt,
@@ -91,6 +95,13 @@ def run_cmd(
 
     human, log = _consoles(json_out)
     rec = load_recipe(recipe, overrides)
+    if calib_samples is not None:  # every pass that calibrates uses N samples, and the run reads N
+        fields = [
+            f"passes.{i}.calibration_samples"
+            for i, p in enumerate(rec.passes)
+            if "calibration_samples" in type(p).model_fields
+        ]
+        rec = load_recipe(recipe, [*overrides, *(f"{f}={calib_samples}" for f in fields)])
     output = output or model.with_name(model.stem + ".opt.onnx")
     if dry_run:
         _parse_gates(fail_if)
@@ -119,8 +130,8 @@ def run_cmd(
         with _library_output_to_stderr(), _warnings_to(log), _Progress(log) as progress:
             try:
                 report = _optimize_and_measure(
-                    model, output, recipe, rec, staged, calib, data, threads, settings, checks, benchmarking,
-                    attribute, progress,
+                    model, output, recipe, rec, staged, (calib, data, calib_samples), threads, settings, checks,
+                    benchmarking, attribute, progress,
                 )  # fmt: skip
             except VerificationError as exc:
                 if attribute:
@@ -192,8 +203,7 @@ def _optimize_and_measure(
     recipe: Path,
     rec: Any,
     staged: Path,
-    calib: str | None,
-    data: str | None,
+    sources: tuple[str | None, str | None, int | None],
     threads: int,
     settings: Any,
     checks: _Checked,
@@ -201,8 +211,11 @@ def _optimize_and_measure(
     attribute: bool,
     log: _Progress,
 ) -> dict[str, Any]:
-    """The work of `run`: passes (saved to the staging path), then benchmark and attribution."""
+    """The work of `run`: passes (saved to the staging path), then benchmark and attribution. `sources`:
+    --calib, --data and --calib-samples."""
     from optimizer_cli.pipeline import run_pipeline
+
+    calib, data, calib_samples = sources
 
     def on_stage(stage: Any) -> None:
         cos = stage.worst_cosine()
@@ -219,6 +232,8 @@ def _optimize_and_measure(
         calibration=calib,
         evaluation=data,
         threads=threads,
+        calib_samples=calib_samples,
+        eval_samples=settings.eval_samples,
         on_stage=on_stage,
         on_start=lambda i, label: log.step(f"pass {i + 1} of {len(rec.passes)}: {label}"),
         logger=logging.getLogger("optimizer_cli"),
@@ -514,7 +529,7 @@ def _dry_run(
 def bench_cmd(
     original: Path = typer.Argument(..., help="Reference model."),
     optimized: Path = typer.Argument(..., help="Model to compare against the reference."),
-    data: str | None = typer.Option(None, "--data", help="Evaluation data (.npz/.npy folder, labels optional)."),
+    data: str | None = typer.Option(None, "--data", help=f"Evaluation data: {DATA_FORMS} (labels optional)."),
     providers: str | None = ProvidersOpt,
     strict_ep: bool = typer.Option(False, "--strict-ep"),
     threads: int = typer.Option(2, "--threads", min=1),
@@ -562,7 +577,8 @@ def bench_cmd(
     require_inputs(a, original)
     if signature(a) != signature(b):
         raise UserInputError(f"models have different inputs/outputs: {signature(a)} vs {signature(b)}", optimized)
-    eval_data = resolve_dataset(data, a, samples=8, seed=0, dims=dim_values) or random_dataset(a, 8, 0, dim_values)
+    eval_data = resolve_dataset(data, a, samples=8, seed=0, dims=dim_values, limit=eval_samples)
+    eval_data = eval_data or random_dataset(a, 8, 0, dim_values)
     report: dict[str, Any] = {**_provenance(original, optimized), "output": str(optimized), "notes": []}
     with _library_output_to_stderr(), _warnings_to(log), _Progress(log) as progress:
         _benchmark_into(report, original, optimized, settings, eval_data, checks.metric, dim_values, progress)

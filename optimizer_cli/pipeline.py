@@ -21,7 +21,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from optimizer_cli.analysis.graph import node_count
-from optimizer_cli.data import Dataset, random_dataset, resolve_dataset
+from optimizer_cli.data import Dataset, data_problem, is_per_sample, random_dataset, resolve_dataset
 from optimizer_cli.errors import UserInputError, VerificationError, first_line
 from optimizer_cli.model_io import (
     check_output_path,
@@ -103,9 +103,10 @@ def requirement_problems(recipe: Recipe, inputs: RunInputs) -> list[str]:
     for i, cfg in enumerate(recipe.passes):
         for problem in PASS_REGISTRY[cfg.type].requirement_problems(cfg, inputs):
             problems.append(f"pass {i} ({cfg.type}): {problem}")
-    for label, spec in (("calibration", inputs.calibration), ("evaluation", inputs.evaluation)):
-        if spec and spec != "random" and not Path(spec).exists():
-            problems.append(f"{label} data not found: {spec}")
+    for label, given in (("calibration", inputs.calibration), ("evaluation", inputs.evaluation)):
+        missing = data_problem(given) if given else None
+        if missing is not None:
+            problems.append(f"{label} {missing}")
     return problems
 
 
@@ -155,11 +156,17 @@ def run_pipeline(
     calibration: str | None = None,
     evaluation: str | None = None,
     threads: int = 2,
+    calib_samples: int | None = None,
+    eval_samples: int | None = None,
     on_stage: Callable[[StageReport], None] | None = None,
     on_start: Callable[[int, str], None] | None = None,
     logger: logging.Logger | None = None,
 ) -> PipelineResult:
-    """Check requirements, load, run every pass with a StageVerifier check after each, save."""
+    """Check requirements, load, run every pass with a StageVerifier check after each, save.
+
+    Reads the first `calib_samples` calibration samples (default: all of a stacked file, `calibration_limit`
+    of a per-sample source) and the first `eval_samples` evaluation samples (default: all; never fewer than
+    verification uses)."""
     input_path = Path(input_path)
     calibration = calibration or recipe.data.calibration
     evaluation = evaluation or recipe.data.evaluation
@@ -171,7 +178,10 @@ def run_pipeline(
         check_output_path(Path(output_path), input_path)
     notes = normalize(model)
     check_input_model(model, input_path)
-    data = _datasets(model, recipe, calibration, evaluation, notes)
+    if calib_samples is None and calibration and is_per_sample(calibration):
+        calib_samples = calibration_limit(recipe)  # stacked files are read whole, as before
+    limits = (calib_samples, eval_samples)
+    data = _datasets(model, recipe, (calibration, evaluation), limits, notes)
     verifier = _verifier(model, recipe, data.verify, threads, input_path)
     with tempfile.TemporaryDirectory(prefix="optimize-run-") as tmp:
         ctx = PassContext(
@@ -217,14 +227,31 @@ class _RunData:
     verify: Dataset  # the feeds every stage is checked on: real data when given, else seeded random
 
 
+def calibration_limit(recipe: Recipe) -> int:
+    """Calibration samples a run reads by default: the most any pass asks for (its `calibration_samples` or
+    `samples`), at least 64."""
+    asked = [getattr(cfg, f, None) for cfg in recipe.passes for f in ("calibration_samples", "samples")]
+    return max([64, *(n for n in asked if isinstance(n, int))])
+
+
 def _datasets(
-    model: ir.Model, recipe: Recipe, calibration: str | None, evaluation: str | None, notes: list[str]
+    model: ir.Model,
+    recipe: Recipe,
+    specs: tuple[str | None, str | None],
+    limits: tuple[int | None, int | None],
+    notes: list[str],
 ) -> _RunData:
+    """Calibration (its first limits[0] samples), evaluation (its first limits[1], never fewer than
+    verification uses) and the verification samples, read once each."""
+    (calibration, evaluation), (calib_limit, eval_limit) = specs, limits
     dims, vs = recipe.data.dims, recipe.verify
-    calib = resolve_dataset(calibration, model, samples=64, seed=vs.seed + 1, dims=dims)
+    calib = resolve_dataset(
+        calibration, model, samples=calib_limit or 64, seed=vs.seed + 1, dims=dims, limit=calib_limit
+    )
     if calib is not None and calib.is_random:
         notes.append("calibration uses seeded random inputs: accuracy on real data is unknown")
-    eval_data = resolve_dataset(evaluation, model, samples=vs.samples, seed=vs.seed, dims=dims)
+    eval_limit = None if eval_limit is None else max(eval_limit, vs.samples)
+    eval_data = resolve_dataset(evaluation, model, samples=vs.samples, seed=vs.seed, dims=dims, limit=eval_limit)
     if eval_data is not None and not eval_data.is_random:
         verify_data = eval_data.take(vs.samples)
     elif calib is not None and not calib.is_random:

@@ -42,8 +42,13 @@ class VerifySettings(_Strict):
 
 
 class DataSettings(_Strict):
-    calibration: str | None = Field(None, description='Calibration data: .npz, folder of .npy, or "random".')
-    evaluation: str | None = Field(None, description="Evaluation data (.npz or folder of .npy) for accuracy.")
+    calibration: str | None = Field(
+        None,
+        description='Calibration data: .npz, folder of .npy or of per-sample .npz, a loader file.py:function, or "random".',
+    )
+    evaluation: str | None = Field(
+        None, description="Evaluation data for accuracy (the same forms as calibration, without random)."
+    )
     dims: dict[str, Annotated[int, Field(ge=1)]] = Field(
         {}, description="Symbolic dim values for random inputs, e.g. {batch: 1, sequence: 128}."
     )
