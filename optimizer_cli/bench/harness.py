@@ -25,7 +25,7 @@ from optimizer_cli.bench.latency import (
     measure_ab,
 )
 from optimizer_cli.bench.memory import session_peak_memory
-from optimizer_cli.data import Dataset, input_specs, random_feed
+from optimizer_cli.data import Dataset, input_specs, random_feed, shape_mix, shape_text
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.model_io import file_size
 from optimizer_cli.runtime.cpu import cpu_isa, u8s8_saturates
@@ -118,6 +118,7 @@ class BenchReport:
     labelled: bool
     environment: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    latency_shapes: list[dict[str, Any]] | None = None  # [{shape: {input: dims}, count}] the rounds cycle through
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -128,6 +129,7 @@ class BenchReport:
             "eval_source": self.eval_source,
             "eval_samples": self.eval_samples,
             "labelled": self.labelled,
+            "latency_shapes": self.latency_shapes,
             "rows": [r.as_dict() for r in self.rows],
             "environment": self.environment,
             "notes": self.notes,
@@ -259,6 +261,9 @@ def run_benchmark(
         labelled=eval_data.labels is not None,
         environment=environment(),
         notes=notes,
+        latency_shapes=None
+        if settings.sweep
+        else [{"shape": sh, "count": n} for sh, n in shape_mix(_cycled(settings, eval_data))],
     )
 
 
@@ -348,6 +353,11 @@ def _latency_feeds(
     """A sweep point times one random full-size input; otherwise the rounds cycle through evaluation inputs."""
     if settings.sweep:
         return [random_feed(specs, np.random.default_rng(0), dims)]
+    return _cycled(settings, eval_data)
+
+
+def _cycled(settings: BenchSettings, eval_data: Dataset) -> list[dict[str, np.ndarray]]:
+    """The evaluation samples the latency rounds cycle through (each as it is: shapes may differ)."""
     return eval_data.feeds[: max(1, settings.latency_samples)]
 
 
@@ -396,8 +406,11 @@ def _runner(sess: Any) -> Callable[[dict[str, np.ndarray]], object]:
 def _closing_notes(optimized: Path, settings: BenchSettings, eval_data: Dataset, rows: list[ProviderRow]) -> list[str]:
     notes = []
     if not settings.sweep and len(eval_data) > 1:
+        cycled = _cycled(settings, eval_data)
+        mix = shape_mix(cycled)
         notes.append(
-            f"latency cycles through {min(len(eval_data), max(1, settings.latency_samples))} evaluation inputs"
+            f"latency cycled through {len(cycled)} samples of {len(mix)} shape{'s' if len(mix) > 1 else ''}: "
+            + ", ".join(f"{shape_text(shape)} x{n}" for shape, n in mix)
         )
     if eval_data.is_random:
         notes.append("evaluated on seeded random inputs: fidelity only, accuracy on real data is unknown")
