@@ -23,7 +23,7 @@ import onnx_ir.passes.common as common
 from pydantic import Field
 
 from optimizer_cli.analysis.graph import name_of, op_counts
-from optimizer_cli.data import Dataset
+from optimizer_cli.data import Dataset, shape_mix, shape_text
 from optimizer_cli.errors import UserInputError, first_line
 from optimizer_cli.passes._graph import is_large, new_initializer, replace_model_contents
 from optimizer_cli.passes._tools import load_tool_output, tool_working_directory, write_for_tool
@@ -135,6 +135,21 @@ class _FeedReader:
 
     def rewind(self) -> None:
         self._pos = 0
+
+
+def _check_histogram_shapes(cfg: QuantizeConfig, calibration: Dataset) -> None:
+    """onnxruntime's entropy/percentile calibrators stack every sample's activations into one array, which
+    fails on samples of different shapes (minmax reduces each sample on its own): say so, naming the mix."""
+    if cfg.calibration_method == "minmax":
+        return
+    mix = shape_mix(calibration.feeds[: cfg.calibration_samples])
+    if len(mix) > 1:
+        shapes = ", ".join(f"{shape_text(shape)} x{n}" for shape, n in mix[:4]) + (", ..." if len(mix) > 4 else "")
+        raise UserInputError(
+            f"calibration_method={cfg.calibration_method} needs calibration samples of one shape (onnxruntime's "
+            f"histogram stacks them); {calibration.source} has {len(mix)}: {shapes}. Use calibration_method=minmax "
+            "or samples of one shape"
+        )
 
 
 class QuantizePass(OptimizationPass[QuantizeConfig]):
@@ -280,6 +295,7 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         calibration = self.calibration()
+        _check_histogram_shapes(cfg, calibration)
         if cfg.preprocess:
             src = self._preprocess(src, tmp, large)
         method = {
