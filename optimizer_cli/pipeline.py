@@ -165,8 +165,8 @@ def run_pipeline(
     """Check requirements, load, run every pass with a StageVerifier check after each, save.
 
     Reads the first `calib_samples` calibration samples (default: all of a stacked file, `calibration_limit`
-    of a per-sample source) and the first `eval_samples` evaluation samples (default: all; never fewer than
-    verification uses)."""
+    of a per-sample source) and the first `eval_samples` evaluation samples (default: all of a stacked file,
+    what verification uses of a per-sample source; never fewer than that)."""
     input_path = Path(input_path)
     calibration = calibration or recipe.data.calibration
     evaluation = evaluation or recipe.data.evaluation
@@ -178,8 +178,11 @@ def run_pipeline(
         check_output_path(Path(output_path), input_path)
     notes = normalize(model)
     check_input_model(model, input_path)
+    # Stacked files are read whole, as before; a per-sample source (maybe an endless generator) up to a limit.
     if calib_samples is None and calibration and is_per_sample(calibration):
-        calib_samples = calibration_limit(recipe)  # stacked files are read whole, as before
+        calib_samples = calibration_limit(recipe)
+    if eval_samples is None and evaluation and is_per_sample(evaluation):
+        eval_samples = recipe.verify.samples
     limits = (calib_samples, eval_samples)
     data = _datasets(model, recipe, (calibration, evaluation), limits, notes)
     verifier = _verifier(model, recipe, data.verify, threads, input_path)

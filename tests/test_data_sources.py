@@ -335,3 +335,33 @@ def test_pipeline_reads_only_what_calibration_asks_for(model_path: Path, tmp_pat
 def test_random_still_resolves(model: ir.Model) -> None:
     ds = resolve_dataset("random", model, samples=3, seed=0, dims={"W": 48}, limit=3)
     assert ds is not None and ds.is_random and ds.feeds[0]["x"].shape == (1, 3, 32, 48)
+
+
+def test_the_readme_loader_example_runs(model: ir.Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text[text.index("### Data") : text.index("## Recipes")]
+    (tmp_path / "lines.py").write_text(re.findall(r"```python\n(.*?)```", section, flags=re.S)[0])
+    (tmp_path / "lines").mkdir()
+    rng = np.random.default_rng(0)
+    for i, w in enumerate(widths(4)):
+        np.save(tmp_path / "lines" / f"{i:04d}.npy", line(w, rng)[0])
+        (tmp_path / "lines" / f"{i:04d}.txt").write_text(" ".join(str(c) for c in range(w // 16)))
+    monkeypatch.chdir(tmp_path)
+    ds = load_dataset("lines.py:samples", model, limit=3)
+    assert [f["x"].shape for f in ds.feeds] == [(1, 3, 32, w) for w in widths(3)]
+    assert ds.labels is not None and [len(lab) for lab in ds.labels] == [w // 16 for w in widths(3)]
+
+
+def test_pipeline_reads_what_verification_needs_of_an_evaluation_loader(model_path: Path, tmp_path: Path) -> None:
+    """Callers that give no eval_samples (the attribution search) never pull an endless loader past what
+    verification uses."""
+    from optimizer_cli.pipeline import run_pipeline
+    from optimizer_cli.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "int8.yaml")
+    spec = loader_file(tmp_path, recipe.verify.samples, COUNTING)
+    result = run_pipeline(model_path, recipe, None, evaluation=spec, threads=1)
+    assert result.evaluation is not None and len(result.evaluation) == recipe.verify.samples
+    assert len({f["x"].shape for f in result.verify_data.feeds}) == recipe.verify.samples  # one width each
