@@ -14,10 +14,12 @@ sample is checked on its own (dtype, rank, fixed dims) and only the first `limit
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import itertools
 import re
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -488,12 +490,20 @@ def _import_loader(spec: str) -> Any:
     target, _, func_name = spec.rpartition(":")
     try:
         if target.endswith(".py"):
-            file = Path(target)
-            module_spec = importlib.util.spec_from_file_location(f"_optimizer_data_loader_{file.stem}", file)
+            file = Path(target).resolve()
+            # A name of its own per file (two loader.py files do not collide), registered before it runs
+            # as an import would be (dataclasses and pickling look their module up in sys.modules).
+            name = f"_optimizer_data_loader_{hashlib.sha256(str(file).encode()).hexdigest()[:12]}"
+            module_spec = importlib.util.spec_from_file_location(name, file)
             if module_spec is None or module_spec.loader is None:
                 raise ImportError(f"cannot load {file}")
             module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
+            sys.modules[name] = module
+            try:
+                module_spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
         else:
             module = importlib.import_module(target)
         func = getattr(module, func_name)

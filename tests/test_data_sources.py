@@ -365,3 +365,30 @@ def test_pipeline_reads_what_verification_needs_of_an_evaluation_loader(model_pa
     result = run_pipeline(model_path, recipe, None, evaluation=spec, threads=1)
     assert result.evaluation is not None and len(result.evaluation) == recipe.verify.samples
     assert len({f["x"].shape for f in result.verify_data.feeds}) == recipe.verify.samples  # one width each
+
+
+DATACLASS_LOADER = """
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Line:
+    width: int
+
+
+def samples():
+    return [{"x": np.zeros((1, 3, 32, Line(w).width), np.float32)} for w in (64, 96)]
+"""
+
+
+def test_a_loader_file_runs_as_an_imported_module(model: ir.Model, tmp_path: Path) -> None:
+    """A dataclass in the loader file needs its module in sys.modules; two loader.py files do not collide."""
+    first = loader_file(tmp_path / "a", 0, DATACLASS_LOADER.replace("{", "{{").replace("}", "}}"))
+    second = loader_file(tmp_path / "b", 3, LOADER)
+    assert [f["x"].shape[3] for f in load_dataset(first, model).feeds] == [64, 96]
+    assert len(load_dataset(second, model)) == 3
+    assert [f["x"].shape[3] for f in load_dataset(first, model).feeds] == [64, 96]
