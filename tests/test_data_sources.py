@@ -392,3 +392,18 @@ def test_a_loader_file_runs_as_an_imported_module(model: ir.Model, tmp_path: Pat
     assert [f["x"].shape[3] for f in load_dataset(first, model).feeds] == [64, 96]
     assert len(load_dataset(second, model)) == 3
     assert [f["x"].shape[3] for f in load_dataset(first, model).feeds] == [64, 96]
+
+
+def test_bench_takes_a_per_sample_source(model_path: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy.onnx"
+    copy.write_bytes(model_path.read_bytes())
+    data = npz_folder(tmp_path / "eval", 7)
+    proc = run_cli(
+        "bench", str(model_path), str(copy), "--data", str(data), "--eval-samples", "5", "--rounds", "2",
+        "--providers", "cpu", "--no-memory", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    bench = json.loads(proc.stdout)["benchmark"]
+    assert bench["eval_samples"] == 5 and [s["count"] for s in bench["latency_shapes"]] == [2, 2, 1]
+    row = next(r for r in bench["rows"] if r["provider"] == "cpu")
+    assert row["fidelity"]["samples"] == 5 and row["fidelity"]["max_abs"] == 0.0
