@@ -95,8 +95,8 @@ def run_cmd(
 
     human, log = _consoles(json_out)
     rec = load_recipe(recipe, overrides)
-    if calib_samples is not None:  # every pass that calibrates uses N samples, and the run reads N
-        fields = [
+    if calib_samples is not None:  # the run reads N samples and every pass that calibrates uses them all
+        fields = ["data.calibration_samples"] + [
             f"passes.{i}.calibration_samples"
             for i, p in enumerate(rec.passes)
             if "calibration_samples" in type(p).model_fields
@@ -130,8 +130,8 @@ def run_cmd(
         with _library_output_to_stderr(), _warnings_to(log), _Progress(log) as progress:
             try:
                 report = _optimize_and_measure(
-                    model, output, recipe, rec, staged, (calib, data, calib_samples), threads, settings, checks,
-                    benchmarking, attribute, progress,
+                    model, output, recipe, rec, staged, calib, data, threads, settings, checks, benchmarking,
+                    attribute, progress,
                 )  # fmt: skip
             except VerificationError as exc:
                 if attribute:
@@ -203,7 +203,8 @@ def _optimize_and_measure(
     recipe: Path,
     rec: Any,
     staged: Path,
-    sources: tuple[str | None, str | None, int | None],
+    calib: str | None,
+    data: str | None,
     threads: int,
     settings: Any,
     checks: _Checked,
@@ -211,11 +212,8 @@ def _optimize_and_measure(
     attribute: bool,
     log: _Progress,
 ) -> dict[str, Any]:
-    """The work of `run`: passes (saved to the staging path), then benchmark and attribution. `sources`:
-    --calib, --data and --calib-samples."""
+    """The work of `run`: passes (saved to the staging path), then benchmark and attribution."""
     from optimizer_cli.pipeline import run_pipeline
-
-    calib, data, calib_samples = sources
 
     def on_stage(stage: Any) -> None:
         cos = stage.worst_cosine()
@@ -232,7 +230,6 @@ def _optimize_and_measure(
         calibration=calib,
         evaluation=data,
         threads=threads,
-        calib_samples=calib_samples,
         eval_samples=settings.eval_samples,
         on_stage=on_stage,
         on_start=lambda i, label: log.step(f"pass {i + 1} of {len(rec.passes)}: {label}"),

@@ -164,8 +164,8 @@ def run_pipeline(
 ) -> PipelineResult:
     """Check requirements, load, run every pass with a StageVerifier check after each, save.
 
-    Reads the first `calib_samples` calibration samples (default: all of a stacked file, `calibration_limit`
-    of a per-sample source) and the first `eval_samples` evaluation samples (default: all of a stacked file,
+    Reads the first `calib_samples` calibration samples (default: the recipe's data.calibration_samples, else
+    all of a stacked file, `calibration_limit` of a per-sample source) and the first `eval_samples` evaluation samples (default: all of a stacked file,
     what verification uses of a per-sample source; never fewer than that)."""
     input_path = Path(input_path)
     calibration = calibration or recipe.data.calibration
@@ -179,6 +179,7 @@ def run_pipeline(
     notes = normalize(model)
     check_input_model(model, input_path)
     # Stacked files are read whole, as before; a per-sample source (maybe an endless generator) up to a limit.
+    calib_samples = calib_samples or recipe.data.calibration_samples  # the recipe's, or --calib-samples
     if calib_samples is None and calibration and is_per_sample(calibration):
         calib_samples = calibration_limit(recipe)
     if eval_samples is None and evaluation and is_per_sample(evaluation):

@@ -49,6 +49,12 @@ class DataSettings(_Strict):
     evaluation: str | None = Field(
         None, description="Evaluation data for accuracy (the same forms as calibration, without random)."
     )
+    calibration_samples: int | None = Field(
+        None,
+        ge=1,
+        description="Calibration samples read (null: all of a stacked file; of a per-sample source or a loader, "
+        "the most any pass asks for, at least 64). --calib-samples sets it and every pass's calibration_samples.",
+    )
     dims: dict[str, Annotated[int, Field(ge=1)]] = Field(
         {}, description="Symbolic dim values for random inputs, e.g. {batch: 1, sequence: 128}."
     )

@@ -159,6 +159,7 @@ def test_indexed_npz_and_calib_samples(model_path: Path, tmp_path: Path) -> None
     report = check_report(out, 10)
     assert report["stages"][2]["stats"]["calibration"] == f"4 samples from {path}"
     assert report["recipe"]["passes"][2]["calibration_samples"] == 4
+    assert report["recipe"]["data"]["calibration_samples"] == 4  # so re-runs (attribution) read the same 4
 
 
 def test_eval_samples_limits_what_is_read(model_path: Path, tmp_path: Path) -> None:
