@@ -72,7 +72,10 @@ def run_cmd(
     calib: str | None = typer.Option(None, "--calib", help=f"Calibration data: {DATA_FORMS}, or 'random'."),
     data: str | None = typer.Option(None, "--data", help=f"Evaluation data: {DATA_FORMS} (labels optional)."),
     calib_samples: int | None = typer.Option(
-        None, "--calib-samples", min=1, help="Calibration samples read and used (default: the pass's, 64)."
+        None,
+        "--calib-samples",
+        min=1,
+        help="Calibration samples read and used (default: the passes' own, at least 64; all of a stacked file).",
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit without loading the model."),
     bench: bool = typer.Option(True, "--bench/--no-bench", help="Benchmark original vs optimized after the run."),

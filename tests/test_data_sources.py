@@ -408,3 +408,17 @@ def test_bench_takes_a_per_sample_source(model_path: Path, tmp_path: Path) -> No
     assert bench["eval_samples"] == 5 and [s["count"] for s in bench["latency_shapes"]] == [2, 2, 1]
     row = next(r for r in bench["rows"] if r["provider"] == "cpu")
     assert row["fidelity"]["samples"] == 5 and row["fidelity"]["max_abs"] == 0.0
+
+
+def test_no_output_overwrites_a_loader_file_or_a_sample(model_path: Path, tmp_path: Path) -> None:
+    from optimizer_cli.outputs import read_paths
+
+    spec = loader_file(tmp_path / "loader", 2)
+    folder = npz_folder(tmp_path / "lines", 2)
+    reads = read_paths(model_path, {"--calib": spec, "--data": str(folder), "--metric": "pkg.mod:fn"})
+    assert reads[(tmp_path / "loader" / "loader.py").resolve()] == "--calib"
+    assert reads[(folder / "line001.npz").resolve()] == "--data (in its folder)"
+    proc = run_cli(
+        str(model_path), "-r", "recipes/cnn-int8.yaml", "--calib", spec, "-o", str(tmp_path / "loader" / "loader.py")
+    )
+    assert proc.returncode == 2 and "refusing to overwrite --calib" in proc.stderr
