@@ -378,6 +378,8 @@ def _bench_settings(
             "memory": memory,
             "sweep": sweep_points(sweep),
             "eval_samples": eval_samples,
+            "output_kinds": dict(rec.metrics.outputs),
+            "map_threshold": rec.metrics.map_threshold,
         }
     )
 

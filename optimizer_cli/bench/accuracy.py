@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
+from optimizer_cli.bench.output_kinds import OutputKind, classify_outputs, output_fidelity
 from optimizer_cli.data import Dataset
 from optimizer_cli.errors import UserInputError, first_line
 from optimizer_cli.verify import compare_arrays
@@ -17,28 +19,40 @@ Metric = Callable[[list[list[np.ndarray]], list[np.ndarray]], float]
 
 @dataclass
 class Fidelity:
-    """Optimized vs original outputs over the evaluation set (first graph output, unless noted)."""
+    """Optimized vs original outputs over the evaluation set: aggregates over outputs, then per output."""
 
     samples: int
     max_abs: float
     rel_l2: float  # mean over samples
     cosine_mean: float
     cosine_min: float
-    top1_agreement: float | None
+    top1_agreement: float | None  # class-score and sequence-logit outputs only (see output_kinds)
     nonfinite: int = 0  # NaN/Inf values the optimized model produced where the original's were finite
+    per_output: list[dict[str, Any]] = field(default_factory=list)  # output_kinds.output_fidelity entries
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def fidelity(ref: list[list[np.ndarray]], new: list[list[np.ndarray]], output_names: list[str]) -> Fidelity:
-    """Aggregate over samples and outputs: worst max-abs, mean rel-L2, mean/min cosine."""
+def fidelity(
+    ref: list[list[np.ndarray]],
+    new: list[list[np.ndarray]],
+    output_names: list[str],
+    kinds: list[OutputKind] | None = None,
+    map_threshold: float = 0.3,
+) -> Fidelity:
+    """Aggregate over samples and outputs: worst max-abs, mean rel-L2, mean/min cosine; and per output the
+    figures of its kind (classified from the original's outputs unless `kinds` is given)."""
     drifts = [
         compare_arrays(name, a, b)
         for ref_s, new_s in zip(ref, new, strict=True)
         for name, a, b in zip(output_names, ref_s, new_s, strict=True)
     ]
-    tops = [d.top1_agreement for d in drifts if d.top1_agreement is not None]
+    kinds = kinds if kinds is not None else classify_outputs(output_names, ref)
+    per_output = [
+        output_fidelity(kind, [s[i] for s in ref], [s[i] for s in new], map_threshold) for i, kind in enumerate(kinds)
+    ]
+    tops = [p["top1_agreement"] for p in per_output if p["top1_agreement"] is not None]
     return Fidelity(
         samples=len(ref),
         max_abs=max(d.max_abs for d in drifts),
@@ -47,6 +61,7 @@ def fidelity(ref: list[list[np.ndarray]], new: list[list[np.ndarray]], output_na
         cosine_min=min(d.cosine for d in drifts),
         top1_agreement=float(np.mean(tops)) if tops else None,
         nonfinite=sum(d.nonfinite for d in drifts),
+        per_output=per_output,
     )
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from optimizer_cli.bench.output_kinds import KIND_FIGURES
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.runtime.providers import PROVIDER_ALIASES
 
@@ -24,7 +25,18 @@ _PATTERN = re.compile(
     r"(?P<value>-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(?P<pct>%)?\s*$"
 )
 # Metrics that are fractions in [0, 1]: "accuracy_drop>1" (no %) would mean 100 points and never fire.
-FRACTION_METRICS = {"accuracy_drop", "accuracy", "cosine", "cosine_mean", "top1_agreement"}
+FRACTION_METRICS = {
+    "accuracy_drop",
+    "accuracy",
+    "cosine",
+    "cosine_mean",
+    "top1_agreement",
+    "top5_agreement",
+    "position_agreement",
+    "map_iou",
+    "nn_agreement",
+}
+
 # A percentile of n runs is only a percentile when the tail holds a few runs: p90 needs 10 per round, p99 100.
 PERCENTILE_RUNS = {"p90_speedup": 10, "p99_speedup": 100}  # runs per round
 PERCENTILE_TOTAL_RUNS = {"p90_ms": 10, "p99_ms": 100}  # runs in all
@@ -33,6 +45,27 @@ PERCENTILE_TOTAL_RUNS = {"p90_ms": 10, "p99_ms": 100}  # runs in all
 def _get(row: dict[str, Any], section: str, key: str) -> float | None:
     part = row.get(section)
     return None if not part else part.get(key)
+
+
+def _worst_output(row: dict[str, Any], key: str) -> float | None:
+    """The lowest value of a kind-specific figure over the outputs that have it."""
+    values = [p[key] for p in (row.get("fidelity") or {}).get("per_output", []) if p.get(key) is not None]
+    return min(values) if values else None
+
+
+def _worst_output_metric(key: str) -> Callable[[dict[str, Any], dict[str, Any]], float | None]:
+    return lambda row, _: _worst_output(row, key)
+
+
+def _not_measured(gate: Gate, row: dict[str, Any]) -> str:
+    if gate.metric in KIND_FIGURES:
+        kinds = ", ".join(f"{p['name']}={p['kind']}" for p in (row.get("fidelity") or {}).get("per_output", []))
+        return (
+            f"--fail-if '{gate.expression}': no output is of kind {KIND_FIGURES[gate.metric]} (outputs: {kinds or 'none'}); "
+            "set the kind in the recipe's metrics.outputs if the guess is wrong"
+        )
+    need = "labelled evaluation data (--data with labels)" if "accuracy" in gate.metric else "a measurement"
+    return f"--fail-if '{gate.expression}': {gate.metric} was not measured on {row['provider']}; it needs {need}"
 
 
 def _accuracy_drop(row: dict[str, Any]) -> float | None:
@@ -58,6 +91,7 @@ METRICS: dict[str, Callable[[dict[str, Any], dict[str, Any]], float | None]] = {
     "cosine": lambda r, _: _get(r, "fidelity", "cosine_min"),
     "cosine_mean": lambda r, _: _get(r, "fidelity", "cosine_mean"),
     "top1_agreement": lambda r, _: _get(r, "fidelity", "top1_agreement"),
+    **{key: _worst_output_metric(key) for key in KIND_FIGURES},
     "max_abs": lambda r, _: _get(r, "fidelity", "max_abs"),
     "rel_l2": lambda r, _: _get(r, "fidelity", "rel_l2"),
     "nonfinite": lambda r, _: _get(r, "fidelity", "nonfinite"),
@@ -146,10 +180,7 @@ def evaluate(gates: list[Gate], bench: dict[str, Any]) -> list[GateResult]:
         for row in rows:
             value = METRICS[gate.metric](row, bench)
             if value is None:
-                need = "labelled evaluation data (--data with labels)" if "accuracy" in gate.metric else "a measurement"
-                raise UserInputError(
-                    f"--fail-if '{gate.expression}': {gate.metric} was not measured on {row['provider']}; it needs {need}"
-                )
+                raise UserInputError(_not_measured(gate, row))
             label = f"{row['provider']}{'[' + row['shape'] + ']' if row['shape'] else ''}={value:.4g}"
             values.append(label)
             if _OPS[gate.op](value, gate.threshold):
