@@ -114,3 +114,44 @@ def test_gates_take_the_worst_output_of_a_kind_and_name_missing_kinds() -> None:
         evaluate([parse_gate("nn_agreement<0.9")], bench)
     with pytest.raises(UserInputError, match="fraction"):
         parse_gate("map_iou<99")
+
+
+def _map_model(path, shift: float = 0.0) -> None:
+    """A tiny text-detector-like model: conv, relu, conv, sigmoid -> a [N, 1, H, W] probability map."""
+    import onnx
+
+    from .builders import Builder
+
+    b = Builder(0)
+    y = b.conv(b.op("Relu", [b.conv("x", 1, 4)]), 4, 1)
+    if shift:
+        y = b.op("Add", [y, b.const(np.array(shift, np.float32), "shift")])
+    onnx.save(b.model([("x", 1, [2, 1, 16, 16])], [("maps", b.op("Sigmoid", [y]))]), path)
+
+
+def test_cli_reports_map_iou_and_gates_it(tmp_path) -> None:
+    import json
+
+    from .conftest import run_cli
+
+    _map_model(tmp_path / "det.onnx")
+    _map_model(tmp_path / "shifted.onnx", shift=1.0)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes: [{type: cleanup}]\nmetrics: {map_threshold: 0.5}\n")
+    fast = ["--providers", "cpu", "--no-memory", "--json"]
+    proc = run_cli(
+        str(tmp_path / "det.onnx"), "--recipe", str(recipe), "-o", str(tmp_path / "out.onnx"), *fast,
+        "--no-attribute", "--set", "benchmark.rounds=2", "--set", "benchmark.runs_per_round=2",
+        "--fail-if", "map_iou<0.99",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    fid = json.loads(proc.stdout)["benchmark"]["rows"][0]["fidelity"]
+    [entry] = fid["per_output"]
+    assert entry["kind"] == "dense_map" and entry["map_iou"] == 1.0 and entry["map_threshold"] == 0.5
+    assert entry["top1_agreement"] is None and fid["top1_agreement"] is None
+    shifted = [str(tmp_path / "det.onnx"), str(tmp_path / "shifted.onnx"), *fast, "--rounds", "2"]
+    proc = run_cli("bench", *shifted, "--fail-if", "map_iou<0.99")
+    assert proc.returncode == 1, proc.stderr
+    assert json.loads(proc.stdout)["benchmark"]["rows"][0]["fidelity"]["per_output"][0]["map_iou"] < 0.99
+    proc = run_cli("bench", *shifted, "--fail-if", "nn_agreement<0.9")
+    assert proc.returncode == 2 and "no output is of kind embedding (outputs: maps=dense_map)" in proc.stderr
