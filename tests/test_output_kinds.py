@@ -155,3 +155,26 @@ def test_cli_reports_map_iou_and_gates_it(tmp_path) -> None:
     assert json.loads(proc.stdout)["benchmark"]["rows"][0]["fidelity"]["per_output"][0]["map_iou"] < 0.99
     proc = run_cli("bench", *shifted, "--fail-if", "nn_agreement<0.9")
     assert proc.returncode == 2 and "no output is of kind embedding (outputs: maps=dense_map)" in proc.stderr
+
+
+def test_table_prints_a_line_per_output_within_80_columns() -> None:
+    from rich.console import Console
+
+    from optimizer_cli.report.table import render_rich
+
+    from .test_report_table import fake_report
+
+    report = fake_report()
+    row = report["benchmark"]["rows"][0]
+    row["fidelity"]["per_output"] = [
+        {"name": "maps", "kind": "dense_map", "reason": "1 channel map in [0,1]", "cosine_min": 0.974,
+         "rel_l2": 0.2, "max_abs": 0.5, "top1_agreement": None, "map_iou": 0.8312, "map_threshold": 0.3},
+    ]  # fmt: skip
+    row["accuracy_original"] = {"top1": None, "metric": 0.05, "metric_name": "cer", "lower_is_better": True}
+    row["accuracy_optimized"] = {"top1": None, "metric": 0.07, "metric_name": "cer", "lower_is_better": True}
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    render_rich(report, console)
+    text = console.export_text()
+    assert "cpu maps: dense_map (1 channel map in [0,1]): map IoU@0.3 83.12%" in " ".join(text.split())
+    assert "cpu cer: 0.05 original, 0.07 optimized (lower is better)" in text
+    assert max(len(line) for line in text.splitlines() if "--set" not in line) <= 80

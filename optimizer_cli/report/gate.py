@@ -35,6 +35,8 @@ FRACTION_METRICS = {
     "position_agreement",
     "map_iou",
     "nn_agreement",
+    "cer",
+    "miou",
 }
 
 # A percentile of n runs is only a percentile when the tail holds a few runs: p90 needs 10 per round, p99 100.
@@ -64,7 +66,11 @@ def _not_measured(gate: Gate, row: dict[str, Any]) -> str:
             f"--fail-if '{gate.expression}': no output is of kind {KIND_FIGURES[gate.metric]} (outputs: {kinds or 'none'}); "
             "set the kind in the recipe's metrics.outputs if the guess is wrong"
         )
-    need = "labelled evaluation data (--data with labels)" if "accuracy" in gate.metric else "a measurement"
+    need = "a measurement"
+    if gate.metric in ("cer", "miou"):
+        need = f"--metric builtin:{gate.metric} (or the recipe's metrics.task) and labelled evaluation data"
+    elif "accuracy" in gate.metric:
+        need = "labelled evaluation data (--data with labels)"
     return f"--fail-if '{gate.expression}': {gate.metric} was not measured on {row['provider']}; it needs {need}"
 
 
@@ -72,8 +78,13 @@ def _accuracy_drop(row: dict[str, Any]) -> float | None:
     for key in ("top1", "metric"):
         a, b = _get(row, "accuracy_original", key), _get(row, "accuracy_optimized", key)
         if a is not None and b is not None:
-            return a - b
+            return b - a if key == "metric" and _get(row, "accuracy_optimized", "lower_is_better") else a - b
     return None
+
+
+def _task_metric(row: dict[str, Any], name: str) -> float | None:
+    """The optimized model's built-in task metric (builtin:cer, builtin:miou) when that one was measured."""
+    return _get(row, "accuracy_optimized", "metric") if _get(row, "accuracy_optimized", "metric_name") == name else None
 
 
 def _size_ratio(bench: dict[str, Any]) -> float | None:
@@ -88,6 +99,8 @@ METRICS: dict[str, Callable[[dict[str, Any], dict[str, Any]], float | None]] = {
     "p99_speedup": lambda r, _: _get(r, "speedup", "p99"),
     "accuracy_drop": lambda r, _: _accuracy_drop(r),
     "accuracy": lambda r, _: _get(r, "accuracy_optimized", "top1"),
+    "cer": lambda r, _: _task_metric(r, "cer"),
+    "miou": lambda r, _: _task_metric(r, "miou"),
     "cosine": lambda r, _: _get(r, "fidelity", "cosine_min"),
     "cosine_mean": lambda r, _: _get(r, "fidelity", "cosine_mean"),
     "top1_agreement": lambda r, _: _get(r, "fidelity", "top1_agreement"),

@@ -142,6 +142,22 @@ def fidelity_lines(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def accuracy_lines(report: dict[str, Any]) -> list[str]:
+    """The task metric (builtin:cer, builtin:miou or the user's), original vs optimized, once per provider."""
+    out, seen = [], set()
+    for r in report["benchmark"]["rows"]:
+        a, b = (r.get("accuracy_original"), r.get("accuracy_optimized")) if r["usable"] else (None, None)
+        if not a or not b or a.get("metric") is None or r["provider"] in seen:
+            continue
+        seen.add(r["provider"])
+        direction = "lower" if b.get("lower_is_better") else "higher"
+        out.append(
+            f"{r['provider']} {a.get('metric_name') or 'metric'}: {a['metric']:.4g} original, "
+            f"{b['metric']:.4g} optimized ({direction} is better)"
+        )
+    return out
+
+
 def setup_lines(report: dict[str, Any]) -> list[str]:
     """Session setup (incl. TensorRT engine build) is reported apart from latency."""
     out = []
@@ -258,7 +274,7 @@ def render_rich(report: dict[str, Any], console: Console) -> None:
                 part = _columns(head, rows, keep)
                 style = _style_for(console, *part, _BENCH_TEXT) is not False
                 console.print(_table("" if n else title, *part, _BENCH_TEXT, style))
-        for line in fidelity_lines(report) + setup_lines(report) + unusable_lines(report):
+        for line in accuracy_lines(report) + fidelity_lines(report) + setup_lines(report) + unusable_lines(report):
             console.print(f"  {escape(line)}")
         console.print(verdict_line(report))
     for entry in report.get("baseline", []):
@@ -306,7 +322,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         parts.append(_md_table(*stage_rows(report)))
     if report.get("benchmark"):
         parts.append(_md_table(*bench_rows(report)))
-        parts.extend(f"- {line}" for line in fidelity_lines(report) + setup_lines(report) + unusable_lines(report))
+        parts.extend(
+            f"- {line}"
+            for line in accuracy_lines(report) + fidelity_lines(report) + setup_lines(report) + unusable_lines(report)
+        )
         parts.append(f"**{verdict_line(report)}**")
         env = report["benchmark"]["environment"]
         parts.append(
