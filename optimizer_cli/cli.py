@@ -115,6 +115,7 @@ def run_cmd(
     )
     settings = _bench_settings(rec, providers, strict_ep, threads, sweep, eval_samples, memory)
     _check_providers(settings, checks.gates)
+    _check_declared_kinds(model, rec, checks.gates)
     _quiet_runtime()
     plan = checks.plan
     try:
@@ -312,6 +313,21 @@ def _load_metric(metric: str | None, model: Path, metrics: Any) -> Any:
     if metrics is None:
         return load_metric(spec, model=model)
     return load_metric(spec, model=model, charset=metrics.charset, map_threshold=metrics.map_threshold)
+
+
+def _check_declared_kinds(model: Path, rec: Any, gates: list[Any]) -> None:
+    """The recipe's metrics.outputs names real outputs, and kind gates it rules out fail now."""
+    if not rec.metrics.outputs:
+        return
+    import onnx_ir as ir
+
+    from optimizer_cli.analysis.graph import output_names
+    from optimizer_cli.bench.output_kinds import check_declared
+    from optimizer_cli.report.gate import check_declared_kinds
+
+    names = output_names(ir.load(model))  # memory-maps external data: cheap
+    check_declared(names, rec.metrics.outputs)
+    check_declared_kinds(gates, dict(rec.metrics.outputs), names)
 
 
 def _check_providers(settings: Any, gates: list[Any]) -> None:

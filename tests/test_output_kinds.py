@@ -178,3 +178,21 @@ def test_table_prints_a_line_per_output_within_80_columns() -> None:
     assert "cpu maps: dense_map (1 channel map in [0,1]): map IoU@0.3 83.12%" in " ".join(text.split())
     assert "cpu cer: 0.05 original, 0.07 optimized (lower is better)" in text
     assert max(len(line) for line in text.splitlines() if "--set" not in line) <= 80
+
+
+def test_kinds_declared_in_the_recipe_refuse_gates_before_the_work(tmp_path) -> None:
+    from .conftest import run_cli
+
+    _map_model(tmp_path / "det.onnx")
+    out = tmp_path / "out.onnx"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes: [{type: cleanup}]\nmetrics: {outputs: {maps: dense_map}}\n")
+    base = [str(tmp_path / "det.onnx"), "--recipe", str(recipe), "-o", str(out), "--providers", "cpu"]
+    proc = run_cli(*base, "--fail-if", "position_agreement<0.9")
+    assert proc.returncode == 2 and "no output is of kind sequence_logits (recipe metrics.outputs: maps=dense_map)" in (
+        proc.stderr
+    )
+    assert not out.exists(), "refused before the work"
+    recipe.write_text("passes: [{type: cleanup}]\nmetrics: {outputs: {prob: dense_map}}\n")
+    proc = run_cli(*base)
+    assert proc.returncode == 2 and "names ['prob'], not outputs of the model" in proc.stderr

@@ -97,14 +97,19 @@ def classify(name: str, arrays: list[np.ndarray]) -> OutputKind:
     return OutputKind(name, "regression", f"shape {list(shape)}")
 
 
+def check_declared(names: list[str], overrides: Mapping[str, str]) -> None:
+    """The recipe's metrics.outputs may only name graph outputs."""
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise UserInputError(f"recipe metrics.outputs names {unknown}, not outputs of the model (outputs: {names})")
+
+
 def classify_outputs(
     names: list[str], outputs: list[list[np.ndarray]], overrides: Mapping[str, str] | None = None
 ) -> list[OutputKind]:
     """One OutputKind per graph output; the recipe's `metrics.outputs` wins over the heuristic."""
     overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(names))
-    if unknown:
-        raise UserInputError(f"recipe metrics.outputs names {unknown}, not outputs of the model (outputs: {names})")
+    check_declared(names, overrides)
     kinds = []
     for i, name in enumerate(names):
         if name in overrides:

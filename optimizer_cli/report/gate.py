@@ -60,6 +60,12 @@ def _worst_output_metric(key: str) -> Callable[[dict[str, Any], dict[str, Any]],
 
 
 def _not_measured(gate: Gate, row: dict[str, Any]) -> str:
+    outputs = (row.get("fidelity") or {}).get("per_output", [])
+    if gate.metric in KIND_FIGURES and any(p["kind"] == KIND_FIGURES[gate.metric] for p in outputs):
+        return (
+            f"--fail-if '{gate.expression}': {gate.metric} was not measured on {row['provider']}: top5_agreement "
+            "needs more than 5 classes, nn_agreement at least 3 evaluation rows"
+        )
     if gate.metric in KIND_FIGURES:
         kinds = ", ".join(f"{p['name']}={p['kind']}" for p in (row.get("fidelity") or {}).get("per_output", []))
         return (
@@ -178,6 +184,20 @@ def check_measurable(gates: list[Gate], runs_per_round: int, rounds: int, provid
             raise UserInputError(
                 f"--fail-if '{gate.expression}': provider '{gate.provider}' is not benchmarked "
                 f"(benchmarked: {', '.join(providers)})"
+            )
+
+
+def check_declared_kinds(gates: list[Gate], declared: dict[str, str], names: list[str]) -> None:
+    """Before the work: when the recipe's metrics.outputs gives every output's kind, a gate on a figure of a
+    kind no output has is refused now (otherwise kinds are read from the outputs, and it fails after)."""
+    if not names or not set(names) <= set(declared):
+        return
+    for gate in gates:
+        kind = KIND_FIGURES.get(gate.metric)
+        if kind is not None and kind not in declared.values():
+            listed = ", ".join(f"{n}={declared[n]}" for n in names)
+            raise UserInputError(
+                f"--fail-if '{gate.expression}': no output is of kind {kind} (recipe metrics.outputs: {listed})"
             )
 
 
