@@ -196,3 +196,20 @@ def test_kinds_declared_in_the_recipe_refuse_gates_before_the_work(tmp_path) -> 
     recipe.write_text("passes: [{type: cleanup}]\nmetrics: {outputs: {prob: dense_map}}\n")
     proc = run_cli(*base)
     assert proc.returncode == 2 and "names ['prob'], not outputs of the model" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("metrics: {map_threshold: 1.5}", "map_threshold"),
+        ("metrics: {outputs: {y: mask}}", "outputs"),
+        ("metrics: {task: wer}", "task"),
+        ("metrics: {treshold: 0.3}", "treshold"),
+    ],
+)
+def test_recipe_metrics_section_is_validated(text: str, needle: str) -> None:
+    from optimizer_cli.recipe import parse_recipe
+
+    assert parse_recipe("metrics: {outputs: {maps: dense_map}, map_threshold: 0.5, task: cer}").metrics.task == "cer"
+    with pytest.raises(UserInputError, match=needle):
+        parse_recipe(text)
