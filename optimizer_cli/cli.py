@@ -84,7 +84,9 @@ def run_cmd(
     threads: int | None = typer.Option(None, "--threads", help="Intra-op threads (default: recipe, 2)."),
     sweep: list[str] = typer.Option([], "--sweep", help="Shape sweep, e.g. batch=1,8 (repeatable)."),
     eval_samples: int = typer.Option(256, "--eval-samples", min=1, help="Cap on evaluation samples."),
-    metric: str | None = typer.Option(None, "--metric", help="User metric module:function(outputs, labels)."),
+    metric: str | None = typer.Option(
+        None, "--metric", help="builtin:cer, builtin:miou, or your module:function / file.py:function."
+    ),
     fail_if: list[str] = typer.Option([], "--fail-if", help="Exit 1 if true, e.g. 'accuracy_drop>1%', 'speedup<1.5'."),
     baseline: Path | None = typer.Option(None, "--baseline", help="Compare with a stored --json report."),
     attribute: bool = typer.Option(True, "--attribute/--no-attribute", help="Find layers that cost fidelity."),
@@ -123,9 +125,11 @@ def run_cmd(
         markdown=markdown,
         report_path=report_path,
         benchmarking=benchmarking,
+        metrics=rec.metrics,
     )
     settings = _bench_settings(rec, providers, strict_ep, threads, sweep, eval_samples, memory)
     _check_providers(settings, checks.gates)
+    _check_declared_kinds(model, rec, checks.gates)
     _quiet_runtime()
     plan = checks.plan
     try:
@@ -292,9 +296,9 @@ def _preflight(
     markdown: Path | None,
     report_path: Path | None,
     benchmarking: bool,
+    metrics: Any = None,
 ) -> _Checked:
     """Validate every flag and path before the model is loaded: a mistake costs nothing and writes nothing."""
-    from optimizer_cli.bench.accuracy import load_metric
     from optimizer_cli.outputs import OutputPlan, read_paths
     from optimizer_cli.report.baseline import load_baseline
 
@@ -309,9 +313,36 @@ def _preflight(
     return _Checked(
         gates=gates,
         baseline=load_baseline(baseline) if baseline is not None else None,
-        metric=load_metric(metric) if metric else None,
+        metric=_load_metric(metric, model, metrics),
         plan=plan,
     )
+
+
+def _load_metric(metric: str | None, model: Path, metrics: Any) -> Any:
+    """--metric, else the recipe's metrics.task; builtin:cer reads its charset (or the model's metadata) now."""
+    from optimizer_cli.bench.accuracy import load_metric
+
+    spec = metric or (f"builtin:{metrics.task}" if metrics is not None and metrics.task else None)
+    if spec is None:
+        return None
+    if metrics is None:
+        return load_metric(spec, model=model)
+    return load_metric(spec, model=model, charset=metrics.charset, map_threshold=metrics.map_threshold)
+
+
+def _check_declared_kinds(model: Path, rec: Any, gates: list[Any]) -> None:
+    """The recipe's metrics.outputs names real outputs, and kind gates it rules out fail now."""
+    if not rec.metrics.outputs:
+        return
+    import onnx_ir as ir
+
+    from optimizer_cli.analysis.graph import output_names
+    from optimizer_cli.bench.output_kinds import check_declared
+    from optimizer_cli.report.gate import check_declared_kinds
+
+    names = output_names(ir.load(model))  # memory-maps external data: cheap
+    check_declared(names, rec.metrics.outputs)
+    check_declared_kinds(gates, dict(rec.metrics.outputs), names)
 
 
 def _check_providers(settings: Any, gates: list[Any]) -> None:
@@ -393,6 +424,8 @@ def _bench_settings(
             "memory": memory,
             "sweep": sweep_points(sweep),
             "eval_samples": eval_samples,
+            "output_kinds": dict(rec.metrics.outputs),
+            "map_threshold": rec.metrics.map_threshold,
         }
     )
 

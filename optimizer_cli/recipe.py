@@ -87,6 +87,29 @@ class BenchmarkSettings(_Strict):
     )
 
 
+OutputKindName = Literal["class_scores", "sequence_logits", "dense_map", "embedding", "regression"]
+OUTPUT_KINDS: tuple[str, ...] = OutputKindName.__args__  # type: ignore[attr-defined]
+
+
+class MetricsSettings(_Strict):
+    outputs: dict[str, OutputKindName] = Field(
+        {},
+        description="Kind of a graph output by name (class_scores, sequence_logits, dense_map, embedding, "
+        "regression), where the shape-and-values heuristic guesses wrong; picks its fidelity figures.",
+    )
+    map_threshold: float = Field(
+        0.3, gt=0, lt=1, description="Threshold of dense maps for map_iou and miou (0.3 like DB text detectors)."
+    )
+    charset: str | None = Field(
+        None,
+        description="builtin:cer alphabet: a text file, one character per line (index i+1; 0 is the CTC blank); "
+        "null: the model's metadata_props 'character' list (PaddleOCR exports).",
+    )
+    task: Literal["cer", "miou"] | None = Field(
+        None, description="Built-in task metric with labels (as --metric builtin:NAME; the flag wins)."
+    )
+
+
 def _pass_union() -> Any:
     configs = tuple(cls.Config for cls in PASS_REGISTRY.values())
     return Annotated[Union[configs], Field(discriminator="type")]  # noqa: UP007
@@ -99,6 +122,7 @@ class Recipe(_Strict):
     verify: VerifySettings = Field(VerifySettings(), description="Checks between passes.")
     data: DataSettings = Field(DataSettings(), description="Data for calibration, evaluation and random inputs.")
     benchmark: BenchmarkSettings = Field(BenchmarkSettings(), description="Benchmark settings.")
+    metrics: MetricsSettings = Field(MetricsSettings(), description="What the outputs are and how they are scored.")
 
 
 def _line_map(text: str) -> dict[tuple, int]:

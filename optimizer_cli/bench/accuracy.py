@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from optimizer_cli.bench.output_kinds import OutputKind, classify_outputs, output_fidelity
+from optimizer_cli.bench.task_metrics import BuiltinMetric, builtin_metric, load_charset
 from optimizer_cli.data import Dataset
 from optimizer_cli.errors import UserInputError, first_line
 from optimizer_cli.verify import compare_arrays
@@ -17,28 +22,40 @@ Metric = Callable[[list[list[np.ndarray]], list[np.ndarray]], float]
 
 @dataclass
 class Fidelity:
-    """Optimized vs original outputs over the evaluation set (first graph output, unless noted)."""
+    """Optimized vs original outputs over the evaluation set: aggregates over outputs, then per output."""
 
     samples: int
     max_abs: float
     rel_l2: float  # mean over samples
     cosine_mean: float
     cosine_min: float
-    top1_agreement: float | None
+    top1_agreement: float | None  # class-score and sequence-logit outputs only (see output_kinds)
     nonfinite: int = 0  # NaN/Inf values the optimized model produced where the original's were finite
+    per_output: list[dict[str, Any]] = field(default_factory=list)  # output_kinds.output_fidelity entries
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def fidelity(ref: list[list[np.ndarray]], new: list[list[np.ndarray]], output_names: list[str]) -> Fidelity:
-    """Aggregate over samples and outputs: worst max-abs, mean rel-L2, mean/min cosine."""
+def fidelity(
+    ref: list[list[np.ndarray]],
+    new: list[list[np.ndarray]],
+    output_names: list[str],
+    kinds: list[OutputKind] | None = None,
+    map_threshold: float = 0.3,
+) -> Fidelity:
+    """Aggregate over samples and outputs: worst max-abs, mean rel-L2, mean/min cosine; and per output the
+    figures of its kind (classified from the original's outputs unless `kinds` is given)."""
     drifts = [
         compare_arrays(name, a, b)
         for ref_s, new_s in zip(ref, new, strict=True)
         for name, a, b in zip(output_names, ref_s, new_s, strict=True)
     ]
-    tops = [d.top1_agreement for d in drifts if d.top1_agreement is not None]
+    kinds = kinds if kinds is not None else classify_outputs(output_names, ref)
+    per_output = [
+        output_fidelity(kind, [s[i] for s in ref], [s[i] for s in new], map_threshold) for i, kind in enumerate(kinds)
+    ]
+    tops = [p["top1_agreement"] for p in per_output if p["top1_agreement"] is not None]
     return Fidelity(
         samples=len(ref),
         max_abs=max(d.max_abs for d in drifts),
@@ -47,6 +64,7 @@ def fidelity(ref: list[list[np.ndarray]], new: list[list[np.ndarray]], output_na
         cosine_min=min(d.cosine for d in drifts),
         top1_agreement=float(np.mean(tops)) if tops else None,
         nonfinite=sum(d.nonfinite for d in drifts),
+        per_output=per_output,
     )
 
 
@@ -63,13 +81,21 @@ def topk_accuracy(outputs: list[list[np.ndarray]], labels: list[np.ndarray], k: 
     return hits / total if total else None
 
 
-def load_metric(spec: str) -> Metric:
-    """'package.module:function' taking (outputs per sample, labels per sample) -> float."""
+def load_metric(
+    spec: str, *, model: Path | None = None, charset: str | None = None, map_threshold: float = 0.3
+) -> Metric:
+    """'builtin:cer' / 'builtin:miou' (bench.task_metrics; cer reads `charset` or the model's metadata), or a
+    user's 'package.module:function' / 'path/file.py:function' taking (outputs per sample, labels per
+    sample) -> float, higher is better (docs/metric_plugin_example.py)."""
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        chars = load_charset(charset, model) if name == "cer" else None
+        return builtin_metric(name, charset=chars, map_threshold=map_threshold)
     if ":" not in spec:
-        raise UserInputError(f"--metric '{spec}': expected module:function")
-    module_name, func_name = spec.split(":", 1)
+        raise UserInputError(f"--metric '{spec}': expected module:function, path/file.py:function or builtin:NAME")
+    module_name, func_name = spec.rsplit(":", 1)
     try:
-        module = importlib.import_module(module_name)
+        module = _import_metric_module(module_name)
         func = getattr(module, func_name)
     except Exception as exc:  # ImportError, AttributeError, or whatever the module raises at import
         raise UserInputError(f"--metric '{spec}': cannot import ({type(exc).__name__}: {first_line(exc)})") from exc
@@ -78,11 +104,25 @@ def load_metric(spec: str) -> Metric:
     return func
 
 
+def _import_metric_module(name: str) -> Any:
+    """A dotted module name, or a .py file path loaded as a module of its own."""
+    if not name.endswith(".py"):
+        return importlib.import_module(name)
+    spec = importlib.util.spec_from_file_location(Path(name).stem, name)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {name}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @dataclass
 class Accuracy:
     top1: float | None
     top5: float | None
     metric: float | None
+    metric_name: str | None = None  # builtin:NAME's NAME, or module:function
+    lower_is_better: bool = False  # builtin:cer; accuracy_drop turns the sign so a drop is still bad news
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -91,16 +131,25 @@ class Accuracy:
 def accuracy(outputs: list[list[np.ndarray]], data: Dataset, metric: Metric | None) -> Accuracy | None:
     if data.labels is None:
         return None
+    classes = all(np.issubdtype(np.asarray(lab).dtype, np.integer) for lab in data.labels)
     return Accuracy(
-        top1=topk_accuracy(outputs, data.labels, 1),
-        top5=topk_accuracy(outputs, data.labels, 5),
+        top1=topk_accuracy(outputs, data.labels, 1) if classes else None,
+        top5=topk_accuracy(outputs, data.labels, 5) if classes else None,
         metric=_call_metric(metric, outputs, data.labels) if metric else None,
+        metric_name=_metric_name(metric) if metric else None,
+        lower_is_better=bool(getattr(metric, "lower_is_better", False)),
     )
+
+
+def _metric_name(metric: Metric) -> str:
+    if isinstance(metric, BuiltinMetric):
+        return metric.name
+    return f"{getattr(metric, '__module__', '?')}:{getattr(metric, '__qualname__', metric)}"
 
 
 def _call_metric(metric: Metric, outputs: list[list[np.ndarray]], labels: list[np.ndarray]) -> float:
     """The user's metric; whatever it raises or returns that is not a number is their error (exit 2)."""
-    name = f"{getattr(metric, '__module__', '?')}:{getattr(metric, '__qualname__', metric)}"
+    name = _metric_name(metric)
     try:
         value = float(metric(outputs, labels))
     except Exception as exc:

@@ -25,6 +25,7 @@ from optimizer_cli.bench.latency import (
     measure_ab,
 )
 from optimizer_cli.bench.memory import session_peak_memory
+from optimizer_cli.bench.output_kinds import classify_outputs
 from optimizer_cli.data import Dataset, input_specs, random_feed, shape_mix, shape_text
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.model_io import file_size
@@ -56,6 +57,8 @@ class BenchSettings:
     eval_samples: int | None = None
     latency_samples: int = 32  # evaluation inputs the latency rounds cycle through
     max_seconds: float = 300.0  # per provider, accuracy and latency together; slow models get fewer runs
+    output_kinds: dict[str, str] = field(default_factory=dict)  # recipe metrics.outputs: kind by output name
+    map_threshold: float = 0.3  # recipe metrics.map_threshold
 
 
 @dataclass
@@ -342,7 +345,13 @@ def _quality(
     return {
         "accuracy_original": accuracy(outs_a, data, metric),
         "accuracy_optimized": accuracy(outs_b, data, metric),
-        "fidelity": fidelity(outs_a, outs_b, output_names(model)),
+        "fidelity": fidelity(
+            outs_a,
+            outs_b,
+            output_names(model),
+            classify_outputs(output_names(model), outs_a, settings.output_kinds),
+            settings.map_threshold,
+        ),
         **memory,
     }
 

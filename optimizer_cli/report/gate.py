@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from optimizer_cli.bench.output_kinds import KIND_FIGURES
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.runtime.providers import PROVIDER_ALIASES
 
@@ -24,7 +25,20 @@ _PATTERN = re.compile(
     r"(?P<value>-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(?P<pct>%)?\s*$"
 )
 # Metrics that are fractions in [0, 1]: "accuracy_drop>1" (no %) would mean 100 points and never fire.
-FRACTION_METRICS = {"accuracy_drop", "accuracy", "cosine", "cosine_mean", "top1_agreement"}
+FRACTION_METRICS = {
+    "accuracy_drop",
+    "accuracy",
+    "cosine",
+    "cosine_mean",
+    "top1_agreement",
+    "top5_agreement",
+    "position_agreement",
+    "map_iou",
+    "nn_agreement",
+    "cer",
+    "miou",
+}
+
 # A percentile of n runs is only a percentile when the tail holds a few runs: p90 needs 10 per round, p99 100.
 PERCENTILE_RUNS = {"p90_speedup": 10, "p99_speedup": 100}  # runs per round
 PERCENTILE_TOTAL_RUNS = {"p90_ms": 10, "p99_ms": 100}  # runs in all
@@ -35,12 +49,48 @@ def _get(row: dict[str, Any], section: str, key: str) -> float | None:
     return None if not part else part.get(key)
 
 
+def _worst_output(row: dict[str, Any], key: str) -> float | None:
+    """The lowest value of a kind-specific figure over the outputs that have it."""
+    values = [p[key] for p in (row.get("fidelity") or {}).get("per_output", []) if p.get(key) is not None]
+    return min(values) if values else None
+
+
+def _worst_output_metric(key: str) -> Callable[[dict[str, Any], dict[str, Any]], float | None]:
+    return lambda row, _: _worst_output(row, key)
+
+
+def _not_measured(gate: Gate, row: dict[str, Any]) -> str:
+    outputs = (row.get("fidelity") or {}).get("per_output", [])
+    if gate.metric in KIND_FIGURES and any(p["kind"] == KIND_FIGURES[gate.metric] for p in outputs):
+        return (
+            f"--fail-if '{gate.expression}': {gate.metric} was not measured on {row['provider']}: top5_agreement "
+            "needs more than 5 classes, nn_agreement at least 3 evaluation rows"
+        )
+    if gate.metric in KIND_FIGURES:
+        kinds = ", ".join(f"{p['name']}={p['kind']}" for p in (row.get("fidelity") or {}).get("per_output", []))
+        return (
+            f"--fail-if '{gate.expression}': no output is of kind {KIND_FIGURES[gate.metric]} (outputs: {kinds or 'none'}); "
+            "set the kind in the recipe's metrics.outputs if the guess is wrong"
+        )
+    need = "a measurement"
+    if gate.metric in ("cer", "miou"):
+        need = f"--metric builtin:{gate.metric} (or the recipe's metrics.task) and labelled evaluation data"
+    elif "accuracy" in gate.metric:
+        need = "labelled evaluation data (--data with labels)"
+    return f"--fail-if '{gate.expression}': {gate.metric} was not measured on {row['provider']}; it needs {need}"
+
+
 def _accuracy_drop(row: dict[str, Any]) -> float | None:
     for key in ("top1", "metric"):
         a, b = _get(row, "accuracy_original", key), _get(row, "accuracy_optimized", key)
         if a is not None and b is not None:
-            return a - b
+            return b - a if key == "metric" and _get(row, "accuracy_optimized", "lower_is_better") else a - b
     return None
+
+
+def _task_metric(row: dict[str, Any], name: str) -> float | None:
+    """The optimized model's built-in task metric (builtin:cer, builtin:miou) when that one was measured."""
+    return _get(row, "accuracy_optimized", "metric") if _get(row, "accuracy_optimized", "metric_name") == name else None
 
 
 def _size_ratio(bench: dict[str, Any]) -> float | None:
@@ -55,9 +105,12 @@ METRICS: dict[str, Callable[[dict[str, Any], dict[str, Any]], float | None]] = {
     "p99_speedup": lambda r, _: _get(r, "speedup", "p99"),
     "accuracy_drop": lambda r, _: _accuracy_drop(r),
     "accuracy": lambda r, _: _get(r, "accuracy_optimized", "top1"),
+    "cer": lambda r, _: _task_metric(r, "cer"),
+    "miou": lambda r, _: _task_metric(r, "miou"),
     "cosine": lambda r, _: _get(r, "fidelity", "cosine_min"),
     "cosine_mean": lambda r, _: _get(r, "fidelity", "cosine_mean"),
     "top1_agreement": lambda r, _: _get(r, "fidelity", "top1_agreement"),
+    **{key: _worst_output_metric(key) for key in KIND_FIGURES},
     "max_abs": lambda r, _: _get(r, "fidelity", "max_abs"),
     "rel_l2": lambda r, _: _get(r, "fidelity", "rel_l2"),
     "nonfinite": lambda r, _: _get(r, "fidelity", "nonfinite"),
@@ -134,6 +187,20 @@ def check_measurable(gates: list[Gate], runs_per_round: int, rounds: int, provid
             )
 
 
+def check_declared_kinds(gates: list[Gate], declared: dict[str, str], names: list[str]) -> None:
+    """Before the work: when the recipe's metrics.outputs gives every output's kind, a gate on a figure of a
+    kind no output has is refused now (otherwise kinds are read from the outputs, and it fails after)."""
+    if not names or not set(names) <= set(declared):
+        return
+    for gate in gates:
+        kind = KIND_FIGURES.get(gate.metric)
+        if kind is not None and kind not in declared.values():
+            listed = ", ".join(f"{n}={declared[n]}" for n in names)
+            raise UserInputError(
+                f"--fail-if '{gate.expression}': no output is of kind {kind} (recipe metrics.outputs: {listed})"
+            )
+
+
 def evaluate(gates: list[Gate], bench: dict[str, Any]) -> list[GateResult]:
     """A gate is violated when its condition holds on any measured provider row it applies to."""
     results = []
@@ -146,10 +213,7 @@ def evaluate(gates: list[Gate], bench: dict[str, Any]) -> list[GateResult]:
         for row in rows:
             value = METRICS[gate.metric](row, bench)
             if value is None:
-                need = "labelled evaluation data (--data with labels)" if "accuracy" in gate.metric else "a measurement"
-                raise UserInputError(
-                    f"--fail-if '{gate.expression}': {gate.metric} was not measured on {row['provider']}; it needs {need}"
-                )
+                raise UserInputError(_not_measured(gate, row))
             label = f"{row['provider']}{'[' + row['shape'] + ']' if row['shape'] else ''}={value:.4g}"
             values.append(label)
             if _OPS[gate.op](value, gate.threshold):

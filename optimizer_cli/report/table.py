@@ -113,6 +113,51 @@ def unusable_lines(report: dict[str, Any]) -> list[str]:
     return [f"{r['provider']}: not benchmarked, {r['reason']}" for r in report["benchmark"]["rows"] if not r["usable"]]
 
 
+_FIGURES = (
+    ("top1_agreement", "top-1 agree"),
+    ("top5_agreement", "top-5 agree"),
+    ("position_agreement", "position agree"),
+    ("map_iou", "map IoU"),
+    ("nn_agreement", "NN agree"),
+)
+
+
+def fidelity_lines(report: dict[str, Any]) -> list[str]:
+    """One line per provider and output: its kind, why, and the figures that mean something for it."""
+    out, seen = [], set()
+    for r in report["benchmark"]["rows"]:
+        fid = r.get("fidelity") if r["usable"] else None
+        if not fid or r["provider"] in seen:
+            continue
+        seen.add(r["provider"])  # sweep points share one fidelity measurement
+        for p in fid.get("per_output", []):
+            at = f"@{p['map_threshold']:g}" if p.get("map_threshold") is not None else ""
+            figures = [
+                f"{label}{at if key == 'map_iou' else ''} {_pct(p[key])}"
+                for key, label in _FIGURES
+                if p.get(key) is not None
+            ]
+            figures += [f"cosine min {_f(p['cosine_min'], '.5f')}", f"rel-L2 {_f(p['rel_l2'], '.3g')}"]
+            out.append(f"{r['provider']} {p['name']}: {p['kind']} ({p['reason']}): " + ", ".join(figures))
+    return out
+
+
+def accuracy_lines(report: dict[str, Any]) -> list[str]:
+    """The task metric (builtin:cer, builtin:miou or the user's), original vs optimized, once per provider."""
+    out, seen = [], set()
+    for r in report["benchmark"]["rows"]:
+        a, b = (r.get("accuracy_original"), r.get("accuracy_optimized")) if r["usable"] else (None, None)
+        if not a or not b or a.get("metric") is None or r["provider"] in seen:
+            continue
+        seen.add(r["provider"])
+        direction = "lower" if b.get("lower_is_better") else "higher"
+        out.append(
+            f"{r['provider']} {a.get('metric_name') or 'metric'}: {a['metric']:.4g} original, "
+            f"{b['metric']:.4g} optimized ({direction} is better)"
+        )
+    return out
+
+
 def setup_lines(report: dict[str, Any]) -> list[str]:
     """Session setup (incl. TensorRT engine build) is reported apart from latency."""
     out = []
@@ -229,8 +274,8 @@ def render_rich(report: dict[str, Any], console: Console) -> None:
                 part = _columns(head, rows, keep)
                 style = _style_for(console, *part, _BENCH_TEXT) is not False
                 console.print(_table("" if n else title, *part, _BENCH_TEXT, style))
-        for line in setup_lines(report) + unusable_lines(report):
-            console.print(f"  {line}")
+        for line in accuracy_lines(report) + fidelity_lines(report) + setup_lines(report) + unusable_lines(report):
+            console.print(f"  {escape(line)}")
         console.print(verdict_line(report))
     for entry in report.get("baseline", []):
         console.print(
@@ -277,7 +322,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         parts.append(_md_table(*stage_rows(report)))
     if report.get("benchmark"):
         parts.append(_md_table(*bench_rows(report)))
-        parts.extend(f"- {line}" for line in setup_lines(report) + unusable_lines(report))
+        parts.extend(
+            f"- {line}"
+            for line in accuracy_lines(report) + fidelity_lines(report) + setup_lines(report) + unusable_lines(report)
+        )
         parts.append(f"**{verdict_line(report)}**")
         env = report["benchmark"]["environment"]
         parts.append(
