@@ -96,17 +96,8 @@ def run_cmd(
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak session memory."),
 ) -> None:
     """Run a recipe on MODEL, verify every pass, save, and benchmark original vs optimized."""
-    from optimizer_cli.recipe import load_recipe
-
     human, log = _consoles(json_out)
-    rec = load_recipe(recipe, overrides)
-    if calib_samples is not None:  # the run reads N samples and every pass that calibrates uses them all
-        fields = ["data.calibration_samples"] + [
-            f"passes.{i}.calibration_samples"
-            for i, p in enumerate(rec.passes)
-            if "calibration_samples" in type(p).model_fields
-        ]
-        rec = load_recipe(recipe, [*overrides, *(f"{f}={calib_samples}" for f in fields)])
+    rec = _run_recipe(recipe, overrides, calib_samples)
     output = output or model.with_name(model.stem + ".opt.onnx")
     if dry_run:
         _parse_gates(fail_if)
@@ -147,6 +138,22 @@ def run_cmd(
         _finish(report, checks, json_out, human, log)
     finally:
         plan.discard()
+
+
+def _run_recipe(recipe: Path, overrides: list[str], calib_samples: int | None) -> Any:
+    """The recipe with --set applied; --calib-samples N makes the run read N samples and every pass that
+    calibrates use them all."""
+    from optimizer_cli.recipe import load_recipe
+
+    rec = load_recipe(recipe, overrides)
+    if calib_samples is None:
+        return rec
+    fields = ["data.calibration_samples"] + [
+        f"passes.{i}.calibration_samples"
+        for i, p in enumerate(rec.passes)
+        if "calibration_samples" in type(p).model_fields
+    ]
+    return load_recipe(recipe, [*overrides, *(f"{f}={calib_samples}" for f in fields)])
 
 
 def _attribute_failure(
