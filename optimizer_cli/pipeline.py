@@ -21,7 +21,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from optimizer_cli.analysis.graph import node_count
-from optimizer_cli.data import Dataset, data_problem, is_per_sample, random_dataset, resolve_dataset
+from optimizer_cli.data import Dataset, data_problem, is_per_sample, random_dataset, resolve_dataset, shape_text
 from optimizer_cli.errors import UserInputError, VerificationError, first_line
 from optimizer_cli.model_io import (
     check_output_path,
@@ -278,8 +278,16 @@ def _verifier(model: ir.Model, recipe: Recipe, data: Dataset, threads: int, inpu
             numeric=vs.enabled,
         )
     except Exception as exc:  # e.g. an IR version or op this onnxruntime does not know, or bad data shapes
+        hint = ""
+        if data.is_random:  # the usual cause: symbolic dims resolved to 1 (an audio chunk of one sample)
+            hint = (
+                f" (verified on seeded random inputs {shape_text({k: list(v.shape) for k, v in data.feeds[0].items()})}: "
+                "give real data with "
+                "--data/--calib, or set named dims with --set data.dims.NAME=N)"
+            )
         raise UserInputError(
-            f"onnxruntime cannot run the input model on the verification data: {ort_error_message(exc)}", input_path
+            f"onnxruntime cannot run the input model on the verification data: {ort_error_message(exc)}{hint}",
+            input_path,
         ) from exc
 
 

@@ -499,3 +499,24 @@ def test_verification_failure_offers_the_patch_that_passes(examples_dir: Path, t
     assert patch.startswith("--set 'passes.2.exclude_nodes=")
     fixed = run_cli(*args, "--no-bench", "--set", patch.removeprefix("--set ").strip("'"))
     assert fixed.returncode == 0, fixed.stderr
+
+
+def test_random_inputs_that_the_model_cannot_run_say_what_to_give(tmp_path: Path) -> None:
+    """Unnamed symbolic dims become 1 in random inputs: a model that needs more says so, naming the shapes."""
+    shape = numpy_helper.from_array(np.array([2, -1], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, None])],
+        [shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "pairs.onnx")
+    (tmp_path / "r.yaml").write_text("passes:\n  - type: cleanup\n")
+    proc = run_cli(
+        str(tmp_path / "pairs.onnx"), "-r", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "o.onnx"), "--no-bench"
+    )
+    line = _one_error_line(proc)
+    assert "seeded random inputs x[1]" in line and "--data" in line
