@@ -232,7 +232,9 @@ def suggest_knob(recipe: Any, index: int, excluded_tried: bool = False) -> str:
         if cfg.mode in ("dynamic", "static") and not cfg.per_channel:
             tips.append(f"{key}.per_channel=true")
         if cfg.mode == "static" and cfg.calibration_method == "minmax":
-            tips.append(f"{key}.calibration_method=percentile")
+            tips.append(f"{key}.calibration_method=percentile (calibration samples of one shape)")
+        if cfg.mode == "static":  # MatMul/Gemm in int8, convolutions kept in float
+            tips.append(f"{key}.mode=dynamic")
         return "try " + ", or ".join(tips) if tips else f"this threshold is out of reach for {key} ({cfg.mode})"
     if "exclude_nodes" in type(cfg).model_fields:
         return f"exclude layers with {key}.exclude_nodes"
