@@ -14,12 +14,8 @@ sample is checked on its own (dtype, rank, fixed dims) and only the first `limit
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
 import itertools
 import re
-import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +26,7 @@ import onnx_ir as ir
 
 from optimizer_cli.analysis.graph import name_of
 from optimizer_cli.errors import UserInputError, first_line
+from optimizer_cli.plugins import import_function
 
 LABEL_KEYS = ("labels", "label")
 
@@ -485,38 +482,9 @@ def _indexed_npz(path: Path, specs: list[InputSpec], limit: int | None) -> Datas
     return _collect(samples, str(path), path)
 
 
-def _import_loader(spec: str) -> Any:
-    """The function a 'module:function' or 'file.py:function' spec names."""
-    target, _, func_name = spec.rpartition(":")
-    try:
-        if target.endswith(".py"):
-            file = Path(target).resolve()
-            # A name of its own per file (two loader.py files do not collide), registered before it runs
-            # as an import would be (dataclasses and pickling look their module up in sys.modules).
-            name = f"_optimizer_data_loader_{hashlib.sha256(str(file).encode()).hexdigest()[:12]}"
-            module_spec = importlib.util.spec_from_file_location(name, file)
-            if module_spec is None or module_spec.loader is None:
-                raise ImportError(f"cannot load {file}")
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[name] = module
-            try:
-                module_spec.loader.exec_module(module)
-            except BaseException:
-                del sys.modules[name]
-                raise
-        else:
-            module = importlib.import_module(target)
-        func = getattr(module, func_name)
-    except Exception as exc:  # ImportError, AttributeError, or whatever the module raises at import
-        raise UserInputError(f"data loader '{spec}': cannot import ({type(exc).__name__}: {first_line(exc)})") from exc
-    if not callable(func):
-        raise UserInputError(f"data loader '{spec}': {func_name} is not a function")
-    return func
-
-
 def _loader_items(spec: str, limit: int | None) -> Iterator[tuple[int, Any]]:
     """The loader's items, pulled one at a time and never past `limit`."""
-    func = _import_loader(spec)
+    func = import_function(spec, f"data loader '{spec}'")
     try:
         iterator = iter(func())
     except Exception as exc:

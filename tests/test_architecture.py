@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "optimizer_cli"
 
 LAYERS: list[tuple[str, ...]] = [
     ("optimizer_cli", "errors"),
-    ("analysis", "model_io", "data", "runtime", "verify", "ir_compat", "outputs"),
+    ("analysis", "model_io", "data", "runtime", "verify", "ir_compat", "outputs", "plugins"),
     ("passes",),
     ("recipe", "pipeline"),
     ("bench",),

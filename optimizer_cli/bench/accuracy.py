@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,6 +13,7 @@ from optimizer_cli.bench.output_kinds import OutputKind, classify_outputs, outpu
 from optimizer_cli.bench.task_metrics import BuiltinMetric, builtin_metric, load_charset
 from optimizer_cli.data import Dataset
 from optimizer_cli.errors import UserInputError, first_line
+from optimizer_cli.plugins import import_function
 from optimizer_cli.verify import compare_arrays
 
 Metric = Callable[[list[list[np.ndarray]], list[np.ndarray]], float]
@@ -93,27 +92,7 @@ def load_metric(
         return builtin_metric(name, charset=chars, map_threshold=map_threshold)
     if ":" not in spec:
         raise UserInputError(f"--metric '{spec}': expected module:function, path/file.py:function or builtin:NAME")
-    module_name, func_name = spec.rsplit(":", 1)
-    try:
-        module = _import_metric_module(module_name)
-        func = getattr(module, func_name)
-    except Exception as exc:  # ImportError, AttributeError, or whatever the module raises at import
-        raise UserInputError(f"--metric '{spec}': cannot import ({type(exc).__name__}: {first_line(exc)})") from exc
-    if not callable(func):
-        raise UserInputError(f"--metric '{spec}': {func_name} is not a function")
-    return func
-
-
-def _import_metric_module(name: str) -> Any:
-    """A dotted module name, or a .py file path loaded as a module of its own."""
-    if not name.endswith(".py"):
-        return importlib.import_module(name)
-    spec = importlib.util.spec_from_file_location(Path(name).stem, name)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {name}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_function(spec, f"--metric '{spec}'")
 
 
 @dataclass
