@@ -46,6 +46,11 @@ def load_model(path: str | Path) -> ir.Model:
     return model
 
 
+def data_file_of(model_path: Path) -> Path:
+    """The external data file saved beside a model: named after it (`out.onnx.data`)."""
+    return model_path.with_name(model_path.name + ".data")
+
+
 def has_external_data(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in _all_initializers(model.graph))
 
@@ -180,7 +185,7 @@ def _protected_paths(input_path: Path) -> set[Path]:
 def check_output_path(output: Path, input_path: Path) -> None:
     """Refuse an output (or its .data file) that would overwrite the input model or its data."""
     protected = _protected_paths(input_path)
-    for target in (output, output.parent / (output.name + ".data")):
+    for target in (output, data_file_of(output)):
         if target.resolve() in protected:
             raise UserInputError(
                 f"refusing to overwrite the input model or its data with the output ({target})", output
@@ -206,7 +211,7 @@ def save_model(
     if external_data is None:
         external_data = weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES or has_external_data(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data_name = path.name + ".data" if external_data else None
+    data_name = data_file_of(path).name if external_data else None
     tmp_dir = Path(tempfile.mkdtemp(prefix=".optimize-", dir=path.parent))
     try:
         tmp_model = tmp_dir / path.name

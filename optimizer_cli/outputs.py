@@ -18,12 +18,7 @@ from pathlib import Path
 
 from optimizer_cli.data import source_files
 from optimizer_cli.errors import UserInputError
-from optimizer_cli.model_io import external_data_files
-
-
-def data_file_of(model_path: Path) -> Path:
-    """The external data file saved beside a model (model_io names it after the model)."""
-    return model_path.with_name(model_path.name + ".data")
+from optimizer_cli.model_io import data_file_of, external_data_files
 
 
 def read_paths(model: Path, others: dict[str, str | Path | None]) -> dict[Path, str]:
