@@ -23,6 +23,7 @@ import onnx_ir.passes.common as common
 from optimizer_cli.analysis.graph import node_count
 from optimizer_cli.data import Dataset, data_problem, is_per_sample, random_dataset, resolve_dataset, shape_text
 from optimizer_cli.errors import UserInputError, VerificationError, first_line
+from optimizer_cli.ir_compat import normalize_ir_version
 from optimizer_cli.model_io import (
     check_output_path,
     external_data_files,
@@ -112,8 +113,6 @@ def requirement_problems(recipe: Recipe, inputs: RunInputs) -> list[str]:
 
 def normalize(model: ir.Model) -> list[str]:
     """Semantics-preserving set-up every pass relies on: weights as initializers, named nodes."""
-    from optimizer_cli.ir_compat import normalize_ir_version
-
     notes = normalize_ir_version(model)  # first: under IR < 4 every initializer a pass adds is invalid
     constants = sum(1 for n in model.graph if n.op_type == "Constant")
     if lift_constants(model):
@@ -164,9 +163,10 @@ def run_pipeline(
 ) -> PipelineResult:
     """Check requirements, load, run every pass with a StageVerifier check after each, save.
 
-    Reads the first `calib_samples` calibration samples (default: the recipe's data.calibration_samples, else
-    all of a stacked file, `calibration_limit` of a per-sample source) and the first `eval_samples` evaluation samples (default: all of a stacked file,
-    what verification uses of a per-sample source; never fewer than that)."""
+    Reads the first `calib_samples` calibration samples (default: the recipe's data.calibration_samples,
+    else all of a stacked file, `calibration_limit` of a per-sample source) and the first `eval_samples`
+    evaluation samples (default: all of a stacked file, what verification uses of a per-sample source;
+    never fewer than that)."""
     input_path = Path(input_path)
     calibration = calibration or recipe.data.calibration
     evaluation = evaluation or recipe.data.evaluation
