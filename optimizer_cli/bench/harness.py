@@ -17,6 +17,7 @@ from optimizer_cli.analysis.int8 import saturation_note
 from optimizer_cli.bench.accuracy import Accuracy, Fidelity, Metric, accuracy, fidelity
 from optimizer_cli.bench.environment import environment
 from optimizer_cli.bench.latency import (
+    PERCENTILE_MIN_RUNS,
     LatencyPlan,
     LatencyStats,
     SpeedupEstimate,
@@ -180,10 +181,11 @@ def _outcome_notes(rows: list[ProviderRow], settings: BenchSettings) -> list[str
             f"{r.provider}: the optimized model produced {r.fidelity.nonfinite} NaN/Inf values where the original's "
             "outputs were finite (fidelity counts them as failures)"
         )
-    if settings.runs_per_round < 100:
+    need = PERCENTILE_MIN_RUNS[99]
+    if settings.runs_per_round < need:
         notes.append(
-            f"p99 speedup needs >= 100 runs per round (benchmark.runs_per_round is {settings.runs_per_round}): not "
-            "reported"
+            f"p99 speedup needs >= {need} runs per round (benchmark.runs_per_round is {settings.runs_per_round}): "
+            "not reported"
         )
     return notes
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from optimizer_cli.bench.latency import PERCENTILE_MIN_RUNS
 from optimizer_cli.bench.output_kinds import KIND_FIGURES
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.runtime.providers import PROVIDER_ALIASES
@@ -39,9 +40,10 @@ FRACTION_METRICS = {
     "miou",
 }
 
-# A percentile of n runs is only a percentile when the tail holds a few runs: p90 needs 10 per round, p99 100.
-PERCENTILE_RUNS = {"p90_speedup": 10, "p99_speedup": 100}  # runs per round
-PERCENTILE_TOTAL_RUNS = {"p90_ms": 10, "p99_ms": 100}  # runs in all
+# The benchmark reports a percentile only with enough runs for it (bench.latency): a gate on one it cannot
+# report is refused before the work. Speedup percentiles are per round; latency percentiles over all runs.
+PERCENTILE_RUNS = {f"p{q}_speedup": n for q, n in PERCENTILE_MIN_RUNS.items()}  # runs per round
+PERCENTILE_TOTAL_RUNS = {f"p{q}_ms": n for q, n in PERCENTILE_MIN_RUNS.items()}  # runs in all
 
 
 def _get(row: dict[str, Any], section: str, key: str) -> float | None:
