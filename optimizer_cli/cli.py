@@ -345,7 +345,7 @@ def _check_declared_kinds(model: Path, rec: Any, gates: list[Any]) -> None:
 
     from optimizer_cli.analysis.graph import output_names
     from optimizer_cli.bench.output_kinds import check_declared
-    from optimizer_cli.report.gate import check_declared_kinds
+    from optimizer_cli.bench.gate import check_declared_kinds
 
     names = output_names(ir.load(model))  # memory-maps external data: cheap
     check_declared(names, rec.metrics.outputs)
@@ -354,7 +354,7 @@ def _check_declared_kinds(model: Path, rec: Any, gates: list[Any]) -> None:
 
 def _check_providers(settings: Any, gates: list[Any]) -> None:
     """Gates the benchmark cannot measure, and (--strict-ep) unusable providers, fail now, not after the passes."""
-    from optimizer_cli.report.gate import check_measurable
+    from optimizer_cli.bench.gate import check_measurable
     from optimizer_cli.runtime.providers import probe_provider
 
     check_measurable(gates, settings.runs_per_round, settings.rounds, settings.providers)
@@ -368,7 +368,7 @@ def _check_providers(settings: Any, gates: list[Any]) -> None:
 
 
 def _parse_gates(exprs: list[str]) -> list[Any]:
-    from optimizer_cli.report.gate import parse_gate
+    from optimizer_cli.bench.gate import parse_gate
 
     return [parse_gate(e) for e in exprs]
 
@@ -495,7 +495,7 @@ def _finish(report: dict[str, Any], checks: _Checked, json_out: bool, human: Con
             log.print(f"[yellow]warning:[/yellow] {w}")
         report["notes"].extend(warnings_)
     if checks.gates:
-        from optimizer_cli.report.gate import evaluate
+        from optimizer_cli.bench.gate import evaluate
 
         report["gates"] = [g.as_dict() for g in evaluate(checks.gates, report["benchmark"])]
     violated = any(g["violated"] for g in report.get("gates", []))

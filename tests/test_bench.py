@@ -13,7 +13,7 @@ from optimizer_cli.bench.accuracy import fidelity, topk_accuracy
 from optimizer_cli.bench.environment import cpu_label, environment
 from optimizer_cli.bench.latency import bootstrap_ratio, measure_ab
 from optimizer_cli.errors import UserInputError
-from optimizer_cli.report.gate import evaluate, parse_gate
+from optimizer_cli.bench.gate import evaluate, parse_gate
 from optimizer_cli.runtime.cpu import cpu_isa, u8s8_saturates
 from optimizer_cli.runtime.providers import parse_provider_list, probe_provider, silence_native_output
 

@@ -1,4 +1,5 @@
-"""--fail-if conditions: `[provider:]metric OP value[%]`, e.g. "accuracy_drop>1%", "cpu:speedup<1.5"."""
+"""Conditions on benchmark rows, `[provider:]metric OP value[%]` (e.g. "accuracy_drop>1%", "cpu:speedup<1.5"):
+--fail-if gates and tune goals."""
 
 from __future__ import annotations
 
