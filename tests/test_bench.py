@@ -9,9 +9,10 @@ import numpy as np
 import onnx
 import pytest
 
+from optimizer_cli.bench import latency
 from optimizer_cli.bench.accuracy import fidelity, topk_accuracy
 from optimizer_cli.bench.environment import cpu_label, environment
-from optimizer_cli.bench.latency import bootstrap_ratio, measure_ab
+from optimizer_cli.bench.latency import bootstrap_ratio, measure_ab, measure_many, round_order
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.bench.gate import evaluate, parse_gate
 from optimizer_cli.runtime.cpu import cpu_isa, u8s8_saturates
@@ -40,6 +41,109 @@ def test_measure_ab_recovers_a_known_speedup() -> None:
     assert a_stats.p50_ms > b_stats.p50_ms and a_stats.p90_ms >= a_stats.p50_ms
     assert a_stats.p99_ms is None, "30 runs cannot give a p99"
     assert speed.p90 is None and speed.p99 is None, "5 runs per round give no per-round tail"
+
+
+def _sleeper(seconds: float):
+    return lambda: time.sleep(seconds)
+
+
+def test_measure_many_ranks_candidates_against_the_reference() -> None:
+    stats, speedups = measure_many(
+        [_sleeper(0.003), _sleeper(0.002), _sleeper(0.001)],
+        warmup=1,
+        rounds=4,
+        runs_per_round=3,
+        discard_after_switch=1,
+    )
+    assert [s.runs for s in stats] == [12, 12, 12]
+    assert stats[0].p50_ms > stats[1].p50_ms > stats[2].p50_ms
+    assert len(speedups) == 2, "one speedup per candidate, none for the reference"
+    assert 1.0 < speedups[0].median < speedups[1].median
+    assert all(s.rounds == 4 and s.p90 is None and s.p99 is None for s in speedups)
+
+
+class _FakeClock:
+    """perf_counter for latency.py: a call of a `_ticking` callable advances it by a known amount."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.drift = 1.0  # every call's cost is multiplied by this (a machine that slows down over time)
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> _FakeClock:
+    fake = _FakeClock()
+    monkeypatch.setattr(latency, "time", fake)
+    return fake
+
+
+def _ticking(clock: _FakeClock, seconds: float, calls: list[int] | None = None, name: int = 0):
+    def fn() -> None:
+        clock.now += seconds * clock.drift
+        clock.drift *= 1.01
+        if calls is not None:
+            calls.append(name)
+
+    return fn
+
+
+def test_measure_many_pairs_rounds_so_drift_cancels(clock: _FakeClock) -> None:
+    """The machine slows by 1% a call (~20x over the run): independent medians would be far off, paired
+    per-round ratios stay close to the true speedups of 2x and 4x."""
+    runs = [_ticking(clock, 0.004), _ticking(clock, 0.002), _ticking(clock, 0.001)]
+    stats, speedups = measure_many(runs, warmup=0, rounds=12, runs_per_round=10, discard_after_switch=0)
+    assert [s.runs for s in stats] == [120, 120, 120]
+    assert speedups[0].median == pytest.approx(2.0, rel=0.25)
+    assert speedups[1].median == pytest.approx(4.0, rel=0.25)
+    assert all(s.significant for s in speedups)
+    assert all(s.p90 is not None and s.p99 is None for s in speedups), "10 runs per round give a p90, no p99"
+
+
+@pytest.mark.parametrize("models", [2, 3, 4, 5])
+def test_round_order_is_balanced(models: int) -> None:
+    """Every model goes first, and directly follows every other model, equally often over a full cycle."""
+    cycle = models if models % 2 == 0 else 2 * models
+    orders = [round_order(models, r) for r in range(cycle)]
+    assert all(sorted(o) == list(range(models)) for o in orders)
+    firsts = [o[0] for o in orders]
+    assert all(firsts.count(m) == cycle // models for m in range(models))
+    pairs = [(o[i], o[i + 1]) for o in orders for i in range(models - 1)]
+    assert len(set(pairs)) == models * (models - 1)
+    assert all(pairs.count(p) == pairs.count(pairs[0]) for p in pairs)
+
+
+def test_measure_many_runs_the_models_in_round_order(clock: _FakeClock) -> None:
+    calls: list[int] = []
+    runs = [_ticking(clock, 0.001, calls, name) for name in range(3)]
+    measure_many(runs, warmup=1, rounds=6, runs_per_round=2, discard_after_switch=1)
+    assert calls[:3] == [0, 1, 2], "warm-up runs each model once"
+    rounds = [calls[3 + 9 * r : 3 + 9 * (r + 1)] for r in range(6)]
+    assert [r[::3] for r in rounds] == [[0, 1, 2], [2, 1, 0], [1, 2, 0], [0, 2, 1], [2, 0, 1], [1, 0, 2]]
+    assert all(r[i] == r[i + 1] == r[i + 2] for r in rounds for i in (0, 3, 6)), "1 discarded + 2 timed runs"
+
+
+def test_measure_ab_is_measure_many_of_two(clock: _FakeClock) -> None:
+    calls: list[int] = []
+    kwargs = {"warmup": 2, "rounds": 4, "runs_per_round": 10, "discard_after_switch": 1, "batch_size": 4}
+    a_stats, b_stats, speed = measure_ab(_ticking(clock, 0.002, calls, 0), _ticking(clock, 0.001, calls, 1), **kwargs)
+    ab_calls, calls[:] = list(calls), []
+    clock.now, clock.drift = 0.0, 1.0
+    stats, (speed_many,) = measure_many([_ticking(clock, 0.002, calls, 0), _ticking(clock, 0.001, calls, 1)], **kwargs)
+    assert calls == ab_calls
+    assert [s.as_dict() for s in stats] == [a_stats.as_dict(), b_stats.as_dict()]
+    assert speed_many == speed
+    timed = ab_calls[4:]
+    assert timed[::11] == [0, 1, 1, 0, 0, 1, 1, 0], "a,b / b,a / a,b / b,a"
+
+
+def test_measure_many_of_the_reference_alone() -> None:
+    stats, speedups = measure_many([lambda: None], warmup=0, rounds=2, runs_per_round=1, discard_after_switch=0)
+    assert len(stats) == 1 and stats[0].runs == 2 and speedups == []
+    with pytest.raises(ValueError):
+        measure_many([])
 
 
 def test_equal_variants_are_not_significant() -> None:

@@ -1,16 +1,18 @@
-"""Interleaved A/B latency with paired ratios and a bootstrap confidence interval.
+"""Interleaved latency of several models with paired ratios and a bootstrap confidence interval.
 
 Machines here drift ~1.4x between phases and the first runs after switching sessions are ~2x slow
-(ORT's spinning threads), so: variants alternate round by round (ABBA order), a few runs after each
-switch are discarded, and the speedup is the median of per-round paired ratios, not a ratio of
-independent medians.
+(ORT's spinning threads), so: the models take turns round by round in an order that changes every round
+(ABBA for two; a balanced Latin square for more, see round_order), a few runs after each switch are
+discarded, and a speedup is the median of per-round paired ratios, not a ratio of independent medians.
+Timing candidates together with the original in one session lets noise hit them all alike, so the
+fastest one is not just the luckiest (the winner's curse of timing each alone).
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -55,7 +57,7 @@ def cycling(run: Callable[[dict], object], feeds: list[dict]) -> Callable[[], ob
 
     Latency then reflects the whole evaluation set (inputs of different lengths or padding, which
     data-dependent rewrites such as trim_padding respond to), and two runners called equally often
-    (as measure_ab does) see the same inputs in the same rounds, so per-round ratios stay paired.
+    (as measure_many does) see the same inputs in the same rounds, so per-round ratios stay paired.
     With runs_per_round >= len(feeds), every round covers every input once.
     """
     inputs = itertools.cycle(feeds)
@@ -90,6 +92,88 @@ def bootstrap_ratio(
     return est, float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
+def round_order(models: int, r: int) -> list[int]:
+    """The order in which `models` callables run in round `r` (0-based indices).
+
+    A Williams design (a balanced Latin square): every model goes first equally often and, within rounds,
+    every model directly follows every other one equally often (after `models` rounds when their number is
+    even, 2 * `models` when odd: odd rounds then run the previous round's sequence reversed), so neither a
+    slot nor a predecessor's cache and thread state favours one model. Two models alternate a,b / b,a.
+    """
+    base = [0]
+    low, high = 1, models - 1
+    while low <= high:
+        base.append(low)
+        low += 1
+        if low <= high:
+            base.append(high)
+            high -= 1
+    shift = r if models % 2 == 0 else r // 2
+    order = [(m + shift) % models for m in base]
+    return order[::-1] if models % 2 and r % 2 else order
+
+
+def _time_round(fn: Callable[[], object], discard: int, runs: int) -> list[float]:
+    """Seconds of `runs` calls of `fn`, after `discard` untimed ones (the switch from another model)."""
+    for _ in range(discard):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _speedup(
+    ref_rounds: np.ndarray, rounds_b: np.ndarray, runs_per_round: int, noise_threshold: float
+) -> SpeedupEstimate:
+    """Speedup of B over the reference from per-round (p50, p90, p99) rows of seconds, paired by round."""
+    med, lo, hi = bootstrap_ratio(ref_rounds[:, 0], rounds_b[:, 0])
+    tails: dict[int, float | None] = {}
+    for column, pct in ((1, 90), (2, 99)):
+        tails[pct] = None
+        if runs_per_round >= PERCENTILE_MIN_RUNS[pct]:
+            tails[pct] = float(np.median(ref_rounds[:, column] / rounds_b[:, column]))
+    noisy = (hi - lo) / med > noise_threshold if med > 0 else True
+    significant = lo > 1.0 or hi < 1.0
+    return SpeedupEstimate(med, lo, hi, tails[90], tails[99], len(ref_rounds), noisy, significant)
+
+
+def measure_many(
+    runs: Sequence[Callable[[], object]],
+    *,
+    warmup: int = 5,
+    rounds: int = 10,
+    runs_per_round: int = 10,
+    discard_after_switch: int = 3,
+    batch_size: int = 1,
+    noise_threshold: float = 0.15,
+) -> tuple[list[LatencyStats], list[SpeedupEstimate]]:
+    """Time several callables interleaved in one session; runs[0] is the reference (the original model).
+
+    Each round runs every callable in round_order (`discard_after_switch` untimed runs after each switch,
+    then `runs_per_round` timed ones). Returns stats for each callable and, for each of runs[1:], its
+    paired speedup over runs[0] (reference time / its time, per round).
+    """
+    if not runs:
+        raise ValueError("measure_many needs at least one callable")
+    for _ in range(warmup):
+        for fn in runs:
+            fn()
+    samples: list[list[float]] = [[] for _ in runs]
+    per_round: list[list[list[float]]] = [[] for _ in runs]  # per model: [p50, p90, p99] of each round
+    for r in range(rounds):
+        for i in round_order(len(runs), r):
+            times = _time_round(runs[i], discard_after_switch, runs_per_round)
+            samples[i].extend(times)
+            per_round[i].append([float(np.median(times)), *(float(np.percentile(times, q)) for q in (90, 99))])
+    stats = [summarize(np.array(s), batch_size) for s in samples]
+    ref = np.array(per_round[0])
+    speedups = [_speedup(ref, np.array(b), runs_per_round, noise_threshold) for b in per_round[1:]]
+    return stats, speedups
+
+
 def measure_ab(
     run_a: Callable[[], object],
     run_b: Callable[[], object],
@@ -101,41 +185,17 @@ def measure_ab(
     batch_size: int = 1,
     noise_threshold: float = 0.15,
 ) -> tuple[LatencyStats, LatencyStats, SpeedupEstimate]:
-    """Time two callables interleaved; returns stats for each and the paired speedup of B over A."""
-    for _ in range(warmup):
-        run_a()
-        run_b()
-    samples: dict[str, list[float]] = {"a": [], "b": []}
-    round_medians: dict[str, list[float]] = {"a": [], "b": []}
-    round_p90: dict[str, list[float]] = {"a": [], "b": []}
-    round_p99: dict[str, list[float]] = {"a": [], "b": []}
-    fns = {"a": run_a, "b": run_b}
-    for r in range(rounds):
-        order = ("a", "b") if r % 2 == 0 else ("b", "a")
-        for key in order:
-            fn = fns[key]
-            for _ in range(discard_after_switch):
-                fn()
-            times = []
-            for _ in range(runs_per_round):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            samples[key].extend(times)
-            round_medians[key].append(float(np.median(times)))
-            round_p90[key].append(float(np.percentile(times, 90)))
-            round_p99[key].append(float(np.percentile(times, 99)))
-    a_stats = summarize(np.array(samples["a"]), batch_size)
-    b_stats = summarize(np.array(samples["b"]), batch_size)
-    med, lo, hi = bootstrap_ratio(np.array(round_medians["a"]), np.array(round_medians["b"]))
-    p90 = p99 = None
-    if runs_per_round >= PERCENTILE_MIN_RUNS[90]:
-        p90 = float(np.median(np.array(round_p90["a"]) / np.array(round_p90["b"])))
-    if runs_per_round >= PERCENTILE_MIN_RUNS[99]:
-        p99 = float(np.median(np.array(round_p99["a"]) / np.array(round_p99["b"])))
-    noisy = (hi - lo) / med > noise_threshold if med > 0 else True
-    significant = lo > 1.0 or hi < 1.0
-    return a_stats, b_stats, SpeedupEstimate(med, lo, hi, p90, p99, rounds, noisy, significant)
+    """Time two callables interleaved (a,b / b,a); returns stats for each and the paired speedup of B over A."""
+    (a_stats, b_stats), (speed,) = measure_many(
+        [run_a, run_b],
+        warmup=warmup,
+        rounds=rounds,
+        runs_per_round=runs_per_round,
+        discard_after_switch=discard_after_switch,
+        batch_size=batch_size,
+        noise_threshold=noise_threshold,
+    )
+    return a_stats, b_stats, speed
 
 
 @dataclass
