@@ -1,0 +1,23 @@
+"""Reading a tune document (best.tune.json, see `optimize tune`): the look-ups the plot and the page share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def winner_number(tune: dict[str, Any]) -> int | None:
+    """The winning trial's number: final.winner, or the winner section's number when only that is filled."""
+    number = (tune.get("final") or {}).get("winner")
+    if number is None and tune.get("winner"):
+        number = tune["winner"].get("number")
+    return None if number is None else int(number)
+
+
+def trials_by_number(tune: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    return {int(t["number"]): t for t in tune.get("trials") or [] if t.get("number") is not None}
+
+
+def model_name(tune: dict[str, Any]) -> str:
+    """The model file's name without its folders (the full path is in the document and the page's heading)."""
+    return Path(str(tune.get("model") or "model")).name

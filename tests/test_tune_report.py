@@ -1,0 +1,179 @@
+"""The tune report's pictures and page: a valid PNG, one self-contained HTML file, escaped user strings.
+
+The tune documents are written by hand in the shape of best.tune.json (see `optimize tune`): timed trials,
+trials rejected for missing a goal (never timed), a failed trial, with a winner and without one.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from optimizer_cli.report.plot import (
+    WINNER_COLOUR,
+    TrialPoint,
+    attribution_png,
+    fidelity_metric,
+    pareto_front,
+    pareto_png,
+)
+
+HOSTILE_NODE = "<script>alert('node')</script>"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+WINNER_PIXELS = 250  # well under the star's ~530, far over the few a stray anti-aliased edge could give
+
+
+def _trial(number: int, state: str, cosine: float | None, speedup: float | None, **extra: Any) -> dict[str, Any]:
+    timed = speedup is not None
+    return {
+        "number": number,
+        "params": {"quantize": "static", "per_channel": True, "keep_float_k": number % 5},
+        "state": state,
+        "reason": None,
+        "recipe_summary": f"quantize static ({number % 5} nodes float)",
+        "fidelity": {"cosine": cosine, "accuracy_drop": None if cosine is None else (1 - cosine) / 2},
+        "goals_met": None if cosine is None else cosine >= 0.99,
+        "speedup": {"median": speedup, "ci_low": speedup - 0.08, "ci_high": speedup + 0.07} if timed else None,
+        "p50_ms": 3.2 / speedup if timed else None,
+        "size_ratio": 0.3 if timed else None,
+        "build_s": 4.2,
+        "time_s": 1.1 if timed else 0.0,
+        **extra,
+    }
+
+
+def tune_document(winner: bool = True, attribution: bool = True) -> dict[str, Any]:
+    """A realistic document: 5 timed trials (one the winner), 3 rejected, 1 failed, 1 duplicate."""
+    trials = [
+        _trial(0, "timed", 0.9991, 1.05),
+        _trial(1, "timed", 0.9962, 1.62),
+        _trial(2, "timed", 0.9935, 1.84),
+        _trial(3, "timed", 0.9978, 1.41),
+        _trial(4, "timed", 0.9920, 1.55),  # dominated by trial 2: not on the front
+        _trial(5, "rejected", 0.962, None, reason="cosine 0.962 < 0.99 (goal cosine>=0.99)"),
+        _trial(6, "rejected", 0.931, None, reason="cosine 0.931 < 0.99 (goal cosine>=0.99)"),
+        _trial(7, "rejected", 0.985, None, reason=f"cosine 0.985 < 0.99 at node {HOSTILE_NODE}"),
+        _trial(8, "failed", None, None, reason="pass 1 (quantize) failed: no calibration data"),
+        _trial(9, "duplicate", None, None, reason="same recipe as trial 2"),
+    ]
+    doc: dict[str, Any] = {
+        "kind": "tune",
+        "model": "models/resnet <tiny> $\\frac{$.onnx",
+        "model_sha256": "ab" * 32,
+        "goals": ["cosine>=0.99", "accuracy_drop<=1%"],
+        "providers": ["cpu"],
+        "threads": 2,
+        "budget": {"seconds": 600.0, "trials": None},
+        "elapsed_s": 312.4,
+        "space": {"quantize": ["none", "dynamic", "static"], "keep_float_k": [0, 1, 2, 3, 4]},
+        "original": {"bytes": 123456, "p50_ms": 3.21},
+        "trials": trials,
+        "final": {
+            "candidates": [
+                {"number": n, "speedup": trials[n]["speedup"], "p50_ms": trials[n]["p50_ms"], "meets_goals": True}
+                for n in (2, 1, 4)
+            ],
+            "winner": 2,
+            "verdict": "found",
+            "reason": "fastest candidate meeting every goal whose speedup's 95% interval lies above 1",
+        },
+        "winner": {
+            "number": 2,
+            "recipe_summary": trials[2]["recipe_summary"],
+            "speedup": trials[2]["speedup"],
+            "fidelity": trials[2]["fidelity"],
+            "attribution": [
+                {"node": f"conv_{i}", "op": "Conv", "cosine": 0.999 - i / 1000, "local_drop": 0.0004 * (i + 1)}
+                for i in range(18)
+            ]
+            + [
+                {"node": HOSTILE_NODE, "op": "MatMul", "cosine": 0.99, "local_drop": 0.009},
+                # matplotlib would read "$...$" as mathtext (and fail on this one) if labels were parsed
+                {"node": "/blocks.0/attn/$\\frac{x_$", "op": "Softmax", "cosine": 0.995, "local_drop": 0.005},
+            ],
+        },
+        "environment": {"cpu": "AMD EPYC <test>", "onnxruntime": "1.23.0", "python": "3.11"},
+        "outputs": {
+            "model": "best.onnx",
+            "recipe": "best.recipe.yaml",
+            "json": "best.tune.json",
+            "png": "best.pareto.png",
+            "html": "best.report.html",
+        },
+    }
+    if not attribution:
+        doc["winner"]["attribution"] = []
+    if not winner:
+        doc["final"].update(winner=None, verdict="none", reason="no candidate's speedup interval lies above 1.2")
+        doc["winner"] = None
+    return doc
+
+
+def _pixels_near(image: Image.Image, colour: str, tolerance: int) -> int:
+    """How many pixels are within `tolerance` levels (per channel) of a '#rrggbb' colour."""
+    target = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
+    pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+    return int((np.abs(pixels - target) <= tolerance).all(axis=-1).sum())
+
+
+def test_pareto_png_is_a_sane_png() -> None:
+    png = pareto_png(tune_document())
+    assert png.startswith(PNG_MAGIC)
+    image = Image.open(io.BytesIO(png))
+    image.verify()
+    width, height = Image.open(io.BytesIO(png)).size
+    assert 600 <= width <= 2000 and 400 <= height <= 1500
+
+
+def test_pareto_png_draws_the_winner_in_its_colour_only_when_there_is_one() -> None:
+    # The star covers about 530 pixels at the plot's 100 dpi; nothing else in the figure uses its colour.
+    assert _pixels_near(Image.open(io.BytesIO(pareto_png(tune_document()))), WINNER_COLOUR, 0) > WINNER_PIXELS
+    assert _pixels_near(Image.open(io.BytesIO(pareto_png(tune_document(winner=False)))), WINNER_COLOUR, 0) == 0
+
+
+def test_pareto_png_copes_with_no_timed_trial_and_a_lower_is_better_axis() -> None:
+    doc = tune_document(winner=False)
+    doc["goals"] = ["accuracy_drop<=1%"]
+    for trial in doc["trials"]:
+        trial.update(state="rejected" if trial["state"] == "timed" else trial["state"], speedup=None)
+    assert fidelity_metric(doc) == "accuracy_drop"
+    assert pareto_png(doc).startswith(PNG_MAGIC)
+    assert pareto_png({"trials": []}).startswith(PNG_MAGIC)
+
+
+def test_fidelity_metric_is_the_first_goal_when_trials_report_it_else_cosine() -> None:
+    doc = tune_document()
+    assert fidelity_metric(doc) == "cosine"
+    doc["goals"] = ["accuracy_drop<=1%", "cosine>=0.99"]
+    assert fidelity_metric(doc) == "accuracy_drop"
+    doc["goals"] = ["top1_agreement>=0.99"]  # no trial reports it
+    assert fidelity_metric(doc) == "cosine"
+
+
+def test_pareto_front_keeps_the_trials_nothing_beats_on_both_axes() -> None:
+    points = [
+        TrialPoint(n, fidelity, speedup)
+        for n, fidelity, speedup in [
+            (0, 0.999, 1.05),
+            (1, 0.996, 1.62),
+            (2, 0.9935, 1.84),
+            (3, 0.998, 1.41),
+            (4, 0.992, 1.55),
+            (5, 0.998, 1.30),
+        ]
+    ]
+    assert [p.number for p in pareto_front(points, higher_is_better=True)] == [2, 1, 3, 0]
+    # As drops (lower is better), the same numbers mean the opposite: the least-drop trial leads.
+    assert [p.number for p in pareto_front(points, higher_is_better=False)] == [2, 4]
+    assert pareto_front([], higher_is_better=True) == []
+
+
+def test_attribution_png_shows_the_top_nodes_or_nothing() -> None:
+    png = attribution_png(tune_document()["winner"])
+    assert png is not None and png.startswith(PNG_MAGIC)
+    Image.open(io.BytesIO(png)).verify()
+    assert attribution_png(tune_document(attribution=False)["winner"]) is None
+    assert attribution_png({}) is None
