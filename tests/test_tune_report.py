@@ -6,12 +6,17 @@ trials rejected for missing a goal (never timed), a failed trial, with a winner 
 
 from __future__ import annotations
 
+import base64
+import copy
 import io
+import re
+from html.parser import HTMLParser
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from optimizer_cli.report.html import tune_html
 from optimizer_cli.report.plot import (
     WINNER_COLOUR,
     TrialPoint,
@@ -177,3 +182,104 @@ def test_attribution_png_shows_the_top_nodes_or_nothing() -> None:
     Image.open(io.BytesIO(png)).verify()
     assert attribution_png(tune_document(attribution=False)["winner"]) is None
     assert attribution_png({}) is None
+
+
+class _Page(HTMLParser):
+    """What the tests look for: images by id, table rows by table id, every URL-bearing attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: dict[str, dict[str, str]] = {}
+        self.rows: dict[str, list[str]] = {}  # table id -> the class of each body row
+        self.urls: list[str] = []
+        self.tags: list[str] = []
+        self._table: str | None = None
+        self._in_body = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = {key: value or "" for key, value in attrs}
+        self.tags.append(tag)
+        self.urls += [value for key, value in attributes.items() if key in ("src", "href", "action")]
+        if tag == "img":
+            self.images[attributes.get("id", "")] = attributes
+        elif tag == "table":
+            self._table = attributes.get("id", "")
+            self.rows[self._table] = []
+        elif tag == "tbody":
+            self._in_body = True
+        elif tag == "tr" and self._table is not None and self._in_body:
+            self.rows[self._table].append(attributes.get("class", ""))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "tbody":
+            self._in_body = False
+        elif tag == "table":
+            self._table = None
+
+
+def _parse(page: str) -> _Page:
+    parser = _Page()
+    parser.feed(page)
+    parser.close()
+    return parser
+
+
+def _png_of_data_uri(src: str) -> Image.Image:
+    prefix = "data:image/png;base64,"
+    assert src.startswith(prefix), src[:40]
+    data = base64.b64decode(src[len(prefix) :], validate=True)
+    assert data.startswith(PNG_MAGIC)
+    return Image.open(io.BytesIO(data))
+
+
+def _page(doc: dict[str, Any]) -> str:
+    return tune_html(doc, pareto_png(doc), attribution_png(doc["winner"] or {}))
+
+
+def test_html_with_a_winner_has_the_plot_the_trials_and_the_attribution() -> None:
+    doc = tune_document()
+    page = _parse(_page(doc))
+    assert list(page.images) == ["pareto", "attribution"]
+    assert page.images["pareto"]["alt"]
+    assert _png_of_data_uri(page.images["pareto"]["src"]).size[0] >= 600
+    _png_of_data_uri(page.images["attribution"]["src"])
+    classes = page.rows["trials"]
+    assert len(classes) == len(doc["trials"])
+    assert classes.count("rejected") == 3 and classes.count("failed") == 1 and classes.count("winner") == 1
+    assert len(page.rows["environment"]) == len(doc["environment"])
+    assert "script" not in page.tags and "link" not in page.tags
+
+
+def test_html_escapes_every_user_string_and_loads_nothing_external() -> None:
+    text = _page(tune_document())
+    assert HOSTILE_NODE not in text
+    assert "&lt;script&gt;" in text  # the reason naming the node is shown, escaped
+    assert "<tiny>" not in text and "AMD EPYC &lt;test&gt;" in text
+    assert not re.search(r"https?://", text)
+    assert all(url.startswith("data:") for url in _parse(text).urls)
+
+
+def test_html_without_a_winner_gives_the_reason_and_the_closest_candidates() -> None:
+    doc = tune_document(winner=False)
+    text = _page(doc)
+    page = _parse(text)
+    assert "No winner" in text and "no candidate&#x27;s speedup interval lies above 1.2" in text
+    assert len(page.rows["candidates"]) == len(doc["final"]["candidates"])
+    assert "attribution" not in page.images and "no winner, so there is no attribution" in text
+    assert "winner" not in page.rows["trials"]
+
+
+def test_html_says_so_when_the_winner_has_no_attribution() -> None:
+    doc = tune_document(attribution=False)
+    text = _page(doc)
+    assert "attribution" not in _parse(text).images
+    assert "There is no attribution for the winner" in text
+
+
+def test_html_tolerates_missing_optional_fields() -> None:
+    doc = copy.deepcopy(tune_document(winner=False))
+    for key in ("environment", "outputs", "space", "budget", "original", "elapsed_s"):
+        doc.pop(key)
+    doc["trials"][0]["fidelity"] = {}
+    page = _parse(tune_html(doc, pareto_png(doc), None))
+    assert len(page.rows["trials"]) == len(doc["trials"])
