@@ -10,10 +10,14 @@ import base64
 import copy
 import io
 import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from optimizer_cli.report.html import tune_html
@@ -283,3 +287,32 @@ def test_html_tolerates_missing_optional_fields() -> None:
     doc["trials"][0]["fidelity"] = {}
     page = _parse(tune_html(doc, pareto_png(doc), None))
     assert len(page.rows["trials"]) == len(doc["trials"])
+
+
+@pytest.mark.slow
+def test_chromium_renders_the_page_with_the_plot(tmp_path: Path) -> None:
+    """A real browser opens the file and paints the plot: the winner's colour covers a visible area."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium is not installed (CI installs Debian's)")
+    page = tmp_path / "best.report.html"
+    page.write_text(_page(tune_document()), encoding="utf-8")
+    screenshot = tmp_path / "screenshot.png"
+    command = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",  # no shared profile: runs in parallel do not collide
+        f"--screenshot={screenshot}",
+        "--window-size=1200,1600",
+        page.resolve().as_uri(),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+    assert screenshot.exists(), f"chromium wrote no screenshot (exit {done.returncode}): {done.stderr[-2000:]}"
+    image = Image.open(screenshot)
+    assert image.size == (1200, 1600)
+    # A browser that scales the image blends the star's edges; its inside stays within a few levels.
+    near = _pixels_near(image, WINNER_COLOUR, 12)
+    assert near > WINNER_PIXELS, f"only {near} pixels of the winner's colour: the plot was not painted"
