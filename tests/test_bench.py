@@ -328,3 +328,29 @@ def test_slow_model_benchmark_is_shortened_and_says_so(tmp_path) -> None:
     assert any("shortened" in n for n in report.notes), report.notes
     assert any("accuracy/fidelity used" in n for n in report.notes), report.notes
     assert took < 20, f"the budget was ignored ({took:.1f} s)"
+
+
+def test_session_config_applies_every_session_option() -> None:
+    import onnxruntime as ort
+
+    from optimizer_cli.runtime.session import SessionConfig, create_session
+
+    from .builders import to_ir
+
+    model = to_ir(mlp())
+    x = {"x": np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)}
+    default = create_session(model, SessionConfig())
+    options = default.get_session_options()
+    assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert options.enable_mem_pattern and options.inter_op_num_threads == 1, "what every session had before"
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    tuned = create_session(
+        model, SessionConfig(opt_level="basic", execution_mode="parallel", mem_pattern=False, inter_op_threads=3)
+    )
+    options = tuned.get_session_options()
+    assert options.execution_mode == ort.ExecutionMode.ORT_PARALLEL
+    assert not options.enable_mem_pattern and options.inter_op_num_threads == 3 and options.intra_op_num_threads == 2
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    parallel = create_session(model, SessionConfig(execution_mode="parallel")).get_session_options()
+    assert parallel.inter_op_num_threads == 0, "onnxruntime's default: one per core"
+    np.testing.assert_allclose(tuned.run(None, x)[0], default.run(None, x)[0], rtol=1e-5, atol=1e-6)
