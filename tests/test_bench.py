@@ -354,3 +354,40 @@ def test_session_config_applies_every_session_option() -> None:
     parallel = create_session(model, SessionConfig(execution_mode="parallel")).get_session_options()
     assert parallel.inter_op_num_threads == 0, "onnxruntime's default: one per core"
     np.testing.assert_allclose(tuned.run(None, x)[0], default.run(None, x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_optimized_model_is_benchmarked_with_its_session_options(tmp_path, monkeypatch) -> None:
+    from optimizer_cli.bench import harness
+    from optimizer_cli.data import random_dataset
+    from optimizer_cli.model_io import load_model
+
+    path = tmp_path / "m.onnx"
+    onnx.save(mlp(), str(path))
+    data = random_dataset(load_model(path), 2, 0, {"batch": 1})
+    opened, measured = [], []
+
+    def timed_session(source, config, feeds):
+        opened.append(config)
+        return real_timed_session(source, config, feeds)
+
+    real_timed_session = harness.timed_session
+    monkeypatch.setattr(harness, "timed_session", timed_session)
+    monkeypatch.setattr(harness, "session_peak_memory", lambda *args: measured.append(args[-1]) or None)
+    settings = harness.BenchSettings(
+        providers=["cpu"],
+        rounds=2,
+        warmup=1,
+        runs_per_round=2,
+        optimized_session={"opt_level": "disable", "execution_mode": "parallel", "inter_op_threads": 2},
+    )
+    report = harness.run_benchmark(path, path, settings, data)
+    assert report.rows[0].speedup is not None
+    original, optimized = opened
+    assert (original.opt_level, original.execution_mode, original.inter_op_threads) == ("all", "sequential", None)
+    assert (optimized.opt_level, optimized.execution_mode, optimized.inter_op_threads) == ("disable", "parallel", 2)
+    assert measured == [{}, settings.optimized_session], "peak memory too is measured with the options"
+    note = next(n for n in report.notes if n.startswith("optimized model timed with"))
+    assert "opt_level=disable (original: all)" in note and "execution_mode=parallel (original: sequential)" in note
+    assert "inter_op_threads=2" in note and "mem_pattern" not in note
+    plain = harness.run_benchmark(path, path, harness.BenchSettings(providers=["cpu"], rounds=2, memory=False), data)
+    assert not any(n.startswith("optimized model timed with") for n in plain.notes)
