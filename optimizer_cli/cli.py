@@ -344,8 +344,8 @@ def _check_declared_kinds(model: Path, rec: Any, gates: list[Any]) -> None:
     import onnx_ir as ir
 
     from optimizer_cli.analysis.graph import output_names
-    from optimizer_cli.bench.output_kinds import check_declared
     from optimizer_cli.bench.gate import check_declared_kinds
+    from optimizer_cli.bench.output_kinds import check_declared
 
     names = output_names(ir.load(model))  # memory-maps external data: cheap
     check_declared(names, rec.metrics.outputs)

@@ -12,9 +12,9 @@ import pytest
 from optimizer_cli.bench import latency
 from optimizer_cli.bench.accuracy import fidelity, topk_accuracy
 from optimizer_cli.bench.environment import cpu_label, environment
+from optimizer_cli.bench.gate import evaluate, parse_gate
 from optimizer_cli.bench.latency import bootstrap_ratio, measure_ab, measure_many, round_order
 from optimizer_cli.errors import UserInputError
-from optimizer_cli.bench.gate import evaluate, parse_gate
 from optimizer_cli.runtime.cpu import cpu_isa, u8s8_saturates
 from optimizer_cli.runtime.providers import parse_provider_list, probe_provider, silence_native_output
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from optimizer_cli.bench.accuracy import fidelity
+from optimizer_cli.bench.gate import evaluate, parse_gate
 from optimizer_cli.bench.output_kinds import classify, classify_outputs, map_iou, nn_agreement, output_fidelity
 from optimizer_cli.errors import UserInputError
-from optimizer_cli.bench.gate import evaluate, parse_gate
 
 RNG = np.random.default_rng(0)
 
