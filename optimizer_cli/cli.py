@@ -433,6 +433,8 @@ def _bench_settings(
             "eval_samples": eval_samples,
             "output_kinds": dict(rec.metrics.outputs),
             "map_threshold": rec.metrics.map_threshold,
+            # Its names are SessionConfig's; null opt_level / inter_op_threads: the benchmark's / onnxruntime's.
+            "optimized_session": rec.session.model_dump(exclude_none=True),
         }
     )
 
@@ -546,6 +548,7 @@ def _dry_run(
         "evaluation": data,
         "verify": rec.verify.model_dump(),
         "benchmark": rec.benchmark.model_dump(),
+        "session": rec.session.model_dump(),
         "problems": problems,
     }
     if json_out:
@@ -556,6 +559,8 @@ def _dry_run(
             cfg = {k: v for k, v in p["config"].items() if k not in ("type", "label")}
             human.print(f"  {p['index']}. {p['type']} ({p['exactness']}) {cfg}")
         human.print(f"  calibration: {calib or '-'}; evaluation: {data or 'seeded random'}")
+        if rec.session.model_dump(exclude_defaults=True):
+            human.print(f"  optimized model's session options: {rec.session.model_dump(exclude_defaults=True)}")
         for problem in problems:
             human.print(f"[red]problem:[/red] {problem}")
     if problems:

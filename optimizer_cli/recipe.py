@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.passes import PASS_REGISTRY
@@ -87,6 +87,35 @@ class BenchmarkSettings(_Strict):
     )
 
 
+class SessionSettings(_Strict):
+    """onnxruntime session options for the optimized model: the benchmark times it with them (the original
+    keeps the benchmark's), and a deployment should create its sessions with them."""
+
+    opt_level: Literal["disable", "basic", "extended", "all"] | None = Field(
+        None, description="Graph optimization level of the optimized model's sessions (null: benchmark.opt_level)."
+    )
+    execution_mode: Literal["sequential", "parallel"] = Field(
+        "sequential",
+        description="sequential: one node at a time; parallel: independent branches run at once on inter-op "
+        "threads (helps graphs with parallel branches, costs threads).",
+    )
+    mem_pattern: bool = Field(
+        True,
+        description="Preallocate memory from the first run's allocation pattern (onnxruntime's enable_mem_pattern); "
+        "off can help when input shapes vary.",
+    )
+    inter_op_threads: int | None = Field(
+        None, ge=1, description="Threads for independent nodes, parallel mode only (null: onnxruntime's default)."
+    )
+
+    @model_validator(mode="after")
+    def _inter_op_needs_parallel(self) -> SessionSettings:
+        # onnxruntime ignores inter-op threads when it runs nodes one at a time: a setting that does nothing.
+        if self.inter_op_threads is not None and self.execution_mode != "parallel":
+            raise ValueError("inter_op_threads applies only with execution_mode: parallel")
+        return self
+
+
 OutputKindName = Literal["class_scores", "sequence_logits", "dense_map", "embedding", "regression"]
 OUTPUT_KINDS: tuple[str, ...] = OutputKindName.__args__  # type: ignore[attr-defined]
 
@@ -123,6 +152,11 @@ class Recipe(_Strict):
     data: DataSettings = Field(DataSettings(), description="Data for calibration, evaluation and random inputs.")
     benchmark: BenchmarkSettings = Field(BenchmarkSettings(), description="Benchmark settings.")
     metrics: MetricsSettings = Field(MetricsSettings(), description="What the outputs are and how they are scored.")
+    session: SessionSettings = Field(
+        SessionSettings(),
+        description="onnxruntime session options for the optimized model (what the benchmark uses for it and a "
+        "deployment should use)",
+    )
 
 
 def _line_map(text: str) -> dict[tuple, int]:

@@ -328,3 +328,66 @@ def test_slow_model_benchmark_is_shortened_and_says_so(tmp_path) -> None:
     assert any("shortened" in n for n in report.notes), report.notes
     assert any("accuracy/fidelity used" in n for n in report.notes), report.notes
     assert took < 20, f"the budget was ignored ({took:.1f} s)"
+
+
+def test_session_config_applies_every_session_option() -> None:
+    import onnxruntime as ort
+
+    from optimizer_cli.runtime.session import SessionConfig, create_session
+
+    from .builders import to_ir
+
+    model = to_ir(mlp())
+    x = {"x": np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)}
+    default = create_session(model, SessionConfig())
+    options = default.get_session_options()
+    assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert options.enable_mem_pattern and options.inter_op_num_threads == 1, "what every session had before"
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    tuned = create_session(
+        model, SessionConfig(opt_level="basic", execution_mode="parallel", mem_pattern=False, inter_op_threads=3)
+    )
+    options = tuned.get_session_options()
+    assert options.execution_mode == ort.ExecutionMode.ORT_PARALLEL
+    assert not options.enable_mem_pattern and options.inter_op_num_threads == 3 and options.intra_op_num_threads == 2
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    parallel = create_session(model, SessionConfig(execution_mode="parallel")).get_session_options()
+    assert parallel.inter_op_num_threads == 0, "onnxruntime's default: one per core"
+    np.testing.assert_allclose(tuned.run(None, x)[0], default.run(None, x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_optimized_model_is_benchmarked_with_its_session_options(tmp_path, monkeypatch) -> None:
+    from optimizer_cli.bench import harness
+    from optimizer_cli.data import random_dataset
+    from optimizer_cli.model_io import load_model
+
+    path = tmp_path / "m.onnx"
+    onnx.save(mlp(), str(path))
+    data = random_dataset(load_model(path), 2, 0, {"batch": 1})
+    opened, measured = [], []
+
+    def timed_session(source, config, feeds):
+        opened.append(config)
+        return real_timed_session(source, config, feeds)
+
+    real_timed_session = harness.timed_session
+    monkeypatch.setattr(harness, "timed_session", timed_session)
+    monkeypatch.setattr(harness, "session_peak_memory", lambda *args: measured.append(args[-1]) or None)
+    settings = harness.BenchSettings(
+        providers=["cpu"],
+        rounds=2,
+        warmup=1,
+        runs_per_round=2,
+        optimized_session={"opt_level": "disable", "execution_mode": "parallel", "inter_op_threads": 2},
+    )
+    report = harness.run_benchmark(path, path, settings, data)
+    assert report.rows[0].speedup is not None
+    original, optimized = opened
+    assert (original.opt_level, original.execution_mode, original.inter_op_threads) == ("all", "sequential", None)
+    assert (optimized.opt_level, optimized.execution_mode, optimized.inter_op_threads) == ("disable", "parallel", 2)
+    assert measured == [{}, settings.optimized_session], "peak memory too is measured with the options"
+    note = next(n for n in report.notes if n.startswith("optimized model timed with"))
+    assert "opt_level=disable (original: all)" in note and "execution_mode=parallel (original: sequential)" in note
+    assert "inter_op_threads=2" in note and "mem_pattern" not in note
+    plain = harness.run_benchmark(path, path, harness.BenchSettings(providers=["cpu"], rounds=2, memory=False), data)
+    assert not any(n.startswith("optimized model timed with") for n in plain.notes)

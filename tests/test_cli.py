@@ -237,3 +237,29 @@ def test_unusable_gpu_providers_keep_json_clean_or_fail_strictly(examples_dir: P
         assert strict.returncode == 2
         assert json.loads(strict.stdout)["exit_code"] == 2  # with --json a failure is one JSON document too
         assert "execution provider 'trt' is not usable" in strict.stderr
+
+
+def test_recipe_session_options_reach_the_optimized_models_benchmark(tmp_path: Path, monkeypatch, capsys) -> None:
+    from optimizer_cli.bench import harness
+    from optimizer_cli.cli import main
+
+    model, recipe = tmp_path / "m.onnx", tmp_path / "r.yaml"
+    onnx.save(mlp(), str(model))
+    recipe.write_text(
+        "passes: [{type: cleanup}]\nbenchmark: {rounds: 2, runs_per_round: 2, warmup: 1}\nsession: {opt_level: disable}\n"
+    )
+    opened: list = []
+    real = harness.timed_session
+    monkeypatch.setattr(
+        harness, "timed_session", lambda src, config, feeds: opened.append(config) or real(src, config, feeds)
+    )
+    args = [str(model), "-r", str(recipe), "-o", str(tmp_path / "out.onnx"), "--providers", "cpu", "--json"]
+    with pytest.raises(SystemExit) as done:
+        main([*args, "--no-memory", "--no-attribute"])
+    assert done.value.code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [c.opt_level for c in opened] == ["all", "disable"], "the original keeps the benchmark's level"
+    assert report["recipe"]["session"]["opt_level"] == "disable"
+    assert any("opt_level=disable (original: all)" in n for n in report["notes"]), report["notes"]
+    plan = run_cli(*args, "--dry-run")
+    assert json.loads(plan.stdout)["session"]["opt_level"] == "disable"

@@ -106,6 +106,7 @@ def test_schema_is_json() -> None:
         ("verify:\n  samples: 0\n", "r.yaml:2: verify.samples"),
         ("benchmark:\n  attribution_threshold: 2\n", "benchmark.attribution_threshold"),
         ("data:\n  dims: {batch: 0}\n", "data.dims.batch"),
+        ("session:\n  execution_mode: parallel\n  inter_op_threads: 0\n", "r.yaml:3: session.inter_op_threads"),
     ],
 )
 def test_out_of_bounds_options_name_the_key(text: str, needle: str) -> None:
@@ -133,9 +134,16 @@ def _numeric(annotation: object) -> bool:
 def test_every_option_is_described_and_every_number_bounded() -> None:
     from annotated_types import Ge, Gt, Le, Lt
 
-    from optimizer_cli.recipe import BenchmarkSettings, DataSettings, Recipe, VerifySettings
+    from optimizer_cli.recipe import BenchmarkSettings, DataSettings, Recipe, SessionSettings, VerifySettings
 
-    models = [Recipe, VerifySettings, DataSettings, BenchmarkSettings, *(c.Config for c in PASS_REGISTRY.values())]
+    models = [
+        Recipe,
+        VerifySettings,
+        DataSettings,
+        BenchmarkSettings,
+        SessionSettings,
+        *(c.Config for c in PASS_REGISTRY.values()),
+    ]
     for model in models:
         for name, field in model.model_fields.items():
             if name in ("type", "label"):
@@ -144,6 +152,51 @@ def test_every_option_is_described_and_every_number_bounded() -> None:
             if _numeric(field.annotation):
                 bounded = any(isinstance(m, (Ge, Gt, Le, Lt)) for m in field.metadata)
                 assert bounded, f"{model.__name__}.{name} is a number without bounds"
+
+
+def test_session_section_defaults_to_what_the_benchmark_did_before() -> None:
+    session = parse_recipe("{}").session
+    assert session.model_dump() == {
+        "opt_level": None,
+        "execution_mode": "sequential",
+        "mem_pattern": True,
+        "inter_op_threads": None,
+    }
+    text = "session:\n  opt_level: basic\n  execution_mode: parallel\n  mem_pattern: false\n  inter_op_threads: 2\n"
+    session = parse_recipe(text).session
+    assert (session.opt_level, session.execution_mode, session.mem_pattern, session.inter_op_threads) == (
+        "basic",
+        "parallel",
+        False,
+        2,
+    )
+    assert parse_recipe("{}", "r.yaml", ["session.execution_mode=parallel"]).session.execution_mode == "parallel"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("session:\n  mem_patern: false\n", "r.yaml:2: unknown key 'mem_patern' at session.mem_patern (did you mean"),
+        ("session:\n  opt_level: fast\n", "r.yaml:2: session.opt_level: Input should be 'disable'"),
+        ("session:\n  execution_mode: async\n", "session.execution_mode"),
+        ("session:\n  inter_op_threads: 2\n", "inter_op_threads applies only with execution_mode: parallel"),
+        ("session: {mem_pattern: maybe}\n", "session.mem_pattern"),
+    ],
+)
+def test_session_section_refuses_what_onnxruntime_would_not_do(text: str, needle: str) -> None:
+    with pytest.raises(UserInputError) as err:
+        parse_recipe(text, "r.yaml")
+    assert needle in str(err.value)
+
+
+def test_schema_has_the_session_section() -> None:
+    import json
+
+    schema = json.loads(recipe_json_schema())
+    assert "session" in schema["properties"] and schema["properties"]["session"]["description"]
+    props = schema["$defs"]["SessionSettings"]["properties"]
+    assert set(props) == {"opt_level", "execution_mode", "mem_pattern", "inter_op_threads"}
+    assert schema["$defs"]["SessionSettings"]["additionalProperties"] is False
 
 
 # The classic "billion laughs": 9 levels of 9 aliases, ~10^9 strings once expanded.

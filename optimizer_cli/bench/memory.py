@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,9 +36,10 @@ def peak_mb():
     return getattr(info, "peak_wset", info.rss) / 2**20  # Windows keeps a peak; elsewhere rss is a floor
 
 model, feeds_path, provider, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+options = json.loads(sys.argv[5])
 feeds = dict(np.load(feeds_path))
 before = psutil.Process().memory_info().rss / 2**20
-sess = create_session(model, SessionConfig(provider=provider, threads=threads))
+sess = create_session(model, SessionConfig(provider=provider, threads=threads, **options))
 sess.run(None, feeds)
 peak = max(peak_mb(), psutil.Process().memory_info().rss / 2**20)
 print(json.dumps({"peak_mb": peak, "delta_mb": max(0.0, peak - before)}))
@@ -45,15 +47,31 @@ print(json.dumps({"peak_mb": peak, "delta_mb": max(0.0, peak - before)}))
 
 
 def session_peak_memory(
-    model_path: str | Path, feeds: dict[str, np.ndarray], provider: str, threads: int
+    model_path: str | Path,
+    feeds: dict[str, np.ndarray],
+    provider: str,
+    threads: int,
+    session: dict[str, Any] | None = None,
 ) -> dict | None:
-    """{'peak_mb', 'delta_mb'} where delta excludes the interpreter and onnxruntime import; None on failure."""
+    """{'peak_mb', 'delta_mb'} where delta excludes the interpreter and onnxruntime import; None on failure.
+
+    `session`: other SessionConfig fields (JSON values), e.g. the recipe's mem_pattern, which changes the peak.
+    """
     with tempfile.TemporaryDirectory(prefix="optimize-mem-") as tmp:
         feeds_path = Path(tmp) / "feeds.npz"
         np.savez(feeds_path, **feeds)  # type: ignore[arg-type]  # numpy's stub types **kwds as its flags
         try:
             proc = subprocess.run(
-                [sys.executable, "-c", _CHILD, str(model_path), str(feeds_path), provider, str(threads)],
+                [
+                    sys.executable,
+                    "-c",
+                    _CHILD,
+                    str(model_path),
+                    str(feeds_path),
+                    provider,
+                    str(threads),
+                    json.dumps(session or {}),
+                ],
                 capture_output=True,
                 text=True,
                 timeout=600,

@@ -23,6 +23,7 @@ OPT_LEVELS = {
     "extended": "ORT_ENABLE_EXTENDED",
     "all": "ORT_ENABLE_ALL",
 }
+EXECUTION_MODES = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}
 
 
 def ort_log_severity() -> int:
@@ -49,6 +50,9 @@ class SessionConfig:
     trt_int8: bool = False
     trt_cache_dir: str | None = None
     extra_provider_options: dict[str, Any] = field(default_factory=dict)
+    execution_mode: str = "sequential"  # a key of EXECUTION_MODES; parallel runs independent nodes at once
+    mem_pattern: bool = True  # onnxruntime's enable_mem_pattern (its default)
+    inter_op_threads: int | None = None  # None: 1 in sequential mode, onnxruntime's default in parallel mode
 
 
 def _provider_entry(config: SessionConfig) -> list[Any]:
@@ -100,7 +104,12 @@ def create_session(source: ModelSource | ir.Model | str | Path, config: SessionC
         source = ModelSource(source)
     options = ort.SessionOptions()
     options.intra_op_num_threads = config.threads
-    options.inter_op_num_threads = 1
+    if config.inter_op_threads is not None:
+        options.inter_op_num_threads = config.inter_op_threads
+    elif config.execution_mode == "sequential":
+        options.inter_op_num_threads = 1
+    options.execution_mode = getattr(ort.ExecutionMode, EXECUTION_MODES[config.execution_mode])
+    options.enable_mem_pattern = config.mem_pattern
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[config.opt_level])
     options.log_severity_level = ort_log_severity()
     providers = _provider_entry(config)
