@@ -38,7 +38,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-SUBCOMMANDS = {"run", "bench", "passes", "validate", "inspect", "providers", "schema", "--help", "-h", "--version"}
+SUBCOMMANDS = {
+    "run",
+    "tune",
+    "bench",
+    "passes",
+    "validate",
+    "inspect",
+    "providers",
+    "schema",
+    "--help",
+    "-h",
+    "--version",
+}
 SUBCOMMANDS |= {"--install-completion", "--show-completion"}
 VERBOSITY_FLAGS = {"-v": 1, "--verbose": 1, "-q": -1, "--quiet": -1}
 # -v / -q, read by main() before typer sees the arguments (they are accepted anywhere on the line).
@@ -568,6 +580,376 @@ def _dry_run(
             sys.stderr.write(f"error: {problems[0]}\n")
             raise typer.Exit(UserInputError.exit_code)
         raise UserInputError(problems[0])
+
+
+def _parse_budget(text: str | None) -> float | None:
+    """'15m', '90s', '1h', '600' -> seconds."""
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600}
+    body, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(body) * units[unit]
+    except ValueError:
+        raise UserInputError(f"--budget '{text}': expected a duration like 600, 90s, 15m or 1h") from None
+    if seconds <= 0:
+        raise UserInputError(f"--budget '{text}': must be more than 0")
+    return seconds
+
+
+def _tune_outputs(output: Path) -> dict[str, Path]:
+    """best.onnx -> best.recipe.yaml, best.tune.json, best.pareto.png, best.report.html beside it."""
+    stem = output.with_suffix("")
+    return {
+        "recipe": stem.with_name(stem.name + ".recipe.yaml"),
+        "json": stem.with_name(stem.name + ".tune.json"),
+        "png": stem.with_name(stem.name + ".pareto.png"),
+        "html": stem.with_name(stem.name + ".report.html"),
+    }
+
+
+@app.command("tune")
+def tune_cmd(
+    models: list[Path] = typer.Argument(..., help="Input .onnx model(s) (never modified); one study per model."),
+    goal: list[str] = typer.Option(
+        [], "--goal", help="Must hold for the winner, e.g. 'cosine>=0.99', 'accuracy_drop<=1%'."
+    ),
+    data: str = typer.Option(..., "--data", help=f"Held-out evaluation data: {DATA_FORMS}."),
+    calib: str | None = typer.Option(
+        None, "--calib", help=f"Calibration data (never overlapping --data): {DATA_FORMS}."
+    ),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Winner model (several models: a folder)."),
+    budget: str | None = typer.Option(None, "--budget", help="Wall time of the search per model: 600, 90s, 15m, 1h."),
+    trials: int | None = typer.Option(
+        None, "--trials", min=1, help="Trials per model (with --budget: whichever ends first)."
+    ),
+    space: Path | None = typer.Option(None, "--space", help="YAML: dimension -> value or list of values to search."),
+    providers: str | None = typer.Option(None, "--providers", help="The one provider to tune for (default: cpu)."),
+    threads: int = typer.Option(2, "--threads", min=1, help="Intra-op threads for every session."),
+    study: Path | None = typer.Option(None, "--study", help="Folder of the Optuna study (journal file): resumable."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the study in --study."),
+    report_only: bool = typer.Option(False, "--report-only", help="Re-report a finished --study without running."),
+    sampler: str = typer.Option("tpe", "--sampler", help="Optuna sampler: tpe or nsga2."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Sampler seed."),
+    executor: str = typer.Option("local", "--executor", help="local, ray (a local Ray) or ray://HOST:PORT."),
+    eval_samples: int = typer.Option(64, "--eval-samples", min=1, help="Evaluation samples fidelity is read on."),
+    dims: list[str] = typer.Option([], "--dim", help="Symbolic dim value for random calibration, e.g. batch=1."),
+    metric: str | None = typer.Option(None, "--metric", help="builtin:cer, builtin:miou, or module:function."),
+    json_out: bool = typer.Option(False, "--json", help="Print tune.json on stdout, nothing else."),
+) -> None:
+    """Search recipes for the fastest model meeting every --goal; prove the speedup; write it and its recipe."""
+    human, log = _consoles(json_out)
+    checked = _tune_preflight(
+        models,
+        goal,
+        data,
+        calib,
+        output,
+        budget,
+        trials,
+        space,
+        providers,
+        study,
+        resume,
+        report_only,
+        sampler,
+        executor,
+    )
+    _quiet_runtime()
+    docs = []
+    from optimizer_cli.search.executors import make_executor
+
+    pool = make_executor(executor) if not report_only else None
+    try:
+        for model, target in checked.targets:
+            request = _tune_request(model, checked, calib, data, threads, seed, space, eval_samples, dims, metric)
+            docs.append(_tune_one(request, target, pool, report_only, json_out, human, log))
+    finally:
+        if pool is not None:
+            pool.close()
+    if json_out:
+        _emit_json(docs[0] if len(docs) == 1 else {"kind": "tune-many", "studies": docs})
+    if any(d["winner"] is None for d in docs):
+        raise typer.Exit(GateFailure.exit_code)
+
+
+@dataclass
+class _TuneChecked:
+    goals: list[Any]
+    budget_s: float | None
+    trials: int | None
+    provider: str
+    study_root: Path | None
+    resume: bool
+    sampler: str
+    targets: list[tuple[Path, Path]]  # model -> winner path
+
+
+def _tune_preflight(
+    models: list[Path],
+    goal: list[str],
+    data: str,
+    calib: str | None,
+    output: Path | None,
+    budget: str | None,
+    trials: int | None,
+    space: Path | None,
+    providers: str | None,
+    study: Path | None,
+    resume: bool,
+    report_only: bool,
+    sampler: str,
+    executor: str,
+) -> _TuneChecked:
+    """Every flag and path checked before any model is loaded."""
+    from optimizer_cli.outputs import OutputPlan, read_paths
+    from optimizer_cli.runtime.providers import parse_provider_list
+
+    goals = _parse_gates(goal)
+    if not goals:
+        raise UserInputError("tune needs at least one --goal, e.g. --goal 'cosine>=0.99'")
+    budget_s = _parse_budget(budget)
+    if budget_s is None and trials is None:
+        raise UserInputError("tune needs --budget (e.g. 15m) or --trials N")
+    provider_list = parse_provider_list(providers or "cpu")
+    if len(provider_list) != 1:
+        raise UserInputError("tune optimizes for one provider at a time: give --providers one of cpu, cuda, trt")
+    if sampler not in ("tpe", "nsga2"):
+        raise UserInputError(f"--sampler '{sampler}': expected tpe or nsga2")
+    if (resume or report_only) and study is None:
+        raise UserInputError("--resume and --report-only need --study DIR (the folder of the study)")
+    if executor != "local" and executor != "ray" and not executor.startswith("ray://"):
+        raise UserInputError(f"--executor '{executor}': expected local, ray or ray://HOST:PORT")
+    if space is not None and not space.is_file():
+        raise UserInputError("space file not found", space)
+    targets = _tune_targets(models, output)
+    for model, target in targets:
+        if not model.exists():
+            raise UserInputError("file not found", model)
+        plan = OutputPlan(model=target, reports={f"-o ({k})": p for k, p in _tune_outputs(target).items()})
+        plan.check(read_paths(model, {"--data": data, "--calib": calib, "--space": space}))
+    return _TuneChecked(goals, budget_s, trials, provider_list[0], study, resume or report_only, sampler, targets)
+
+
+def _tune_targets(models: list[Path], output: Path | None) -> list[tuple[Path, Path]]:
+    if len(models) == 1:
+        return [(models[0], output or models[0].with_name(models[0].stem + ".tuned.onnx"))]
+    if len({m.stem for m in models}) != len(models):
+        raise UserInputError("several models share a file name: tune them one at a time")
+    folder = output or Path("tuned")
+    if folder.suffix == ".onnx":
+        raise UserInputError("-o must name a folder when several models are tuned", folder)
+    return [(m, folder / f"{m.stem}.onnx") for m in models]
+
+
+def _tune_request(
+    model: Path,
+    checked: _TuneChecked,
+    calib: str | None,
+    data: str,
+    threads: int,
+    seed: int,
+    space: Path | None,
+    eval_samples: int,
+    dims: list[str],
+    metric: str | None,
+) -> Any:
+    import tempfile
+
+    from optimizer_cli.search.tune import TuneRequest
+
+    if checked.study_root is not None:
+        study_dir = checked.study_root if len(checked.targets) == 1 else checked.study_root / model.stem
+    else:
+        study_dir = Path(tempfile.mkdtemp(prefix="optimize-tune-"))
+    return TuneRequest(
+        model=model,
+        goals=checked.goals,
+        evaluation=data,
+        calibration=calib,
+        study_dir=study_dir,
+        provider=checked.provider,
+        threads=threads,
+        budget_s=checked.budget_s,
+        trials=checked.trials,
+        resume=checked.resume,
+        sampler=checked.sampler,
+        seed=seed,
+        space_file=space,
+        dims=_parse_dims(dims),
+        eval_samples=eval_samples,
+        metric=metric,
+    )
+
+
+def _tune_one(
+    request: Any, target: Path, pool: Any, report_only: bool, json_out: bool, human: Console, log: Console
+) -> dict[str, Any]:
+    """One model's study, then its outputs: the winner and its recipe only when there is a winner."""
+    import shutil
+
+    from optimizer_cli.search.tune import prepare, report_again, run_tune
+
+    temporary = request.study_dir.name.startswith("optimize-tune-")
+    try:
+        with _library_output_to_stderr(), _warnings_to(log), _TuneProgress(log, request) as progress:
+            progress.line(f"tuning {request.model} for {', '.join(g.expression for g in request.goals)}")
+            settings = prepare(request, progress.line)
+            if report_only:
+                doc, winner = report_again(settings)
+            else:
+                doc, winner = run_tune(settings, pool, on_progress=progress.trial, log=progress.line)
+        _write_tune_outputs(doc, winner, target, log)
+        if not json_out:
+            _print_tune(doc, human)
+        return doc
+    except KeyboardInterrupt:
+        where = (
+            f"resume with: optimize tune {request.model} ... --study {request.study_dir} --resume"
+            if not temporary
+            else "nothing was kept: give --study DIR to make a study resumable"
+        )
+        raise _Interrupted(f"interrupted: {where}") from None
+    finally:
+        if temporary:
+            shutil.rmtree(request.study_dir, ignore_errors=True)
+
+
+class _Interrupted(OptimizerError):
+    exit_code = 130
+
+
+class _TuneProgress(_Progress):
+    """A rich progress bar on a terminal (trials done, best so far, time left); a line per trial elsewhere."""
+
+    def __init__(self, console: Console, request: Any) -> None:
+        super().__init__(console)
+        self._bar: Any = None
+        self._task: Any = None
+        if self._status is not None:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._status = None
+            total = request.trials or (request.budget_s and int(request.budget_s))
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console)
+            self._task = self._bar.add_task("tune: starting", total=total)
+            self._by_time = request.trials is None
+
+    def __enter__(self) -> _TuneProgress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def trial(self, p: Any) -> None:
+        last, best = p.last, p.best
+        what = f"trial {last['number']}: {last['recipe_summary']}: {last['state']}"
+        if last.get("speedup"):
+            what += f" {last['speedup']['median']:.2f}x"
+        if last.get("fidelity"):
+            what += f", cosine {last['fidelity']['cosine']:.4f}"
+        if last.get("reason") and last["state"] != "timed":
+            what += f" ({last['reason']})"
+        best_text = (
+            f"best {best['speedup']['median']:.2f}x @ cosine {best['fidelity']['cosine']:.4f}"
+            if best
+            else "no timed candidate yet"
+        )
+        left = f", {p.seconds_left / 60:.1f} min left" if p.seconds_left is not None else ""
+        self.console.print(escape(f"  {what}"), soft_wrap=True)
+        if self._bar is not None:
+            total = self._bar.tasks[0].total
+            done = (total - (p.seconds_left or 0)) if self._by_time and total else p.done
+            self._bar.update(self._task, completed=done, description=f"tune: {p.done} trials, {best_text}{left}")
+        else:
+            self.console.print(f"  [{p.done} trials, {best_text}{left}]")
+
+
+def _write_tune_outputs(doc: dict[str, Any], winner: Path | None, target: Path, log: Console) -> None:
+    """Pictures and documents always; the winner and its recipe only when there is one (written atomically)."""
+    import shutil
+
+    import yaml
+
+    from optimizer_cli.model_io import data_file_of
+    from optimizer_cli.outputs import OutputPlan, write_text_atomic
+    from optimizer_cli.report.html import tune_html
+    from optimizer_cli.report.plot import attribution_png, pareto_png
+
+    paths = _tune_outputs(target)
+    plan = OutputPlan(model=target)
+    doc["outputs"] = {k: str(v) for k, v in paths.items()} | {"model": str(target) if winner else None}
+    if winner is None:
+        del doc["outputs"]["recipe"]
+    pareto = pareto_png(doc)
+    attribution = attribution_png(doc["winner"]) if doc["winner"] else None
+    try:
+        if winner is not None:
+            staged = plan.staged_model()
+            shutil.copyfile(winner, staged)
+            if data_file_of(winner).exists():
+                shutil.copyfile(data_file_of(winner), data_file_of(staged))
+            plan.commit_model()
+            recipe = doc["winner"]["recipe"]
+            header = (
+                f"# Found by optimize tune for {doc['model']} (goals: {', '.join(doc['goals'])}).\n"
+                f"# Reproduce: optimize {doc['model']} --recipe {paths['recipe'].name} -o OUT.onnx\n"
+            )
+            write_text_atomic(paths["recipe"], header + yaml.safe_dump(recipe, sort_keys=False))
+            log.print(f"wrote {target} and {paths['recipe']}")
+    finally:
+        plan.discard()
+    paths["png"].parent.mkdir(parents=True, exist_ok=True)
+    tmp_png = paths["png"].with_name(f".{paths['png'].name}.tmp")
+    tmp_png.write_bytes(pareto)
+    os.replace(tmp_png, paths["png"])
+    write_text_atomic(paths["html"], tune_html(doc, pareto, attribution))
+    write_text_atomic(paths["json"], json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def _print_tune(doc: dict[str, Any], human: Console) -> None:
+    from rich.table import Table
+
+    final = doc["final"]
+    table = Table(title=f"tune: {doc['model']} (goals: {', '.join(doc['goals'])})", title_justify="left")
+    for col in ("trial", "recipe", "speedup [95% CI]", "p50 ms", "cosine", "verdict"):
+        table.add_column(col)
+    base = doc["original"].get("p50_ms")
+    table.add_row("-", "original", "1.00", f"{base:.3f}" if base else "-", "1.0000", "")
+    for c in final.get("candidates", []):
+        s = c["speedup"]
+        verdict = (
+            "WINNER" if c["number"] == final.get("winner") else ("ok" if c["meets_goals"] else "; ".join(c["misses"]))
+        )
+        table.add_row(
+            str(c["number"]),
+            escape(c["recipe_summary"]),
+            f"{s['median']:.2f} [{s['ci_low']:.2f}, {s['ci_high']:.2f}]",
+            f"{c['p50_ms']:.3f}",
+            f"{c['fidelity']['cosine']:.4f}",
+            escape(verdict),
+        )
+    human.print(table)
+    counts: dict[str, int] = {}
+    for t in doc["trials"]:
+        counts[t["state"]] = counts.get(t["state"], 0) + 1
+    human.print(
+        f"{len(doc['trials'])} trials ({', '.join(f'{n} {k}' for k, n in counts.items())}) in "
+        f"{doc['elapsed_s'] / 60:.1f} min; stopped: {doc['stopped']}"
+    )
+    if doc["winner"]:
+        w = doc["winner"]
+        human.print(
+            f"winner: trial {w['number']}: {escape(w['recipe_summary'])}: {w['speedup']['median']:.2f}x "
+            f"[{w['speedup']['ci_low']:.2f}, {w['speedup']['ci_high']:.2f}], cosine {w['fidelity']['cosine']:.4f}"
+        )
+    else:
+        human.print(f"[bold red]no winner[/bold red]: {escape(final['reason'])}; no model written")
+        for c in final.get("closest", []):
+            human.print(f"  closest: trial {c['number']}: {escape(c['recipe_summary'])}: {escape(str(c['reason']))}")
 
 
 @app.command("bench")

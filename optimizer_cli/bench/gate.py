@@ -226,3 +226,17 @@ def evaluate(gates: list[Gate], bench: dict[str, Any]) -> list[GateResult]:
             GateResult(gate.expression, violated, ("violated by " if violated else "ok: ") + ", ".join(hits or values))
         )
     return results
+
+
+def metric_value(metric: str, row: dict[str, Any], bench: dict[str, Any] | None = None) -> float | None:
+    """A --fail-if metric's value on one row (None where it was not measured)."""
+    return METRICS[metric](row, bench if bench is not None else {"rows": [row]})
+
+
+def goal_holds(gate: Gate, row: dict[str, Any], bench: dict[str, Any]) -> tuple[bool, float]:
+    """Whether a tune goal (a condition that must hold, in the --fail-if vocabulary) holds on `row`, and the
+    value it was read at; a goal the row cannot measure is the user's error (exit 2)."""
+    value = METRICS[gate.metric](row, bench)
+    if value is None:
+        raise UserInputError(_not_measured(gate, row).replace("--fail-if", "--goal", 1))
+    return _OPS[gate.op](value, gate.threshold), value

@@ -1,0 +1,344 @@
+"""Candidates of `optimize tune`: a trial's parameters as a recipe, and the jobs that build, score and time it.
+
+The jobs are top-level functions of one picklable argument returning a JSON-ready dict, so an executor can
+run them in this process or as Ray tasks on other nodes (paths must then be on a filesystem every node
+sees). A job reports its own failure as a result (`state: failed`, one-line reason): one bad candidate never
+ends the study.
+
+Cheap first: `build_and_score` runs the normal pipeline (every pass verified) and measures fidelity on the
+evaluation data; only a candidate meeting the fidelity goals is handed to `time_candidate`, which holds the
+original and the candidate in one task and times them interleaved (paired ratios, as the benchmark does).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from optimizer_cli.bench.accuracy import accuracy, fidelity, load_metric
+from optimizer_cli.bench.latency import LatencyPlan, cycling, fit_to_budget, measure_ab, measure_many
+from optimizer_cli.bench.output_kinds import classify_outputs
+from optimizer_cli.data import Dataset, load_dataset
+from optimizer_cli.errors import OptimizerError, first_line
+from optimizer_cli.model_io import file_size, load_model
+from optimizer_cli.runtime.session import SessionConfig, create_session, ort_error_message, run_session
+
+# --- parameters -> recipe --------------------------------------------------------------------------
+
+
+@dataclass
+class RecipeContext:
+    """What every trial's recipe shares: data, dims, threads, and the nodes mixed precision may keep float."""
+
+    calibration: str | None
+    dims: dict[str, int]
+    threads: int
+    provider: str
+    depthwise_nodes: list[str] = field(default_factory=list)
+    # quantize mode -> node groups ranked by the fidelity they lose when quantized (attribution), worst first
+    ranked_nodes: dict[str, list[list[str]]] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _quantize_pass(params: dict[str, Any], ctx: RecipeContext) -> dict[str, Any]:
+    mode = params["quantize"]
+    step: dict[str, Any] = {"type": "quantize", "mode": mode}
+    if mode in ("dynamic", "static"):
+        step["per_channel"] = params.get("per_channel", True)
+        step["reduce_range"] = params.get("reduce_range", "auto")
+        excluded: list[str] = []
+        for group in ctx.ranked_nodes.get(mode, [])[: int(params.get("keep_float_k", 0))]:
+            excluded.extend(n for n in group if n not in excluded)
+        if mode == "static":
+            step["calibration_method"] = params.get("calibration_method", "minmax")
+            if params.get("static_ops") == "compute":
+                step["op_types"] = ["Conv", "MatMul", "Gemm"]
+            if params.get("keep_depthwise_float"):
+                excluded.extend(n for n in ctx.depthwise_nodes if n not in excluded)
+        if excluded:
+            step["exclude_nodes"] = excluded
+    elif mode == "weight_only":
+        step["bits"] = params.get("bits", 4)
+    return step
+
+
+def recipe_for(params: dict[str, Any], ctx: RecipeContext, name: str = "tuned") -> dict[str, Any]:
+    """A recipe (as a dict the Recipe model validates) that builds the candidate `params` describes."""
+    passes: list[dict[str, Any]] = [{"type": "cleanup"}]
+    fuse: dict[str, Any] = {"type": "fuse"}
+    if params.get("fuse_transformer"):
+        fuse["transformer"] = "bert"
+    if params.get("trim_padding"):
+        passes.append({"type": "trim_padding"})
+    sparsity = params.get("prune_sparsity") or 0.0
+    if sparsity:
+        # Pruning before fusion: structured groups are read on the plain graph (as transformer-prune-int8 does).
+        passes += [{"type": "prune", "method": "structured", "sparsity": sparsity}, {"type": "reconstruct"}]
+    energy = params.get("factorize_energy")
+    if energy:
+        passes += [{"type": "factorize", "energy": energy}, {"type": "reconstruct"}]
+    passes.append(fuse)
+    if params.get("quantize", "none") != "none":
+        passes.append(_quantize_pass(params, ctx))
+    session = {
+        "opt_level": params.get("opt_level", "all"),
+        "execution_mode": params.get("execution_mode", "sequential"),
+        "mem_pattern": params.get("mem_pattern", True),
+    }
+    if session["execution_mode"] == "parallel":
+        # Independent branches on as many threads as the kernels get: never more cores than the original had.
+        session["inter_op_threads"] = ctx.threads
+    return {
+        "name": name,
+        "description": "found by optimize tune: " + summary(params),
+        "passes": passes,
+        "data": {"calibration": ctx.calibration, "dims": dict(ctx.dims)},
+        "benchmark": {"providers": [ctx.provider], "threads": ctx.threads},
+        "metrics": dict(ctx.metrics),
+        "session": session,
+    }
+
+
+def summary(params: dict[str, Any]) -> str:
+    """One line a person reads: 'prune 0.3 + static int8 (compute ops, 4 float)'."""
+    parts = []
+    if params.get("trim_padding"):
+        parts.append("trim_padding")
+    if params.get("prune_sparsity"):
+        parts.append(f"prune {params['prune_sparsity']:g}")
+    if params.get("factorize_energy"):
+        parts.append(f"factorize {params['factorize_energy']:g}")
+    if params.get("fuse_transformer"):
+        parts.append("bert fusions")
+    mode = params.get("quantize", "none")
+    if mode in ("dynamic", "static"):
+        extra = [
+            "per-tensor" if params.get("per_channel") is False else "",
+            "7-bit" if params.get("reduce_range") is True else "",
+            params.get("calibration_method", "") if params.get("calibration_method", "minmax") != "minmax" else "",
+            "compute ops" if params.get("static_ops") == "compute" else "",
+            "depthwise float" if params.get("keep_depthwise_float") else "",
+            f"{params['keep_float_k']} float" if params.get("keep_float_k") else "",
+        ]
+        detail = ", ".join(e for e in extra if e)
+        parts.append(f"{mode} int8" + (f" ({detail})" if detail else ""))
+    elif mode == "weight_only":
+        parts.append(f"weight-only int{params.get('bits', 4)}")
+    elif mode == "fp16":
+        parts.append("fp16")
+    session = [
+        f"{k}={params[k]}" for k, d in (("opt_level", "all"), ("execution_mode", "sequential")) if params.get(k, d) != d
+    ]
+    return " + ".join(parts or ["cleanup + fuse"]) + (f" [{', '.join(session)}]" if session else "")
+
+
+# --- jobs ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataRef:
+    """Where a job reads evaluation data (each process reads it once)."""
+
+    model: str
+    evaluation: str
+    samples: int
+    metric: str | None = None
+    charset: str | None = None
+    map_threshold: float = 0.3
+    output_kinds: dict[str, str] = field(default_factory=dict)
+
+
+@functools.lru_cache(maxsize=4)
+def _evaluation(ref: tuple[str, str, int]) -> Dataset:
+    model, spec, samples = ref
+    return load_dataset(spec, load_model(model), limit=samples).take(samples)
+
+
+def evaluation_data(data: DataRef) -> Dataset:
+    return _evaluation((data.model, data.evaluation, data.samples))
+
+
+@functools.lru_cache(maxsize=4)
+def _reference_outputs(ref: tuple[str, str, int], threads: int) -> list[list[np.ndarray]]:
+    """The original's outputs on the evaluation data, as the benchmark's sessions compute them."""
+    feeds = _evaluation(ref).feeds
+    sess = create_session(Path(ref[0]), SessionConfig(threads=threads))
+    return [run_session(sess, f) for f in feeds]
+
+
+def session_config(threads: int, provider: str, session: dict[str, Any] | None) -> SessionConfig:
+    """The candidate's deployment session (its recipe's `session` section) on the tuned provider."""
+    config = SessionConfig(provider=provider, threads=threads)
+    for key, value in (session or {}).items():
+        if value is not None and hasattr(config, key):
+            setattr(config, key, value)
+    return config
+
+
+def quality_row(
+    data: DataRef, threads: int, provider: str, candidate: Path, session: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Fidelity and accuracy of `candidate` vs the original on the evaluation data: a benchmark row's
+    quality fields, so goals are read with the --fail-if metrics."""
+    from optimizer_cli.analysis.graph import output_names
+
+    key = (data.model, data.evaluation, data.samples)
+    dataset = _evaluation(key)
+    ref = _reference_outputs(key, threads)
+    sess = create_session(candidate, session_config(threads, provider, session))
+    new = [run_session(sess, f) for f in dataset.feeds]
+    names = output_names(load_model(data.model))
+    metric = (
+        load_metric(data.metric, model=Path(data.model), charset=data.charset, map_threshold=data.map_threshold)
+        if data.metric
+        else None
+    )
+    acc_a, acc_b = accuracy(ref, dataset, metric), accuracy(new, dataset, metric)
+    fid = fidelity(ref, new, names, classify_outputs(names, ref, data.output_kinds), data.map_threshold)
+    return {
+        "provider": provider,
+        "usable": True,
+        "shape": "",
+        "fidelity": fid.as_dict(),
+        "accuracy_original": acc_a.as_dict() if acc_a else None,
+        "accuracy_optimized": acc_b.as_dict() if acc_b else None,
+    }
+
+
+@dataclass
+class BuildJob:
+    number: int
+    model: str
+    recipe: dict[str, Any]
+    out_dir: str
+    calibration: str | None
+    data: DataRef
+    threads: int
+    provider: str
+
+
+def build_and_score(job: BuildJob) -> dict[str, Any]:
+    """Run the candidate's recipe through the pipeline (verified after every pass), save it, score it."""
+    from optimizer_cli.pipeline import run_pipeline
+    from optimizer_cli.recipe import Recipe
+
+    start = time.perf_counter()
+    out = Path(job.out_dir) / "model.onnx"
+    try:
+        rec = Recipe.model_validate(job.recipe)
+        result = run_pipeline(
+            job.model,
+            rec,
+            out,
+            calibration=job.calibration,
+            evaluation=job.data.evaluation,
+            threads=job.threads,
+            eval_samples=rec.verify.samples,
+        )
+        built = time.perf_counter() - start
+        row = quality_row(job.data, job.threads, job.provider, out, job.recipe.get("session"))
+    except OptimizerError as exc:
+        return {
+            "number": job.number,
+            "state": "failed",
+            "reason": first_line(exc),
+            "build_s": time.perf_counter() - start,
+        }
+    except Exception as exc:  # onnxruntime refusing the candidate, a library bug: this candidate fails, not the study
+        reason = f"{type(exc).__name__}: {ort_error_message(exc)}"
+        return {"number": job.number, "state": "failed", "reason": reason, "build_s": time.perf_counter() - start}
+    return {
+        "number": job.number,
+        "state": "built",
+        "model_path": str(out),
+        "bytes": file_size(out),
+        "row": row,
+        "stages": [
+            {
+                "name": s.name,
+                "type": s.pass_type,
+                "seconds": round(s.seconds, 3),
+                "worst_cosine": s.worst_cosine(),
+                "stats": {k: v for k, v in s.as_dict()["stats"].items() if isinstance(v, (int, float, str, bool))},
+            }
+            for s in result.stages
+        ],
+        "build_s": built,
+        "score_s": time.perf_counter() - start - built,
+    }
+
+
+@dataclass
+class TimeJob:
+    numbers: list[int]  # trial numbers of the candidates (one for a search trial, several for the final)
+    original: str
+    candidates: list[str]
+    sessions: list[dict[str, Any]]  # each candidate's recipe `session` section
+    data: DataRef
+    threads: int
+    provider: str
+    rounds: int = 6
+    runs_per_round: int = 10
+    max_seconds: float = 30.0
+    latency_samples: int = 8
+
+
+def _runner(sess: Any) -> Any:
+    return lambda feed: sess.run(None, feed)
+
+
+def time_candidates(job: TimeJob) -> dict[str, Any]:
+    """Original and every candidate timed in one process, interleaved round by round (paired ratios): a search
+    trial times one candidate, the final check its best few together, so noise hits them all alike."""
+    start = time.perf_counter()
+    try:
+        feeds = evaluation_data(job.data).feeds[: job.latency_samples]
+        names = {i for i in feeds[0]}
+        sessions = [create_session(Path(job.original), SessionConfig(provider=job.provider, threads=job.threads))]
+        sessions += [
+            create_session(Path(c), session_config(job.threads, job.provider, s))
+            for c, s in zip(job.candidates, job.sessions, strict=True)
+        ]
+        feeds = [{k: v for k, v in f.items() if k in names} for f in feeds]
+        for sess in sessions:  # first runs build kernels and arenas: not timed
+            sess.run(None, feeds[0])
+        one = time.perf_counter()
+        sessions[0].run(None, feeds[0])
+        per_call = (time.perf_counter() - one) * len(sessions)
+        asked = LatencyPlan(3, job.rounds, job.runs_per_round, 2, len(feeds))
+        plan = fit_to_budget(asked, per_call / 2, job.max_seconds)
+        runs = [cycling(_runner(s), feeds[: plan.inputs]) for s in sessions]
+        settings = dict(
+            warmup=plan.warmup,
+            rounds=plan.rounds,
+            runs_per_round=plan.runs_per_round,
+            discard_after_switch=plan.discard_after_switch,
+        )
+        if len(runs) == 2:
+            lat_a, lat_b, speed = measure_ab(runs[0], runs[1], **settings)
+            stats, speeds = [lat_a, lat_b], [speed]
+        else:
+            stats, speeds = measure_many(runs, **settings)
+    except Exception as exc:
+        return {
+            "numbers": job.numbers,
+            "state": "failed",
+            "reason": f"timing failed: {type(exc).__name__}: {first_line(exc)}",
+        }
+    return {
+        "numbers": job.numbers,
+        "state": "timed",
+        "original_p50_ms": stats[0].p50_ms,
+        "results": [
+            {"number": n, "speedup": s.as_dict(), "p50_ms": st.p50_ms}
+            for n, s, st in zip(job.numbers, speeds, stats[1:], strict=True)
+        ],
+        "rounds": plan.rounds,
+        "runs_per_round": plan.runs_per_round,
+        "time_s": time.perf_counter() - start,
+    }

@@ -1,0 +1,870 @@
+"""`optimize tune`: the fastest candidate that meets every goal, found with Optuna, then proven.
+
+1. The space comes from the model (search.space); each trial's parameters become a recipe
+   (search.candidates.recipe_for) built through the normal, verified pipeline.
+2. Cheap first: a candidate's fidelity is measured on the evaluation data (never overlapping the
+   calibration data); one that misses a goal is never timed. One that meets them is timed against the
+   original, interleaved in one process (paired ratios).
+3. Optuna (multi-objective: speedup up, worst-output cosine up; TPE, or NSGA-II) proposes the next trial.
+   Its storage is a journal file in the study folder, so an interrupted study resumes and a finished one is
+   re-reported without re-running. The sampler is re-seeded from the trial count before every proposal: a
+   resumed study proposes what the uninterrupted one would have, given the same results.
+4. Honest winner: the best few candidates are re-timed together, interleaved with the original (noise hits
+   all alike: no winner's curse). The winner is the fastest that meets every goal (speed goals included,
+   read on this final timing) and whose speedup's 95% interval lies above 1; otherwise there is none.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from optimizer_cli.bench.gate import Gate, goal_holds, metric_value
+from optimizer_cli.errors import UserInputError
+from optimizer_cli.search.candidates import (
+    BuildJob,
+    DataRef,
+    RecipeContext,
+    TimeJob,
+    build_and_score,
+    recipe_for,
+    summary,
+    time_candidates,
+)
+from optimizer_cli.search.space import Dimension, describe, suggest
+
+SPEED_METRICS = {
+    "speedup",
+    "speedup_ci_low",
+    "speedup_ci_high",
+    "p90_speedup",
+    "p99_speedup",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+}
+FINALISTS = 4
+# Consecutive proposals already tried before the search calls the space exhausted.
+EXHAUSTED_AFTER = 25
+CONFIG_FILE = "tune-config.json"
+JOURNAL_FILE = "study.journal"
+
+
+@dataclass
+class TuneSettings:
+    model: Path
+    goals: list[Gate]
+    ctx: RecipeContext
+    data: DataRef
+    dims: list[Dimension]
+    study_dir: Path
+    budget_s: float | None = None
+    trials: int | None = None
+    sampler: str = "tpe"
+    seed: int = 0
+    resume: bool = False
+    model_sha256: str = ""
+    trial_seconds: float = 20.0  # timing budget of one search trial
+    final_seconds: float = 60.0  # timing budget of the final re-timing
+
+    def identity(self) -> dict[str, Any]:
+        """What a resumed study must share with the one it continues."""
+        return {
+            "model_sha256": self.model_sha256,
+            "goals": [g.expression for g in self.goals],
+            "space": describe(self.dims),
+            "provider": self.ctx.provider,
+            "threads": self.ctx.threads,
+            "evaluation": self.data.evaluation,
+            "calibration": self.ctx.calibration,
+        }
+
+
+@dataclass
+class Progress:
+    """What the display shows after every trial."""
+
+    done: int
+    total: int | None
+    seconds_left: float | None
+    last: dict[str, Any]
+    best: dict[str, Any] | None
+
+
+@dataclass
+class TuneState:
+    records: dict[int, dict[str, Any]] = field(default_factory=dict)  # trial number -> tune.json trial entry
+    by_params: dict[str, int] = field(default_factory=dict)
+    elapsed_before: float = 0.0
+    original_p50_ms: float | None = None
+
+
+def _key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def fidelity_goals(goals: list[Gate]) -> list[Gate]:
+    return [g for g in goals if g.metric not in SPEED_METRICS]
+
+
+def check_goals(goals: list[Gate], row: dict[str, Any], sizes: tuple[int, int] | None = None) -> list[str]:
+    """Reasons the row misses goals (empty: all met); a goal whose metric the row lacks is the user's error.
+    `sizes` (original, candidate bytes) answers size_ratio."""
+    bench: dict[str, Any] = {"rows": [row]}
+    if sizes is not None:
+        bench.update(original_bytes=sizes[0], optimized_bytes=sizes[1])
+    misses = []
+    for gate in goals:
+        held, value = goal_holds(gate, row, bench)
+        if not held:
+            misses.append(f"{gate.metric} {value:.4g} misses goal {gate.expression}")
+    return misses
+
+
+# --- the study --------------------------------------------------------------------------------------
+
+
+def _sampler(settings: TuneSettings, n_done: int) -> Any:
+    import optuna
+
+    seed = settings.seed + n_done
+    if settings.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    # Few startup trials: the enqueued starting points already cover the space's corners.
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=6)
+
+
+def open_study(settings: TuneSettings) -> Any:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    settings.study_dir.mkdir(parents=True, exist_ok=True)
+    config_path = settings.study_dir / CONFIG_FILE
+    journal = settings.study_dir / JOURNAL_FILE
+    if settings.resume:
+        if not config_path.exists() or not journal.exists():
+            raise UserInputError("--resume: no study to resume in this folder", settings.study_dir)
+        saved = json.loads(config_path.read_text())
+        differs = [k for k, v in settings.identity().items() if saved.get("identity", {}).get(k) != v]
+        if differs:
+            raise UserInputError(f"--resume: this study was run with another {', '.join(differs)}", settings.study_dir)
+    elif journal.exists():
+        raise UserInputError(
+            "a study already exists here: add --resume to continue it, or choose another --study", settings.study_dir
+        )
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    study = optuna.create_study(
+        study_name="tune", storage=storage, directions=["maximize", "maximize"], load_if_exists=settings.resume
+    )
+    if not settings.resume:
+        _write_config(settings, 0.0)
+    return study
+
+
+def _write_config(settings: TuneSettings, elapsed: float, extra: dict[str, Any] | None = None) -> None:
+    path = settings.study_dir / CONFIG_FILE
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    saved.update({"identity": settings.identity(), "elapsed_s": elapsed, **(extra or {})})
+    path.write_text(json.dumps(saved, indent=2, default=str))
+
+
+def restore(study: Any, settings: TuneSettings) -> TuneState:
+    """The records of the trials a previous run finished; trials it left running (Ctrl-C) are marked failed."""
+    import optuna
+
+    state = TuneState()
+    saved = json.loads((settings.study_dir / CONFIG_FILE).read_text())
+    state.elapsed_before = float(saved.get("elapsed_s", 0.0))
+    state.original_p50_ms = saved.get("original_p50_ms")
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state == optuna.trial.TrialState.RUNNING:
+            # Interrupted mid-trial: failed in the journal, and its proposal asked again first, so the resumed
+            # study goes on as the uninterrupted one would have.
+            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            if trial.params:
+                study.enqueue_trial(trial.params, skip_if_exists=False)
+            continue
+        record = trial.user_attrs.get("record")
+        if record is not None and record["state"] != "duplicate":
+            state.records[trial.number] = record
+            if record["state"] != "duplicate":
+                state.by_params.setdefault(_key(record["params"]), trial.number)
+    return state
+
+
+def _wanted_or_first(want: dict[str, Any], dim: Dimension) -> Any:
+    return want[dim.name] if want.get(dim.name) in dim.choices else dim.choices[0]
+
+
+def _suggest_with(trial: Any, dim: Dimension) -> Any:
+    return trial.suggest_categorical(dim.name, list(dim.choices))
+
+
+def starting_points(dims: list[Dimension]) -> list[dict[str, Any]]:
+    """What a person would try first (the shipped recipes' shapes), so even a small budget sees them."""
+    names = {d.name: d for d in dims}
+    modes = names["quantize"].choices if "quantize" in names else ("none",)
+    wanted: list[dict[str, Any]] = []
+    for mode in ("dynamic", "static"):
+        if mode in modes:
+            wanted.append({"quantize": mode})
+    if "static" in modes:
+        wanted.append({"quantize": "static", "static_ops": "compute"})
+        wanted.append({"quantize": "static", "keep_float_k": 4})
+    if "fuse_transformer" in names and "dynamic" in modes:
+        wanted.append({"quantize": "dynamic", "fuse_transformer": True})
+    if "prune_sparsity" in names:
+        wanted.append({"quantize": "none", "prune_sparsity": 0.3})
+    points = []
+    for want in wanted:
+        params = suggest(dims, functools.partial(_wanted_or_first, want))
+        if all(params.get(k) == v for k, v in want.items()):
+            points.append(params)
+    return points
+
+
+@dataclass
+class Runner:
+    """Builds, scores and times trials through an executor (in this process, or Ray tasks)."""
+
+    settings: TuneSettings
+    executor: Any
+    on_progress: Callable[[Progress], None] = lambda _p: None
+    log: Callable[[str], None] = lambda _m: None
+
+    @property
+    def original_bytes(self) -> int:
+        from optimizer_cli.model_io import file_size
+
+        return file_size(self.settings.model)
+
+    def candidate_dir(self, number: int) -> Path:
+        return self.settings.study_dir / "trials" / f"{number:04d}"
+
+    def build_jobs(self, numbered: list[tuple[int, dict[str, Any]]]) -> list[BuildJob]:
+        jobs = []
+        for number, params in numbered:
+            out = self.candidate_dir(number)
+            out.mkdir(parents=True, exist_ok=True)
+            jobs.append(
+                BuildJob(
+                    number,
+                    str(self.settings.model),
+                    recipe_for(params, self.settings.ctx),
+                    str(out),
+                    self.settings.ctx.calibration,
+                    self.settings.data,
+                    self.settings.ctx.threads,
+                    self.settings.ctx.provider,
+                )
+            )
+        return jobs
+
+    def time_jobs(self, built: list[dict[str, Any]], recipes: dict[int, dict[str, Any]], seconds: float) -> TimeJob:
+        return TimeJob(
+            numbers=[b["number"] for b in built],
+            original=str(self.settings.model),
+            candidates=[b["model_path"] for b in built],
+            sessions=[recipes[b["number"]].get("session", {}) for b in built],
+            data=self.settings.data,
+            threads=self.settings.ctx.threads,
+            provider=self.settings.ctx.provider,
+            rounds=10 if len(built) > 1 else 6,
+            max_seconds=seconds,
+        )
+
+    def run_batch(self, numbered: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Records of a batch of new trials: built and scored (in parallel where the executor can), then the
+        ones meeting the fidelity goals timed one at a time on reserved cores."""
+        jobs = self.build_jobs(numbered)
+        recipes = {j.number: j.recipe for j in jobs}
+        results = self.executor.map(build_and_score, jobs, num_cpus=1)
+        records = []
+        to_time = []
+        for (number, params), result in zip(numbered, results, strict=True):
+            record = _record(number, params, result, recipes[number], self.settings.goals, self.original_bytes)
+            records.append(record)
+            if record["state"] == "built" and record["goals_met"]:
+                to_time.append((record, result))
+            elif record["state"] != "built":
+                shutil.rmtree(self.candidate_dir(number), ignore_errors=True)  # keep only candidates worth keeping
+        if to_time:
+            timing = self.executor.map(
+                time_candidates,
+                [self.time_jobs([r], recipes, self.settings.trial_seconds) for _rec, r in to_time],
+                num_cpus=self.settings.ctx.threads,
+            )
+            for (record, _r), timed in zip(to_time, timing, strict=True):
+                _add_timing(record, timed)
+        for record in records:
+            if record["state"] == "built":  # met nothing more to do: rejected
+                record["state"] = "rejected"
+                shutil.rmtree(self.candidate_dir(record["number"]), ignore_errors=True)
+        return records
+
+
+def _record(
+    number: int, params: dict[str, Any], result: Any, recipe: dict[str, Any], goals: list[Gate], original_bytes: int
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "number": number,
+        "params": params,
+        "recipe_summary": summary(params),
+        "recipe": recipe,
+        "state": "failed",
+        "reason": None,
+        "fidelity": None,
+        "goals_met": None,
+        "speedup": None,
+        "p50_ms": None,
+        "size_ratio": None,
+        "build_s": None,
+        "time_s": None,
+        "stages": [],
+    }
+    if not isinstance(result, dict):  # the executor's TaskError: the task itself died
+        record["reason"] = getattr(result, "message", str(result))
+        return record
+    record["build_s"] = round(float(result.get("build_s", 0.0)), 2)
+    if result["state"] != "built":
+        record["reason"] = result["reason"]
+        return record
+    row = result["row"]
+    fid, acc_b = row["fidelity"], row["accuracy_optimized"]
+    record.update(
+        state="built",
+        model_path=result["model_path"],
+        bytes=result["bytes"],
+        row=row,
+        stages=result["stages"],
+        fidelity={
+            "cosine": fid["cosine_min"],
+            "cosine_mean": fid["cosine_mean"],
+            "top1_agreement": fid["top1_agreement"],
+            "nonfinite": fid["nonfinite"],
+            "accuracy": acc_b["top1"] if acc_b else None,
+            "accuracy_drop": metric_value("accuracy_drop", row),
+        },
+    )
+    record["size_ratio"] = result["bytes"] / original_bytes
+    misses = check_goals(fidelity_goals(goals), row, (original_bytes, result["bytes"]))
+    record["goals_met"] = not misses
+    if misses:
+        record["reason"] = "; ".join(misses) + " (not timed)"
+    return record
+
+
+def _add_timing(record: dict[str, Any], timed: Any) -> None:
+    if not isinstance(timed, dict) or timed.get("state") != "timed":
+        record["state"] = "failed"
+        record["reason"] = timed.get("reason") if isinstance(timed, dict) else getattr(timed, "message", str(timed))
+        return
+    result = timed["results"][0]
+    record.update(state="timed", speedup=result["speedup"], p50_ms=result["p50_ms"], time_s=round(timed["time_s"], 2))
+    record["original_p50_ms"] = timed["original_p50_ms"]
+    record["row"]["speedup"] = result["speedup"]
+
+
+def _tell(study: Any, trial: Any, record: dict[str, Any]) -> None:
+    import optuna
+
+    trial.set_user_attr("record", record)  # the whole record: a resumed study re-times from it
+    if record["state"] == "timed":
+        trial.set_constraint("goals", 0.0)
+        study.tell(trial, [record["speedup"]["median"], record["fidelity"]["cosine"]])
+    elif record["state"] == "rejected":
+        # Never timed: the sampler ranks it below every feasible trial (constraint), whatever its values say.
+        trial.set_constraint("goals", 1.0)
+        study.tell(trial, [0.0, float(record["fidelity"]["cosine"])])
+    else:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+
+def _best(records: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    timed = [r for r in records.values() if r["state"] == "timed"]
+    return max(timed, key=lambda r: r["speedup"]["median"]) if timed else None
+
+
+def search(runner: Runner, study: Any, state: TuneState) -> str:
+    """Trials until the budget, the trial count or the space runs out; returns why it stopped."""
+    settings = runner.settings
+    start = time.perf_counter()
+    deadline = None if settings.budget_s is None else start + max(0.0, settings.budget_s - state.elapsed_before)
+    if not state.records:
+        for point in starting_points(settings.dims):
+            study.enqueue_trial(point, skip_if_exists=True)
+    repeats = 0
+    while True:
+        done = len(state.records)
+        if settings.trials is not None and done >= settings.trials:
+            return f"{done} trials done"
+        if deadline is not None and time.perf_counter() >= deadline:
+            return "time budget spent"
+        if repeats >= EXHAUSTED_AFTER:
+            return "the space is exhausted (every proposal had been tried)"
+        width = runner.executor.parallelism
+        if settings.trials is not None:
+            width = min(width, settings.trials - done)
+        batch = _propose(study, settings, width)
+        new = [(t, p) for t, p in batch if _key(p) not in state.by_params]
+        for trial, params in batch:
+            if _key(params) in state.by_params:
+                repeats += 1
+                _tell_duplicate(study, trial, params, state)
+        if new:
+            repeats = 0
+            records = runner.run_batch([(t.number, p) for t, p in new])
+            for (trial, params), record in zip(new, records, strict=True):
+                _tell(study, trial, record)
+                state.records[trial.number] = {k: v for k, v in record.items() if k != "row"} | {
+                    "row": record.get("row")
+                }
+                state.by_params[_key(params)] = trial.number
+                if record.get("original_p50_ms") is not None:
+                    state.original_p50_ms = record["original_p50_ms"]
+            elapsed = state.elapsed_before + time.perf_counter() - start
+            _write_config(settings, elapsed, {"original_p50_ms": state.original_p50_ms})
+            left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+            runner.on_progress(Progress(len(state.records), settings.trials, left, records[-1], _best(state.records)))
+
+
+def _propose(study: Any, settings: TuneSettings, width: int) -> list[tuple[Any, dict[str, Any]]]:
+    batch = []
+    told = sum(1 for t in study.get_trials(deepcopy=False) if "record" in t.user_attrs)
+    for i in range(max(1, width)):
+        # Seeded by the trials told so far (not by trials an interruption left failed): reproducible on resume.
+        study.sampler = _sampler(settings, told + i)
+        trial = study.ask()
+        params = suggest(settings.dims, functools.partial(_suggest_with, trial))
+        batch.append((trial, params))
+    return batch
+
+
+def _tell_duplicate(study: Any, trial: Any, params: dict[str, Any], state: TuneState) -> None:
+    """A proposal already tried: told the same outcome, not rebuilt (and not counted as a new trial)."""
+    import optuna
+
+    first = state.records[state.by_params[_key(params)]]
+    record = {
+        "number": trial.number,
+        "state": "duplicate",
+        "params": params,
+        "reason": f"same as trial {first['number']}",
+    }
+    trial.set_user_attr("record", record)
+    if first["state"] == "timed":
+        trial.set_constraint("goals", 0.0)
+        study.tell(trial, [first["speedup"]["median"], first["fidelity"]["cosine"]])
+    elif first["state"] == "rejected":
+        trial.set_constraint("goals", 1.0)
+        study.tell(trial, [0.0, float(first["fidelity"]["cosine"])])
+    else:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+
+# --- the honest winner ------------------------------------------------------------------------------
+
+
+def pareto(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Timed records no other timed record beats on both speedup and cosine."""
+    front = []
+    for r in records:
+        s, c = r["speedup"]["median"], r["fidelity"]["cosine"]
+        if not any(
+            o is not r
+            and o["speedup"]["median"] >= s
+            and o["fidelity"]["cosine"] >= c
+            and (o["speedup"]["median"] > s or o["fidelity"]["cosine"] > c)
+            for o in records
+        ):
+            front.append(r)
+    return front
+
+
+def finalists(records: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Pareto front's fastest few, then the fastest others, up to FINALISTS."""
+    timed = [r for r in records.values() if r["state"] == "timed"]
+    front = sorted(pareto(timed), key=lambda r: -r["speedup"]["median"])
+    rest = sorted((r for r in timed if r not in front), key=lambda r: -r["speedup"]["median"])
+    return (front + rest)[:FINALISTS]
+
+
+def final_check(runner: Runner, state: TuneState) -> dict[str, Any]:
+    """Re-time the finalists together with the original and pick the winner (or say why there is none)."""
+    chosen = finalists(state.records)
+    if not chosen:
+        return {"candidates": [], "winner": None, "verdict": "none", "reason": _none_reason(state)}
+    built = [{"number": r["number"], "model_path": r["model_path"]} for r in chosen]
+    recipes = {r["number"]: r["recipe"] for r in chosen}
+    runner.log(f"re-timing {len(chosen)} finalist(s) together with the original")
+    job = runner.time_jobs(built, recipes, runner.settings.final_seconds)
+    timed = runner.executor.map(time_candidates, [job], num_cpus=runner.settings.ctx.threads)[0]
+    if not isinstance(timed, dict) or timed.get("state") != "timed":
+        reason = timed.get("reason") if isinstance(timed, dict) else str(timed)
+        return {"candidates": [], "winner": None, "verdict": "none", "reason": f"the final timing failed: {reason}"}
+    candidates = []
+    for record, result in zip(chosen, timed["results"], strict=True):
+        row = dict(record.get("row") or {}, speedup=result["speedup"], latency_optimized={"p50_ms": result["p50_ms"]})
+        misses = check_goals(runner.settings.goals, row, (runner.original_bytes, record["bytes"]))
+        if result["speedup"]["ci_low"] <= 1.0:
+            misses.append(
+                f"speedup {result['speedup']['median']:.3g}x: its 95% interval reaches down to {result['speedup']['ci_low']:.3g}"
+            )
+        candidates.append(
+            {
+                "number": record["number"],
+                "recipe_summary": record["recipe_summary"],
+                "speedup": result["speedup"],
+                "p50_ms": result["p50_ms"],
+                "fidelity": record["fidelity"],
+                "meets_goals": not misses,
+                "misses": misses,
+            }
+        )
+    qualified = [c for c in candidates if c["meets_goals"]]
+    state.original_p50_ms = timed["original_p50_ms"]
+    if not qualified:
+        return {
+            "candidates": candidates,
+            "winner": None,
+            "verdict": "none",
+            "original_p50_ms": timed["original_p50_ms"],
+            "reason": "no candidate meets every goal with a speedup whose 95% interval lies above 1 on the final timing",
+        }
+    winner = max(qualified, key=lambda c: c["speedup"]["median"])
+    return {
+        "candidates": candidates,
+        "winner": winner["number"],
+        "verdict": "found",
+        "original_p50_ms": timed["original_p50_ms"],
+        "reason": "fastest candidate meeting every goal whose speedup's 95% interval lies above 1 (final timing, "
+        f"{timed['rounds']} interleaved rounds with the original)",
+    }
+
+
+def _none_reason(state: TuneState) -> str:
+    counts: dict[str, int] = {}
+    for r in state.records.values():
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    seen = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trials"
+    return f"no candidate met the fidelity goals ({seen})"
+
+
+def closest(records: dict[int, dict[str, Any]], n: int = 3) -> list[dict[str, Any]]:
+    """The candidates nearest the goals when none met them: best worst-output cosine first."""
+    scored = [r for r in records.values() if r["state"] in ("rejected", "timed") and r["fidelity"]]
+    scored.sort(key=lambda r: -float(r["fidelity"]["cosine"]))
+    return [
+        {"number": r["number"], "recipe_summary": r["recipe_summary"], "fidelity": r["fidelity"], "reason": r["reason"]}
+        for r in scored[:n]
+    ]
+
+
+# --- set-up and the whole run -----------------------------------------------------------------------
+
+
+def _feed_digest(feed: dict[str, Any]) -> str:
+    import hashlib
+
+    h = hashlib.sha1()
+    for name in sorted(feed):
+        array = feed[name]
+        h.update(name.encode())
+        h.update(str(array.dtype).encode() + str(array.shape).encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def check_held_out(calibration: Any, evaluation: Any, source: str) -> None:
+    """Fidelity must be read on data the candidates were not calibrated, pruned or refitted on."""
+    if calibration is None:
+        return
+    seen = {_feed_digest(f) for f in calibration.feeds}
+    shared = sum(1 for f in evaluation.feeds if _feed_digest(f) in seen)
+    if shared:
+        raise UserInputError(
+            f"{shared} of {len(evaluation)} evaluation samples also appear in the calibration data: tune needs "
+            "held-out evaluation data (split your data into --calib and --data)",
+            source,
+        )
+
+
+def rank_for_mixed_precision(
+    model: Path, modes: list[str], ctx: RecipeContext, eval_feeds: list[dict[str, Any]], log: Callable[[str], None]
+) -> dict[str, list[list[str]]]:
+    """Per quantize mode: node groups by the fidelity they lose when quantized (attribution on the evaluation
+    data), worst first. keep_float_k = k keeps the first k groups in float."""
+    from optimizer_cli.pipeline import run_pipeline
+    from optimizer_cli.recipe import Recipe
+    from optimizer_cli.search.attribution import rank_nodes
+
+    ranked: dict[str, list[list[str]]] = {}
+    for mode in modes:
+        log(f"ranking nodes by the fidelity {mode} int8 costs them (mixed precision)")
+        full = recipe_for({"quantize": mode}, ctx)
+        before = {**full, "passes": full["passes"][:-1]}
+        try:
+            pre = run_pipeline(
+                model, Recipe.model_validate(before), None, calibration=ctx.calibration, threads=ctx.threads
+            )
+            post = run_pipeline(
+                model, Recipe.model_validate(full), None, calibration=ctx.calibration, threads=ctx.threads
+            )
+            entries = rank_nodes(pre.model, post.model, eval_feeds[:8], ctx.threads)
+        except Exception as exc:  # the mode fails outright on this model: its trials will say why
+            log(f"  no ranking for {mode}: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        ranked[mode] = [e["nodes"] for e in entries if float(e["local_drop"]) > 0]
+    return ranked
+
+
+def winner_attribution(
+    model: Path, winner_path: Path, feeds: list[dict[str, Any]], threads: int
+) -> list[dict[str, Any]]:
+    """Where the winner loses what fidelity it loses: nodes of the original by local cosine drop."""
+    from optimizer_cli.model_io import load_model
+    from optimizer_cli.pipeline import normalize
+    from optimizer_cli.search.attribution import rank_nodes
+
+    original = load_model(model)
+    normalize(original)
+    try:
+        ranked = rank_nodes(original, load_model(winner_path), feeds[:8], threads)
+    except Exception:  # attribution is a help, not a verdict: a graph it cannot compare gets none
+        return []
+    return [
+        {"node": e["node"], "op": e["op"], "cosine": float(e["cosine"]), "local_drop": float(e["local_drop"])}
+        for e in ranked[:15]
+        if float(e["local_drop"]) > 0
+    ]
+
+
+def trial_entry(record: dict[str, Any]) -> dict[str, Any]:
+    """A trial as tune.json lists it."""
+    keys = (
+        "number",
+        "params",
+        "state",
+        "reason",
+        "recipe_summary",
+        "fidelity",
+        "goals_met",
+        "speedup",
+        "p50_ms",
+        "size_ratio",
+        "build_s",
+        "time_s",
+        "stages",
+    )
+    return {k: record.get(k) for k in keys}
+
+
+def result_document(
+    settings: TuneSettings, state: TuneState, final: dict[str, Any], stopped: str, elapsed: float
+) -> dict[str, Any]:
+    from optimizer_cli.bench.environment import environment
+    from optimizer_cli.model_io import file_size
+
+    winner_number = final.get("winner")
+    winner = None
+    if winner_number is not None:
+        record = state.records[winner_number]
+        chosen = next(c for c in final["candidates"] if c["number"] == winner_number)
+        winner = {
+            "number": winner_number,
+            "recipe_summary": record["recipe_summary"],
+            "params": record["params"],
+            "recipe": record["recipe"],
+            "speedup": chosen["speedup"],
+            "p50_ms": chosen["p50_ms"],
+            "fidelity": record["fidelity"],
+            "size_ratio": record["size_ratio"],
+            "attribution": final.get("attribution", []),
+        }
+    if winner is None and not final.get("candidates"):
+        final = {**final, "closest": closest(state.records)}
+    return {
+        "kind": "tune",
+        "model": str(settings.model),
+        "model_sha256": settings.model_sha256,
+        "goals": [g.expression for g in settings.goals],
+        "providers": [settings.ctx.provider],
+        "threads": settings.ctx.threads,
+        "budget": {"seconds": settings.budget_s, "trials": settings.trials},
+        "elapsed_s": round(elapsed, 1),
+        "stopped": stopped,
+        "sampler": settings.sampler,
+        "study": str(settings.study_dir),
+        "space": describe(settings.dims),
+        "original": {"bytes": file_size(settings.model), "p50_ms": final.get("original_p50_ms", state.original_p50_ms)},
+        "trials": [trial_entry(state.records[n]) for n in sorted(state.records)],
+        "final": {k: v for k, v in final.items() if k != "attribution"},
+        "winner": winner,
+        "environment": environment(),
+    }
+
+
+@dataclass
+class TuneRequest:
+    """Everything `optimize tune` was asked, checked by the CLI before any work."""
+
+    model: Path
+    goals: list[Gate]
+    evaluation: str
+    calibration: str | None
+    study_dir: Path
+    provider: str = "cpu"
+    threads: int = 2
+    budget_s: float | None = None
+    trials: int | None = None
+    resume: bool = False
+    sampler: str = "tpe"
+    seed: int = 0
+    space_file: Path | None = None
+    dims: dict[str, int] = field(default_factory=dict)
+    eval_samples: int = 64
+    calib_samples: int = 64
+    metric: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)  # the recipe metrics section (kinds, charset, ...)
+
+
+def prepare(request: TuneRequest, log: Callable[[str], None]) -> TuneSettings:
+    """Load and check the model and data, derive the space, and make the settings of the study."""
+    from optimizer_cli.data import load_dataset, resolve_dataset, shape_mix
+    from optimizer_cli.model_io import load_model, model_sha256
+    from optimizer_cli.pipeline import check_input_model, normalize
+    from optimizer_cli.runtime.cpu import u8s8_saturates
+    from optimizer_cli.search.space import default_space, limit_space, load_space_file, model_traits
+
+    model = load_model(request.model)
+    normalize(model)
+    check_input_model(model, request.model)
+    calib = None
+    if request.calibration is not None:
+        calib = resolve_dataset(
+            request.calibration,
+            model,
+            samples=request.calib_samples,
+            seed=1,
+            dims=request.dims,
+            limit=request.calib_samples,
+        )
+    evaluation = load_dataset(request.evaluation, model, limit=request.eval_samples)
+    check_held_out(calib, evaluation, request.evaluation)
+    traits = model_traits(
+        model,
+        has_calibration=calib is not None,
+        mixed_calibration_shapes=calib is not None and len(shape_mix(calib.feeds)) > 1,
+        gpu=request.provider in ("cuda", "trt"),
+        saturating_cpu=u8s8_saturates(),
+    )
+    dims = default_space(traits)
+    if request.space_file is not None:
+        dims = limit_space(dims, load_space_file(request.space_file), request.space_file)
+    metrics = request.metrics
+    ctx = RecipeContext(
+        request.calibration, dict(request.dims), request.threads, request.provider, traits.depthwise_nodes, {}, metrics
+    )
+    data = DataRef(
+        str(request.model),
+        request.evaluation,
+        len(evaluation),
+        request.metric,
+        metrics.get("charset"),
+        float(metrics.get("map_threshold", 0.3)),
+        dict(metrics.get("outputs", {})),
+    )
+    return TuneSettings(
+        model=request.model,
+        goals=request.goals,
+        ctx=ctx,
+        data=data,
+        dims=dims,
+        study_dir=request.study_dir,
+        budget_s=request.budget_s,
+        trials=request.trials,
+        sampler=request.sampler,
+        seed=request.seed,
+        resume=request.resume,
+        model_sha256=model_sha256(request.model),
+    )
+
+
+def check_goals_measurable(settings: TuneSettings) -> None:
+    """The original against itself: a goal it cannot measure (accuracy without labels) fails now, not after
+    the search."""
+    from optimizer_cli.model_io import file_size
+    from optimizer_cli.search.candidates import quality_row
+
+    row = quality_row(settings.data, settings.ctx.threads, settings.ctx.provider, settings.model, None)
+    size = file_size(settings.model)
+    check_goals(fidelity_goals(settings.goals), row, (size, size))
+
+
+def _ranking(settings: TuneSettings, log: Callable[[str], None]) -> None:
+    """Mixed precision needs the nodes ranked once per study (saved with it: a resumed study uses the same)."""
+    if not any(d.name == "keep_float_k" for d in settings.dims):
+        return
+    path = settings.study_dir / "ranking.json"
+    if path.exists():
+        settings.ctx.ranked_nodes = json.loads(path.read_text())
+        return
+    from optimizer_cli.search.candidates import evaluation_data
+
+    modes = [m for m in ("dynamic", "static") if any(d.name == "quantize" and m in d.choices for d in settings.dims)]
+    feeds = evaluation_data(settings.data).feeds
+    settings.ctx.ranked_nodes = rank_for_mixed_precision(settings.model, modes, settings.ctx, feeds, log)
+    path.write_text(json.dumps(settings.ctx.ranked_nodes))
+
+
+def run_tune(
+    settings: TuneSettings,
+    executor: Any,
+    *,
+    on_progress: Callable[[Progress], None] = lambda _p: None,
+    log: Callable[[str], None] = lambda _m: None,
+) -> tuple[dict[str, Any], Path | None]:
+    """The search, then the final re-timing; returns tune.json's document and the winner's model file."""
+    from optimizer_cli.search.candidates import evaluation_data
+
+    start = time.perf_counter()
+    check_goals_measurable(settings)
+    study = open_study(settings)
+    state = restore(study, settings) if settings.resume else TuneState()
+    _ranking(settings, log)
+    runner = Runner(settings, executor, on_progress, log)
+    stopped = search(runner, study, state)
+    final = final_check(runner, state)
+    winner_path = None
+    if final["winner"] is not None:
+        winner_path = Path(state.records[final["winner"]]["model_path"])
+        final["attribution"] = winner_attribution(
+            settings.model, winner_path, evaluation_data(settings.data).feeds, settings.ctx.threads
+        )
+    (settings.study_dir / "final.json").write_text(json.dumps({"final": final, "stopped": stopped}, default=str))
+    elapsed = state.elapsed_before + time.perf_counter() - start
+    return result_document(settings, state, final, stopped, elapsed), winner_path
+
+
+def report_again(settings: TuneSettings) -> tuple[dict[str, Any], Path | None]:
+    """A finished study's document from its folder, without running or timing anything."""
+    path = settings.study_dir / "final.json"
+    if not path.exists():
+        raise UserInputError(
+            "--report-only: this study has not finished (no final.json); resume it with --resume", settings.study_dir
+        )
+    settings.resume = True
+    study = open_study(settings)
+    state = restore(study, settings)
+    saved = json.loads(path.read_text())
+    final = saved["final"]
+    winner_path = Path(state.records[final["winner"]]["model_path"]) if final.get("winner") is not None else None
+    return result_document(settings, state, final, saved["stopped"], state.elapsed_before), winner_path

@@ -1,0 +1,266 @@
+"""optimize tune: the space, the candidates' recipes, the honest winner, resume, and the outputs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from optimizer_cli.bench.gate import parse_gate
+from optimizer_cli.data import Dataset
+from optimizer_cli.errors import UserInputError
+from optimizer_cli.model_io import load_model
+from optimizer_cli.pipeline import normalize
+from optimizer_cli.recipe import Recipe
+from optimizer_cli.search.candidates import RecipeContext, recipe_for, summary
+from optimizer_cli.search.space import default_space, limit_space, model_traits, suggest
+from optimizer_cli.search.tune import check_goals, check_held_out, finalists, pareto, starting_points
+from tests.conftest import ROOT, run_cli
+
+
+def _traits(path: Path, calibration: bool = True, gpu: bool = False):
+    model = load_model(path)
+    normalize(model)
+    return model_traits(
+        model, has_calibration=calibration, mixed_calibration_shapes=False, gpu=gpu, saturating_cpu=False
+    )
+
+
+def _space(path: Path, calibration: bool = True, gpu: bool = False) -> dict[str, tuple]:
+    return {d.name: d.choices for d in default_space(_traits(path, calibration, gpu))}
+
+
+def test_space_follows_the_model(examples_dir: Path) -> None:
+    cnn = _space(examples_dir / "digits_cnn.onnx")
+    assert cnn["quantize"] == ("none", "dynamic", "static")  # a Gemm head (dynamic), Convs (static)
+    assert "keep_depthwise_float" in cnn  # the example CNN has a depthwise conv
+    assert "prune_sparsity" in cnn and "fuse_transformer" not in cnn and "trim_padding" not in cnn
+    # Without calibration data nothing that needs it is searched.
+    bare = _space(examples_dir / "digits_cnn.onnx", calibration=False)
+    assert "static" not in bare["quantize"] and "prune_sparsity" not in bare and "calibration_method" not in bare
+    # fp16 only for a GPU provider.
+    assert "fp16" not in cnn["quantize"] and "fp16" in _space(examples_dir / "digits_cnn.onnx", gpu=True)["quantize"]
+
+
+def test_space_file_limits_fixes_and_refuses(examples_dir: Path) -> None:
+    dims = default_space(_traits(examples_dir / "digits_cnn.onnx"))
+    limited = {
+        d.name: d.choices for d in limit_space(dims, {"quantize": ["none", "static"], "per_channel": True}, "s.yaml")
+    }
+    assert limited["quantize"] == ("none", "static") and limited["per_channel"] == (True,)
+    with pytest.raises(UserInputError, match="unknown or inapplicable dimension 'fuse_transformer'"):
+        limit_space(dims, {"fuse_transformer": [True]}, "s.yaml")  # not a transformer
+    with pytest.raises(UserInputError, match="weight_only.*not searchable"):
+        limit_space(dims, {"quantize": ["weight_only"]}, "s.yaml")  # no MatMul for MatMulNBits
+    with pytest.raises(UserInputError, match="no values"):
+        limit_space(dims, {"quantize": []}, "s.yaml")
+
+
+def test_every_proposal_is_a_recipe_the_passes_accept(examples_dir: Path) -> None:
+    dims = default_space(_traits(examples_dir / "digits_cnn.onnx"))
+    ctx = RecipeContext("calib.npz", {}, 2, "cpu", ["dw"], {"static": [["a", "b"], ["c"]], "dynamic": [["g"]]})
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(60):
+        params = suggest(dims, lambda d: d.choices[int(rng.integers(len(d.choices)))])
+        recipe = Recipe.model_validate(recipe_for(params, ctx))
+        seen.add(params["quantize"])
+        quant = [p for p in recipe.passes if p.type == "quantize"]
+        assert bool(quant) == (params["quantize"] != "none")
+        if quant and params["quantize"] == "static" and params.get("keep_float_k"):
+            assert {"a", "b", "c"} <= set(quant[0].exclude_nodes)  # the ranked nodes stay float
+        assert ("calibration_method" in params) == (params["quantize"] == "static")  # conditional dimension
+        assert summary(params)
+    assert seen == {"none", "dynamic", "static"}
+
+
+def test_starting_points_are_the_shipped_recipes_shapes(examples_dir: Path) -> None:
+    dims = default_space(_traits(examples_dir / "digits_cnn.onnx"))
+    points = starting_points(dims)
+    assert {"quantize": "dynamic"}.items() <= points[0].items()
+    assert any(p["quantize"] == "static" and p.get("static_ops") == "compute" for p in points)
+    assert any(p.get("prune_sparsity") == 0.3 and p["quantize"] == "none" for p in points)
+    names = {d.name for d in dims}
+    assert all(set(p) <= names for p in points)
+
+
+def _timed(number: int, speedup: float, cosine: float) -> dict:
+    return {"number": number, "state": "timed", "speedup": {"median": speedup}, "fidelity": {"cosine": cosine}}
+
+
+def test_pareto_front_and_finalists() -> None:
+    records = {
+        0: _timed(0, 1.5, 0.999),
+        1: _timed(1, 2.0, 0.995),
+        2: _timed(2, 1.4, 0.990),  # dominated by 0
+        3: _timed(3, 2.5, 0.991),
+        4: {"number": 4, "state": "rejected", "speedup": None, "fidelity": {"cosine": 0.5}},
+        5: _timed(5, 1.2, 0.9995),
+        6: _timed(6, 1.1, 0.98),  # dominated
+    }
+    front = {r["number"] for r in pareto([r for r in records.values() if r["state"] == "timed"])}
+    assert front == {0, 1, 3, 5}
+    assert [r["number"] for r in finalists(records)] == [3, 1, 0, 5]  # the front, fastest first, at most 4
+
+
+def test_goals_read_with_the_fail_if_vocabulary() -> None:
+    row = {"provider": "cpu", "usable": True, "shape": "", "fidelity": {"cosine_min": 0.985, "per_output": []},
+           "accuracy_original": None, "accuracy_optimized": None}  # fmt: skip
+    assert check_goals([parse_gate("cosine>=0.98")], row) == []
+    misses = check_goals([parse_gate("cosine>=0.99")], row)
+    assert misses and "0.985" in misses[0] and "cosine>=0.99" in misses[0]
+    with pytest.raises(UserInputError, match="--goal 'accuracy_drop<=1%'.*labelled"):
+        check_goals([parse_gate("accuracy_drop<=1%")], row)  # no labels: the user's to fix, not a miss
+    assert check_goals([parse_gate("size_ratio<=0.5")], row, (100, 40)) == []
+
+
+def test_evaluation_overlapping_calibration_is_refused() -> None:
+    feeds = [{"x": np.full((1, 4), i, np.float32)} for i in range(6)]
+    check_held_out(Dataset(feeds[:3]), Dataset(feeds[3:]), "eval.npz")
+    with pytest.raises(UserInputError, match="1 of 3 evaluation samples also appear in the calibration"):
+        check_held_out(Dataset(feeds[:4]), Dataset(feeds[3:]), "eval.npz")
+
+
+# --- the command, end to end ------------------------------------------------------------------------
+
+
+def _split_data(examples_dir: Path) -> tuple[str, str]:
+    return str(examples_dir / "digits_calib.npz"), str(examples_dir / "digits_eval.npz")
+
+
+def _space_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+# Only structured pruning (no int8 kernels whose speed varies by CPU): prune 0.5 removes most of the work (and most
+# of the fidelity of this small CNN: the goals are about the mechanics, not a model worth keeping), so a
+# goal on size picks it alone, and its speedup is far outside the noise.
+PRUNE_SPACE = "quantize: [none]\nprune_sparsity: [0.0, 0.5]\nopt_level: [all]\nexecution_mode: [sequential]\n"
+
+
+def _tune_args(examples_dir: Path, tmp_path: Path, *extra: str) -> list[str]:
+    calib, data = _split_data(examples_dir)
+    space = _space_file(tmp_path, PRUNE_SPACE)
+    return ["tune", str(examples_dir / "digits_cnn.onnx"), "--calib", calib, "--data", data, "--space", str(space),
+            "--goal", "size_ratio<=0.8", "--goal", "cosine>=0.1", *extra]  # fmt: skip
+
+
+def test_tune_writes_the_winner_and_a_recipe_that_reproduces_it(examples_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "best.onnx"
+    proc = run_cli(*_tune_args(examples_dir, tmp_path, "--trials", "2", "-o", str(out), "--json"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert doc["kind"] == "tune" and doc["final"]["verdict"] == "found"
+    winner = doc["winner"]
+    assert winner["params"]["prune_sparsity"] == 0.5 and winner["speedup"]["ci_low"] > 1.0
+    states = {t["params"]["prune_sparsity"]: t for t in doc["trials"]}
+    # The unpruned candidate misses the size goal: rejected before it is ever timed.
+    assert (
+        states[0.0]["state"] == "rejected" and states[0.0]["speedup"] is None and "size_ratio" in states[0.0]["reason"]
+    )
+    for suffix in (".recipe.yaml", ".tune.json", ".pareto.png", ".report.html"):
+        assert (tmp_path / f"best{suffix}").exists(), suffix
+    assert json.loads((tmp_path / "best.tune.json").read_text())["winner"]["number"] == winner["number"]
+    # The recipe rebuilds the same graph through the ordinary command.
+    repro = tmp_path / "repro.onnx"
+    again = run_cli(str(examples_dir / "digits_cnn.onnx"), "--recipe", str(tmp_path / "best.recipe.yaml"),
+                    "-o", str(repro), "--no-bench")  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    a, b = onnx.load(out), onnx.load(repro)
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    weights_a = {t.name: onnx.numpy_helper.to_array(t) for t in a.graph.initializer}
+    weights_b = {t.name: onnx.numpy_helper.to_array(t) for t in b.graph.initializer}
+    assert weights_a.keys() == weights_b.keys()
+    assert all(np.array_equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_tune_without_a_candidate_meeting_the_goals_writes_no_model(examples_dir: Path, tmp_path: Path) -> None:
+    calib, data = _split_data(examples_dir)
+    space = _space_file(tmp_path, "quantize: [none, dynamic]\nprune_sparsity: [0.0]\n")
+    out = tmp_path / "best.onnx"
+    proc = run_cli("tune", str(examples_dir / "digits_cnn.onnx"), "--calib", calib, "--data", data,
+                   "--space", str(space), "--goal", "size_ratio<=0.01", "--trials", "3", "-o", str(out))  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert not out.exists() and not (tmp_path / "best.recipe.yaml").exists()
+    assert "no winner" in proc.stdout and "closest" in proc.stdout
+    doc = json.loads((tmp_path / "best.tune.json").read_text())
+    assert doc["winner"] is None and doc["final"]["closest"]
+    assert all(t["speedup"] is None for t in doc["trials"])  # a candidate that misses a goal is never timed
+
+
+def test_tune_refuses_bad_requests_before_any_work(examples_dir: Path, tmp_path: Path) -> None:
+    calib, data = _split_data(examples_dir)
+    model = str(examples_dir / "digits_cnn.onnx")
+    base = ["--data", data, "--calib", calib]
+    cases = [
+        ([*base, "--trials", "2"], "at least one --goal"),
+        ([*base, "--goal", "cosine>=0.99"], "--budget"),
+        ([*base, "--goal", "cosine>=0.99", "--budget", "soon"], "--budget 'soon'"),
+        ([*base, "--goal", "cosine>=0.99", "--trials", "2", "--resume"], "--study"),
+        (
+            ["--data", data, "--calib", data, "--goal", "cosine>=0.99", "--trials", "2"],
+            "also appear in the calibration",
+        ),
+        ([*base, "--goal", "miou>=0.5", "--trials", "2"], "builtin:miou"),
+        ([*base, "--goal", "cosine>=0.99", "--trials", "2", "-o", model], "refusing to overwrite"),
+    ]
+    for args, message in cases:
+        proc = run_cli("tune", model, *args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+
+
+def test_interrupted_study_resumes_to_the_same_trials_and_winner(examples_dir: Path, tmp_path: Path) -> None:
+    study = tmp_path / "study"
+    args = _tune_args(examples_dir, tmp_path, "--trials", "2", "--study", str(study), "-o", str(tmp_path / "r.onnx"))
+    env = dict(os.environ, ORT_DISABLE_TELEMETRY="1", COLUMNS="200")
+    proc = subprocess.Popen([sys.executable, "-m", "optimizer_cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stderr is not None
+    for line in proc.stderr:  # the first trial is told, the second is under way: stop there, as Ctrl-C does
+        if "trial 0:" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    _out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in err and not (tmp_path / "r.onnx").exists()
+    resumed = run_cli(*args, "--resume", "--json")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    doc = json.loads(resumed.stdout)
+    fresh = run_cli(*_tune_args(examples_dir, tmp_path, "--trials", "2", "-o", str(tmp_path / "f.onnx"), "--json"))
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    uninterrupted = json.loads(fresh.stdout)
+    params = sorted(json.dumps(t["params"], sort_keys=True) for t in doc["trials"])
+    assert params == sorted(json.dumps(t["params"], sort_keys=True) for t in uninterrupted["trials"])
+    assert doc["winner"]["params"] == uninterrupted["winner"]["params"]
+    # A finished study is re-reported without running anything.
+    again = run_cli(*args, "--report-only", "--json")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(again.stdout)["winner"]["number"] == doc["winner"]["number"]
+
+
+def test_combinations_of_the_conditional_space_are_all_reachable(examples_dir: Path) -> None:
+    """Every static-only knob is reachable only under quantize: static (so the sampler never wastes trials)."""
+    dims = default_space(_traits(examples_dir / "digits_cnn.onnx"))
+    static_only = [d for d in dims if d.when and d.when[0][1] == ("static",)]
+    assert static_only
+    for d in static_only:
+        for mode, value in itertools.product(("none", "dynamic", "static"), d.choices):
+            params = suggest(
+                dims,
+                lambda dim, m=mode, n=d.name, v=value: (
+                    m if dim.name == "quantize" else (v if dim.name == n else dim.choices[0])
+                ),
+            )
+            assert (d.name in params) == (mode == "static")
