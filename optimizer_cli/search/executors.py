@@ -39,10 +39,12 @@ INSTALL_HINT = 'pip install -e ".[distributed]"'
 CLIENT_PREFIX = "ray://"
 CLIENT_DEFAULT_PORT = 10001
 # How long the TCP check of a cluster's address may take before it counts as unreachable.
-CLIENT_CONNECT_TIMEOUT_S = 10.0
-# Ray Client's own handshake makes 3 attempts, waiting 5, 10, then 15 s by default (ray.init offers no
-# knob for them); these variables cap each wait. Read when ray.util.client.worker is first imported,
-# so they only take effect if this process has not used Ray Client before (true for the CLI).
+CONNECT_TIMEOUT_S = 10.0
+# Past that check, Ray Client's handshake makes 3 attempts (ray.init offers no knob for their number),
+# waiting 5, 10, then 15 s for the channel and as long again when the server answers but is not ready:
+# 30 to 60 s against a port that is open but not Ray Client's. These variables cap each wait at 5 s
+# (15 to 30 s in all). Ray reads them when ray.util.client.worker is first imported, so they only take
+# effect if this process has not used Ray Client before (true for the CLI); a value already set wins.
 CLIENT_HANDSHAKE_ENV = {"RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S": "5", "RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S": "5"}
 # Exceptions that mean the process running the task is gone, whatever the task did.
 _DEATHS = ("WorkerCrashedError", "NodeDiedError", "OutOfMemoryError", "LocalRayletDiedError")
@@ -121,10 +123,10 @@ def _check_reachable(address: str) -> None:
     if host_port is None:
         return
     try:
-        with socket.create_connection(host_port, timeout=CLIENT_CONNECT_TIMEOUT_S):
+        with socket.create_connection(host_port, timeout=CONNECT_TIMEOUT_S):
             pass
     except OSError as exc:
-        reason = first_line(exc) if str(exc) else f"no answer in {CLIENT_CONNECT_TIMEOUT_S:g} s"
+        reason = first_line(exc) if str(exc) else f"no answer in {CONNECT_TIMEOUT_S:g} s"
         raise UserInputError(
             f"--executor {address}: cannot reach a Ray cluster at {host_port[0]}:{host_port[1]} ({reason}); "
             "start one there with `ray start --head` (cluster port 6379, Ray Client port 10001)"
