@@ -264,3 +264,15 @@ def test_combinations_of_the_conditional_space_are_all_reachable(examples_dir: P
                 ),
             )
             assert (d.name in params) == (mode == "static")
+
+
+def test_tune_through_a_local_ray(examples_dir: Path, tmp_path: Path) -> None:
+    """The same small study with candidates built as Ray tasks (a local Ray on this machine's CPUs, 2 in CI) and
+    timing tasks reserving the benchmark's threads: same trials, a winner, no Ray left running."""
+    pytest.importorskip("ray")
+    proc = run_cli(*_tune_args(examples_dir, tmp_path, "--trials", "2", "--executor", "ray", "-o",
+                               str(tmp_path / "ray.onnx"), "--json"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert {t["params"]["prune_sparsity"] for t in doc["trials"]} == {0.0, 0.5}
+    assert doc["winner"]["params"]["prune_sparsity"] == 0.5 and (tmp_path / "ray.onnx").exists()

@@ -414,11 +414,11 @@ def search(runner: Runner, study: Any, state: TuneState) -> str:
         if settings.trials is not None:
             width = min(width, settings.trials - done)
         batch = _propose(study, settings, width)
-        new = [(t, p) for t, p in batch if _key(p) not in state.by_params]
-        for trial, params in batch:
-            if _key(params) in state.by_params:
-                repeats += 1
-                _tell_duplicate(study, trial, params, state)
+        new: list[tuple[Any, dict[str, Any]]] = []
+        repeated: list[tuple[Any, dict[str, Any]]] = []
+        for trial, params in batch:  # proposals already tried, before or in this batch, are not rebuilt
+            tried = _key(params) in state.by_params or any(_key(p) == _key(params) for _t, p in new)
+            (repeated if tried else new).append((trial, params))
         if new:
             repeats = 0
             records = runner.run_batch([(t.number, p) for t, p in new])
@@ -434,6 +434,9 @@ def search(runner: Runner, study: Any, state: TuneState) -> str:
             _write_config(settings, elapsed, {"original_p50_ms": state.original_p50_ms})
             left = None if deadline is None else max(0.0, deadline - time.perf_counter())
             runner.on_progress(Progress(len(state.records), settings.trials, left, records[-1], _best(state.records)))
+        for trial, params in repeated:
+            repeats += 1
+            _tell_duplicate(study, trial, params, state)
 
 
 def _propose(study: Any, settings: TuneSettings, width: int) -> list[tuple[Any, dict[str, Any]]]:
