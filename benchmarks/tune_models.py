@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from optimizer_cli.bench.accuracy import fidelity  # noqa: E402
-from optimizer_cli.bench.environment import cpu_label  # noqa: E402
+from optimizer_cli.bench.environment import cpu_label, environment  # noqa: E402
 from optimizer_cli.bench.latency import cycling, measure_many  # noqa: E402
 from optimizer_cli.data import load_dataset  # noqa: E402
 from optimizer_cli.model_io import file_size, load_model  # noqa: E402
@@ -185,7 +185,7 @@ def bench_model(key: str, budget: str) -> dict[str, Any]:
             shutil.copyfile(png, RESULTS / f"tune-{key}.pareto.png")
         return {
             "model": model.name,
-            "cpu": cpu_label(),
+            "cpu": cpu_label(environment()),
             "goal": f"cosine>={GOAL}",
             "budget": budget,
             "built": {n: (str(p) if isinstance(p, Path) else p) for n, p in built.items()},

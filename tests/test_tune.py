@@ -85,7 +85,8 @@ def test_every_proposal_is_a_recipe_the_passes_accept(examples_dir: Path) -> Non
 def test_starting_points_are_the_shipped_recipes_shapes(examples_dir: Path) -> None:
     dims = default_space(_traits(examples_dir / "digits_cnn.onnx"))
     points = starting_points(dims)
-    assert {"quantize": "dynamic"}.items() <= points[0].items()
+    assert points[0]["quantize"] == "none" and not points[0].get("prune_sparsity")  # the exact floor first
+    assert {"quantize": "dynamic"}.items() <= points[1].items()
     assert any(p["quantize"] == "static" and p.get("static_ops") == "compute" for p in points)
     assert any(p.get("prune_sparsity") == 0.3 and p["quantize"] == "none" for p in points)
     names = {d.name for d in dims}
