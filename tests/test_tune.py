@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,23 +94,26 @@ def test_starting_points_are_the_shipped_recipes_shapes(examples_dir: Path) -> N
     assert all(set(p) <= names for p in points)
 
 
-def _timed(number: int, speedup: float, cosine: float) -> dict:
-    return {"number": number, "state": "timed", "speedup": {"median": speedup}, "fidelity": {"cosine": cosine}}
+def _timed(number: int, speedup: float, cosine: float, quantize: str = "dynamic") -> dict:
+    return {"number": number, "state": "timed", "speedup": {"median": speedup}, "fidelity": {"cosine": cosine},
+            "params": {"quantize": quantize}}  # fmt: skip
 
 
 def test_pareto_front_and_finalists() -> None:
     records = {
         0: _timed(0, 1.5, 0.999),
         1: _timed(1, 2.0, 0.995),
-        2: _timed(2, 1.4, 0.990),  # dominated by 0
+        2: _timed(2, 1.4, 0.990, "static"),  # dominated by 0, but the only static candidate
         3: _timed(3, 2.5, 0.991),
-        4: {"number": 4, "state": "rejected", "speedup": None, "fidelity": {"cosine": 0.5}},
+        4: {"number": 4, "state": "rejected", "speedup": None, "fidelity": {"cosine": 0.5}, "params": {}},
         5: _timed(5, 1.2, 0.9995),
-        6: _timed(6, 1.1, 0.98),  # dominated
+        6: _timed(6, 1.1, 0.98, "none"),  # dominated, the only exact one
+        7: _timed(7, 1.0, 0.97),  # dominated, a dynamic variant: left out
     }
     front = {r["number"] for r in pareto([r for r in records.values() if r["state"] == "timed"])}
     assert front == {0, 1, 3, 5}
-    assert [r["number"] for r in finalists(records)] == [3, 1, 0, 5]  # the front, fastest first, at most 4
+    # Each family's fastest (3 dynamic, 2 static, 6 none), then the front; at most 6, fastest first.
+    assert [r["number"] for r in finalists(records)] == [3, 1, 0, 2, 5, 6]
 
 
 def test_goals_read_with_the_fail_if_vocabulary() -> None:
@@ -277,3 +281,25 @@ def test_tune_through_a_local_ray(examples_dir: Path, tmp_path: Path) -> None:
     doc = json.loads(proc.stdout)
     assert {t["params"]["prune_sparsity"] for t in doc["trials"]} == {0.0, 0.5}
     assert doc["winner"]["params"]["prune_sparsity"] == 0.5 and (tmp_path / "ray.onnx").exists()
+
+
+def test_tune_fans_out_over_several_models(examples_dir: Path, tmp_path: Path) -> None:
+    """One study per model, outputs named after each model in the -o folder, studies in --study/NAME."""
+    calib, data = _split_data(examples_dir)
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("a", "b"):
+        shutil.copyfile(examples_dir / "digits_cnn.onnx", models / f"{name}.onnx")
+    space = _space_file(tmp_path, PRUNE_SPACE)
+    proc = run_cli("tune", str(models / "a.onnx"), str(models / "b.onnx"), "--calib", calib, "--data", data,
+                   "--space", str(space), "--goal", "size_ratio<=0.8", "--goal", "cosine>=0.1", "--trials", "2",
+                   "-o", str(tmp_path / "tuned"), "--study", str(tmp_path / "studies"), "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert doc["kind"] == "tune-many" and [Path(d["model"]).name for d in doc["studies"]] == ["a.onnx", "b.onnx"]
+    for name in ("a", "b"):
+        assert (tmp_path / "tuned" / f"{name}.onnx").exists() and (tmp_path / "tuned" / f"{name}.recipe.yaml").exists()
+        assert (tmp_path / "studies" / name / "study.journal").exists()
+    refused = run_cli("tune", str(models / "a.onnx"), str(models / "b.onnx"), "--data", data, "--goal", "cosine>=0.9",
+                      "--trials", "1", "-o", str(tmp_path / "x.onnx"))  # fmt: skip
+    assert refused.returncode == 2 and "-o must name a folder" in refused.stderr

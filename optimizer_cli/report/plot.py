@@ -163,6 +163,14 @@ def _draw_original(ax: Axes, higher_is_better: bool) -> None:
     )
 
 
+def _zoom(ax: Axes, tune: dict[str, Any], metric: str, timed: list[TrialPoint], original: float) -> None:
+    """The timed panel's x range: its points, the goal thresholds on its metric and the original, padded."""
+    xs = [p.fidelity for p in timed] + [g.threshold for g in _goals(tune) if g.metric == metric] + [original]
+    low, high = min(xs), max(xs)
+    pad = max((high - low) * 0.08, 1e-4)
+    ax.set_xlim(low - pad, high + pad)
+
+
 def _draw_goals(axes: list[Axes], tune: dict[str, Any], metric: str) -> None:
     """A dashed vertical line per goal on the x metric, labelled at the top on whichever side has more room."""
     left, right = axes[0].get_xlim()  # display order, so an inverted axis needs no special case
@@ -242,16 +250,22 @@ def pareto_png(tune: dict[str, Any]) -> bytes:
     higher = _higher_is_better(tune, metric)
     timed, not_timed = _timed_points(trials, metric), _not_timed_points(trials, metric)
     figure = Figure(figsize=(10, 6.5), layout="constrained")
-    ax, strip = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [6, 1]})
+    # Not shared: timed trials crowd just above the goal, rejected ones spread far below it; each panel gets
+    # the range of its own points (the top one also the goal and the original).
+    ax, strip = figure.subplots(2, 1, gridspec_kw={"height_ratios": [6, 1]})
     _draw_original(ax, higher)
     _draw_timed(ax, timed, higher)
     _draw_winner(ax, timed, winner_number(tune))
     _draw_not_timed(strip, not_timed, len(trials) - len(timed) - len(not_timed))
+    _zoom(ax, tune, metric, timed, 1.0 if higher else 0.0)
     if not higher:
-        ax.invert_xaxis()  # better fidelity to the right whichever way the metric runs (shared with the strip)
+        for panel in (ax, strip):
+            panel.invert_xaxis()  # better fidelity to the right whichever way the metric runs
     _draw_goals([ax, strip], tune, metric)
     ax.set_ylabel("speedup over the original (×)")
-    strip.set_xlabel(f"{metric} vs the original ({'higher' if higher else 'lower'} is better)")
+    label = f"{metric} vs the original ({'higher' if higher else 'lower'} is better)"
+    ax.set_xlabel(label)
+    strip.set_xlabel(label)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=9)
     ax.set_title(f"{model_name(tune)}: speedup vs {metric}, {len(trials)} trials", parse_math=False)

@@ -98,6 +98,15 @@ def _factorizable(model: ir.Model, min_size: int = 64) -> int:
     return count
 
 
+def _attention_matmul(model: ir.Model) -> bool:
+    """A MatMul of two activations (Q x K^T, or scores x V): the mark of attention, unlike a classifier head's
+    MatMul with a weight."""
+    return any(
+        node.op_type == "MatMul" and all(v is not None and v.const_value is None for v in node.inputs[:2])
+        for node in model.graph
+    )
+
+
 def _prunable_groups(model: ir.Model) -> int:
     from optimizer_cli.analysis.channel_groups import analyze
 
@@ -126,7 +135,8 @@ def model_traits(
         prunable_groups=_prunable_groups(model),
         factorizable=_factorizable(model),
         mask_input=_mask_input(model),
-        transformer=any(ops.get(op) for op in TRANSFORMER_MARKERS) or bool(ops.get("Softmax") and ops.get("MatMul")),
+        transformer=any(ops.get(op) for op in TRANSFORMER_MARKERS)
+        or (bool(ops.get("Softmax")) and _attention_matmul(model)),
         has_calibration=has_calibration,
         mixed_calibration_shapes=mixed_calibration_shapes,
         gpu=gpu,
@@ -168,11 +178,14 @@ def _quantize_dimensions(t: ModelTraits) -> list[Dimension]:
         if t.depthwise_nodes:
             dims.append(Dimension("keep_depthwise_float", (False, True), "leave depthwise Convs in float", static))
     if "static" in modes or "dynamic" in modes:
-        # Mixed precision: the k nodes that lose the most fidelity locally (attribution) stay float.
+        # Mixed precision: the k nodes that lose the most fidelity locally (attribution) stay float; up to a
+        # half of the quantizable nodes (a detector may need dozens, an MLP one or two).
+        quantizable = sum(t.ops.get(op, 0) for op in (*COMPUTE_OPS, "LSTM", "Attention"))
+        ks = tuple(k for k in (0, 2, 4, 8, 16, 32, 64) if k <= max(2, quantizable // 2))
         dims.append(
             Dimension(
                 "keep_float_k",
-                (0, 2, 4, 8, 16),
+                ks,
                 "k most fidelity-costly nodes kept in float",
                 (("quantize", QUANTIZED),),
             )
@@ -187,19 +200,23 @@ def default_space(t: ModelTraits) -> list[Dimension]:
     if t.prunable_groups and t.has_calibration:
         dims.append(Dimension("prune_sparsity", (0.0, 0.1, 0.2, 0.3, 0.4, 0.5), "structured prune + reconstruct"))
     if t.factorizable and t.has_calibration:
-        dims.append(Dimension("factorize_energy", (None, 0.99, 0.95, 0.9), "low-rank factorization + reconstruct"))
+        dims.append(
+            Dimension("factorize_energy", (0.0, 0.99, 0.95, 0.9), "low-rank factorization + reconstruct (0: none)")
+        )
     if t.mask_input is not None:
         dims.append(Dimension("trim_padding", (False, True), "slice padded sequences to their last real token"))
     if t.transformer:
         dims.append(Dimension("fuse_transformer", (False, True), "onnxruntime.transformers fusions (bert)"))
     dims.append(Dimension("opt_level", ("all", "extended"), "onnxruntime graph optimization level"))
-    dims.append(Dimension("execution_mode", ("sequential", "parallel"), "onnxruntime execution mode"))
     return dims
 
 
 # Keys a space file may name that the default space leaves out (they rarely pay off, but a user may ask).
 EXTRA_DIMENSIONS = {
     "mem_pattern": Dimension("mem_pattern", (True, False), "onnxruntime memory pattern optimization"),
+    # Parallel mode adds an inter-op pool beside the intra-op one: on few cores it oversubscribes them, and its
+    # spinning threads disturb whatever is timed next (measured: final-timing intervals 5x wider).
+    "execution_mode": Dimension("execution_mode", ("sequential", "parallel"), "onnxruntime execution mode"),
 }
 
 

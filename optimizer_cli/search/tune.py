@@ -49,9 +49,9 @@ SPEED_METRICS = {
     "p90_ms",
     "p99_ms",
 }
-FINALISTS = 4
+FINALISTS = 6
 # Consecutive proposals already tried before the search calls the space exhausted.
-EXHAUSTED_AFTER = 25
+EXHAUSTED_AFTER = 100  # random proposals in a row that were all tried: the space is (nearly) exhausted
 CONFIG_FILE = "tune-config.json"
 JOURNAL_FILE = "study.journal"
 
@@ -278,7 +278,7 @@ class Runner:
             data=self.settings.data,
             threads=self.settings.ctx.threads,
             provider=self.settings.ctx.provider,
-            rounds=10 if len(built) > 1 else 6,
+            rounds=16 if len(built) > 1 else 6,
             max_seconds=seconds,
         )
 
@@ -375,7 +375,6 @@ def _add_timing(record: dict[str, Any], timed: Any) -> None:
 
 
 def _tell(study: Any, trial: Any, record: dict[str, Any]) -> None:
-    import optuna
 
     trial.set_user_attr("record", record)  # the whole record: a resumed study re-times from it
     if record["state"] == "timed":
@@ -386,7 +385,14 @@ def _tell(study: Any, trial: Any, record: dict[str, Any]) -> None:
         trial.set_constraint("goals", 1.0)
         study.tell(trial, [0.0, float(record["fidelity"]["cosine"])])
     else:
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        _tell_failed(study, trial)
+
+
+def _tell_failed(study: Any, trial: Any) -> None:
+    """A candidate that could not be built (a quantizer refusing this model's graph): infeasible and worst on
+    both objectives, so the sampler learns to stay away instead of proposing it again (a FAIL state it ignores)."""
+    trial.set_constraint("goals", 2.0)
+    study.tell(trial, [0.0, -1.0])
 
 
 def _best(records: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
@@ -401,7 +407,7 @@ def search(runner: Runner, study: Any, state: TuneState) -> str:
     deadline = None if settings.budget_s is None else start + max(0.0, settings.budget_s - state.elapsed_before)
     if not state.records:
         for point in starting_points(settings.dims):
-            study.enqueue_trial(point, skip_if_exists=True)
+            study.enqueue_trial(point)  # (repeats are caught by our own de-duplication)
     repeats = 0
     while True:
         done = len(state.records)
@@ -414,7 +420,7 @@ def search(runner: Runner, study: Any, state: TuneState) -> str:
         width = runner.executor.parallelism
         if settings.trials is not None:
             width = min(width, settings.trials - done)
-        batch = _propose(study, settings, width)
+        batch = _propose(study, settings, width, explore=repeats > 0)
         new: list[tuple[Any, dict[str, Any]]] = []
         repeated: list[tuple[Any, dict[str, Any]]] = []
         for trial, params in batch:  # proposals already tried, before or in this batch, are not rebuilt
@@ -425,9 +431,7 @@ def search(runner: Runner, study: Any, state: TuneState) -> str:
             records = runner.run_batch([(t.number, p) for t, p in new])
             for (trial, params), record in zip(new, records, strict=True):
                 _tell(study, trial, record)
-                state.records[trial.number] = {k: v for k, v in record.items() if k != "row"} | {
-                    "row": record.get("row")
-                }
+                state.records[trial.number] = record
                 state.by_params[_key(params)] = trial.number
                 if record.get("original_p50_ms") is not None:
                     state.original_p50_ms = record["original_p50_ms"]
@@ -440,12 +444,17 @@ def search(runner: Runner, study: Any, state: TuneState) -> str:
             _tell_duplicate(study, trial, params, state)
 
 
-def _propose(study: Any, settings: TuneSettings, width: int) -> list[tuple[Any, dict[str, Any]]]:
+def _propose(study: Any, settings: TuneSettings, width: int, explore: bool = False) -> list[tuple[Any, dict[str, Any]]]:
+    """The next proposals; after a repeated one (TPE converging on what it has tried) a random one, so the
+    budget goes to candidates not yet built."""
+    import optuna
+
     batch = []
     told = sum(1 for t in study.get_trials(deepcopy=False) if "record" in t.user_attrs)
     for i in range(max(1, width)):
         # Seeded by the trials told so far (not by trials an interruption left failed): reproducible on resume.
-        study.sampler = _sampler(settings, told + i)
+        seed = settings.seed + told + i
+        study.sampler = optuna.samplers.RandomSampler(seed=seed) if explore else _sampler(settings, told + i)
         trial = study.ask()
         params = suggest(settings.dims, functools.partial(_suggest_with, trial))
         batch.append((trial, params))
@@ -454,7 +463,6 @@ def _propose(study: Any, settings: TuneSettings, width: int) -> list[tuple[Any, 
 
 def _tell_duplicate(study: Any, trial: Any, params: dict[str, Any], state: TuneState) -> None:
     """A proposal already tried: told the same outcome, not rebuilt (and not counted as a new trial)."""
-    import optuna
 
     first = state.records[state.by_params[_key(params)]]
     record = {
@@ -471,7 +479,7 @@ def _tell_duplicate(study: Any, trial: Any, params: dict[str, Any], state: TuneS
         trial.set_constraint("goals", 1.0)
         study.tell(trial, [0.0, float(first["fidelity"]["cosine"])])
     else:
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        _tell_failed(study, trial)
 
 
 # --- the honest winner ------------------------------------------------------------------------------
@@ -493,12 +501,31 @@ def pareto(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return front
 
 
+def _family(record: dict[str, Any]) -> tuple[Any, ...]:
+    """What kind of model a candidate is: its variants (per-channel, k float, session options) time alike."""
+    p = record["params"]
+    return (
+        p.get("quantize"),
+        bool(p.get("prune_sparsity")),
+        bool(p.get("factorize_energy")),
+        bool(p.get("trim_padding")),
+    )
+
+
 def finalists(records: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The Pareto front's fastest few, then the fastest others, up to FINALISTS."""
-    timed = [r for r in records.values() if r["state"] == "timed"]
-    front = sorted(pareto(timed), key=lambda r: -r["speedup"]["median"])
-    rest = sorted((r for r in timed if r not in front), key=lambda r: -r["speedup"]["median"])
-    return (front + rest)[:FINALISTS]
+    """The fastest candidate of each family (so one kind of model, flattered by noise in the search, cannot
+    crowd out the others), then the Pareto front's fastest, up to FINALISTS."""
+    timed = sorted((r for r in records.values() if r["state"] == "timed"), key=lambda r: -r["speedup"]["median"])
+    chosen: list[dict[str, Any]] = []
+    families: set[tuple[Any, ...]] = set()
+    for r in timed:
+        if _family(r) not in families:
+            families.add(_family(r))
+            chosen.append(r)
+    front = [r for r in pareto(timed) if r not in chosen]
+    rest = [r for r in timed if r not in chosen and r not in front]
+    picked = (chosen + sorted(front, key=lambda r: -r["speedup"]["median"]) + rest)[:FINALISTS]
+    return sorted(picked, key=lambda r: -r["speedup"]["median"])
 
 
 def final_check(runner: Runner, state: TuneState) -> dict[str, Any]:
