@@ -23,7 +23,7 @@ from optimizer_cli.pipeline import normalize
 from optimizer_cli.recipe import Recipe
 from optimizer_cli.search.candidates import RecipeContext, recipe_for, summary
 from optimizer_cli.search.space import default_space, limit_space, model_traits, suggest
-from optimizer_cli.search.tune import check_goals, check_held_out, finalists, pareto, starting_points
+from optimizer_cli.search.tune import check_goals, check_held_out, finalists, pareto, pick_winner, starting_points
 from tests.conftest import ROOT, run_cli
 
 
@@ -114,6 +114,20 @@ def test_pareto_front_and_finalists() -> None:
     assert front == {0, 1, 3, 5}
     # Each family's fastest (3 dynamic, 2 static, 6 none), then the front; at most 6, fastest first.
     assert [r["number"] for r in finalists(records)] == [3, 1, 0, 2, 5, 6]
+
+
+def test_a_tie_within_the_interval_goes_to_the_simpler_candidate() -> None:
+    def cand(number: int, median: float, low: float) -> dict:
+        return {"number": number, "speedup": {"median": median, "ci_low": low}}
+
+    params = {1: {"quantize": "static", "keep_float_k": 4}, 2: {"quantize": "static", "keep_float_k": 0},
+              3: {"quantize": "static", "keep_float_k": 0, "per_channel": False}}  # fmt: skip
+    # 2.64x [2.0, ...] vs 2.57x: indistinguishable, and trial 2 keeps no node float: it wins, and says why.
+    winner, why = pick_winner([cand(1, 2.64, 2.0), cand(2, 2.57, 1.7), cand(3, 2.60, 1.9)], params)
+    assert winner["number"] == 2 and "within the 95% interval" in why
+    # A clear lead is kept: 3.0x whose interval starts above the others' medians.
+    winner, why = pick_winner([cand(1, 3.0, 2.8), cand(2, 2.57, 1.7)], params)
+    assert winner["number"] == 1 and why == ""
 
 
 def test_goals_read_with_the_fail_if_vocabulary() -> None:

@@ -570,15 +570,46 @@ def final_check(runner: Runner, state: TuneState) -> dict[str, Any]:
             "original_p50_ms": timed["original_p50_ms"],
             "reason": "no candidate meets every goal with a speedup whose 95% interval lies above 1 on the final timing",
         }
-    winner = max(qualified, key=lambda c: c["speedup"]["median"])
+    winner, tie = pick_winner(qualified, {r["number"]: r["params"] for r in chosen})
     return {
         "candidates": candidates,
         "winner": winner["number"],
         "verdict": "found",
         "original_p50_ms": timed["original_p50_ms"],
         "reason": "fastest candidate meeting every goal whose speedup's 95% interval lies above 1 (final timing, "
-        f"{timed['rounds']} interleaved rounds with the original)",
+        f"{timed['rounds']} interleaved rounds with the original)" + tie,
     }
+
+
+def complexity(params: dict[str, Any]) -> tuple[int, int]:
+    """How far a candidate departs from the plain recipe: nodes kept float, then knobs off their defaults."""
+    defaults = {
+        "per_channel": True,
+        "reduce_range": "auto",
+        "calibration_method": "minmax",
+        "static_ops": "all",
+        "keep_depthwise_float": False,
+        "opt_level": "all",
+        "execution_mode": "sequential",
+        "mem_pattern": True,
+    }
+    changed = sum(1 for k, v in defaults.items() if k in params and params[k] != v)
+    return int(params.get("keep_float_k") or 0), changed
+
+
+def pick_winner(qualified: list[dict[str, Any]], params: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """The fastest; but among the candidates the fastest one's 95% interval cannot tell apart from it, the
+    simplest (fewest nodes kept float, fewest knobs changed): a tie is noise, and the simpler model is the
+    one that times the same elsewhere."""
+    fastest = max(qualified, key=lambda c: c["speedup"]["median"])
+    tied = [c for c in qualified if c["speedup"]["median"] >= fastest["speedup"]["ci_low"]]
+    simplest = min(tied, key=lambda c: (complexity(params[c["number"]]), -c["speedup"]["median"]))
+    if simplest is fastest:
+        return fastest, ""
+    return simplest, (
+        f"; trial {simplest['number']} ({simplest['speedup']['median']:.2f}x) is within the 95% interval of the "
+        f"fastest, trial {fastest['number']} ({fastest['speedup']['median']:.2f}x), and simpler"
+    )
 
 
 def _none_reason(state: TuneState) -> str:
