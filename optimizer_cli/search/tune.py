@@ -50,6 +50,8 @@ SPEED_METRICS = {
     "p99_ms",
 }
 FINALISTS = 6
+FINAL_ROUNDS = 16
+EXTEND = 3  # an inconclusive final timing is repeated once with this many times the rounds and the budget
 # Consecutive proposals already tried before the search calls the space exhausted.
 EXHAUSTED_AFTER = 100  # random proposals in a row that were all tried: the space is (nearly) exhausted
 CONFIG_FILE = "tune-config.json"
@@ -278,7 +280,7 @@ class Runner:
             data=self.settings.data,
             threads=self.settings.ctx.threads,
             provider=self.settings.ctx.provider,
-            rounds=16 if len(built) > 1 else 6,
+            rounds=6,  # a search trial; the final timing sets its own
             max_seconds=seconds,
         )
 
@@ -533,14 +535,22 @@ def final_check(runner: Runner, state: TuneState) -> dict[str, Any]:
     chosen = finalists(state.records)
     if not chosen:
         return {"candidates": [], "winner": None, "verdict": "none", "reason": _none_reason(state)}
-    built = [{"number": r["number"], "model_path": r["model_path"]} for r in chosen]
-    recipes = {r["number"]: r["recipe"] for r in chosen}
     runner.log(f"re-timing {len(chosen)} finalist(s) together with the original")
-    job = runner.time_jobs(built, recipes, runner.settings.final_seconds)
-    timed = runner.executor.map(time_candidates, [job], num_cpus=runner.settings.ctx.threads)[0]
-    if not isinstance(timed, dict) or timed.get("state") != "timed":
-        reason = timed.get("reason") if isinstance(timed, dict) else str(timed)
-        return {"candidates": [], "winner": None, "verdict": "none", "reason": f"the final timing failed: {reason}"}
+    timed = _time_finalists(runner, chosen, FINAL_ROUNDS, runner.settings.final_seconds)
+    if timed.get("state") != "timed":
+        return {
+            "candidates": [],
+            "winner": None,
+            "verdict": "none",
+            "reason": f"the final timing failed: {timed['reason']}",
+        }
+    hopeful = [r for r, res in zip(chosen, timed["results"], strict=True) if res["speedup"]["median"] > 1.0]
+    if hopeful and not any(res["speedup"]["ci_low"] > 1.0 for res in timed["results"]):
+        # Inconclusive (faster medians, intervals reaching 1): more rounds for those alone, once, before saying no.
+        runner.log(f"inconclusive: re-timing {len(hopeful)} finalist(s) with {EXTEND}x the rounds")
+        again = _time_finalists(runner, hopeful, FINAL_ROUNDS * EXTEND, runner.settings.final_seconds * EXTEND)
+        if again.get("state") == "timed":
+            chosen, timed = hopeful, again
     candidates = []
     for record, result in zip(chosen, timed["results"], strict=True):
         row = dict(record.get("row") or {}, speedup=result["speedup"], latency_optimized={"p50_ms": result["p50_ms"]})
@@ -610,6 +620,16 @@ def pick_winner(qualified: list[dict[str, Any]], params: dict[int, dict[str, Any
         f"; trial {simplest['number']} ({simplest['speedup']['median']:.2f}x) is within the 95% interval of the "
         f"fastest, trial {fastest['number']} ({fastest['speedup']['median']:.2f}x), and simpler"
     )
+
+
+def _time_finalists(runner: Runner, chosen: list[dict[str, Any]], rounds: int, seconds: float) -> dict[str, Any]:
+    built = [{"number": r["number"], "model_path": r["model_path"]} for r in chosen]
+    job = runner.time_jobs(built, {r["number"]: r["recipe"] for r in chosen}, seconds)
+    job.rounds = rounds
+    timed = runner.executor.map(time_candidates, [job], num_cpus=runner.settings.ctx.threads)[0]
+    if not isinstance(timed, dict):
+        return {"state": "failed", "reason": getattr(timed, "message", str(timed))}
+    return timed
 
 
 def _none_reason(state: TuneState) -> str:
