@@ -377,8 +377,12 @@ def _add_timing(record: dict[str, Any], timed: Any) -> None:
 
 
 def _tell(study: Any, trial: Any, record: dict[str, Any]) -> None:
-
     trial.set_user_attr("record", record)  # the whole record: a resumed study re-times from it
+    _tell_outcome(study, trial, record)
+
+
+def _tell_outcome(study: Any, trial: Any, record: dict[str, Any]) -> None:
+    """The sampler's view of a trial's (or, for a repeat, the first trial's) outcome."""
     if record["state"] == "timed":
         trial.set_constraint("goals", 0.0)
         study.tell(trial, [record["speedup"]["median"], record["fidelity"]["cosine"]])
@@ -465,7 +469,6 @@ def _propose(study: Any, settings: TuneSettings, width: int, explore: bool = Fal
 
 def _tell_duplicate(study: Any, trial: Any, params: dict[str, Any], state: TuneState) -> None:
     """A proposal already tried: told the same outcome, not rebuilt (and not counted as a new trial)."""
-
     first = state.records[state.by_params[_key(params)]]
     record = {
         "number": trial.number,
@@ -474,14 +477,7 @@ def _tell_duplicate(study: Any, trial: Any, params: dict[str, Any], state: TuneS
         "reason": f"same as trial {first['number']}",
     }
     trial.set_user_attr("record", record)
-    if first["state"] == "timed":
-        trial.set_constraint("goals", 0.0)
-        study.tell(trial, [first["speedup"]["median"], first["fidelity"]["cosine"]])
-    elif first["state"] == "rejected":
-        trial.set_constraint("goals", 1.0)
-        study.tell(trial, [0.0, float(first["fidelity"]["cosine"])])
-    else:
-        _tell_failed(study, trial)
+    _tell_outcome(study, trial, first)
 
 
 # --- the honest winner ------------------------------------------------------------------------------
