@@ -875,7 +875,7 @@ def _write_tune_outputs(doc: dict[str, Any], winner: Path | None, target: Path, 
     import yaml
 
     from optimizer_cli.model_io import data_file_of
-    from optimizer_cli.outputs import OutputPlan, write_text_atomic
+    from optimizer_cli.outputs import OutputPlan, write_bytes_atomic, write_text_atomic
     from optimizer_cli.report.html import tune_html
     from optimizer_cli.report.plot import attribution_png, pareto_png
 
@@ -902,10 +902,7 @@ def _write_tune_outputs(doc: dict[str, Any], winner: Path | None, target: Path, 
             log.print(f"wrote {target} and {paths['recipe']}")
     finally:
         plan.discard()
-    paths["png"].parent.mkdir(parents=True, exist_ok=True)
-    tmp_png = paths["png"].with_name(f".{paths['png'].name}.tmp")
-    tmp_png.write_bytes(pareto)
-    os.replace(tmp_png, paths["png"])
+    write_bytes_atomic(paths["png"], pareto)
     write_text_atomic(paths["html"], tune_html(doc, pareto, attribution))
     write_text_atomic(paths["json"], json.dumps(doc, indent=2, default=str) + "\n")
 

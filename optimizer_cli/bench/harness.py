@@ -75,7 +75,7 @@ class BenchSettings:
             trt_int8=self.trt_int8,
             trt_cache_dir=self.trt_cache_dir,
         )
-        return dataclasses.replace(config, **self.optimized_session) if optimized else config
+        return config.with_session(self.optimized_session) if optimized else config
 
 
 @dataclass
@@ -419,8 +419,8 @@ def _latency(
         )
     log(f"latency on {pair.alias} {shape}: {plan.rounds} interleaved rounds")
     lat_a, lat_b, speed = measure_ab(
-        cycling(_runner(pair.a), feeds),
-        cycling(_runner(pair.b), feeds),
+        cycling(session_runner(pair.a), feeds),
+        cycling(session_runner(pair.b), feeds),
         warmup=plan.warmup,
         rounds=plan.rounds,
         # Every round covers all the inputs, so rounds (and their paired ratios) compare the same mix.
@@ -431,7 +431,7 @@ def _latency(
     return {"latency_original": lat_a, "latency_optimized": lat_b, "speedup": speed}
 
 
-def _runner(sess: Any) -> Callable[[dict[str, np.ndarray]], object]:
+def session_runner(sess: Any) -> Callable[[dict[str, np.ndarray]], object]:
     """A bare session.run for timing (no per-call input filtering: the feeds are the model's own)."""
     return lambda feed: sess.run(None, feed)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import tempfile
@@ -53,6 +54,10 @@ class SessionConfig:
     execution_mode: str = "sequential"  # a key of EXECUTION_MODES; parallel runs independent nodes at once
     mem_pattern: bool = True  # onnxruntime's enable_mem_pattern (its default)
     inter_op_threads: int | None = None  # None: 1 in sequential mode, onnxruntime's default in parallel mode
+
+    def with_session(self, options: dict[str, Any]) -> SessionConfig:
+        """These options overlaid (a recipe's `session` section; None keeps this config's value)."""
+        return dataclasses.replace(self, **{k: v for k, v in options.items() if v is not None})
 
 
 def _provider_entry(config: SessionConfig) -> list[Any]:

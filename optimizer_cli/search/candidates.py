@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from optimizer_cli.bench.accuracy import accuracy, fidelity, load_metric
+from optimizer_cli.bench.harness import session_runner
 from optimizer_cli.bench.latency import LatencyPlan, cycling, fit_to_budget, measure_ab, measure_many
 from optimizer_cli.bench.output_kinds import classify_outputs
 from optimizer_cli.data import Dataset, load_dataset
@@ -171,13 +172,16 @@ def _reference_outputs(ref: tuple[str, str, int], threads: int) -> list[list[np.
     return [run_session(sess, f) for f in feeds]
 
 
+@functools.lru_cache(maxsize=4)
+def _output_names(model: str) -> list[str]:
+    from optimizer_cli.analysis.graph import output_names
+
+    return output_names(load_model(model))
+
+
 def session_config(threads: int, provider: str, session: dict[str, Any] | None) -> SessionConfig:
     """The candidate's deployment session (its recipe's `session` section) on the tuned provider."""
-    config = SessionConfig(provider=provider, threads=threads)
-    for key, value in (session or {}).items():
-        if value is not None and hasattr(config, key):
-            setattr(config, key, value)
-    return config
+    return SessionConfig(provider=provider, threads=threads).with_session(session or {})
 
 
 def quality_row(
@@ -185,14 +189,12 @@ def quality_row(
 ) -> dict[str, Any]:
     """Fidelity and accuracy of `candidate` vs the original on the evaluation data: a benchmark row's
     quality fields, so goals are read with the --fail-if metrics."""
-    from optimizer_cli.analysis.graph import output_names
-
     key = (data.model, data.evaluation, data.samples)
     dataset = _evaluation(key)
     ref = _reference_outputs(key, threads)
     sess = create_session(candidate, session_config(threads, provider, session))
     new = [run_session(sess, f) for f in dataset.feeds]
-    names = output_names(load_model(data.model))
+    names = _output_names(data.model)
     metric = (
         load_metric(data.metric, model=Path(data.model), charset=data.charset, map_threshold=data.map_threshold)
         if data.metric
@@ -288,10 +290,6 @@ class TimeJob:
     latency_samples: int = 8
 
 
-def _runner(sess: Any) -> Any:
-    return lambda feed: sess.run(None, feed)
-
-
 def time_candidates(job: TimeJob) -> dict[str, Any]:
     """Original and every candidate timed in one process, interleaved round by round (paired ratios): a search
     trial times one candidate, the final check its best few together, so noise hits them all alike."""
@@ -312,7 +310,7 @@ def time_candidates(job: TimeJob) -> dict[str, Any]:
         per_call = (time.perf_counter() - one) * len(sessions)
         asked = LatencyPlan(3, job.rounds, job.runs_per_round, 2, len(feeds))
         plan = fit_to_budget(asked, per_call / 2, job.max_seconds)
-        runs = [cycling(_runner(s), feeds[: plan.inputs]) for s in sessions]
+        runs = [cycling(session_runner(s), feeds[: plan.inputs]) for s in sessions]
         settings = dict(
             warmup=plan.warmup,
             rounds=plan.rounds,
