@@ -260,6 +260,7 @@ def _optimize_and_measure(
         on_stage=on_stage,
         on_start=lambda i, label: log.step(f"pass {i + 1} of {len(rec.passes)}: {label}"),
         logger=logging.getLogger("optimizer_cli"),
+        on_progress=log.step,
     )
     report: dict[str, Any] = {
         **_provenance(model, staged),

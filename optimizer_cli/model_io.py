@@ -106,6 +106,20 @@ def _all_initializers(graph: ir.Graph) -> list[ir.Value]:
     return values
 
 
+def read_weight(tensor: ir.TensorProtocol) -> np.ndarray:
+    """A weight as a private array: external data is read from the file (not memory-mapped), so the pages
+    do not stay resident in this process once the array is dropped."""
+    if isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth >= 8 and tensor.size:
+        dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
+        array = np.fromfile(tensor.path, dtype=dtype, count=tensor.size, offset=tensor.offset or 0)
+        return array.reshape(tensor.shape.numpy())
+    if not isinstance(tensor, ir.ExternalTensor):
+        return tensor.numpy()  # already in memory: not copied (callers do not write into it)
+    array = np.array(tensor.numpy(), copy=True)
+    tensor.release()
+    return array
+
+
 def nan_weights(model: ir.Model) -> list[str]:
     """Names of floating-point initializers holding NaN (read one tensor at a time: external data stays
     memory-mapped). Inf is legitimate (-inf attention masks, clip bounds in real exports); NaN is not."""
@@ -115,11 +129,12 @@ def nan_weights(model: ir.Model) -> list[str]:
         if tensor is None or not tensor.dtype.is_floating_point():
             continue
         try:
-            array = tensor.numpy()
+            array = read_weight(tensor)
         except Exception:  # a dtype numpy cannot hold (e.g. some float8 variants): nothing to check
             continue
         if np.isnan(array.astype(np.float32, copy=False)).any():
             bad.append(init.name or "?")
+        del array  # one tensor at a time: a model over 2 GB is never held whole
     return bad
 
 
@@ -233,7 +248,8 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
 
 
 def model_to_bytes(model: ir.Model) -> bytes | None:
-    """Serialized bytes when the model fits in one protobuf, else None (use a file instead)."""
-    if weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES:
+    """Serialized bytes when the model fits in one protobuf and holds its weights, else None (use a file:
+    weights in external data, e.g. written by a per-tensor pass, are referenced by a path)."""
+    if weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES or has_external_data(model):
         return None
     return to_proto(model).SerializeToString()

@@ -160,6 +160,7 @@ def run_pipeline(
     on_stage: Callable[[StageReport], None] | None = None,
     on_start: Callable[[int, str], None] | None = None,
     logger: logging.Logger | None = None,
+    on_progress: Callable[[str], None] | None = None,
 ) -> PipelineResult:
     """Check requirements, load, run every pass with a StageVerifier check after each, save.
 
@@ -197,6 +198,7 @@ def run_pipeline(
             load_original=lambda: _load_normalized(input_path),
             logger=logger or logging.getLogger("optimizer_cli"),
             tolerance=verifier.tolerance,
+            progress=on_progress,
         )
         stages = []
         for index, cfg in enumerate(recipe.passes):
@@ -326,5 +328,7 @@ def _run_stage(
     vstart = time.perf_counter()
     drift = verifier.check(f"pass {index} ({label})", model, exact=exactness is Exactness.EXACT)
     stage.drift_vs_previous, stage.drift_vs_original = drift.vs_previous, drift.vs_original
+    if drift.skipped:
+        stage.stats["verify"] = drift.skipped
     stage.verify_seconds = time.perf_counter() - vstart
     return model, stage

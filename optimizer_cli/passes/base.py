@@ -50,6 +50,8 @@ class PassContext:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("optimizer_cli"))
     # The run's exact-pass oracle (verify.rtol/atol), for passes that check their own rewrite on data.
     tolerance: Tolerance = field(default_factory=Tolerance)
+    # Tells the user where a long step is (e.g. "quantize: weight 37 of 86"); None: silent.
+    progress: Callable[[str], None] | None = None
 
 
 @dataclass

@@ -118,6 +118,14 @@ class QuantizeConfig(PassConfig):
     accuracy_level: int | None = Field(
         4, ge=0, le=4, description="weight_only: MatMulNBits compute type (0: unset, 1 fp32 .. 4 int8)."
     )
+    # Large models: onnxruntime's tools hold the whole model in one protobuf (3x the model in memory; fp16
+    # fails past 2 GB).
+    per_tensor: bool | Literal["auto"] = Field(
+        "auto",
+        description="dynamic/fp16/weight_only: rewrite the graph weight by weight in bounded memory (dynamic: "
+        "MatMul and Gather only) instead of through onnxruntime's whole-model tools; auto: when the weights "
+        "exceed 1.8 GB.",
+    )
 
 
 class _FeedReader:
@@ -185,6 +193,10 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
         unknown = set(cfg.exclude_nodes) - {n.name for n in model.graph}
         if unknown:
             raise UserInputError(f"quantize: exclude_nodes not in the model: {', '.join(sorted(unknown))}")
+        if cfg.mode != "static" and (cfg.per_tensor is True or (cfg.per_tensor == "auto" and is_large(model))):
+            self._per_tensor(model, cfg, exclude)
+            return self._finish(model, before, modified_by=0)
+        self.stats["excluded_nodes"] = len(exclude)
         with (
             tempfile.TemporaryDirectory(prefix="optimize-quant-", dir=self.ctx.tmp_dir) as tmp,
             tool_working_directory(Path(tmp)) as tmp_dir,
@@ -214,16 +226,64 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
                 # ORT rewrites even when it quantizes nothing (e.g. Gemm -> transposed MatMul + Add in If
                 # branches it then does not enter): keep the model as it was.
                 self.stats["nothing_quantized"] = "no op was quantized: the model is left as it was"
+        return self._finish(model, before, modified_by=flattened)
+
+    def _finish(self, model: ir.Model, before: Counter[str], modified_by: int) -> ir.passes.PassResult:
+        cfg = self.config
         after = op_counts(model)
         self.stats |= {
             "mode": cfg.mode,
             "quant_ops": {op: after[op] for op in sorted(QUANT_OPS) if after.get(op)},
-            "excluded_nodes": len(exclude),
+            "excluded_nodes": self.stats.get("excluded_nodes", 0),
         }
         if cfg.mode == "fp16":
             self.stats["casts_added"] = after.get("Cast", 0) - before.get("Cast", 0)
-        modified = after != before or flattened > 0
-        return ir.passes.PassResult(model, modified)
+        return ir.passes.PassResult(model, after != before or modified_by > 0)
+
+    def _per_tensor(self, model: ir.Model, cfg: QuantizeConfig, exclude: set[str]) -> None:
+        """The bounded-memory rewrite (passes/_per_tensor.py), in onnxruntime's operator formats."""
+        from optimizer_cli.passes import _per_tensor as per_tensor
+
+        progress = self.ctx.progress
+        self.stats["engine"] = "per tensor (bounded memory)"
+        self.stats["excluded_nodes"] = len(exclude)
+        if cfg.mode == "dynamic":
+            op_types = set(cfg.op_types or DYNAMIC_DEFAULT_OPS)
+            left = per_tensor.unsupported_ops(model, op_types)
+            if left:
+                self.stats["left_float"] = left
+                self.ctx.logger.warning(
+                    "quantize: the per-tensor path quantizes MatMul and Gather; left in float: %s",
+                    ", ".join(f"{n} {op}" for op, n in left.items()),
+                )
+            per_tensor.quantize_dynamic_per_tensor(
+                model,
+                op_types=op_types,
+                per_channel=cfg.per_channel,
+                reduce_range=self._reduce_range(cfg),
+                weight_type=cfg.weight_type,
+                exclude=exclude,
+                progress=progress,
+            )
+        elif cfg.mode == "weight_only":
+            per_tensor.quantize_weight_only_per_tensor(
+                model,
+                bits=cfg.bits,
+                block_size=cfg.block_size,
+                symmetric=cfg.symmetric,
+                accuracy_level=cfg.accuracy_level,
+                exclude=exclude,
+                progress=progress,
+            )
+        else:
+            converted = per_tensor.convert_fp16_per_tensor(
+                model,
+                op_block_list=cfg.exclude_op_types or None,
+                node_block_list=sorted(exclude) or None,
+                progress=progress,
+            )
+            common.TopologicalSortPass()(converted)
+            replace_model_contents(model, converted)
 
     def _reduce_range(self, cfg: QuantizeConfig) -> bool:
         """Resolve `reduce_range: auto` for the CPU this runs on (the one the verification and benchmark use)."""

@@ -54,6 +54,9 @@ class SessionConfig:
     execution_mode: str = "sequential"  # a key of EXECUTION_MODES; parallel runs independent nodes at once
     mem_pattern: bool = True  # onnxruntime's enable_mem_pattern (its default)
     inter_op_threads: int | None = None  # None: 1 in sequential mode, onnxruntime's default in parallel mode
+    # onnxruntime's CPU arena keeps every buffer a run grew it to until the session ends: verification turns
+    # it off, so a large model's weights cast at run time (fp16 on CPU) are freed op by op.
+    cpu_mem_arena: bool = True
 
     def with_session(self, options: dict[str, Any]) -> SessionConfig:
         """These options overlaid (a recipe's `session` section; None keeps this config's value)."""
@@ -115,6 +118,7 @@ def create_session(source: ModelSource | ir.Model | str | Path, config: SessionC
         options.inter_op_num_threads = 1
     options.execution_mode = getattr(ort.ExecutionMode, EXECUTION_MODES[config.execution_mode])
     options.enable_mem_pattern = config.mem_pattern
+    options.enable_cpu_mem_arena = config.cpu_mem_arena
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[config.opt_level])
     options.log_severity_level = ort_log_severity()
     providers = _provider_entry(config)
