@@ -1,0 +1,163 @@
+"""Recipes on models over 2 GB: peak memory and wall time of the whole command, vs onnxruntime's own tools.
+
+    python benchmarks/large_models.py [--dir benchmarks/.cache/large] [--models chain,decoder]
+                                      [--recipes int8,fp16,int4] [--no-reference]
+
+Builds (once, in --dir) two ~2.5 GB fp32 models with their weights in external data:
+  chain    10 x MatMul 8192x8192 + Relu                                        (2.68 GB)
+  decoder  causal LM: embedding 8192x2048, 12 blocks of attention + MLP with
+           LayerNorm, LM head (optimizer_cli.large_examples)                   (2.55 GB)
+and runs `optimize MODEL --recipe recipes/R.yaml -o OUT --no-bench --report R.json` for each recipe,
+measuring the command's peak RSS (the maximum resident set size of the process tree, as
+/usr/bin/time reports it) and wall time. The same weights through onnxruntime's own tools
+(quantize_dynamic, MatMulNBitsQuantizer, convert_float_to_float16 + onnx.save) are measured the same
+way. Cosine vs fp32 is the pipeline's verification (seeded random inputs). Prints a table and writes
+benchmarks/results/large_models.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from optimizer_cli.bench.environment import cpu_label, environment  # noqa: E402
+from optimizer_cli.large_examples import build_decoder, build_matmul_chain, save_large  # noqa: E402
+from optimizer_cli.model_io import file_size  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+MODELS = {
+    "chain": lambda: build_matmul_chain(dim=8192, layers=10),
+    "decoder": lambda: build_decoder(hidden=2048, layers=12, heads=16, vocab=8192),
+}
+# What a user would run without this tool, for each recipe (same options as the recipe's quantize pass).
+REFERENCE = {
+    "int8": (
+        "from onnxruntime.quantization import QuantType, quantize_dynamic\n"
+        "quantize_dynamic(SRC, DST, op_types_to_quantize=['MatMul', 'Gather'], per_channel=True, reduce_range=False,\n"
+        "                 weight_type=QuantType.QInt8, use_external_data_format=True,\n"
+        "                 extra_options={'MatMulConstBOnly': True})\n"
+    ),
+    "int4": (
+        "import onnx\n"
+        "from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer\n"
+        "q = MatMulNBitsQuantizer(onnx.load(SRC), bits=4, block_size=32, is_symmetric=True, accuracy_level=4)\n"
+        "q.process()\n"
+        "q.model.save_model_to_file(DST, use_external_data_format=True)\n"
+    ),
+    "fp16": (
+        "import onnx\n"
+        "from onnxruntime.transformers.float16 import convert_float_to_float16\n"
+        "onnx.save(convert_float_to_float16(onnx.load(SRC), keep_io_types=True), DST, save_as_external_data=True)\n"
+    ),
+}
+
+
+def measure(command: list[str], timeout: float) -> dict:
+    """Exit code, wall seconds and peak RSS (bytes) of a command, from a fresh parent whose only child it is
+    (ru_maxrss of RUSAGE_CHILDREN: the largest process of the tree, as /usr/bin/time's figure)."""
+    probe = (
+        "import resource, subprocess, sys, time\n"
+        "start = time.perf_counter()\n"
+        f"p = subprocess.run({command!r}, capture_output=True, text=True, timeout={timeout})\n"
+        "wall = time.perf_counter() - start\n"
+        "tail = (p.stderr.strip().splitlines() or [''])[-1][:300]\n"
+        "import json; print(json.dumps({'rc': p.returncode, 'wall_s': wall,\n"
+        "    'peak_rss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, 'last_line': tail}))\n"
+    )
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=timeout + 60)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (subprocess.TimeoutExpired, IndexError, json.JSONDecodeError) as exc:
+        return {"rc": None, "wall_s": None, "peak_rss": None, "last_line": f"did not finish: {exc}"[:300]}
+
+
+def ensure_model(name: str, folder: Path) -> Path:
+    path = folder / f"{name}.onnx"
+    if not path.exists():
+        print(f"building {path} ...", flush=True)
+        save_large(MODELS[name](), path)
+    return path
+
+
+def run_ours(model: Path, recipe: str, work: Path, timeout: float) -> dict:
+    out, report = work / f"{model.stem}.{recipe}.onnx", work / f"{model.stem}.{recipe}.json"
+    command = [sys.executable, "-m", "optimizer_cli", "run", str(model), "--recipe", str(ROOT / "recipes" / f"{recipe}.yaml")]
+    row = measure([*command, "-o", str(out), "--no-bench", "--report", str(report)], timeout)
+    if row["rc"] == 0:
+        stages = json.loads(report.read_text())["stages"]
+        row["cosine"] = min(d["cosine"] for d in stages[-1]["drift_vs_original"])
+        row["output_bytes"] = file_size(out)
+        row["pass_seconds"] = {s["name"]: round(s["seconds"], 2) for s in stages}
+        row["verify_seconds"] = round(sum(s["verify_seconds"] for s in stages), 1)
+        row["engine"] = stages[-1]["stats"].get("engine", "onnxruntime.quantization")
+    for leftover in (out, work / f"{out.name}.data", report):
+        leftover.unlink(missing_ok=True)
+    return row
+
+
+def run_reference(model: Path, recipe: str, work: Path, timeout: float) -> dict:
+    out = work / f"{model.stem}.{recipe}.ort.onnx"
+    code = f"SRC, DST = {str(model)!r}, {str(out)!r}\n" + REFERENCE[recipe]
+    row = measure([sys.executable, "-c", code], timeout)
+    if row["rc"] == 0:
+        row["output_bytes"] = file_size(out)
+    for leftover in work.glob(f"{out.name}*"):
+        leftover.unlink()
+    return row
+
+
+def _gb(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1e9:.2f}"
+
+
+def print_table(rows: list[dict]) -> None:
+    head = ["model", "recipe", "tool", "exit", "wall", "peak RSS GB", "x model", "output GB", "cosine"]
+    print(" | ".join(head))
+    for r in rows:
+        ratio = f"{r['peak_rss'] / r['model_bytes']:.2f}x" if r.get("peak_rss") else "-"
+        wall = "-" if r.get("wall_s") is None else f"{r['wall_s']:.0f}s"
+        cos = f"{r['cosine']:.5f}" if r.get("cosine") is not None else "-"
+        cells = [r["model"], r["recipe"], r["tool"], str(r["rc"]), wall, _gb(r.get("peak_rss")), ratio]
+        print(" | ".join([*cells, _gb(r.get("output_bytes")), cos]))
+        if r["rc"] != 0:
+            print(f"    {r['last_line']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", type=Path, default=ROOT / "benchmarks" / ".cache" / "large")
+    parser.add_argument("--models", default="chain,decoder")
+    parser.add_argument("--recipes", default="int8,fp16,int4")
+    parser.add_argument("--no-reference", action="store_true", help="skip onnxruntime's own tools")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per command")
+    args = parser.parse_args(argv)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.models.split(","):
+        model = ensure_model(name, args.dir)
+        size = file_size(model)
+        for recipe in args.recipes.split(","):
+            with tempfile.TemporaryDirectory(prefix="large-bench-", dir=args.dir) as tmp:
+                tools = [("optimize", run_ours)] + ([] if args.no_reference else [("onnxruntime", run_reference)])
+                for tool, runner in tools:
+                    print(f"{name} {recipe} {tool} ...", flush=True)
+                    row = {"model": name, "model_bytes": size, "recipe": recipe, "tool": tool}
+                    rows.append(row | runner(model, recipe, Path(tmp), args.timeout))
+    print_table(rows)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    doc = {"cpu": cpu_label(environment()), "date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "rows": rows}
+    (RESULTS / "large_models.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

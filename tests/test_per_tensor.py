@@ -1,0 +1,214 @@
+"""The bounded-memory quantizers (passes/_per_tensor.py) against onnxruntime's own tools.
+
+Oracle: on a small decoder (embedding, attention, MLP, LM head; weights in external data, loaded
+memory-mapped like a large model) each per-tensor rewrite gives the graph onnxruntime's tool gives
+(every node's type, name, inputs and outputs) and the same initializers bit for bit, passes onnx.checker
+and strict shape inference, and runs in onnxruntime. The slow test runs the int8, fp16 and int4 recipes
+on a model over 2 GB and bounds the command's peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+import onnxruntime as ort
+import pytest
+
+from optimizer_cli.large_examples import build_decoder, build_matmul_chain, save_large
+from optimizer_cli.model_io import save_model
+from optimizer_cli.passes import _per_tensor as per_tensor
+from optimizer_cli.passes.quantize import QuantizeConfig, QuantizePass
+
+from .builders import context
+
+FEED = {"input_ids": np.array([[3, 17, 250, 9, 0, 101]], dtype=np.int64)}
+
+
+@pytest.fixture
+def decoder_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    # Small weights go to the scratch store and get stubbed too, as every weight of a large model would.
+    monkeypatch.setattr(per_tensor, "STORE_MIN_BYTES", 1024)
+    return save_large(build_decoder(hidden=64, layers=2, heads=4, vocab=256), tmp_path / "decoder.onnx")
+
+
+def _ours(path: Path, rewrite, out: Path) -> onnx.ModelProto:
+    model = ir.load(path)  # weights stay in external data, memory-mapped
+    result = rewrite(model)
+    if isinstance(result, ir.Model):  # fp16 returns the converted model
+        common.TopologicalSortPass()(result)
+        model.graph = result.graph
+    save_model(model, out, external_data=True)
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto)
+    onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    return proto
+
+
+def _same_as_onnxruntime(ours: onnx.ModelProto, theirs: onnx.ModelProto) -> None:
+    def nodes(m: onnx.ModelProto) -> list[tuple]:
+        return sorted((n.op_type, n.domain, n.name, tuple(n.input), tuple(n.output)) for n in m.graph.node)
+
+    assert nodes(ours) == nodes(theirs)
+    mine = {t.name: onnx.numpy_helper.to_array(t) for t in ours.graph.initializer}
+    reference = {t.name: onnx.numpy_helper.to_array(t) for t in theirs.graph.initializer}
+    assert set(mine) == set(reference)
+    for name, array in reference.items():
+        assert mine[name].dtype == array.dtype and mine[name].shape == array.shape, name
+        assert mine[name].tobytes() == array.tobytes(), name
+    assert {o.domain: o.version for o in ours.opset_import} == {o.domain: o.version for o in theirs.opset_import}
+
+
+def _cosine(path: Path, proto: onnx.ModelProto) -> float:
+    ref = ort.InferenceSession(str(path)).run(None, FEED)[0].ravel().astype(np.float64)
+    new = ort.InferenceSession(proto.SerializeToString()).run(None, FEED)[0].ravel().astype(np.float64)
+    return float(ref @ new / np.linalg.norm(ref) / np.linalg.norm(new))
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_dynamic_int8_equals_quantize_dynamic(decoder_path: Path, tmp_path: Path, per_channel: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    theirs = tmp_path / "ort.onnx"
+    quantize_dynamic(
+        str(decoder_path),
+        str(theirs),
+        op_types_to_quantize=["MatMul", "Gather"],
+        per_channel=per_channel,
+        reduce_range=False,
+        weight_type=QuantType.QInt8,
+        extra_options={"MatMulConstBOnly": True},
+    )
+    ours = _ours(
+        decoder_path,
+        lambda m: per_tensor.quantize_dynamic_per_tensor(
+            m, op_types={"MatMul", "Gather"}, per_channel=per_channel, reduce_range=False, weight_type="int8", exclude=set()
+        ),
+        tmp_path / "ours.onnx",
+    )
+    _same_as_onnxruntime(ours, onnx.load(str(theirs)))
+    assert sum(n.op_type == "MatMulInteger" for n in ours.graph.node) == 2 * 6 + 1
+    assert _cosine(decoder_path, ours) > 0.999
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (4, False), (8, True)])
+def test_weight_only_equals_matmul_nbits_quantizer(
+    decoder_path: Path, tmp_path: Path, bits: int, symmetric: bool
+) -> None:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(decoder_path)), bits=bits, block_size=32, is_symmetric=symmetric, accuracy_level=4
+    )
+    quantizer.process()
+    ours = _ours(
+        decoder_path,
+        lambda m: per_tensor.quantize_weight_only_per_tensor(
+            m, bits=bits, block_size=32, symmetric=symmetric, accuracy_level=4, exclude=set()
+        ),
+        tmp_path / "ours.onnx",
+    )
+    _same_as_onnxruntime(ours, quantizer.model.model)
+    assert sum(n.op_type == "MatMulNBits" for n in ours.graph.node) == 2 * 6 + 1
+    assert _cosine(decoder_path, ours) > (0.95 if bits == 4 else 0.999)
+
+
+def test_fp16_equals_convert_float_to_float16(decoder_path: Path, tmp_path: Path) -> None:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    theirs = convert_float_to_float16(onnx.load(str(decoder_path)), keep_io_types=True)
+    ours = _ours(
+        decoder_path,
+        lambda m: per_tensor.convert_fp16_per_tensor(m, op_block_list=None, node_block_list=None),
+        tmp_path / "ours.onnx",
+    )
+    _same_as_onnxruntime(ours, theirs)
+    assert _cosine(decoder_path, ours) > 0.9999
+
+
+def test_to_float16_clamps_like_the_converter() -> None:
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    rng = np.random.default_rng(0)
+    magnitudes = 10.0 ** rng.integers(-12, 8, 20000)
+    special = [0.0, -0.0, np.inf, -np.inf, np.nan, 5.96e-8, -5.96e-8, 5.9e-8, 65504, -65504, 65505, -7e5, 1e-45]
+    array = np.concatenate([rng.standard_normal(20000) * magnitudes, special]).astype(np.float32).reshape(-1, 3)
+    assert np.array_equal(per_tensor.to_float16(array).view(np.uint16), convert_np_to_float16(array).view(np.uint16))
+
+
+def test_structure_proto_reads_no_weight(tmp_path: Path) -> None:
+    path = save_large(build_matmul_chain(dim=512, layers=2), tmp_path / "chain.onnx")
+    model = ir.load(path)
+    proto, stubbed = per_tensor.structure_proto(model)
+    assert stubbed == {"matmul_0.weight", "matmul_1.weight"}
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL and not t.raw_data for t in proto.graph.initializer)
+    # The model itself is untouched: its weights still read from the original file.
+    assert isinstance(model.graph.initializers["matmul_0.weight"].const_value, ir.ExternalTensor)
+    assert model.graph.initializers["matmul_0.weight"].const_value.location == "chain.onnx.data"
+
+
+def test_pass_per_tensor_reports_ops_it_leaves_float(tmp_path: Path) -> None:
+    """Gemm is among dynamic mode's defaults; the per-tensor path quantizes MatMul/Gather and says so."""
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+            onnx.helper.make_node("Gemm", ["h", "g"], ["y"], name="gemm"),
+        ],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 32])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 8])],
+        [
+            onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32), "w"),
+            onnx.numpy_helper.from_array(np.random.default_rng(1).standard_normal((16, 8)).astype(np.float32), "g"),
+        ],
+    )
+    model = ir.serde.deserialize_model(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+    instance = QuantizePass(QuantizeConfig(mode="dynamic", per_tensor=True), context(tmp_path))
+    result = instance(model)
+    assert result.modified
+    assert instance.stats["engine"].startswith("per tensor")
+    assert instance.stats["left_float"] == {"Gemm": 1}
+    assert instance.stats["quant_ops"]["MatMulInteger"] == 1
+
+
+def _peak_rss_of(command: list[str]) -> tuple[int, int]:
+    """(exit code, peak RSS in bytes) of a command, measured by a fresh parent whose only child it is."""
+    probe = (
+        "import resource, subprocess, sys\n"
+        f"rc = subprocess.run({command!r}, stdout=subprocess.DEVNULL).returncode\n"
+        "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    return int(out[0]), int(out[1])
+
+
+@pytest.mark.slow
+def test_recipes_on_a_model_over_2gb_stay_under_1_5x_its_size(tmp_path: Path) -> None:
+    """8 MatMul 8192x8192 (2.15 GB in external data) through int8, fp16 and int4: each succeeds, the
+    result runs in onnxruntime, and the whole command's peak RSS stays under 1.5x the model."""
+    model = save_large(build_matmul_chain(dim=8192, layers=8), tmp_path / "chain.onnx")
+    size = model.stat().st_size + (tmp_path / "chain.onnx.data").stat().st_size
+    assert size > 2**31
+    root = Path(__file__).resolve().parent.parent
+    for recipe in ("int8", "fp16", "int4"):
+        out = tmp_path / f"chain.{recipe}.onnx"
+        report = tmp_path / f"{recipe}.json"
+        command = [sys.executable, "-m", "optimizer_cli", "run", str(model), "--recipe", str(root / "recipes" / f"{recipe}.yaml")]
+        command += ["-o", str(out), "--no-bench", "--report", str(report)]
+        rc, peak = _peak_rss_of(command)
+        assert rc == 0, recipe
+        assert peak <= 1.5 * size, f"{recipe}: peak RSS {peak / 1e9:.2f} GB for a {size / 1e9:.2f} GB model"
+        stages = json.loads(report.read_text())["stages"]
+        assert stages[-1]["stats"]["engine"].startswith("per tensor")
+        assert min(d["cosine"] for d in stages[-1]["drift_vs_original"]) > 0.95
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        assert np.isfinite(session.run(None, {"x": np.ones((1, 8192), np.float32)})[0]).all()
+        del session
+        out.unlink()
+        (tmp_path / f"{out.name}.data").unlink()
