@@ -91,7 +91,15 @@ def ensure_model(name: str, folder: Path) -> Path:
 
 def run_ours(model: Path, recipe: str, work: Path, timeout: float) -> dict:
     out, report = work / f"{model.stem}.{recipe}.onnx", work / f"{model.stem}.{recipe}.json"
-    command = [sys.executable, "-m", "optimizer_cli", "run", str(model), "--recipe", str(ROOT / "recipes" / f"{recipe}.yaml")]
+    command = [
+        sys.executable,
+        "-m",
+        "optimizer_cli",
+        "run",
+        str(model),
+        "--recipe",
+        str(ROOT / "recipes" / f"{recipe}.yaml"),
+    ]
     row = measure([*command, "-o", str(out), "--no-bench", "--report", str(report)], timeout)
     if row["rc"] == 0:
         stages = json.loads(report.read_text())["stages"]

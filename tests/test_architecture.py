@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("bench",),
     ("search",),
     ("report",),
-    ("cli", "__main__", "examples", "zoo"),
+    ("cli", "__main__", "examples", "large_examples", "zoo"),
 ]
 MAX_FUNCTION_LINES = 80
 

@@ -23,6 +23,7 @@ import pytest
 
 from optimizer_cli.large_examples import build_decoder, build_matmul_chain, save_large
 from optimizer_cli.model_io import save_model
+from optimizer_cli.passes import _graph
 from optimizer_cli.passes import _per_tensor as per_tensor
 from optimizer_cli.passes.quantize import QuantizeConfig, QuantizePass
 
@@ -34,7 +35,7 @@ FEED = {"input_ids": np.array([[3, 17, 250, 9, 0, 101]], dtype=np.int64)}
 @pytest.fixture
 def decoder_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     # Small weights go to the scratch store and get stubbed too, as every weight of a large model would.
-    monkeypatch.setattr(per_tensor, "STORE_MIN_BYTES", 1024)
+    monkeypatch.setattr(_graph, "STORE_MIN_BYTES", 1024)
     return save_large(build_decoder(hidden=64, layers=2, heads=4, vocab=256), tmp_path / "decoder.onnx")
 
 
@@ -88,7 +89,12 @@ def test_dynamic_int8_equals_quantize_dynamic(decoder_path: Path, tmp_path: Path
     ours = _ours(
         decoder_path,
         lambda m: per_tensor.quantize_dynamic_per_tensor(
-            m, op_types={"MatMul", "Gather"}, per_channel=per_channel, reduce_range=False, weight_type="int8", exclude=set()
+            m,
+            op_types={"MatMul", "Gather"},
+            per_channel=per_channel,
+            reduce_range=False,
+            weight_type="int8",
+            exclude=set(),
         ),
         tmp_path / "ours.onnx",
     )
@@ -199,7 +205,15 @@ def test_recipes_on_a_model_over_2gb_stay_under_1_5x_its_size(tmp_path: Path) ->
     for recipe in ("int8", "fp16", "int4"):
         out = tmp_path / f"chain.{recipe}.onnx"
         report = tmp_path / f"{recipe}.json"
-        command = [sys.executable, "-m", "optimizer_cli", "run", str(model), "--recipe", str(root / "recipes" / f"{recipe}.yaml")]
+        command = [
+            sys.executable,
+            "-m",
+            "optimizer_cli",
+            "run",
+            str(model),
+            "--recipe",
+            str(root / "recipes" / f"{recipe}.yaml"),
+        ]
         command += ["-o", str(out), "--no-bench", "--report", str(report)]
         rc, peak = _peak_rss_of(command)
         assert rc == 0, recipe

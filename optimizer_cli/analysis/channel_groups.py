@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from optimizer_cli.analysis.graph import int_attr
+from optimizer_cli.model_io import read_weight
 
 # Ops whose output carries the input channel axis unchanged (and whose other inputs are scalars or
 # per-channel constants that get sliced).
@@ -229,7 +230,7 @@ class Analysis:
 def _const(value: ir.Value | None) -> np.ndarray | None:
     if value is None or value.const_value is None:
         return None
-    return value.const_value.numpy()
+    return read_weight(value.const_value)
 
 
 def _static_shape(value: ir.Value) -> tuple[int, ...] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +11,59 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
+from optimizer_cli.analysis.graph import name_of
 from optimizer_cli.model_io import EXTERNAL_DATA_THRESHOLD_BYTES, weights_nbytes
 from optimizer_cli.passes._tools import write_for_tool
 
 # Metadata a structured prune leaves on a pruned layer's output: which of the original channels it kept
 # (reconstruct refits those rows against the original model).
 KEPT_CHANNELS_META = "optimizer_cli.kept_channels"
+# Large models: new weights of this size or more go to a scratch data file (WeightStore), smaller ones
+# (scales, zero points, biases) stay in memory. Offsets are aligned so onnxruntime can memory-map them.
+STORE_MIN_BYTES = 1 << 20
+ALIGNMENT = 1 << 16
+META_KEY = "optimizer_cli.weight_stores"
+
+
+class WeightStore:
+    """Appends new weights to one scratch data file and hands back ExternalTensors reading it.
+
+    The scratch folder lives as long as the model or graph that references it (kept in its `meta`), so
+    the model stays loadable after the pass returns; the pipeline's save copies the bytes out."""
+
+    def __init__(self, owner: ir.Model | ir.Graph) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="optimize-weights-")
+        self.path = Path(self._dir.name) / f"{uuid.uuid4().hex}.data"
+        self._size = 0
+        owner.meta[META_KEY] = [*(owner.meta.get(META_KEY) or []), self]
+
+    def put(self, name: str, array: np.ndarray) -> ir.TensorProtocol:
+        array = np.ascontiguousarray(array)
+        if array.nbytes < STORE_MIN_BYTES:
+            return ir.tensor(array, name=name)
+        offset = -(-self._size // ALIGNMENT) * ALIGNMENT
+        with open(self.path, "ab") as fh:
+            fh.write(b"\0" * (offset - self._size))
+            array.tofile(fh)
+        self._size = offset + array.nbytes
+        return ir.ExternalTensor(
+            self.path.name,
+            offset,
+            array.nbytes,
+            ir.DataType.from_numpy(array.dtype),
+            shape=ir.Shape(array.shape),
+            name=name,
+            base_dir=self.path.parent,
+        )
+
+
+def weight_tensor(graph: ir.Graph, name: str, array: np.ndarray, like: ir.TensorProtocol | None) -> ir.TensorProtocol:
+    """A new weight derived from `like`: kept in external data (the graph's WeightStore) when `like` was, so
+    a pass over a model too large to hold in memory writes its new weights to disk as it goes."""
+    if isinstance(like, ir.ExternalTensor) and array.nbytes >= STORE_MIN_BYTES:
+        stores = graph.meta.get(META_KEY) or [WeightStore(graph)]
+        return stores[-1].put(name, array)
+    return ir.tensor(array, name=name)
 
 
 def replace_model_contents(target: ir.Model, source: ir.Model) -> None:
@@ -37,8 +85,9 @@ def is_large(model: ir.Model) -> bool:
     return weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
 
 
-def new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    """Register `array` as an initializer named `base` (or base_1, base_2, ... when taken)."""
+def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, like: ir.TensorProtocol | None = None) -> ir.Value:
+    """Register `array` as an initializer named `base` (or base_1, base_2, ... when taken); in external data
+    when derived from a weight (`like`) that is."""
     name, k = base, 0
     while name in graph.initializers:
         k += 1
@@ -47,7 +96,7 @@ def new_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
         name=name,
         shape=ir.Shape(array.shape),
         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.tensor(array, name=name),
+        const_value=weight_tensor(graph, name, array, like),
     )
     graph.register_initializer(value)
     return value
@@ -123,7 +172,7 @@ def set_const(node: ir.Node, index: int, array: np.ndarray, graph: ir.Graph) -> 
     value = node.inputs[index]
     assert value is not None
     if len(value.uses()) == 1 and value.is_initializer():
-        value.const_value = ir.tensor(array, name=value.name)
+        value.const_value = weight_tensor(graph, name_of(value), array, value.const_value)
         value.shape = ir.Shape(array.shape)
         return
-    node.replace_input_with(index, new_initializer(graph, f"{value.name}_{node.name}", array))
+    node.replace_input_with(index, new_initializer(graph, f"{value.name}_{node.name}", array, value.const_value))

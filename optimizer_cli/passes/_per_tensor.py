@@ -20,12 +20,9 @@ tests/test_per_tensor.py checks graph structure and weights against onnxruntime'
 
 from __future__ import annotations
 
-import tempfile
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -33,50 +30,14 @@ import onnx_ir as ir
 
 from optimizer_cli.analysis.graph import name_of
 from optimizer_cli.model_io import read_weight
+from optimizer_cli.passes import _graph
+from optimizer_cli.passes._graph import WeightStore
 
-# Tensors below this stay in memory (scales, zero points, biases); larger ones go to the store's file.
-STORE_MIN_BYTES = 1 << 20
-# Offsets of stored tensors are aligned so onnxruntime can memory-map them (its allocation granularity).
-ALIGNMENT = 1 << 16
 # Rows quantized at a time: bounds the float temporaries for a large weight.
 ROW_CHUNK = 1024
-META_KEY = "optimizer_cli.weight_stores"
 STUB_LOCATION = "optimizer-cli-stub.data"
 
 Progress = Callable[[str], None]
-
-
-class WeightStore:
-    """Appends new weights to one scratch data file and hands back ExternalTensors reading it.
-
-    The scratch folder lives as long as the model that references it (kept in the model's `meta`),
-    so the model stays loadable after the pass returns; the pipeline's save copies the bytes out."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="optimize-weights-")
-        self.path = Path(self._dir.name) / f"{uuid.uuid4().hex}.data"
-        self._size = 0
-        stores = model.meta.get(META_KEY) or []
-        model.meta[META_KEY] = [*stores, self]
-
-    def put(self, name: str, array: np.ndarray) -> ir.TensorProtocol:
-        array = np.ascontiguousarray(array)
-        if array.nbytes < STORE_MIN_BYTES:
-            return ir.tensor(array, name=name)
-        offset = -(-self._size // ALIGNMENT) * ALIGNMENT
-        with open(self.path, "ab") as fh:
-            fh.write(b"\0" * (offset - self._size))
-            array.tofile(fh)
-        self._size = offset + array.nbytes
-        return ir.ExternalTensor(
-            self.path.name,
-            offset,
-            array.nbytes,
-            ir.DataType.from_numpy(array.dtype),
-            shape=ir.Shape(array.shape),
-            name=name,
-            base_dir=self.path.parent,
-        )
 
 
 def _weight_of(value: ir.Value | None) -> ir.TensorProtocol | None:
@@ -357,7 +318,7 @@ def structure_proto(model: ir.Model, min_bytes: int | None = None) -> tuple[onnx
     """The model as a protobuf whose initializers of `min_bytes` or more, and all in external data, are
     data-less external stubs (nothing is read); returns the stubbed names. For tools that read the graph,
     not the weights."""
-    min_bytes = STORE_MIN_BYTES if min_bytes is None else min_bytes
+    min_bytes = _graph.STORE_MIN_BYTES if min_bytes is None else min_bytes
     stubbed: dict[str, ir.TensorProtocol] = {}
     for value in model.graph.initializers.values():
         tensor = value.const_value

@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 
 from optimizer_cli.analysis.cost import macs, parameter_count
 from optimizer_cli.analysis.graph import int_attr
+from optimizer_cli.model_io import read_weight
 from optimizer_cli.passes._graph import infer_shapes, new_initializer, refresh_shapes
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig
 
@@ -107,7 +108,7 @@ class FactorizePass(OptimizationPass[FactorizeConfig]):
         w_value = node.inputs[1] if len(node.inputs) > 1 else None
         if w_value is None or w_value.const_value is None or w_value.dtype != ir.DataType.FLOAT:
             return "unsupported"
-        w = w_value.const_value.numpy()
+        w = read_weight(w_value.const_value)
         if node.op_type == "Conv":
             return self._conv(graph, node, w, cfg)
         if w.ndim != 2:
@@ -126,11 +127,11 @@ class FactorizePass(OptimizationPass[FactorizeConfig]):
             return "no_gain"
         a, b, _ = split_matrix(w, r)
         x = node.inputs[0]
-        a_val = new_initializer(graph, f"{w_value.name}{LOWRANK_SUFFIX}_a", a)
+        a_val = new_initializer(graph, f"{w_value.name}{LOWRANK_SUFFIX}_a", a, w_value.const_value)
         mid = ir.Value(name=f"{node.outputs[0].name}{LOWRANK_SUFFIX}")
         first = ir.Node("", "MatMul", [x, a_val], outputs=[mid], name=f"{node.name}{LOWRANK_SUFFIX}_a")
         graph.insert_before(node, first)
-        b_val = new_initializer(graph, f"{w_value.name}{LOWRANK_SUFFIX}_b", b)
+        b_val = new_initializer(graph, f"{w_value.name}{LOWRANK_SUFFIX}_b", b, w_value.const_value)
         node.replace_input_with(0, mid)
         node.replace_input_with(1, b_val)
         if node.op_type == "Gemm" and int_attr(node, "transB", 0):

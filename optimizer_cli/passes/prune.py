@@ -27,6 +27,7 @@ from optimizer_cli.analysis.channel_groups import Analysis, Group, Root, analyze
 from optimizer_cli.analysis.cost import macs, parameter_count
 from optimizer_cli.analysis.graph import name_of, output_names
 from optimizer_cli.errors import UserInputError
+from optimizer_cli.model_io import read_weight
 from optimizer_cli.passes._graph import (
     KEPT_CHANNELS_META,
     infer_shapes,
@@ -78,7 +79,7 @@ class PruneConfig(PassConfig):
 
 
 def _tensor(value: ir.Value) -> np.ndarray:
-    return value.const_value.numpy()  # type: ignore[union-attr]
+    return read_weight(value.const_value)  # type: ignore[arg-type]
 
 
 def activation_importance(

@@ -21,6 +21,7 @@ from pydantic import Field
 
 from optimizer_cli.analysis.graph import int_attr, name_of
 from optimizer_cli.errors import UserInputError
+from optimizer_cli.model_io import read_weight
 from optimizer_cli.passes._graph import KEPT_CHANNELS_META, set_const
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig
 from optimizer_cli.runtime.session import capture_values
@@ -114,20 +115,23 @@ class ReconstructPass(OptimizationPass[ReconstructConfig]):
             return False
         if cfg.scope == "all":
             return True
-        w = node.inputs[1].const_value.numpy()
-        ref_w = (
-            ref.inputs[1].const_value.numpy()
+        weight = node.inputs[1].const_value
+        ref_weight = (
+            ref.inputs[1].const_value
             if len(ref.inputs) > 1 and ref.inputs[1] is not None and ref.inputs[1].const_value is not None
             else None
         )
-        return ref_w is None or ref_w.shape != w.shape or not np.allclose(ref_w, w)
+        if ref_weight is None or ref_weight.shape != weight.shape:
+            return True
+        # Read, not memory-mapped: on a large model the pages would stay resident for both copies.
+        return not np.allclose(read_weight(ref_weight), read_weight(weight))
 
     def _refit(
         self, model: ir.Model, node: ir.Node, xs: list[np.ndarray], ys: list[np.ndarray], cfg: ReconstructConfig
     ) -> tuple[float, float | None]:
-        w = node.inputs[1].const_value.numpy()  # type: ignore[union-attr]
+        w = read_weight(node.inputs[1].const_value)  # type: ignore[arg-type]
         has_bias = len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value is not None
-        b = node.inputs[2].const_value.numpy() if has_bias else None  # type: ignore[union-attr]
+        b = read_weight(node.inputs[2].const_value) if has_bias else None  # type: ignore[arg-type]
         if node.op_type == "Conv":
             k = tuple(w.shape[2:])
             if len(k) != 2:
