@@ -46,6 +46,104 @@ def load_model(path: str | Path) -> ir.Model:
     return model
 
 
+# structure_proto's data-less stand-ins: every external weight, and in-memory ones of this size or more.
+STUB_MIN_BYTES = 1 << 20
+STUB_LOCATION = "optimizer-cli-stub.data"
+
+
+def structure_proto(
+    model: ir.Model, min_bytes: int = STUB_MIN_BYTES, location: str = STUB_LOCATION
+) -> tuple[onnx.ModelProto, set[str]]:
+    """The model as a protobuf whose initializers of `min_bytes` or more, and all in external data, are
+    data-less external stubs (nothing is read); returns the stubbed names. For tools that read the graph,
+    not the weights."""
+    stubbed: dict[str, ir.TensorProtocol] = {}
+    values = {v.name or "": v for v in _all_initializers(model.graph)}
+    for value in _all_initializers(model.graph):
+        tensor = value.const_value
+        # External tensors are always stubbed: a tool that sees their reference could retype it (float ->
+        # float16) and leave it pointing at the float32 bytes.
+        if tensor is not None and (tensor.nbytes >= min_bytes or isinstance(tensor, ir.ExternalTensor)):
+            stubbed[(value.name or "")] = tensor
+            value.const_value = ir.ExternalTensor(
+                location, 0, tensor.nbytes, tensor.dtype, shape=ir.Shape(tensor.shape.numpy()), name=(value.name or "")
+            )
+    try:
+        return ir.serde.serialize_model(model), set(stubbed)
+    finally:
+        for name, tensor in stubbed.items():
+            values[name].const_value = tensor
+
+
+def save_structure(model: ir.Model, directory: Path) -> Path:
+    """The model's graph saved for a checker in `directory`, weights replaced by references into one empty
+    stub file: onnx.checker and shape inference read no weight, so nothing is copied."""
+    proto, _ = structure_proto(model)
+    (directory / STUB_LOCATION).touch()
+    path = directory / "structure.onnx"
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+def save_for_reading(model: ir.Model, directory: Path) -> Path:
+    """The model saved in `directory` for a reader that takes a path (an onnxruntime session), without
+    copying what is already on disk: each external data file is hard-linked into `directory` (copied where
+    a link cannot be made, e.g. across file systems) and referenced there; in-memory weights of 1 MiB or
+    more are written to one new data file. The source files are only read."""
+    values = _all_initializers(model.graph)
+    links: dict[Path, str] = {}
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    memory_file, memory_size = directory / "weights.data", 0
+    try:
+        for value in values:
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                source = Path(tensor.path).resolve()
+                if source not in links:
+                    links[source] = f"linked{len(links)}.data"
+                    _link_or_copy(source, directory / links[source])
+                ref = ir.ExternalTensor(
+                    links[source],
+                    tensor.offset,
+                    tensor.length,
+                    tensor.dtype,
+                    shape=ir.Shape(tensor.shape.numpy()),
+                    name=tensor.name or (value.name or ""),
+                    base_dir=directory,
+                )
+            elif tensor is not None and tensor.nbytes >= STUB_MIN_BYTES:
+                offset = memory_size
+                with open(memory_file, "ab") as fh:
+                    fh.write(tensor.tobytes())
+                memory_size += tensor.nbytes
+                ref = ir.ExternalTensor(
+                    memory_file.name,
+                    offset,
+                    tensor.nbytes,
+                    tensor.dtype,
+                    shape=ir.Shape(tensor.shape.numpy()),
+                    name=(value.name or ""),
+                    base_dir=directory,
+                )
+            else:
+                continue
+            swapped.append((value, tensor))
+            value.const_value = ref
+        path = directory / "model.onnx"
+        path.write_bytes(ir.serde.serialize_model(model).SerializeToString())
+        return path
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed: the kernel copies file to file
+        shutil.copyfile(source, target)
+
+
 def data_file_of(model_path: Path) -> Path:
     """The external data file saved beside a model: named after it (`out.onnx.data`)."""
     return model_path.with_name(model_path.name + ".data")

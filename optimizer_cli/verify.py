@@ -15,7 +15,7 @@ from optimizer_cli.errors import VerificationError, first_line
 from optimizer_cli.model_io import (
     EXTERNAL_DATA_THRESHOLD_BYTES,
     has_external_data,
-    save_model,
+    save_structure,
     to_proto,
     weights_nbytes,
 )
@@ -30,11 +30,10 @@ def check_model(model: ir.Model, *, strict_shapes: bool = True) -> None:
             onnx.checker.check_model(proto)
             onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=strict_shapes, data_prop=True)
         else:
-            # Over 2 GB a proto cannot be serialized, and weights in external data are found by path: check a
-            # saved copy (its weights are copied file to file by the kernel, not through this process).
+            # Over 2 GB a proto cannot be serialized, and weights in external data are found by path: check the
+            # graph saved with its weights replaced by references into an empty stub (nothing is copied).
             with tempfile.TemporaryDirectory(prefix="optimize-check-") as tmp:
-                path = Path(tmp) / "model.onnx"
-                save_model(model, path, external_data=True)
+                path = save_structure(model, Path(tmp))
                 onnx.checker.check_model(str(path), full_check=False)
                 onnx.shape_inference.infer_shapes_path(
                     str(path),
@@ -210,7 +209,9 @@ class StageVerifier:
         self.names = output_names(original)
         self.large = weights_nbytes(original) > EXTERNAL_DATA_THRESHOLD_BYTES
         self.signature = signature(original)
-        self._as_written = SessionConfig(provider="cpu", threads=threads, opt_level="disable", cpu_mem_arena=False)
+        self._as_written = SessionConfig(
+            provider="cpu", threads=threads, opt_level="disable", cpu_mem_arena=False, prepacking=False
+        )
         self._deployed = SessionConfig(provider="cpu", threads=threads, opt_level="all", cpu_mem_arena=False)
         # Raises what onnxruntime raises: the caller decides whose fault an unrunnable original is.
         self.original = self._run(original) if numeric else []

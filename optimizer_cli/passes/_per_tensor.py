@@ -29,13 +29,12 @@ import onnx
 import onnx_ir as ir
 
 from optimizer_cli.analysis.graph import name_of
-from optimizer_cli.model_io import read_weight
+from optimizer_cli.model_io import read_weight, structure_proto
 from optimizer_cli.passes import _graph
 from optimizer_cli.passes._graph import WeightStore
 
 # Rows quantized at a time: bounds the float temporaries for a large weight.
 ROW_CHUNK = 1024
-STUB_LOCATION = "optimizer-cli-stub.data"
 
 Progress = Callable[[str], None]
 
@@ -314,28 +313,6 @@ def quantize_weight_only_per_tensor(
 # ---- fp16 ------------------------------------------------------------------------------------------------
 
 
-def structure_proto(model: ir.Model, min_bytes: int | None = None) -> tuple[onnx.ModelProto, set[str]]:
-    """The model as a protobuf whose initializers of `min_bytes` or more, and all in external data, are
-    data-less external stubs (nothing is read); returns the stubbed names. For tools that read the graph,
-    not the weights."""
-    min_bytes = _graph.STORE_MIN_BYTES if min_bytes is None else min_bytes
-    stubbed: dict[str, ir.TensorProtocol] = {}
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        # External tensors are always stubbed: a tool that sees their reference could retype it (float ->
-        # float16) and leave it pointing at the float32 bytes.
-        if tensor is not None and (tensor.nbytes >= min_bytes or isinstance(tensor, ir.ExternalTensor)):
-            stubbed[name_of(value)] = tensor
-            value.const_value = ir.ExternalTensor(
-                STUB_LOCATION, 0, tensor.nbytes, tensor.dtype, shape=ir.Shape(tensor.shape.numpy()), name=name_of(value)
-            )
-    try:
-        return ir.serde.serialize_model(model), set(stubbed)
-    finally:
-        for name, tensor in stubbed.items():
-            model.graph.initializers[name].const_value = tensor
-
-
 # onnxruntime's float16 converter's clamping (convert_np_to_float16's defaults).
 FP16_MIN_POSITIVE = 5.96e-08
 FP16_MAX_FINITE = 65504.0
@@ -376,7 +353,7 @@ def convert_fp16_per_tensor(
 
     from onnxruntime.transformers import float16
 
-    proto, stubbed = structure_proto(model)
+    proto, stubbed = structure_proto(model, _graph.STORE_MIN_BYTES)
     # The converter reads each converted initializer whole (numpy_helper.to_array) only to learn its
     # shape; the dims say it without touching the (stubbed) data.
     with mock.patch.object(float16, "make_value_info_from_tensor", _value_info_from_dims):

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from optimizer_cli.model_io import model_to_bytes, save_model
+from optimizer_cli.model_io import model_to_bytes, save_for_reading
 from optimizer_cli.runtime.providers import resolve_provider, silence_native_output
 
 OPT_LEVELS = {
@@ -57,6 +57,9 @@ class SessionConfig:
     # onnxruntime's CPU arena keeps every buffer a run grew it to until the session ends: verification turns
     # it off, so a large model's weights cast at run time (fp16 on CPU) are freed op by op.
     cpu_mem_arena: bool = True
+    # Prepacking re-lays constant weights for the fast kernels at session start (3.5 s and a second copy for a
+    # 2.7 GB fp32 model); a session run a few times to check outputs is done before it would pay off.
+    prepacking: bool = True
 
     def with_session(self, options: dict[str, Any]) -> SessionConfig:
         """These options overlaid (a recipe's `session` section; None keeps this config's value)."""
@@ -89,9 +92,7 @@ class ModelSource:
             raw = model_to_bytes(model)
             if raw is None:
                 self._tmp = tempfile.TemporaryDirectory(prefix="optimize-session-")
-                path = Path(self._tmp.name) / "model.onnx"
-                save_model(model, path, external_data=True)
-                self.data = str(path)
+                self.data = str(save_for_reading(model, Path(self._tmp.name)))
             else:
                 self.data = raw
         else:
@@ -119,6 +120,8 @@ def create_session(source: ModelSource | ir.Model | str | Path, config: SessionC
     options.execution_mode = getattr(ort.ExecutionMode, EXECUTION_MODES[config.execution_mode])
     options.enable_mem_pattern = config.mem_pattern
     options.enable_cpu_mem_arena = config.cpu_mem_arena
+    if not config.prepacking:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[config.opt_level])
     options.log_severity_level = ort_log_severity()
     providers = _provider_entry(config)
