@@ -129,9 +129,9 @@ class ReconstructPass(OptimizationPass[ReconstructConfig]):
     def _refit(
         self, model: ir.Model, node: ir.Node, xs: list[np.ndarray], ys: list[np.ndarray], cfg: ReconstructConfig
     ) -> tuple[float, float | None]:
-        w = read_weight(node.inputs[1].const_value)  # type: ignore[arg-type]
+        w = read_weight(node.inputs[1].const_value)  # type: ignore[arg-type, union-attr]
         has_bias = len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value is not None
-        b = read_weight(node.inputs[2].const_value) if has_bias else None  # type: ignore[arg-type]
+        b = read_weight(node.inputs[2].const_value) if has_bias else None  # type: ignore[arg-type, union-attr]
         if node.op_type == "Conv":
             k = tuple(w.shape[2:])
             if len(k) != 2:
