@@ -61,6 +61,36 @@ def test_reconstruct_conv_after_prune(tmp_path) -> None:
     assert after < before, (before, after)
 
 
+def test_too_few_calibration_rows_skip_layers_without_running_the_model(tmp_path, monkeypatch) -> None:
+    """4 samples of batch 8 are 32 rows; every pruned layer reads >= 32 features and needs 2x(in+1) rows:
+    each is skipped, and said so, before its inputs are captured (a session over the whole model per
+    layer: minutes on a large model, for a fit that would be refused)."""
+    from optimizer_cli.passes import reconstruct
+
+    proto = _correlated_mlp()
+    model = to_ir(proto)
+    PrunePass(PruneConfig(sparsity=0.5, round_to=1), context(tmp_path))(model)
+    captured: list[list[str]] = []
+    real = reconstruct.capture_values
+
+    def spy(m, feeds, names, threads):
+        captured.append(names)
+        return real(m, feeds, names, threads)
+
+    monkeypatch.setattr(reconstruct, "capture_values", spy)
+    ctx = context(tmp_path, calibration=_calib(proto, 4), load_original=lambda: to_ir(proto))
+    instance = ReconstructPass(ReconstructConfig(), ctx)
+    assert not instance(model).modified
+    assert instance.stats["too_few_rows"].startswith("3 layers")
+    assert len(captured) == 1  # only the original's outputs (the targets), once
+    # With 16 samples (128 rows) the layers reading 32 features (66 rows needed) are refit again.
+    captured.clear()
+    ctx = context(tmp_path, calibration=_calib(proto, 16), load_original=lambda: to_ir(proto))
+    instance = ReconstructPass(ReconstructConfig(), ctx)
+    instance(model)
+    assert instance.stats["too_few_rows"].startswith("1 layers") and len(captured) == 1 + 2
+
+
 def test_unchanged_model_is_left_alone(tmp_path) -> None:
     proto = mlp()
     model = to_ir(proto)

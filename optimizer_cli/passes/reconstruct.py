@@ -53,6 +53,21 @@ def im2col(
     return win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw)
 
 
+def _rows(ys: list[np.ndarray], conv: bool, cfg: ReconstructConfig) -> int:
+    """Rows the layer's fit would get: positions of its output over the samples (Conv: batch x H x W)."""
+    return min(cfg.max_rows, sum(t.size // t.shape[1 if conv else -1] for t in ys if t.ndim and t.size))
+
+
+def _fan_in(node: ir.Node) -> int:
+    """Columns of the layer's least-squares design: its weight's input features (Conv: C x kH x kW)."""
+    dims = node.inputs[1].const_value.shape.numpy()  # type: ignore[union-attr]
+    if node.op_type == "Conv":
+        return int(np.prod(dims[1:]))
+    if node.op_type == "Gemm" and int_attr(node, "transB", 0):
+        return int(dims[-1])
+    return int(dims[0])
+
+
 def ridge(x: np.ndarray, y: np.ndarray, damping: float) -> np.ndarray:
     x = x.astype(np.float64)
     gram = x.T @ x
@@ -80,8 +95,11 @@ class ReconstructPass(OptimizationPass[ReconstructConfig]):
         layers = [n for n in model.graph if self._candidate(n, ref_producers, cfg)]
         feeds = calibration.feeds[: cfg.samples]
         targets = capture_values(reference, feeds, [name_of(n.outputs[0]) for n in layers], self.ctx.threads)
-        refit, details = 0, []
+        refit, details, too_few = 0, [], 0
         for node in layers:
+            if _rows(targets[name_of(node.outputs[0])], node.op_type == "Conv", cfg) < 2 * (_fan_in(node) + 1):
+                too_few += 1  # the fit would be refused (see _refit): do not run the model to capture inputs
+                continue
             source = name_of(node.inputs[0]) if node.inputs[0] is not None else ""
             inputs = capture_values(model, feeds, [source], self.ctx.threads)[source]
             before, after = self._refit(model, node, inputs, targets[name_of(node.outputs[0])], cfg)
@@ -92,6 +110,8 @@ class ReconstructPass(OptimizationPass[ReconstructConfig]):
             "layers_refit": f"{refit}/{len(layers)}",
             "rel_error": "; ".join(details[:6]) + (" ..." if len(details) > 6 else ""),
         }
+        if too_few:
+            self.stats["too_few_rows"] = f"{too_few} layers (calibration rows < 2x their inputs: give more samples)"
         return ir.passes.PassResult(model, refit > 0)
 
     def _candidate(self, node: ir.Node, ref_producers: dict[str, ir.Node], cfg: ReconstructConfig) -> bool:
