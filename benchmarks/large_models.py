@@ -1,7 +1,7 @@
 """Recipes on models over 2 GB: peak memory and wall time of the whole command, vs onnxruntime's own tools.
 
     python benchmarks/large_models.py [--dir benchmarks/.cache/large] [--models chain,decoder]
-                                      [--recipes int8,fp16,int4] [--no-reference]
+                                      [--recipes int8,fp16,int4,prune] [--no-reference]
 
 Builds (once, in --dir) two ~2.5 GB fp32 models with their weights in external data:
   chain    10 x MatMul 8192x8192 + Relu                                        (2.68 GB)
@@ -11,7 +11,8 @@ and runs `optimize MODEL --recipe recipes/R.yaml -o OUT --no-bench --report R.js
 measuring the command's peak RSS (the maximum resident set size of the process tree, as
 /usr/bin/time reports it) and wall time. The same weights through onnxruntime's own tools
 (quantize_dynamic, MatMulNBitsQuantizer, convert_float_to_float16 + onnx.save) are measured the same
-way. Cosine vs fp32 is the pipeline's verification (seeded random inputs). Prints a table and writes
+way (prune has none: no onnxruntime tool prunes). Recipes that need calibration data get `--calib random`.
+Cosine vs fp32 is the pipeline's verification (seeded random inputs). Prints a table and writes
 benchmarks/results/large_models.json.
 """
 
@@ -40,6 +41,7 @@ MODELS = {
     "decoder": lambda: build_decoder(hidden=2048, layers=12, heads=16, vocab=8192),
 }
 # What a user would run without this tool, for each recipe (same options as the recipe's quantize pass).
+NEEDS_CALIBRATION = {"prune", "lowrank", "cnn-int8", "cnn-prune-int8"}
 REFERENCE = {
     "int8": (
         "from onnxruntime.quantization import QuantType, quantize_dynamic\n"
@@ -100,7 +102,8 @@ def run_ours(model: Path, recipe: str, work: Path, timeout: float) -> dict:
         "--recipe",
         str(ROOT / "recipes" / f"{recipe}.yaml"),
     ]
-    row = measure([*command, "-o", str(out), "--no-bench", "--report", str(report)], timeout)
+    command += ["-o", str(out), "--no-bench", "--report", str(report)]
+    row = measure(command + (["--calib", "random"] if recipe in NEEDS_CALIBRATION else []), timeout)
     if row["rc"] == 0:
         stages = json.loads(report.read_text())["stages"]
         row["cosine"] = min(d["cosine"] for d in stages[-1]["drift_vs_original"])
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=ROOT / "benchmarks" / ".cache" / "large")
     parser.add_argument("--models", default="chain,decoder")
-    parser.add_argument("--recipes", default="int8,fp16,int4")
+    parser.add_argument("--recipes", default="int8,fp16,int4,prune")
     parser.add_argument("--no-reference", action="store_true", help="skip onnxruntime's own tools")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per command")
     args = parser.parse_args(argv)
@@ -156,7 +159,9 @@ def main(argv: list[str] | None = None) -> None:
         size = file_size(model)
         for recipe in args.recipes.split(","):
             with tempfile.TemporaryDirectory(prefix="large-bench-", dir=args.dir) as tmp:
-                tools = [("optimize", run_ours)] + ([] if args.no_reference else [("onnxruntime", run_reference)])
+                tools = [("optimize", run_ours)]
+                if recipe in REFERENCE and not args.no_reference:
+                    tools.append(("onnxruntime", run_reference))
                 for tool, runner in tools:
                     print(f"{name} {recipe} {tool} ...", flush=True)
                     row = {"model": name, "model_bytes": size, "recipe": recipe, "tool": tool}

@@ -226,3 +226,32 @@ def test_recipes_on_a_model_over_2gb_stay_under_1_5x_its_size(tmp_path: Path) ->
         del session
         out.unlink()
         (tmp_path / f"{out.name}.data").unlink()
+
+
+def test_weight_only_quantizes_a_shared_weight_once(tmp_path: Path) -> None:
+    weight = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("MatMul", ["x", "w"], ["a"], name="first"),
+            onnx.helper.make_node("MatMul", ["x", "w"], ["b"], name="second"),
+            onnx.helper.make_node("Add", ["a", "b"], ["y"], name="sum"),
+        ],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 32])],
+        [onnx.numpy_helper.from_array(weight, "w")],
+    )
+    model = ir.serde.deserialize_model(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+    assert (
+        per_tensor.quantize_weight_only_per_tensor(
+            model, bits=4, block_size=32, symmetric=True, accuracy_level=None, exclude=set()
+        )
+        == 2
+    )
+    nodes = [n for n in model.graph if n.op_type == "MatMulNBits"]
+    assert nodes[0].inputs[1] is nodes[1].inputs[1] and "w" not in model.graph.initializers
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto)
+    x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
+    y = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    assert np.allclose(y, 2 * x @ weight, atol=0.15 * np.abs(2 * x @ weight).max())
