@@ -241,7 +241,9 @@ def test_weight_only_quantizes_a_shared_weight_once(tmp_path: Path) -> None:
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 32])],
         [onnx.numpy_helper.from_array(weight, "w")],
     )
-    model = ir.serde.deserialize_model(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+    model = ir.serde.deserialize_model(
+        onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    )
     assert (
         per_tensor.quantize_weight_only_per_tensor(
             model, bits=4, block_size=32, symmetric=True, accuracy_level=None, exclude=set()
