@@ -121,7 +121,7 @@ class FactorizePass(OptimizationPass[FactorizeConfig]):
         k, n = w.shape
         if min(k, n) < cfg.min_size:
             return "small"
-        _, s, _ = np.linalg.svd(w.astype(np.float64), full_matrices=False)
+        s = np.linalg.svd(w.astype(np.float64), compute_uv=False)  # singular values only: the rank decides
         r = choose_rank(s, cfg)
         if r * (k + n) > cfg.max_cost_ratio * k * n:
             return "no_gain"
@@ -145,7 +145,7 @@ class FactorizePass(OptimizationPass[FactorizeConfig]):
         if (kh * kw == 1 and min(co, ci) < cfg.min_size) or min(co, ci * kh * kw) < cfg.min_size:
             return "small"
         mat = w.reshape(co, ci * kh * kw).T  # [Ci*kh*kw, Co]
-        _, s, _ = np.linalg.svd(mat.astype(np.float64), full_matrices=False)
+        s = np.linalg.svd(mat.astype(np.float64), compute_uv=False)
         r = choose_rank(s, cfg)
         if r * (ci * kh * kw + co) > cfg.max_cost_ratio * co * ci * kh * kw:
             return "no_gain"
