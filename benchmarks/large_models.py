@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from optimizer_cli.bench.environment import cpu_label, environment  # noqa: E402
+from optimizer_cli.bench.memory import command_peak  # noqa: E402
 from optimizer_cli.large_examples import build_decoder, build_matmul_chain, save_large  # noqa: E402
 from optimizer_cli.model_io import file_size  # noqa: E402
 
@@ -64,25 +64,6 @@ REFERENCE = {
 }
 
 
-def measure(command: list[str], timeout: float) -> dict:
-    """Exit code, wall seconds and peak RSS (bytes) of a command, from a fresh parent whose only child it is
-    (ru_maxrss of RUSAGE_CHILDREN: the largest process of the tree, as /usr/bin/time's figure)."""
-    probe = (
-        "import resource, subprocess, sys, time\n"
-        "start = time.perf_counter()\n"
-        f"p = subprocess.run({command!r}, capture_output=True, text=True, timeout={timeout})\n"
-        "wall = time.perf_counter() - start\n"
-        "tail = (p.stderr.strip().splitlines() or [''])[-1][:300]\n"
-        "import json; print(json.dumps({'rc': p.returncode, 'wall_s': wall,\n"
-        "    'peak_rss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, 'last_line': tail}))\n"
-    )
-    try:
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=timeout + 60)
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    except (subprocess.TimeoutExpired, IndexError, json.JSONDecodeError) as exc:
-        return {"rc": None, "wall_s": None, "peak_rss": None, "last_line": f"did not finish: {exc}"[:300]}
-
-
 def ensure_model(name: str, folder: Path) -> Path:
     path = folder / f"{name}.onnx"
     if not path.exists():
@@ -103,7 +84,7 @@ def run_ours(model: Path, recipe: str, work: Path, timeout: float) -> dict:
         str(ROOT / "recipes" / f"{recipe}.yaml"),
     ]
     command += ["-o", str(out), "--no-bench", "--report", str(report)]
-    row = measure(command + (["--calib", "random"] if recipe in NEEDS_CALIBRATION else []), timeout)
+    row = command_peak(command + (["--calib", "random"] if recipe in NEEDS_CALIBRATION else []), timeout)
     if row["rc"] == 0:
         stages = json.loads(report.read_text())["stages"]
         row["cosine"] = min(d["cosine"] for d in stages[-1]["drift_vs_original"])
@@ -119,7 +100,7 @@ def run_ours(model: Path, recipe: str, work: Path, timeout: float) -> dict:
 def run_reference(model: Path, recipe: str, work: Path, timeout: float) -> dict:
     out = work / f"{model.stem}.{recipe}.ort.onnx"
     code = f"SRC, DST = {str(model)!r}, {str(out)!r}\n" + REFERENCE[recipe]
-    row = measure([sys.executable, "-c", code], timeout)
+    row = command_peak([sys.executable, "-c", code], timeout)
     if row["rc"] == 0:
         row["output_bytes"] = file_size(out)
     for leftover in work.glob(f"{out.name}*"):

@@ -10,7 +10,6 @@ on a model over 2 GB and bounds the command's peak memory.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import onnx_ir.passes.common as common
 import onnxruntime as ort
 import pytest
 
+from optimizer_cli.bench.memory import command_peak
 from optimizer_cli.large_examples import build_decoder, build_matmul_chain, save_large
 from optimizer_cli.model_io import save_model
 from optimizer_cli.passes import _graph
@@ -183,17 +183,6 @@ def test_pass_per_tensor_reports_ops_it_leaves_float(tmp_path: Path) -> None:
     assert instance.stats["quant_ops"]["MatMulInteger"] == 1
 
 
-def _peak_rss_of(command: list[str]) -> tuple[int, int]:
-    """(exit code, peak RSS in bytes) of a command, measured by a fresh parent whose only child it is."""
-    probe = (
-        "import resource, subprocess, sys\n"
-        f"rc = subprocess.run({command!r}, stdout=subprocess.DEVNULL).returncode\n"
-        "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
-    return int(out[0]), int(out[1])
-
-
 @pytest.mark.slow
 def test_recipes_on_a_model_over_2gb_stay_under_1_5x_its_size(tmp_path: Path) -> None:
     """8 MatMul 8192x8192 (2.15 GB in external data) through int8, fp16 and int4: each succeeds, the
@@ -215,8 +204,9 @@ def test_recipes_on_a_model_over_2gb_stay_under_1_5x_its_size(tmp_path: Path) ->
             str(root / "recipes" / f"{recipe}.yaml"),
         ]
         command += ["-o", str(out), "--no-bench", "--report", str(report)]
-        rc, peak = _peak_rss_of(command)
-        assert rc == 0, recipe
+        measured = command_peak(command)
+        rc, peak = measured["rc"], measured["peak_rss"]
+        assert rc == 0, (recipe, measured["last_line"])
         assert peak <= 1.5 * size, f"{recipe}: peak RSS {peak / 1e9:.2f} GB for a {size / 1e9:.2f} GB model"
         stages = json.loads(report.read_text())["stages"]
         assert stages[-1]["stats"]["engine"].startswith("per tensor")

@@ -85,3 +85,27 @@ def session_peak_memory(
         return json.loads(proc.stdout.strip().splitlines()[-1])
     except (json.JSONDecodeError, IndexError):
         return None
+
+
+_PROBE = r"""
+import json, resource, subprocess, sys, time
+command, timeout = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+start = time.perf_counter()
+try:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    rc, lines = done.returncode, done.stderr.strip().splitlines()
+except subprocess.TimeoutExpired:
+    rc, lines = None, [f"did not finish in {timeout} s"]
+print(json.dumps({"rc": rc, "wall_s": time.perf_counter() - start,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+                  "last_line": (lines or [""])[-1][:300]}))
+"""
+
+
+def command_peak(command: list[str], timeout: float | None = None) -> dict[str, Any]:
+    """Exit code (None on timeout), wall seconds, peak RSS in bytes and last stderr line of a command, as
+    /usr/bin/time measures it: from a fresh, small parent whose only child it is (ru_maxrss of
+    RUSAGE_CHILDREN is the largest process of the tree, and a small parent carries no large mark into it)."""
+    probe = [sys.executable, "-c", _PROBE, json.dumps(command), json.dumps(timeout)]
+    out = subprocess.run(probe, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
