@@ -2,7 +2,7 @@
 
 onnxruntime's quantizers and fp16 converter hold the whole model in one protobuf: on a 2.5 GB model the
 dynamic quantizer peaks at 3x the model in memory and the fp16 converter fails (protobuf's 2 GB limit).
-Here each weight is read from its memory-mapped file, quantized, written to a scratch data file
+Here each weight is read from its file (not kept mapped), quantized, written to a scratch data file
 (`WeightStore`) and released, and the graph is rewritten in onnxruntime's own operator formats, named as
 onnxruntime names them:
 
@@ -12,8 +12,9 @@ onnxruntime names them:
   `quantize_data` computes them (same ranges from `get_qmin_qmax_for_qType`), vectorized over channels.
 - weight-only: MatMul -> com.microsoft MatMulNBits, blocks packed by onnxruntime's own C++ kernels
   (`quantize_matmul_4bits` / `_8bits`, what MatMulNBitsQuantizer calls).
-- fp16: onnxruntime's converter runs on the graph with every large weight replaced by a data-less stub,
-  then each weight it turned to float16 is converted with the converter's own `convert_np_to_float16`.
+- fp16: onnxruntime's converter runs on the graph with every large or external weight replaced by a
+  data-less stub, then each weight it turned to float16 is converted by `to_float16`, the converter's
+  `convert_np_to_float16` element for element, in chunks.
 
 tests/test_per_tensor.py checks graph structure and weights against onnxruntime's tools on small models.
 """
