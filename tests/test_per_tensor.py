@@ -247,3 +247,12 @@ def test_weight_only_quantizes_a_shared_weight_once(tmp_path: Path) -> None:
     x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
     y = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
     assert np.allclose(y, 2 * x @ weight, atol=0.15 * np.abs(2 * x @ weight).max())
+
+
+def test_progress_names_every_weight(decoder_path: Path, tmp_path: Path) -> None:
+    ctx = context(tmp_path)
+    lines: list[str] = []
+    ctx.progress = lines.append
+    QuantizePass(QuantizeConfig(mode="weight_only", per_tensor=True), ctx)(ir.load(decoder_path))
+    assert len(lines) == 2 * 6 + 1
+    assert lines[0] == "quantize: weight 1 of 13 (layers.0.attn.q.weight)" and lines[-1].endswith("(lm_head.weight)")

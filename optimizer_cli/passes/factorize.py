@@ -84,9 +84,14 @@ class FactorizePass(OptimizationPass[FactorizeConfig]):
         infer_shapes(model)
         params_before, macs_before = parameter_count(model), macs(model)
         done, skipped = [], {"small": 0, "no_gain": 0, "unsupported": 0}
-        for node in list(model.graph):
-            if node.op_type not in cfg.op_types or node.name in cfg.exclude_nodes or node.domain not in ("", "ai.onnx"):
-                continue
+        targets = [
+            n
+            for n in model.graph
+            if n.op_type in cfg.op_types and n.name not in cfg.exclude_nodes and n.domain in ("", "ai.onnx")
+        ]
+        for i, node in enumerate(targets):
+            if self.ctx.progress:
+                self.ctx.progress(f"factorize: layer {i + 1} of {len(targets)} ({node.name})")
             result = self._factorize(model.graph, node, cfg)
             if isinstance(result, str):
                 skipped[result] += 1

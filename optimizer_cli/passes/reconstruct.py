@@ -96,7 +96,9 @@ class ReconstructPass(OptimizationPass[ReconstructConfig]):
         feeds = calibration.feeds[: cfg.samples]
         targets = capture_values(reference, feeds, [name_of(n.outputs[0]) for n in layers], self.ctx.threads)
         refit, details, too_few = 0, [], 0
-        for node in layers:
+        for i, node in enumerate(layers):
+            if self.ctx.progress:
+                self.ctx.progress(f"reconstruct: layer {i + 1} of {len(layers)} ({node.name})")
             if _rows(targets[name_of(node.outputs[0])], node.op_type == "Conv", cfg) < 2 * (_fan_in(node) + 1):
                 too_few += 1  # the fit would be refused (see _refit): do not run the model to capture inputs
                 continue
