@@ -210,3 +210,18 @@ def test_split_hands_each_branch_a_slice_of_the_channels(tmp_path) -> None:
     )
     split = next(n for n in removed.graph if n.op_type == "Split")
     assert split.inputs[1].const_value.numpy().sum() < 16
+
+
+@pytest.mark.parametrize("q", [0.0, 0.3, 0.5, 0.9, 0.999, 1.0])
+def test_global_quantile_streams_to_numpys_answer(q: float) -> None:
+    """The magnitude threshold over all weights, read one weight at a time (models over 2 GB), equals
+    np.quantile over their concatenation, including zeros, ties and mixed scales."""
+    from optimizer_cli.passes.prune import global_quantile
+
+    rng = np.random.default_rng(int(q * 1000))
+    arrays = [
+        rng.standard_normal((rng.integers(1, 60), rng.integers(1, 40))).astype(np.float32) * s for s in (1e-3, 1, 1e3)
+    ]
+    arrays += [np.zeros((3, 3), np.float32), np.full((2, 5), 0.5, np.float32)]
+    expected = float(np.quantile(np.concatenate([np.abs(a).ravel() for a in arrays]), q))
+    assert global_quantile(lambda: iter(arrays), q) == pytest.approx(expected, rel=1e-6)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import numpy as np
@@ -225,26 +226,59 @@ def apply_structured(
     refresh_shapes(model)
 
 
-def magnitude_prune(model: ir.Model, cfg: PruneConfig) -> dict[str, object]:
-    weights: list[tuple[ir.Node, np.ndarray]] = []
+def _magnitude_targets(model: ir.Model, cfg: PruneConfig) -> list[ir.Node]:
+    """Nodes whose constant float weight (rank >= 2) magnitude pruning zeroes."""
+    targets = []
     for node in model.graph:
         if node.op_type in cfg.op_types and node.name not in cfg.exclude_nodes and len(node.inputs) > 1:
             tensor = node.inputs[1].const_value if node.inputs[1] is not None else None
-            array = tensor.numpy() if tensor is not None else None
-            if array is not None and array.ndim >= 2 and np.issubdtype(array.dtype, np.floating):
-                weights.append((node, array))
-    if not weights:
+            if tensor is not None and len(tensor.shape) >= 2 and tensor.dtype.is_floating_point():
+                targets.append(node)
+    return targets
+
+
+def global_quantile(arrays: Callable[[], Iterator[np.ndarray]], q: float) -> float:
+    """np.quantile(concatenate(|a| for a in arrays()), q) (linear interpolation), holding one array at a time.
+
+    Two passes: count |a| by the top 16 bits of its float32 pattern (monotonic for non-negative floats),
+    then keep only the values in the bins holding the two order statistics the quantile interpolates."""
+    counts = np.zeros(1 << 16, dtype=np.int64)
+    for a in arrays():
+        counts += np.bincount(np.abs(a.astype(np.float32)).view(np.uint32).ravel() >> 16, minlength=1 << 16)
+    total = int(counts.sum())
+    position = q * (total - 1)
+    ranks = (int(np.floor(position)), int(np.ceil(position)))
+    cumulative = np.cumsum(counts)
+    bins = sorted({int(np.searchsorted(cumulative, r, side="right")) for r in ranks})
+    picked = []
+    for a in arrays():
+        magnitude = np.abs(a.astype(np.float32)).ravel()
+        picked.append(magnitude[np.isin(magnitude.view(np.uint32) >> 16, bins)])
+    values = np.sort(np.concatenate(picked))
+    below = int(cumulative[bins[0] - 1]) if bins[0] > 0 else 0  # elements in bins before the first picked one
+    low, high = values[ranks[0] - below], values[ranks[1] - below]
+    return float(low + (high - low) * (position - ranks[0]))
+
+
+def magnitude_prune(model: ir.Model, cfg: PruneConfig) -> dict[str, object]:
+    """Zero the smallest |w| of each target weight, one weight in memory at a time (models over 2 GB)."""
+    targets = _magnitude_targets(model, cfg)
+    if not targets:
         return {"layers": 0}
-    total = sum(w.size for _, w in weights)
-    if cfg.scope == "global":
-        threshold = np.quantile(np.concatenate([np.abs(w).ravel() for _, w in weights]), cfg.sparsity)
-    zeroed = 0
-    for node, w in weights:
-        t = threshold if cfg.scope == "global" else np.quantile(np.abs(w), cfg.sparsity)
+
+    def weights() -> Iterator[np.ndarray]:
+        return (_tensor(node.inputs[1]) for node in targets)  # type: ignore[arg-type]
+
+    threshold = global_quantile(weights, cfg.sparsity) if cfg.scope == "global" else None
+    zeroed = total = 0
+    for node in targets:
+        w = _tensor(node.inputs[1])  # type: ignore[arg-type]
+        t = threshold if threshold is not None else np.quantile(np.abs(w), cfg.sparsity)
         pruned = np.where(np.abs(w) <= t, 0, w).astype(w.dtype)
         zeroed += int(np.sum(pruned == 0))
+        total += w.size
         set_const(node, 1, pruned, model.graph)
-    return {"layers": len(weights), "weight_sparsity": round(zeroed / total, 4)}
+    return {"layers": len(targets), "weight_sparsity": round(zeroed / total, 4)}
 
 
 class PrunePass(OptimizationPass[PruneConfig]):
