@@ -7,16 +7,19 @@ into place, and a save whose target is the input (or its external data) is refus
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
+from optimizer_cli.analysis.graph import name_of
 from optimizer_cli.errors import UserInputError, first_line
 
 # Protobuf cannot serialize messages over 2 GiB; stay well below with a margin for the graph itself.
@@ -49,6 +52,55 @@ def load_model(path: str | Path) -> ir.Model:
 # structure_proto's data-less stand-ins: every external weight, and in-memory ones of this size or more.
 STUB_MIN_BYTES = 1 << 20
 STUB_LOCATION = "optimizer-cli-stub.data"
+# Offsets of large tensors in data files we write are aligned so onnxruntime can memory-map them.
+ALIGNMENT = 1 << 16
+
+
+class DataFile:
+    """Appends tensors to one external data file and hands back ExternalTensors that read them there."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._size = 0
+
+    def append(self, name: str, tensor: ir.TensorProtocol) -> ir.ExternalTensor:
+        offset = -(-self._size // ALIGNMENT) * ALIGNMENT
+        with open(self.path, "ab") as fh:
+            fh.write(b"\0" * (offset - self._size))
+            if isinstance(tensor, (ir.Tensor, ir.ExternalTensor)):
+                tensor.tofile(fh)  # numpy-backed and external tensors are written without a bytes copy
+            else:
+                fh.write(tensor.tobytes())
+        self._size = offset + tensor.nbytes
+        return ir.ExternalTensor(
+            self.path.name,
+            offset,
+            tensor.nbytes,
+            tensor.dtype,
+            shape=ir.Shape(tensor.shape.numpy()),
+            name=name,
+            base_dir=self.path.parent,
+        )
+
+
+@contextlib.contextmanager
+def _tensors_replaced(
+    model: ir.Model, replacement: Callable[[ir.Value, ir.TensorProtocol], ir.TensorProtocol | None]
+) -> Iterator[list[str]]:
+    """Every initializer whose `replacement` is not None holds it inside the block (for serializing a variant
+    of the model), and its own tensor again afterwards; yields the replaced names."""
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    try:
+        for value in _all_initializers(model.graph):
+            tensor = value.const_value
+            new = replacement(value, tensor) if tensor is not None else None
+            if new is not None:
+                swapped.append((value, tensor))  # type: ignore[arg-type]
+                value.const_value = new
+        yield [name_of(value) for value, _ in swapped]
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
 
 
 def structure_proto(
@@ -57,22 +109,17 @@ def structure_proto(
     """The model as a protobuf whose initializers of `min_bytes` or more, and all in external data, are
     data-less external stubs (nothing is read); returns the stubbed names. For tools that read the graph,
     not the weights."""
-    stubbed: dict[str, ir.TensorProtocol] = {}
-    values = {v.name or "": v for v in _all_initializers(model.graph)}
-    for value in _all_initializers(model.graph):
-        tensor = value.const_value
+
+    def stub(value: ir.Value, tensor: ir.TensorProtocol) -> ir.TensorProtocol | None:
         # External tensors are always stubbed: a tool that sees their reference could retype it (float ->
         # float16) and leave it pointing at the float32 bytes.
-        if tensor is not None and (tensor.nbytes >= min_bytes or isinstance(tensor, ir.ExternalTensor)):
-            stubbed[(value.name or "")] = tensor
-            value.const_value = ir.ExternalTensor(
-                location, 0, tensor.nbytes, tensor.dtype, shape=ir.Shape(tensor.shape.numpy()), name=(value.name or "")
-            )
-    try:
-        return ir.serde.serialize_model(model), set(stubbed)
-    finally:
-        for name, tensor in stubbed.items():
-            values[name].const_value = tensor
+        if tensor.nbytes < min_bytes and not isinstance(tensor, ir.ExternalTensor):
+            return None
+        shape = ir.Shape(tensor.shape.numpy())
+        return ir.ExternalTensor(location, 0, tensor.nbytes, tensor.dtype, shape=shape, name=name_of(value))
+
+    with _tensors_replaced(model, stub) as names:
+        return ir.serde.serialize_model(model), set(names)
 
 
 def save_structure(model: ir.Model, directory: Path) -> Path:
@@ -90,51 +137,31 @@ def save_for_reading(model: ir.Model, directory: Path) -> Path:
     copying what is already on disk: each external data file is hard-linked into `directory` (copied where
     a link cannot be made, e.g. across file systems) and referenced there; in-memory weights of 1 MiB or
     more are written to one new data file. The source files are only read."""
-    values = _all_initializers(model.graph)
     links: dict[Path, str] = {}
-    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
-    memory_file, memory_size = directory / "weights.data", 0
-    try:
-        for value in values:
-            tensor = value.const_value
-            if isinstance(tensor, ir.ExternalTensor):
-                source = Path(tensor.path).resolve()
-                if source not in links:
-                    links[source] = f"linked{len(links)}.data"
-                    _link_or_copy(source, directory / links[source])
-                ref = ir.ExternalTensor(
-                    links[source],
-                    tensor.offset,
-                    tensor.length,
-                    tensor.dtype,
-                    shape=ir.Shape(tensor.shape.numpy()),
-                    name=tensor.name or (value.name or ""),
-                    base_dir=directory,
-                )
-            elif tensor is not None and tensor.nbytes >= STUB_MIN_BYTES:
-                offset = memory_size
-                with open(memory_file, "ab") as fh:
-                    fh.write(tensor.tobytes())
-                memory_size += tensor.nbytes
-                ref = ir.ExternalTensor(
-                    memory_file.name,
-                    offset,
-                    tensor.nbytes,
-                    tensor.dtype,
-                    shape=ir.Shape(tensor.shape.numpy()),
-                    name=(value.name or ""),
-                    base_dir=directory,
-                )
-            else:
-                continue
-            swapped.append((value, tensor))
-            value.const_value = ref
+    memory = DataFile(directory / "weights.data")
+
+    def referenced_here(value: ir.Value, tensor: ir.TensorProtocol) -> ir.TensorProtocol | None:
+        if not isinstance(tensor, ir.ExternalTensor):
+            return memory.append(name_of(value), tensor) if tensor.nbytes >= STUB_MIN_BYTES else None
+        source = Path(tensor.path).resolve()
+        if source not in links:
+            links[source] = f"linked{len(links)}.data"
+            _link_or_copy(source, directory / links[source])
+        shape = ir.Shape(tensor.shape.numpy())
+        return ir.ExternalTensor(
+            links[source],
+            tensor.offset,
+            tensor.length,
+            tensor.dtype,
+            shape=shape,
+            name=name_of(value),
+            base_dir=directory,
+        )
+
+    with _tensors_replaced(model, referenced_here):
         path = directory / "model.onnx"
         path.write_bytes(ir.serde.serialize_model(model).SerializeToString())
-        return path
-    finally:
-        for value, tensor in swapped:
-            value.const_value = tensor
+    return path
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -12,16 +12,15 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from optimizer_cli.analysis.graph import name_of
-from optimizer_cli.model_io import EXTERNAL_DATA_THRESHOLD_BYTES, weights_nbytes
+from optimizer_cli.model_io import EXTERNAL_DATA_THRESHOLD_BYTES, DataFile, weights_nbytes
 from optimizer_cli.passes._tools import write_for_tool
 
 # Metadata a structured prune leaves on a pruned layer's output: which of the original channels it kept
 # (reconstruct refits those rows against the original model).
 KEPT_CHANNELS_META = "optimizer_cli.kept_channels"
 # Large models: new weights of this size or more go to a scratch data file (WeightStore), smaller ones
-# (scales, zero points, biases) stay in memory. Offsets are aligned so onnxruntime can memory-map them.
+# (scales, zero points, biases) stay in memory.
 STORE_MIN_BYTES = 1 << 20
-ALIGNMENT = 1 << 16
 META_KEY = "optimizer_cli.weight_stores"
 
 
@@ -33,28 +32,12 @@ class WeightStore:
 
     def __init__(self, owner: ir.Model | ir.Graph) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="optimize-weights-")
-        self.path = Path(self._dir.name) / f"{uuid.uuid4().hex}.data"
-        self._size = 0
+        self._file = DataFile(Path(self._dir.name) / f"{uuid.uuid4().hex}.data")
         owner.meta[META_KEY] = [*(owner.meta.get(META_KEY) or []), self]
 
     def put(self, name: str, array: np.ndarray) -> ir.TensorProtocol:
-        array = np.ascontiguousarray(array)
-        if array.nbytes < STORE_MIN_BYTES:
-            return ir.tensor(array, name=name)
-        offset = -(-self._size // ALIGNMENT) * ALIGNMENT
-        with open(self.path, "ab") as fh:
-            fh.write(b"\0" * (offset - self._size))
-            array.tofile(fh)
-        self._size = offset + array.nbytes
-        return ir.ExternalTensor(
-            self.path.name,
-            offset,
-            array.nbytes,
-            ir.DataType.from_numpy(array.dtype),
-            shape=ir.Shape(array.shape),
-            name=name,
-            base_dir=self.path.parent,
-        )
+        tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+        return tensor if tensor.nbytes < STORE_MIN_BYTES else self._file.append(name, tensor)
 
 
 def weight_tensor(graph: ir.Graph, name: str, array: np.ndarray, like: ir.TensorProtocol | None) -> ir.TensorProtocol:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -118,16 +117,14 @@ def quantize_columns(
     return out, scale, zero_point
 
 
-@dataclass
-class _Quantized:
-    values: tuple[ir.Value, ir.Value, ir.Value]  # integers, scale, zero point
+_Quantized = tuple[ir.Value, ir.Value, ir.Value]  # integers, scale, zero point
 
 
 class _DynamicRewriter:
     """The rewrite of quantize_dynamic (MatMulConstBOnly), one weight at a time."""
 
-    def __init__(self, model: ir.Model, store: WeightStore, qtype: int, per_channel: bool, reduce_range: bool):
-        self.model, self.graph, self.store = model, model.graph, store
+    def __init__(self, graph: ir.Graph, store: WeightStore, qtype: int, per_channel: bool, reduce_range: bool):
+        self.graph, self.store = graph, store
         self.qtype, self.per_channel, self.reduce_range = qtype, per_channel, reduce_range
         self._weights: dict[str, _Quantized] = {}
         self._activations: dict[str, tuple[ir.Value, ir.Value, ir.Value]] = {}
@@ -142,18 +139,14 @@ class _DynamicRewriter:
             ints, scale, zp = quantize_columns(matrix, qtype, symmetric, self.reduce_range and per_channel, per_channel)
             del array, matrix
             shape = () if not per_channel else (tensor.shape[-1],)
-            self._weights[name] = _Quantized(
-                (
-                    _register(
-                        self.graph,
-                        f"{name}_quantized",
-                        self.store.put(f"{name}_quantized", ints.reshape(tensor.shape.numpy())),
-                    ),
-                    _register(self.graph, f"{name}_scale", ir.tensor(scale.reshape(shape), name=f"{name}_scale")),
-                    _register(
-                        self.graph, f"{name}_zero_point", ir.tensor(zp.reshape(shape), name=f"{name}_zero_point")
-                    ),
-                )
+            self._weights[name] = (
+                _register(
+                    self.graph,
+                    f"{name}_quantized",
+                    self.store.put(f"{name}_quantized", ints.reshape(tensor.shape.numpy())),
+                ),
+                _register(self.graph, f"{name}_scale", ir.tensor(scale.reshape(shape), name=f"{name}_scale")),
+                _register(self.graph, f"{name}_zero_point", ir.tensor(zp.reshape(shape), name=f"{name}_zero_point")),
             )
         return self._weights[name]
 
@@ -171,7 +164,7 @@ class _DynamicRewriter:
         a, b = node.inputs[0], node.inputs[1]
         assert a is not None and b is not None
         qa, a_scale, a_zp = self.activation(a, node)
-        qb, b_scale, b_zp = self.weight(b, self.per_channel, self.qtype, self.qtype == onnx.TensorProto.INT8).values
+        qb, b_scale, b_zp = self.weight(b, self.per_channel, self.qtype, self.qtype == onnx.TensorProto.INT8)
         out = node.outputs[0]
         scales = ir.node("Mul", [a_scale, b_scale], name=f"{node.name}_quant_scales_mul")
         scales.outputs[0].name = f"{node.name}_quant_scales_mul:0"
@@ -189,7 +182,7 @@ class _DynamicRewriter:
         """Gather of a float table -> Gather of uint8 (per tensor, asymmetric, like an activation) + DequantizeLinear."""
         data = node.inputs[0]
         assert data is not None
-        qdata, scale, zp = self.weight(data, False, onnx.TensorProto.UINT8, False).values
+        qdata, scale, zp = self.weight(data, False, onnx.TensorProto.UINT8, False)
         out = node.outputs[0]
         gather = ir.node("Gather", [qdata, node.inputs[1]], dict(node.attributes), name=node.name)
         gather.outputs[0].name = f"{out.name}_quantized"
@@ -217,7 +210,7 @@ def quantize_dynamic_per_tensor(
     """quantize_dynamic's rewrite of MatMul (constant 2-D weight) and Gather (constant table); returns the
     op types rewritten. Other op types in `op_types` are left in float (listed by `unsupported_ops`)."""
     qtype = onnx.TensorProto.INT8 if weight_type == "int8" else onnx.TensorProto.UINT8
-    rewriter = _DynamicRewriter(model, WeightStore(model), qtype, per_channel, reduce_range)
+    rewriter = _DynamicRewriter(model.graph, WeightStore(model), qtype, per_channel, reduce_range)
     targets = [n for n in model.graph if _dynamic_target(n, op_types, exclude)]
     done: Counter[str] = Counter()
     for i, node in enumerate(targets):

@@ -193,10 +193,10 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
         unknown = set(cfg.exclude_nodes) - {n.name for n in model.graph}
         if unknown:
             raise UserInputError(f"quantize: exclude_nodes not in the model: {', '.join(sorted(unknown))}")
+        self.stats["excluded_nodes"] = len(exclude)
         if cfg.mode != "static" and (cfg.per_tensor is True or (cfg.per_tensor == "auto" and is_large(model))):
             self._per_tensor(model, cfg, exclude)
-            return self._finish(model, before, modified_by=0)
-        self.stats["excluded_nodes"] = len(exclude)
+            return self._finish(model, before)
         with (
             tempfile.TemporaryDirectory(prefix="optimize-quant-", dir=self.ctx.tmp_dir) as tmp,
             tool_working_directory(Path(tmp)) as tmp_dir,
@@ -226,19 +226,16 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
                 # ORT rewrites even when it quantizes nothing (e.g. Gemm -> transposed MatMul + Add in If
                 # branches it then does not enter): keep the model as it was.
                 self.stats["nothing_quantized"] = "no op was quantized: the model is left as it was"
-        return self._finish(model, before, modified_by=flattened)
+        return self._finish(model, before, changed=flattened > 0)
 
-    def _finish(self, model: ir.Model, before: Counter[str], modified_by: int) -> ir.passes.PassResult:
+    def _finish(self, model: ir.Model, before: Counter[str], changed: bool = False) -> ir.passes.PassResult:
+        """Stats of what the model now holds; modified when its op counts moved or `changed` says so."""
         cfg = self.config
         after = op_counts(model)
-        self.stats |= {
-            "mode": cfg.mode,
-            "quant_ops": {op: after[op] for op in sorted(QUANT_OPS) if after.get(op)},
-            "excluded_nodes": self.stats.get("excluded_nodes", 0),
-        }
+        self.stats |= {"mode": cfg.mode, "quant_ops": {op: after[op] for op in sorted(QUANT_OPS) if after.get(op)}}
         if cfg.mode == "fp16":
             self.stats["casts_added"] = after.get("Cast", 0) - before.get("Cast", 0)
-        return ir.passes.PassResult(model, after != before or modified_by > 0)
+        return ir.passes.PassResult(model, after != before or changed)
 
     def _per_tensor(self, model: ir.Model, cfg: QuantizeConfig, exclude: set[str]) -> None:
         """The bounded-memory rewrite (passes/_per_tensor.py), in onnxruntime's operator formats."""
@@ -246,7 +243,6 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
 
         progress = self.ctx.progress
         self.stats["engine"] = "per tensor (bounded memory)"
-        self.stats["excluded_nodes"] = len(exclude)
         if cfg.mode == "dynamic":
             op_types = set(cfg.op_types or DYNAMIC_DEFAULT_OPS)
             left = per_tensor.unsupported_ops(model, op_types)
