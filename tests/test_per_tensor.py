@@ -256,3 +256,31 @@ def test_progress_names_every_weight(decoder_path: Path, tmp_path: Path) -> None
     QuantizePass(QuantizeConfig(mode="weight_only", per_tensor=True), ctx)(ir.load(decoder_path))
     assert len(lines) == 2 * 6 + 1
     assert lines[0] == "quantize: weight 1 of 13 (layers.0.attn.q.weight)" and lines[-1].endswith("(lm_head.weight)")
+
+
+@pytest.mark.parametrize("opset", [10, 12])
+def test_dynamic_per_tensor_keeps_the_opset_and_refuses_below_11(tmp_path: Path, opset: int) -> None:
+    """Per-channel MatMulInteger needs no newer opset (raising it without converting other ops would break
+    them); DynamicQuantizeLinear needs 11, so an opset-10 model is left unchanged, with the reason."""
+    weight = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 32])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 16])],
+        [onnx.numpy_helper.from_array(weight, "w")],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=7)
+    model = ir.serde.deserialize_model(proto)
+    instance = QuantizePass(QuantizeConfig(mode="dynamic", per_tensor=True), context(tmp_path))
+    result = instance(model)
+    assert model.opset_imports[""] == opset
+    if opset < 11:
+        assert not result.modified and "opset >= 11" in instance.stats["skipped"]
+        return
+    assert result.modified
+    quantized = ir.serde.serialize_model(model)
+    onnx.checker.check_model(quantized)
+    x = np.random.default_rng(1).standard_normal((2, 32)).astype(np.float32)
+    y = ort.InferenceSession(quantized.SerializeToString()).run(None, {"x": x})[0]
+    assert np.allclose(y, x @ weight, atol=0.05 * np.abs(x @ weight).max())

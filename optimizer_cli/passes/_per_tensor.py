@@ -59,7 +59,11 @@ def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
         graph.initializers.pop(name_of(value))
 
 
-def _opset(model: ir.Model) -> int:
+# DynamicQuantizeLinear's first version (MatMulInteger's is 10); per-column zero points need nothing newer.
+DYNAMIC_MIN_OPSET = 11
+
+
+def opset(model: ir.Model) -> int:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
 
 
@@ -218,8 +222,6 @@ def quantize_dynamic_per_tensor(
             progress(f"quantize: weight {i + 1} of {len(targets)} ({node.name})")
         (rewriter.matmul if node.op_type == "MatMul" else rewriter.gather)(node)
         done[node.op_type] += 1
-    if done and per_channel and _opset(model) < 13:
-        model.opset_imports[""] = 13  # per-channel DequantizeLinear axis; the ops used exist unchanged at 13
     return done
 
 

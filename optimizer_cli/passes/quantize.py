@@ -195,6 +195,13 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
             raise UserInputError(f"quantize: exclude_nodes not in the model: {', '.join(sorted(unknown))}")
         self.stats["excluded_nodes"] = len(exclude)
         if cfg.mode != "static" and (cfg.per_tensor is True or (cfg.per_tensor == "auto" and is_large(model))):
+            from optimizer_cli.passes import _per_tensor as per_tensor
+
+            if cfg.mode == "dynamic" and per_tensor.opset(model) < per_tensor.DYNAMIC_MIN_OPSET:
+                reason = (
+                    f"per-tensor dynamic int8 needs opset >= {per_tensor.DYNAMIC_MIN_OPSET} (DynamicQuantizeLinear)"
+                )
+                return self.refuse(model, f"{reason}; this model is opset {per_tensor.opset(model)}")
             self._per_tensor(model, cfg, exclude)
             return self._finish(model, before)
         with (
