@@ -187,9 +187,9 @@ class StageVerifier:
     the float simulation (u8*s8 saturation on CPUs without VNNI): the worse drift counts, and below
     `min_cosine` the run stops. A stage that makes a finite output NaN/Inf stops the run either way.
 
-    One session exists at a time. On a model whose weights exceed 1.8 GB (originally or now) an approximate stage is run only
-    as deployed (optimizations on): run as written, onnxruntime keeps a float16 model's weights in both
-    precisions on CPU (1.5x the model), and the deployed run is the one users get.
+    One session exists at a time. On a model whose weights exceed 1.8 GB (originally or now) an approximate
+    stage is run only as deployed (optimizations on): run as written, onnxruntime keeps a float16 model's
+    weights in both precisions on CPU (1.5x the model), and the deployed run is the one users get.
     """
 
     def __init__(
