@@ -114,6 +114,17 @@ def compare_arrays(name: str, ref: np.ndarray, new: np.ndarray) -> Drift:
     return Drift(name, max_abs, rel_l2, cosine, top1, new_nonfinite)
 
 
+def min_mean_cosine(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> float:
+    """The worst output's mean cosine over samples (float outputs only)."""
+    per_output: list[list[float]] = [[] for _ in reference[0]] if reference else []
+    for ref, new in zip(reference, outputs, strict=True):
+        for i, (r, n) in enumerate(zip(ref, new, strict=True)):
+            if np.issubdtype(r.dtype, np.floating):
+                per_output[i].append(compare_arrays(str(i), r, n).cosine)
+    means = [float(np.mean(c)) for c in per_output if c]
+    return min(means) if means else 1.0
+
+
 def aggregate(drifts: list[list[Drift]]) -> list[Drift]:
     """Worst case over samples for each output (max error, min cosine, mean top-1 agreement)."""
     if not drifts:

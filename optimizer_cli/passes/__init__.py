@@ -2,6 +2,8 @@
 
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, PassContext, RunInputs
 from optimizer_cli.passes.cleanup import CleanupPass
+from optimizer_cli.passes.distill import DistillPass
+from optimizer_cli.passes.drop_layers import DropLayersPass
 from optimizer_cli.passes.factorize import FactorizePass
 from optimizer_cli.passes.fuse import FusePass
 from optimizer_cli.passes.prune import PrunePass
@@ -16,6 +18,8 @@ PASSES: tuple[type[OptimizationPass], ...] = (
     PrunePass,
     FactorizePass,
     ReconstructPass,
+    DropLayersPass,
+    DistillPass,
     QuantizePass,
 )
 PASS_REGISTRY: dict[str, type[OptimizationPass]] = {cls.name: cls for cls in PASSES}
