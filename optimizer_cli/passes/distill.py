@@ -37,6 +37,9 @@ class DistillConfig(PassConfig):
     time_budget_s: float | None = Field(None, gt=0, description="Stop training after this many seconds.")
     learning_rate: float = Field(1e-4, ge=0, description="Adam's learning rate (0 leaves every weight unchanged).")
     batch_size: int = Field(8, ge=1, description="Samples per step.")
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="Learning rate over the steps: cosine decay to zero, or constant."
+    )
     loss: Literal["mse", "cosine", "kl"] = Field(
         "mse", description="mse: relative to the teacher's mean square; cosine: 1 - cosine per sample; kl: on logits."
     )
@@ -65,9 +68,7 @@ class DistillPass(OptimizationPass[DistillConfig]):
         problems = super().requirement_problems(config, inputs)
         missing = bridge.missing_packages()
         if missing:
-            problems.append(
-                f"distill needs {' and '.join(missing)}: pip install -e \".[distill]\" (the optional extra)"
-            )
+            problems.append(f'distill needs {" and ".join(missing)}: pip install -e ".[distill]" (the optional extra)')
         if config.train_data is not None:
             problem = data_problem(config.train_data)
             if problem:
@@ -77,7 +78,9 @@ class DistillPass(OptimizationPass[DistillConfig]):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.config
         if is_large(model):
-            return self.refuse(model, "the model's weights are over 1.8 GB: fine-tuning them on this CPU is not offered")
+            return self.refuse(
+                model, "the model's weights are over 1.8 GB: fine-tuning them on this CPU is not offered"
+            )
         if self.ctx.load_original is None:
             raise UserInputError("distill needs the original model (run it through the pipeline)")
         lift_constants(model)  # weights held in Constant nodes become initializers that can be trained
@@ -132,7 +135,9 @@ class DistillPass(OptimizationPass[DistillConfig]):
             return floats
         unknown = [n for n in self.config.outputs if n not in floats]
         if unknown:
-            raise UserInputError(f"distill.outputs: {', '.join(unknown)} not among the float outputs ({', '.join(floats)})")
+            raise UserInputError(
+                f"distill.outputs: {', '.join(unknown)} not among the float outputs ({', '.join(floats)})"
+            )
         return list(self.config.outputs)
 
     def _train(
@@ -152,8 +157,10 @@ class DistillPass(OptimizationPass[DistillConfig]):
         names = [v.name for v in model.graph.inputs]
         batches = _batches(model, feeds, targets, names, cfg.batch_size, np.random.default_rng(cfg.seed))
         optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
-        start, losses, step = time.perf_counter(), [], 0
-        while step < cfg.steps and batches:
+        decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.steps))
+        start, step = time.perf_counter(), 0
+        losses: list[float] = []
+        while step < cfg.steps:
             for chunks in batches():
                 if step >= cfg.steps or (cfg.time_budget_s and time.perf_counter() - start > cfg.time_budget_s):
                     return losses, time.perf_counter() - start, step
@@ -166,6 +173,8 @@ class DistillPass(OptimizationPass[DistillConfig]):
                     (loss / len(chunks)).backward()
                     total += float(loss.detach()) / len(chunks)
                 optimizer.step()
+                if cfg.schedule == "cosine":
+                    decay.step()
                 losses.append(total)
                 step += 1
                 if self.ctx.progress and step % 10 == 0:

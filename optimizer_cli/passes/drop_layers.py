@@ -40,9 +40,14 @@ _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataTy
 class DropLayersConfig(PassConfig):
     type: Literal["drop_layers"] = "drop_layers"
     min_cosine: float = Field(
-        0.99, ge=-1, le=1, description="Drop blocks while every output's mean cosine vs the input model stays this high."
+        0.99,
+        ge=-1,
+        le=1,
+        description="Drop blocks while every output's mean cosine vs the input model stays this high.",
     )
-    count: int | None = Field(None, ge=0, description="Drop at most this many blocks (None: as many as min_cosine allows).")
+    count: int | None = Field(
+        None, ge=0, description="Drop at most this many blocks (None: as many as min_cosine allows)."
+    )
     blocks: list[str] = Field(
         [], description="Drop exactly these blocks, named by their residual Add node (overrides the measured choice)."
     )
@@ -147,11 +152,13 @@ class _Gates:
     def __init__(self, model: ir.Model, blocks: list[Block]) -> None:
         self.model, self.blocks = model, blocks
         self.names: list[str] = []
-        self._dtypes = [b.branch.dtype.numpy() for b in blocks]  # type: ignore[union-attr]
+        # find_blocks kept only float Adds, so the output's dtype is known (the branch's may not be).
+        dtypes = [b.add.outputs[0].dtype or ir.DataType.FLOAT for b in blocks]
+        self._dtypes = [d.numpy() for d in dtypes]
         self._muls: list[ir.Node] = []
         for k, block in enumerate(blocks):
             branch = block.branch
-            gate = ir.Value(name=f"optimize_drop_gate_{k}", shape=ir.Shape([]), type=ir.TensorType(branch.dtype))
+            gate = ir.Value(name=f"optimize_drop_gate_{k}", shape=ir.Shape([]), type=ir.TensorType(dtypes[k]))
             mul = ir.node("Mul", [branch, gate], name=f"optimize_drop_gate_mul_{k}")
             model.graph.inputs.append(gate)
             model.graph.insert_before(block.add, mul)

@@ -76,6 +76,9 @@ def recipe_for(params: dict[str, Any], ctx: RecipeContext, name: str = "tuned") 
         fuse["transformer"] = "bert"
     if params.get("trim_padding"):
         passes.append({"type": "trim_padding"})
+    drop = params.get("drop_layers") or 0.0
+    if drop:
+        passes.append({"type": "drop_layers", "min_cosine": drop})
     sparsity = params.get("prune_sparsity") or 0.0
     if sparsity:
         # Pruning before fusion: structured groups are read on the plain graph (as transformer-prune-int8 does).
@@ -83,6 +86,8 @@ def recipe_for(params: dict[str, Any], ctx: RecipeContext, name: str = "tuned") 
     energy = params.get("factorize_energy")
     if energy:
         passes += [{"type": "factorize", "energy": energy}, {"type": "reconstruct"}]
+    if params.get("distill"):
+        passes.append({"type": "distill"})
     passes.append(fuse)
     if params.get("quantize", "none") != "none":
         passes.append(_quantize_pass(params, ctx))
@@ -110,10 +115,14 @@ def summary(params: dict[str, Any]) -> str:
     parts = []
     if params.get("trim_padding"):
         parts.append("trim_padding")
+    if params.get("drop_layers"):
+        parts.append(f"drop blocks (cosine >= {params['drop_layers']:g})")
     if params.get("prune_sparsity"):
         parts.append(f"prune {params['prune_sparsity']:g}")
     if params.get("factorize_energy"):
         parts.append(f"factorize {params['factorize_energy']:g}")
+    if params.get("distill"):
+        parts.append("distill")
     if params.get("fuse_transformer"):
         parts.append("bert fusions")
     mode = params.get("quantize", "none")

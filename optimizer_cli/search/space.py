@@ -59,6 +59,7 @@ class ModelTraits:
     gpu: bool
     saturating_cpu: bool  # reduce_range=auto already means 7-bit weights here
     notes: list[str] = field(default_factory=list)
+    residual_blocks: int = 0  # identity-shortcut blocks drop_layers could remove
 
     @property
     def has_dynamic_targets(self) -> bool:
@@ -116,6 +117,14 @@ def _prunable_groups(model: ir.Model) -> int:
         return 0
 
 
+def _residual_blocks(model: ir.Model) -> int:
+    from optimizer_cli.passes._graph import infer_shapes
+    from optimizer_cli.passes.drop_layers import find_blocks
+
+    infer_shapes(model)  # blocks are matched on shapes (the residual Add must not broadcast)
+    return len(find_blocks(model))
+
+
 def _mask_input(model: ir.Model) -> str | None:
     from optimizer_cli.passes.trim_padding import find_mask_input
 
@@ -141,6 +150,7 @@ def model_traits(
         mixed_calibration_shapes=mixed_calibration_shapes,
         gpu=gpu,
         saturating_cpu=saturating_cpu,
+        residual_blocks=_residual_blocks(model),
     )
 
 
@@ -203,6 +213,14 @@ def default_space(t: ModelTraits) -> list[Dimension]:
         dims.append(
             Dimension("factorize_energy", (0.0, 0.99, 0.95, 0.9), "low-rank factorization + reconstruct (0: none)")
         )
+    if t.residual_blocks >= 2 and t.has_calibration:
+        dims.append(
+            Dimension(
+                "drop_layers",
+                (0.0, 0.99, 0.97, 0.95),
+                "drop residual blocks, cheapest first, while the calibration cosine stays >= this (0: none)",
+            )
+        )
     if t.mask_input is not None:
         dims.append(Dimension("trim_padding", (False, True), "slice padded sequences to their last real token"))
     if t.transformer:
@@ -217,6 +235,10 @@ EXTRA_DIMENSIONS = {
     # Parallel mode adds an inter-op pool beside the intra-op one: on few cores it oversubscribes them, and its
     # spinning threads disturb whatever is timed next (measured: final-timing intervals 5x wider).
     "execution_mode": Dimension("execution_mode", ("sequential", "parallel"), "onnxruntime execution mode"),
+    # Fine-tuning costs minutes per trial on a CPU: searched only where a space file asks for it.
+    "distill": Dimension(
+        "distill", (False, True), "fine-tune the compressed model toward the original (the distill extra)"
+    ),
 }
 
 
@@ -247,6 +269,13 @@ def limit_space(dims: list[Dimension], spec: dict[str, Any], source: str | Path)
             raise UserInputError(
                 f"space: {name}={refused[0]!r} is not searchable on this model (allowed: {allowed})", source
             )
+        if name == "distill" and True in choices:
+            from optimizer_cli.passes._onnx_torch import missing_packages
+
+            if missing_packages():
+                raise UserInputError(
+                    f"space: distill needs {' and '.join(missing_packages())}: pip install -e \".[distill]\"", source
+                )
         limited = Dimension(name, choices, known.help, known.when)
         out = [limited if d.name == name else d for d in out] if name in by_name else [*out, limited]
     return out
