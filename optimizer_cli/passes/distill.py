@@ -50,7 +50,7 @@ class DistillConfig(PassConfig):
     )
     holdout: float = Field(0.2, gt=0, lt=1, description="Share of the samples never trained on; they decide.")
     samples: int | None = Field(None, ge=2, description="Use at most this many samples (None: all).")
-    seed: int = Field(0, description="Seeds the batch order.")
+    seed: int = Field(0, ge=0, description="Seeds the batch order.")
 
 
 class DistillPass(OptimizationPass[DistillConfig]):
