@@ -276,7 +276,7 @@ def docstring_sentences_dataset(path: Path, seq: int = 128, n: int = 2000, seed:
     ids = np.zeros((n, 1, seq), np.int64)
     mask = np.zeros((n, 1, seq), np.int64)
     for i in range(n):
-        chunk = " ".join(sents[(3 * i) % len(sents) : (3 * i) % len(sents) + 1 + i % 4])
+        chunk = " ".join(sents[(3 * i) % len(sents) : (3 * i) % len(sents) + 1 + i % 10])  # up to full windows
         row = [tok.vocab["[CLS]"], *tok.tokens(chunk)[: seq - 2], tok.vocab["[SEP]"]]
         ids[i, 0, : len(row)] = row
         mask[i, 0, : len(row)] = 1

@@ -7,6 +7,7 @@ from optimizer_cli.passes.drop_layers import DropLayersPass
 from optimizer_cli.passes.factorize import FactorizePass
 from optimizer_cli.passes.fuse import FusePass
 from optimizer_cli.passes.prune import PrunePass
+from optimizer_cli.passes.prune_heads import PruneHeadsPass
 from optimizer_cli.passes.quantize import QuantizePass
 from optimizer_cli.passes.reconstruct import ReconstructPass
 from optimizer_cli.passes.trim_padding import TrimPaddingPass
@@ -16,6 +17,7 @@ PASSES: tuple[type[OptimizationPass], ...] = (
     FusePass,
     TrimPaddingPass,
     PrunePass,
+    PruneHeadsPass,
     FactorizePass,
     ReconstructPass,
     DropLayersPass,

@@ -274,7 +274,7 @@ def limit_space(dims: list[Dimension], spec: dict[str, Any], source: str | Path)
 
             if missing_packages():
                 raise UserInputError(
-                    f"space: distill needs {' and '.join(missing_packages())}: pip install -e \".[distill]\"", source
+                    f'space: distill needs {" and ".join(missing_packages())}: pip install -e ".[distill]"', source
                 )
         limited = Dimension(name, choices, known.help, known.when)
         out = [limited if d.name == name else d for d in out] if name in by_name else [*out, limited]
