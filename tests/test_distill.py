@@ -112,3 +112,16 @@ def test_missing_torch_is_a_requirement_problem(monkeypatch):
     assert problems == ['distill needs onnx2torch: pip install -e ".[distill]" (the optional extra)']
     problems = DistillPass.requirement_problems(DistillConfig(train_data="nowhere.npz"), RunInputs())
     assert "distill.train_data: data not found: nowhere.npz" in problems
+
+
+def test_the_best_held_out_checkpoint_is_kept(tmp_path):
+    """A learning rate that wrecks the weights: the step-0 weights had the best held-out fidelity and come back."""
+    model = B.resnet_like()
+    feeds = [B.random_feed(model, seed=i, batch=2) for i in range(10)]
+    m, ctx = _pruned(tmp_path, model, feeds)
+    before = {k: v.const_value.numpy().copy() for k, v in m.graph.initializers.items()}
+    p = DistillPass(DistillConfig(steps=12, learning_rate=50.0, eval_every=4, schedule="constant"), ctx)
+    assert not p(m).modified
+    assert p.stats["checkpoint"] == "step 0 (best held-out)"
+    for name, value in m.graph.initializers.items():
+        np.testing.assert_array_equal(value.const_value.numpy(), before[name])

@@ -15,6 +15,7 @@ scales or embedding tables; graph structure and shapes are unchanged (lr 0 is ex
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -51,6 +52,9 @@ class DistillConfig(PassConfig):
     holdout: float = Field(0.2, gt=0, lt=1, description="Share of the samples never trained on; they decide.")
     samples: int | None = Field(None, ge=2, description="Use at most this many samples (None: all).")
     seed: int = Field(0, ge=0, description="Seeds the batch order.")
+    eval_every: int = Field(
+        100, ge=0, description="Measure held-out fidelity every this many steps and keep the best weights (0: never)."
+    )
 
 
 class DistillPass(OptimizationPass[DistillConfig]):
@@ -100,7 +104,7 @@ class DistillPass(OptimizationPass[DistillConfig]):
             return self.refuse(model, "no float weight of this model maps to a trainable torch tensor")
         module, params = bridge.trainable_module(model, binds)
         index = [output_names(model).index(n) for n in outputs]
-        losses, seconds, steps = self._train(module, params, model, train, targets, index)
+        run = self._train(module, params, model, (train, targets), (hold, held_targets), index)
         previous = bridge.write_weights(model, bridge.module_weights(module, binds))
         after = min_mean_cosine(held_targets, run_model(model, hold, session, outputs))
         kept = after > before
@@ -110,9 +114,10 @@ class DistillPass(OptimizationPass[DistillConfig]):
             {
                 "trained_tensors": f"{len(binds)} of {len(bridge.trainable_initializers(model))}",
                 "samples": f"{len(train)} trained, {len(hold)} held out",
-                "steps": steps,
-                "train_seconds": round(seconds, 1),
-                "loss": f"{losses[0]:.4g} -> {losses[-1]:.4g}" if losses else "-",
+                "steps": run.steps,
+                "train_seconds": round(run.seconds, 1),
+                "loss": f"{run.losses[0]:.4g} -> {run.losses[-1]:.4g}" if run.losses else "-",
+                "checkpoint": f"step {run.best_step} (best held-out)" if run.best_step is not None else "last step",
                 "heldout_cosine": f"{before:.5f} -> {after:.5f}",
                 "kept": "yes" if kept else "no (held-out fidelity did not rise)",
             }
@@ -145,41 +150,111 @@ class DistillPass(OptimizationPass[DistillConfig]):
         module: Any,
         params: list[Any],
         model: ir.Model,
-        feeds: list[dict[str, np.ndarray]],
-        targets: list[list[np.ndarray]],
+        train: tuple[list[dict[str, np.ndarray]], list[list[np.ndarray]]],
+        hold: tuple[list[dict[str, np.ndarray]], list[list[np.ndarray]]],
         index: list[int],
-    ) -> tuple[list[float], float, int]:
+    ) -> _Run:
         import torch
 
         cfg = self.config
         torch.manual_seed(cfg.seed)
         torch.set_num_threads(self.ctx.threads)
         names = [v.name for v in model.graph.inputs]
-        batches = _batches(model, feeds, targets, names, cfg.batch_size, np.random.default_rng(cfg.seed))
+        batches = _batches(model, *train, names, cfg.batch_size, np.random.default_rng(cfg.seed))
+        held = _batches(model, *hold, names, cfg.batch_size, None)()
         optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
         decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.steps))
-        start, step = time.perf_counter(), 0
-        losses: list[float] = []
-        while step < cfg.steps:
+        run = _Run(start=time.perf_counter())
+        checkpoint = _Checkpoint(params, _held_out_cosine(module, held, index) if cfg.eval_every else None)
+        while run.steps < cfg.steps and not run.out_of_time(cfg.time_budget_s):
             for chunks in batches():
-                if step >= cfg.steps or (cfg.time_budget_s and time.perf_counter() - start > cfg.time_budget_s):
-                    return losses, time.perf_counter() - start, step
+                if run.steps >= cfg.steps or run.out_of_time(cfg.time_budget_s):
+                    break
                 optimizer.zero_grad()
                 total = 0.0
                 for inputs, wanted in chunks:
-                    out = module(*[torch.from_numpy(a) for a in inputs])
-                    out = out if isinstance(out, (tuple, list)) else (out,)
+                    out = _forward(module, inputs)
                     loss = sum(_loss(cfg, out[i], torch.from_numpy(t)) for i, t in zip(index, wanted, strict=True))
                     (loss / len(chunks)).backward()
                     total += float(loss.detach()) / len(chunks)
                 optimizer.step()
                 if cfg.schedule == "cosine":
                     decay.step()
-                losses.append(total)
-                step += 1
-                if self.ctx.progress and step % 10 == 0:
-                    self.ctx.progress(f"distill: step {step} of {cfg.steps}, loss {total:.4g}")
-        return losses, time.perf_counter() - start, step
+                run.losses.append(total)
+                run.steps += 1
+                if cfg.eval_every and run.steps % cfg.eval_every == 0:
+                    checkpoint.offer(run.steps, _held_out_cosine(module, held, index))
+                if self.ctx.progress and run.steps % 10 == 0:
+                    self.ctx.progress(
+                        f"distill: step {run.steps} of {cfg.steps}, loss {total:.4g}"
+                        + (f", held-out cosine {checkpoint.last:.4f}" if checkpoint.last is not None else "")
+                    )
+        if cfg.eval_every and run.steps % cfg.eval_every:
+            checkpoint.offer(run.steps, _held_out_cosine(module, held, index))
+        run.seconds = time.perf_counter() - run.start
+        run.best_step = checkpoint.restore()
+        return run
+
+
+class _Checkpoint:
+    """The weights at the step whose held-out cosine (in torch) was best, step 0 included."""
+
+    def __init__(self, params: list[Any], cosine: float | None) -> None:
+        self.params, self.best, self.last, self.step = params, cosine, cosine, 0
+        self.saved = [p.detach().clone() for p in params]
+
+    def offer(self, step: int, cosine: float) -> None:
+        self.last = cosine
+        if self.best is None or cosine > self.best:
+            self.best, self.step = cosine, step
+            self.saved = [p.detach().clone() for p in self.params]
+
+    def restore(self) -> int | None:
+        if self.best is None:
+            return None  # no held-out evaluation during training: the last weights stand
+        import torch
+
+        with torch.no_grad():
+            for p, saved in zip(self.params, self.saved, strict=True):
+                p.copy_(saved)
+        return self.step
+
+
+@dataclass
+class _Run:
+    start: float
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    best_step: int | None = None
+
+    def out_of_time(self, budget: float | None) -> bool:
+        return budget is not None and time.perf_counter() - self.start > budget
+
+
+def _forward(module: Any, inputs: list[np.ndarray]) -> tuple[Any, ...]:
+    import torch
+
+    out = module(*[torch.from_numpy(a) for a in inputs])
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _held_out_cosine(
+    module: Any, chunks: list[list[tuple[list[np.ndarray], list[np.ndarray]]]], index: list[int]
+) -> float:
+    """Every matched output's mean cosine over the held-out rows, the worst output's (for checkpoints)."""
+    import torch
+
+    per_output: list[list[float]] = [[] for _ in index]
+    with torch.no_grad():
+        for step in chunks:
+            for inputs, wanted in step:
+                out = _forward(module, inputs)
+                for j, (i, t) in enumerate(zip(index, wanted, strict=True)):
+                    rows = out[i].shape[0] if out[i].ndim > 1 else 1
+                    s, r = out[i].reshape(rows, -1).double(), torch.from_numpy(t).reshape(rows, -1).double()
+                    per_output[j].extend(torch.nn.functional.cosine_similarity(s, r, dim=1).tolist())
+    return min(float(np.mean(c)) for c in per_output) if per_output and all(per_output) else 1.0
 
 
 def _loss(cfg: DistillConfig, student: Any, teacher: Any) -> Any:
@@ -212,14 +287,14 @@ def _batches(
     targets: list[list[np.ndarray]],
     names: list[str | None],
     batch_size: int,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None,
 ) -> Any:
-    """A callable giving one epoch of steps; a step is chunks of (inputs, targets) whose losses add up:
+    """A callable giving one epoch of steps (shuffled by `rng`; None: in order); a step is chunks of (inputs, targets) whose losses add up:
     one concatenated chunk where samples stack, else one chunk per sample (gradient accumulation)."""
     stack = _stackable(model, feeds)
 
     def epoch() -> list[list[tuple[list[np.ndarray], list[np.ndarray]]]]:
-        order = rng.permutation(len(feeds))
+        order = rng.permutation(len(feeds)) if rng is not None else np.arange(len(feeds))
         steps = []
         for lo in range(0, len(order), batch_size):
             picked = order[lo : lo + batch_size]
