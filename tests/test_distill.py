@@ -125,3 +125,17 @@ def test_the_best_held_out_checkpoint_is_kept(tmp_path):
     assert p.stats["checkpoint"] == "step 0 (best held-out)"
     for name, value in m.graph.initializers.items():
         np.testing.assert_array_equal(value.const_value.numpy(), before[name])
+
+
+def test_an_omitted_trailing_optional_input_converts(tmp_path):
+    """Clip(x, min, "") (max omitted), as mean-pooling exports write it: onnx2torch must not read "" as a name."""
+    b = B.Builder(1)
+    y = b.op("Clip", [b.matmul("x", 8, 4), b.const(np.float32(0.05), "min"), ""])
+    model = b.model([("x", TensorProto.FLOAT, ["batch", 8])], [("y", y)])
+    m = B.to_ir(model)
+    module, params = bridge.trainable_module(m, bridge.bindings(m, bridge.trainable_initializers(m)))
+    assert len(params) == 2  # the MatMul weight and bias
+    import torch
+
+    feed = B.random_feed(model, batch=3)
+    np.testing.assert_allclose(module(torch.from_numpy(feed["x"])).detach().numpy(), B.run(model, feed)[0], atol=1e-6)

@@ -62,6 +62,11 @@ def _convert(proto: onnx.ModelProto) -> Any:
         sys.modules.update({"torchvision": stub, "torchvision.ops": ops})
     from onnx2torch import convert
 
+    for node in proto.graph.node:
+        # An omitted trailing optional input ("", e.g. Clip's max) means the same as no input, and onnx2torch
+        # reads "" as a tensor name.
+        while node.input and node.input[-1] == "":
+            node.input.pop()
     try:
         return convert(proto)
     except UserInputError:
