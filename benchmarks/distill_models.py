@@ -2,8 +2,9 @@
 
     python benchmarks/distill_models.py [--models digits,minilm] [--rounds 10]
 
-For each model, in one run: the distill recipe cut after its prune (same blocks dropped, same channels
-pruned, no fine-tune), the same plus distill, the whole recipe (+ int8), and the shipped int8 recipe.
+For each model, in one run: the distill recipe cut before distill (same blocks dropped, same channels
+pruned, no fine-tune, no int8), the recipe without distill, the whole recipe, and the shipped int8 recipe
+(`--levels` repeats the first three per prune sparsity: the speed/fidelity curve with and without distill).
 Each variant is timed interleaved with fp32 in one session (paired speedup with its 95% interval) and
 its fidelity measured on held-out inputs that neither calibration nor distill training saw. The
 training time is the distill stage's own. Writes benchmarks/results/distill.json and prints a table.
@@ -30,7 +31,7 @@ from optimizer_cli.bench.environment import cpu_label, environment  # noqa: E402
 from optimizer_cli.data import load_dataset  # noqa: E402
 from optimizer_cli.model_io import load_model  # noqa: E402
 from optimizer_cli.pipeline import run_pipeline  # noqa: E402
-from optimizer_cli.recipe import load_recipe  # noqa: E402
+from optimizer_cli.recipe import Recipe, load_recipe  # noqa: E402
 
 
 def digits_training_set() -> Path:
@@ -55,24 +56,27 @@ def minilm_training_set() -> Path:
     return path
 
 
-def variants(recipe: str, train: Path) -> list[tuple[str, object]]:
+def variants(recipe: str, train: Path, level: float | None = None) -> list[tuple[str, Recipe]]:
+    """The recipe cut before distill, the recipe without distill, the whole recipe; `level` sets every
+    prune sparsity (one point of the curve). Distill trains once per level: in the whole recipe."""
     full = load_recipe(ROOT / "recipes" / recipe)
     for p in full.passes:
         if p.type == "distill":
             p.train_data = str(train)  # type: ignore[attr-defined]
-    types = [p.type for p in full.passes]
-    cut = types.index("distill")
+        if level is not None and p.type in ("prune", "prune_heads"):
+            p.sparsity = level  # type: ignore[attr-defined]
+    cut = [p.type for p in full.passes].index("distill")
+    tag = f" (prune {level:g})" if level is not None else ""
 
-    def keep(drop: set[str], upto: int | None = None):
+    def without(upto: int | None, drop: str = "") -> Recipe:
         rec = full.model_copy(deep=True)
-        rec.passes = [p for p in rec.passes[:upto] if p.type not in drop]
+        rec.passes = [p for p in rec.passes[:upto] if p.type != drop]
         return rec
 
     return [
-        ("compressed, no distill", keep(set(), cut)),
-        ("compressed + distill", keep(set(), cut + 1)),
-        (f"{recipe.removesuffix('.yaml')} (whole recipe)", full),
-        ("compressed + int8, no distill", keep({"distill"})),
+        (f"compressed{tag}, no distill, no int8", without(cut)),
+        (f"compressed{tag} + int8, no distill", without(None, "distill")),
+        (f"{recipe.removesuffix('.yaml')}{tag}: + distill + int8", full),
     ]
 
 
@@ -86,7 +90,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="digits,minilm")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument(
+        "--levels", default="", help="prune sparsities for a curve, e.g. 0.25,0.5 (default: the recipe's)"
+    )
     args = parser.parse_args()
+    levels = [float(v) for v in args.levels.split(",") if v] or [None]
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_file = RESULTS / "distill.json"
     results = json.loads(out_file.read_text()) if out_file.exists() else {"models": {}}
@@ -97,10 +105,8 @@ def main() -> None:
         train = training()
         data = load_dataset(evals, load_model(model))
         entry: dict = {"label": label, "cpu": cpu_label(results["environment"]), "variants": {}}
-        runs = [
-            *variants(recipe, train),
-            (f"{int8.removesuffix('.yaml')} (int8 alone)", load_recipe(ROOT / "recipes" / int8)),
-        ]
+        runs = [v for level in levels for v in variants(recipe, train, level)]
+        runs.append((f"{int8.removesuffix('.yaml')} (int8 alone)", load_recipe(ROOT / "recipes" / int8)))
         with tempfile.TemporaryDirectory(prefix="distill-bench-") as tmp:
             for name, rec in runs:
                 out = Path(tmp) / f"{len(entry['variants'])}.onnx"
