@@ -7,8 +7,8 @@ The pattern BERT/ViT-style exports produce (torch.onnx, onnxscript), per attenti
     probs = Softmax(q @ k, scaled and masked by Div/Mul/Add/Sub with other tensors); c = probs @ v
     c -> Transpose (0,2,1,3) -> Reshape [b, s, H*d] -> @ Wo (+ bo)
 Removing head h removes columns h*d..(h+1)*d-1 of Wq, Wk, Wv (and of their biases) and the same rows
-of Wo. The head-split Reshapes then read the shape [0, 0, -1, d] and the merge [0, 0, -1] (0 copies
-the input's dim, -1 is the heads left): for the kept heads this is the original shape math for any batch
+of Wo. The head-split Reshapes then read the shape [0, 0, H', d] and the merge [0, 0, H'*d] (0 copies
+the input's dim, H' is the heads kept): for the kept heads this is the original shape math for any batch
 and sequence length. Removing a head equals zeroing its rows of Wo (the test oracle): no other head
 reads it. Fused `Attention` ops are not matched: prune heads before the `fuse` pass.
 Importance (per attention, needs calibration data): what the head adds to the output projection,
@@ -245,8 +245,11 @@ def _remove_heads(model: ir.Model, att: AttentionHeads, kept: list[int]) -> None
             set_const(p.bias_add, i, np.ascontiguousarray(bias[cols]), model.graph)
     wo = read_weight(att.out.inputs[1].const_value)  # type: ignore[arg-type, union-attr]
     set_const(att.out, 1, np.ascontiguousarray(wo[cols]), model.graph)
-    split = new_initializer(model.graph, "optimize_heads_split_shape", np.array([0, 0, -1, d], np.int64))
+    # Explicit head counts, not -1: onnxruntime's Attention fusion reads the heads from this constant.
+    split_shape = np.array([0, 0, len(kept), d], np.int64)
+    split = new_initializer(model.graph, "optimize_heads_split_shape", split_shape)
     for reshape in att.split_reshapes:
         reshape.replace_input_with(1, split)
-    merge = new_initializer(model.graph, "optimize_heads_merge_shape", np.array([0, 0, -1], np.int64))
+    merge_shape = np.array([0, 0, len(kept) * d], np.int64)
+    merge = new_initializer(model.graph, "optimize_heads_merge_shape", merge_shape)
     att.merge_reshape.replace_input_with(1, merge)
