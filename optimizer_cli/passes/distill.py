@@ -50,7 +50,7 @@ class DistillConfig(PassConfig):
         None, description="Unlabelled training inputs (same formats as --data); default: the calibration data."
     )
     holdout: float = Field(0.2, gt=0, lt=1, description="Share of the samples never trained on; they decide.")
-    samples: int | None = Field(None, ge=2, description="Use at most this many samples (None: all).")
+    samples: int | None = Field(None, ge=2, description="Use at most this many samples (unset: all).")
     seed: int = Field(0, ge=0, description="Seeds the batch order.")
     eval_every: int = Field(
         100, ge=0, description="Measure held-out fidelity every this many steps and keep the best weights (0: never)."

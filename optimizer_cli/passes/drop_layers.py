@@ -46,7 +46,7 @@ class DropLayersConfig(PassConfig):
         description="Drop blocks while every output's mean cosine vs the input model stays this high.",
     )
     count: int | None = Field(
-        None, ge=0, description="Drop at most this many blocks (None: as many as min_cosine allows)."
+        None, ge=0, description="Drop at most this many blocks (unset: as many as min_cosine allows)."
     )
     blocks: list[str] = Field(
         [], description="Drop exactly these blocks, named by their residual Add node (overrides the measured choice)."
