@@ -99,7 +99,8 @@ class DistillPass(OptimizationPass[DistillConfig]):
         targets = run_model(teacher, train, session, outputs)
         held_targets = run_model(teacher, hold, session, outputs)
         before = min_mean_cosine(held_targets, run_model(model, hold, session, outputs))
-        binds = bridge.bindings(model, bridge.trainable_initializers(model))
+        trainable = bridge.trainable_initializers(model)
+        binds = bridge.bindings(model, trainable)
         if not binds:
             return self.refuse(model, "no float weight of this model maps to a trainable torch tensor")
         module, params = bridge.trainable_module(model, binds)
@@ -112,7 +113,7 @@ class DistillPass(OptimizationPass[DistillConfig]):
             bridge.restore_weights(model, previous)
         self.stats.update(
             {
-                "trained_tensors": f"{len(binds)} of {len(bridge.trainable_initializers(model))}",
+                "trained_tensors": f"{len(binds)} of {len(trainable)}",
                 "samples": f"{len(train)} trained, {len(hold)} held out",
                 "steps": run.steps,
                 "train_seconds": round(run.seconds, 1),

@@ -236,9 +236,10 @@ class DropLayersPass(OptimizationPass[DropLayersConfig]):
                 if self.ctx.progress:
                     self.ctx.progress(f"drop_layers: measuring block {k + 1} of {len(blocks)}")
                 alone.append(cosine({k}))
+            ranked = sorted(range(len(blocks)), key=lambda i: -alone[i])
             chosen: list[int] = []
             score = 1.0
-            for k in sorted(range(len(blocks)), key=lambda i: -alone[i]):
+            for k in ranked:
                 if (cfg.count is not None and len(chosen) >= cfg.count) or alone[k] < cfg.min_cosine:
                     break
                 if any(_overlap(blocks[k], blocks[j]) for j in chosen):
@@ -250,7 +251,6 @@ class DropLayersPass(OptimizationPass[DropLayersConfig]):
         finally:
             source.close()
             gates.restore()
-        ranked = sorted(range(len(blocks)), key=lambda i: -alone[i])
         self.stats["cost_alone"] = "; ".join(f"{blocks[i].name}: {alone[i]:.4f}" for i in ranked[:8]) + (
             " ..." if len(ranked) > 8 else ""
         )

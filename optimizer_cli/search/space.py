@@ -272,9 +272,10 @@ def limit_space(dims: list[Dimension], spec: dict[str, Any], source: str | Path)
         if name == "distill" and True in choices:
             from optimizer_cli.passes._onnx_torch import missing_packages
 
-            if missing_packages():
+            missing = missing_packages()
+            if missing:
                 raise UserInputError(
-                    f'space: distill needs {" and ".join(missing_packages())}: pip install -e ".[distill]"', source
+                    f'space: distill needs {" and ".join(missing)}: pip install -e ".[distill]"', source
                 )
         limited = Dimension(name, choices, known.help, known.when)
         out = [limited if d.name == name else d for d in out] if name in by_name else [*out, limited]
