@@ -43,7 +43,16 @@ class RecipeContext:
     depthwise_nodes: list[str] = field(default_factory=list)
     # quantize mode -> node groups ranked by the fidelity they lose when quantized (attribution), worst first
     ranked_nodes: dict[str, list[list[str]]] = field(default_factory=dict)
+    # quantize mode -> how many of the first ranked groups the fidelity goal needs in float (keep_float_fit)
+    fitted_keep: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def kept_float(params: dict[str, Any], ctx: RecipeContext) -> int:
+    """How many ranked groups stay float: the fitted count under keep_float_fit, else keep_float_k."""
+    if params.get("keep_float_fit"):
+        return ctx.fitted_keep.get(str(params.get("quantize")), 0)
+    return int(params.get("keep_float_k", 0))
 
 
 def _quantize_pass(params: dict[str, Any], ctx: RecipeContext) -> dict[str, Any]:
@@ -53,7 +62,7 @@ def _quantize_pass(params: dict[str, Any], ctx: RecipeContext) -> dict[str, Any]
         step["per_channel"] = params.get("per_channel", True)
         step["reduce_range"] = params.get("reduce_range", "auto")
         excluded: list[str] = []
-        for group in ctx.ranked_nodes.get(mode, [])[: int(params.get("keep_float_k", 0))]:
+        for group in ctx.ranked_nodes.get(mode, [])[: kept_float(params, ctx)]:
             excluded.extend(n for n in group if n not in excluded)
         if mode == "static":
             step["calibration_method"] = params.get("calibration_method", "minmax")
@@ -134,6 +143,7 @@ def summary(params: dict[str, Any]) -> str:
             "compute ops" if params.get("static_ops") == "compute" else "",
             "depthwise float" if params.get("keep_depthwise_float") else "",
             f"{params['keep_float_k']} float" if params.get("keep_float_k") else "",
+            "float nodes fitted to the goal" if params.get("keep_float_fit") else "",
         ]
         detail = ", ".join(e for e in extra if e)
         parts.append(f"{mode} int8" + (f" ({detail})" if detail else ""))

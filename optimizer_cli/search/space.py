@@ -187,6 +187,17 @@ def _quantize_dimensions(t: ModelTraits) -> list[Dimension]:
         )
         if t.depthwise_nodes:
             dims.append(Dimension("keep_depthwise_float", (False, True), "leave depthwise Convs in float", static))
+    if "static" in modes:
+        # Mixed precision fitted to the goal: the groups the outputs are most sensitive to stay float, as
+        # many as a fake-quant simulation on the calibration data says the goal needs (search/sensitivity.py).
+        dims.append(
+            Dimension(
+                "keep_float_fit",
+                (False, True),
+                "keep float the nodes output sensitivity says the fidelity goal needs (static)",
+                static,
+            )
+        )
     if "static" in modes or "dynamic" in modes:
         # Mixed precision: the k nodes that lose the most fidelity locally (attribution) stay float; up to a
         # half of the quantizable nodes (a detector may need dozens, an MLP one or two).
@@ -197,7 +208,7 @@ def _quantize_dimensions(t: ModelTraits) -> list[Dimension]:
                 "keep_float_k",
                 ks,
                 "k most fidelity-costly nodes kept in float",
-                (("quantize", QUANTIZED),),
+                (("quantize", QUANTIZED), ("keep_float_fit", (False, None))),
             )
         )
     if "weight_only" in modes:

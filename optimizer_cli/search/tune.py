@@ -222,6 +222,7 @@ def starting_points(dims: list[Dimension]) -> list[dict[str, Any]]:
     if "static" in modes:
         wanted.append({"quantize": "static", "static_ops": "compute"})
         wanted.append({"quantize": "static", "keep_float_k": 4})
+        wanted.append({"quantize": "static", "keep_float_fit": True})
     if "fuse_transformer" in names and "dynamic" in modes:
         wanted.append({"quantize": "dynamic", "fuse_transformer": True})
     if "prune_sparsity" in names:
@@ -600,7 +601,9 @@ def complexity(params: dict[str, Any]) -> tuple[int, int]:
         "mem_pattern": True,
     }
     changed = sum(1 for k, v in defaults.items() if k in params and params[k] != v)
-    return int(params.get("keep_float_k") or 0), changed
+    # A float set fitted to the goal counts as the largest k: it is the most nodes mixed precision keeps.
+    kept = 64 if params.get("keep_float_fit") else int(params.get("keep_float_k") or 0)
+    return kept, changed
 
 
 def pick_winner(qualified: list[dict[str, Any]], params: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
@@ -675,16 +678,50 @@ def check_held_out(calibration: Any, evaluation: Any, source: str) -> None:
         )
 
 
+def fit_target(goals: list[Gate]) -> float:
+    """The simulated cosine keep_float_fit aims at: the strictest cosine goal plus a quarter of its headroom
+    (the simulation is fitted on calibration data; the goal is judged on held-out data), else 0.99."""
+    floors = [g.threshold for g in goals if g.metric == "cosine" and g.op in (">=", ">")]
+    floor = max(floors, default=0.99)
+    return floor + (1.0 - floor) * 0.25
+
+
+def _rank_static(
+    pre: Any, post: Any, ctx: RecipeContext, target: float, log: Callable[[str], None]
+) -> tuple[list[list[str]], int | None]:
+    """Groups by the output cosine each costs quantized alone (fake-quant simulation on calibration data),
+    and how many of them the target needs float."""
+    from optimizer_cli.data import load_dataset
+    from optimizer_cli.search.sensitivity import output_sensitivity
+
+    assert ctx.calibration is not None
+    feeds = load_dataset(ctx.calibration, pre.model, limit=8).feeds
+    result = output_sensitivity(post.model, pre.model, feeds, target, ctx.threads)
+    present = {str(n.name) for n in pre.model.graph}
+    ranked = [[n for n in group if n in present] for group in result.ranked]
+    fitted = "none" if result.keep_float is None else f"{result.keep_float} of {len(ranked)} groups"
+    log(f"  output sensitivity: float groups the goal needs (cosine {target:.4f} simulated): {fitted}")
+    return [g for g in ranked if g], result.keep_float
+
+
 def rank_for_mixed_precision(
-    model: Path, modes: list[str], ctx: RecipeContext, eval_feeds: list[dict[str, Any]], log: Callable[[str], None]
-) -> dict[str, list[list[str]]]:
-    """Per quantize mode: node groups by the fidelity they lose when quantized (attribution on the evaluation
-    data), worst first. keep_float_k = k keeps the first k groups in float."""
+    model: Path,
+    modes: list[str],
+    ctx: RecipeContext,
+    eval_feeds: list[dict[str, Any]],
+    log: Callable[[str], None],
+    target: float = 0.99,
+) -> tuple[dict[str, list[list[str]]], dict[str, int]]:
+    """Per quantize mode: node groups worst first, so keep_float_k = k keeps the first k groups in float, and
+    (static) how many the fidelity target needs. Static ranks by output sensitivity (search/sensitivity.py);
+    dynamic by local attribution on the evaluation data, and static falls back to it when the simulation
+    cannot be built."""
     from optimizer_cli.pipeline import run_pipeline
     from optimizer_cli.recipe import Recipe
     from optimizer_cli.search.attribution import rank_nodes
 
     ranked: dict[str, list[list[str]]] = {}
+    fitted: dict[str, int] = {}
     for mode in modes:
         log(f"ranking nodes by the fidelity {mode} int8 costs them (mixed precision)")
         full = recipe_for({"quantize": mode}, ctx)
@@ -696,12 +733,20 @@ def rank_for_mixed_precision(
             post = run_pipeline(
                 model, Recipe.model_validate(full), None, calibration=ctx.calibration, threads=ctx.threads
             )
-            entries = rank_nodes(pre.model, post.model, eval_feeds[:8], ctx.threads)
         except Exception as exc:  # the mode fails outright on this model: its trials will say why
             log(f"  no ranking for {mode}: {type(exc).__name__}: {str(exc)[:200]}")
             continue
+        if mode == "static" and ctx.calibration:
+            try:
+                ranked[mode], keep = _rank_static(pre, post, ctx, target, log)
+                if keep is not None:
+                    fitted[mode] = keep
+                continue
+            except Exception as exc:  # an op layout the simulation does not know: local attribution instead
+                log(f"  no output sensitivity ({type(exc).__name__}: {str(exc)[:160]}); ranking by attribution")
+        entries = rank_nodes(pre.model, post.model, eval_feeds[:8], ctx.threads)
         ranked[mode] = [e["nodes"] for e in entries if float(e["local_drop"]) > 0]
-    return ranked
+    return ranked, fitted
 
 
 def winner_attribution(
@@ -889,18 +934,21 @@ def check_goals_measurable(settings: TuneSettings) -> None:
 
 def _ranking(settings: TuneSettings, log: Callable[[str], None]) -> None:
     """Mixed precision needs the nodes ranked once per study (saved with it: a resumed study uses the same)."""
-    if not any(d.name == "keep_float_k" for d in settings.dims):
+    if not any(d.name in ("keep_float_k", "keep_float_fit") for d in settings.dims):
         return
     path = settings.study_dir / "ranking.json"
     if path.exists():
-        settings.ctx.ranked_nodes = json.loads(path.read_text())
+        saved = json.loads(path.read_text())
+        settings.ctx.ranked_nodes, settings.ctx.fitted_keep = saved["ranked"], saved["fitted"]
         return
     from optimizer_cli.search.candidates import evaluation_data
 
     modes = [m for m in ("dynamic", "static") if any(d.name == "quantize" and m in d.choices for d in settings.dims)]
     feeds = evaluation_data(settings.data).feeds
-    settings.ctx.ranked_nodes = rank_for_mixed_precision(settings.model, modes, settings.ctx, feeds, log)
-    path.write_text(json.dumps(settings.ctx.ranked_nodes))
+    settings.ctx.ranked_nodes, settings.ctx.fitted_keep = rank_for_mixed_precision(
+        settings.model, modes, settings.ctx, feeds, log, fit_target(fidelity_goals(settings.goals))
+    )
+    path.write_text(json.dumps({"ranked": settings.ctx.ranked_nodes, "fitted": settings.ctx.fitted_keep}))
 
 
 def run_tune(
