@@ -96,3 +96,22 @@ def test_an_unreachable_target_fits_nothing(tmp_path: Path) -> None:
     pre, post, _, feeds = _build(tmp_path)
     result = output_sensitivity(post, pre, feeds, 1.5, threads=1)
     assert result.keep_float is None and result.fitted_cosine is None
+
+
+def test_a_static_verification_failure_gets_the_sensitivity_patch(tmp_path: Path) -> None:
+    """`optimize run` stopped by verify.min_cosine at static int8: the patch keeps the sensitive groups float
+    and is verified by re-running the patched recipe."""
+    from optimizer_cli.search.attribution import attribute_verification_failure
+
+    _build(tmp_path)  # writes m.onnx and calib.npz
+    _, sensitive = outlier_cnn()
+    data = tmp_path / "eval.npz"
+    np.savez(data, x=np.random.default_rng(5).standard_normal((6, 1, 3, 12, 12)).astype(np.float32))
+    passes = [{"type": "cleanup"}, {"type": "fuse"}, STATIC]
+    recipe = Recipe.model_validate({"name": "s", "passes": passes, "verify": {"min_cosine": 0.999}})
+    with pytest.raises(Exception, match="verify.min_cosine"):
+        run_pipeline(tmp_path / "m.onnx", recipe, None, calibration=str(tmp_path / "calib.npz"), evaluation=str(data))
+    found = attribute_verification_failure(tmp_path / "m.onnx", recipe, 2, str(tmp_path / "calib.npz"), str(data), 1)
+    assert found is not None and found.get("verified") and "most sensitive" in found["search"]
+    assert all(name in found["patch"] for name in sensitive)
+    assert found["nodes"] and "output_cosine_alone" in found["nodes"][0]

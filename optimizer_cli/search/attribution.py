@@ -647,14 +647,55 @@ class _VerifySearch:
         self.result.update(patch=f"--set '{assignment}'", patch_cosine=cosine, verified=True, search=how)
         return self.result
 
+    def sensitivity_patch(self, before: Any, quantized: ir.Model, already: list[str]) -> dict[str, Any] | None:
+        """Static int8: keep float the groups output sensitivity says the threshold needs (a gated fake-quant
+        simulation, search/sensitivity.py), where local ranking misses the nodes the output cannot afford."""
+        from optimizer_cli.search.sensitivity import output_sensitivity
+
+        feeds = before.verify_data.feeds[:MAX_SAMPLES]
+        target = self.threshold + (1.0 - self.threshold) * 0.25
+        try:
+            fit = output_sensitivity(quantized, before.model, feeds, target, self.threads)
+        except Exception as exc:  # an op layout the simulation does not know: the local ranking instead
+            self.log(f"no output sensitivity ({type(exc).__name__}: {str(exc)[:160]})")
+            return None
+        if fit.keep_float is None:
+            return None
+        ops = {str(n.name): n.op_type for n in before.model.graph}
+        nodes = [n for group in fit.ranked[: fit.keep_float] for n in group if n in ops and n not in already]
+        self.result["nodes"] = [
+            {
+                "node": " + ".join(group),
+                "nodes": group,
+                "op": "+".join(ops.get(n, "?") for n in group),
+                "output_cosine_alone": alone,  # the output's cosine with only this group in int8
+            }
+            for group, alone in zip(fit.ranked[:MAX_CANDIDATES], fit.cosine_alone, strict=False)
+        ]
+        trial = self.recipe.model_copy(deep=True)
+        trial.passes[self.index].exclude_nodes = already + nodes
+        cosine = self.gate_cosine(trial)
+        self.result["sensitivity"] = {"groups": len(fit.ranked), "keep_float": fit.keep_float, "cosine": cosine}
+        if cosine < self.threshold:
+            return None
+        how = (
+            f"keeping {len(nodes)} node(s) of pass {self.index} (quantize) float, the {fit.keep_float} of "
+            f"{len(fit.ranked)} groups the output is most sensitive to, gives cosine {cosine:.5f} >= {self.threshold}"
+        )
+        return self.found(exclude_assignment(self.index, already + nodes), cosine, how)
+
     def exclusion(self) -> dict[str, Any]:
         """Rank nodes between the model the quantizer saw and its output; exclude the fewest that pass."""
         index, result, recipe = self.index, self.result, self.recipe
         before = _run_prefix(recipe, index, self.model_path, self.calib, self.data, self.threads)
         quantized = _run_prefix(recipe, index + 1, self.model_path, self.calib, self.data, self.threads).model
+        already = list(recipe.passes[index].exclude_nodes)
+        if recipe.passes[index].mode == "static":
+            fitted = self.sensitivity_patch(before, quantized, already)
+            if fitted is not None:
+                return fitted
         ranked = rank_nodes(before.model, quantized, before.verify_data.feeds[:MAX_SAMPLES], self.threads)
         result["nodes"] = ranked[:MAX_CANDIDATES]
-        already = list(recipe.passes[index].exclude_nodes)
         candidates = _candidates(ranked, already)
         if not candidates:
             result["search"] = "no node loses fidelity locally"

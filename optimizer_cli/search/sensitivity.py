@@ -196,7 +196,8 @@ def gate_qdq_model(qdq: onnx.ModelProto, float_model: onnx.ModelProto) -> GatedM
         if node.op_type not in QDQ_OPS:
             for name in node.input:
                 readers.setdefault(name, []).append(roots[node.name])
-    result, cache = GatedModel(gated), {}
+    result = GatedModel(gated)
+    cache: dict[tuple[str, ...], str] = {}
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         nodes.append(node)
