@@ -1,6 +1,6 @@
 """optimize tune vs the shipped recipes vs onnxruntime's quantization defaults, on real models (CPU, 2 threads).
 
-    python benchmarks/tune_models.py [--models det,cls,orientation,digits] [--budget 10m] [--update-readme]
+    python benchmarks/tune_models.py [--models det,cls,orientation,digits] [--budget 10m]
 
 Per model, in one run:
   1. every shipped recipe that applies, built through the normal pipeline;
@@ -440,8 +440,9 @@ def table(results: list[dict[str, Any]]) -> str:
         winner = (r["tune"].get("winner") or {}).get(
             "recipe_summary", "no winner: " + str((r["tune"].get("final") or {}).get("reason"))
         )
+        tuned = cell(["tune"]) if "tune" in timing else "no winner (exit 1, no model written)"
         lines.append(
-            f"| {r['model']} | {cell(fixed)} | {cell(ort)} | {cell(['tune'])} | "
+            f"| {r['model']} | {cell(fixed)} | {cell(ort)} | {tuned} | "
             f"{r['tune']['trials']} / {r['tune']['minutes']:.1f} | {winner} |"
         )
     return "\n".join(lines)
