@@ -128,6 +128,12 @@ def test_a_tie_within_the_interval_goes_to_the_simpler_candidate() -> None:
     # A clear lead is kept: 3.0x whose interval starts above the others' medians.
     winner, why = pick_winner([cand(1, 3.0, 2.8), cand(2, 2.57, 1.7)], params)
     assert winner["number"] == 1 and why == ""
+    # Among ties, fewer added passes before fewer changed knobs (MiniLM: trim_padding alone did the work).
+    params = {4: {"quantize": "none", "trim_padding": True, "drop_layers": 0.97, "factorize_energy": 0.99},
+              5: {"quantize": "none", "trim_padding": True, "opt_level": "extended"},
+              6: {"quantize": "none", "trim_padding": True, "factorize_energy": 0.99}}  # fmt: skip
+    winner, _ = pick_winner([cand(4, 1.94, 1.65), cand(5, 1.95, 1.90), cand(6, 1.88, 1.61)], params)
+    assert winner["number"] == 5
 
 
 def test_goals_read_with_the_fail_if_vocabulary() -> None:

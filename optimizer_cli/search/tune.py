@@ -588,8 +588,13 @@ def final_check(runner: Runner, state: TuneState) -> dict[str, Any]:
     }
 
 
-def complexity(params: dict[str, Any]) -> tuple[int, int]:
-    """How far a candidate departs from the plain recipe: nodes kept float, then knobs off their defaults."""
+# Passes a candidate adds to the plain recipe; each is one more thing to trust and to keep in a deployment.
+EXTRA_PASS_PARAMS = ("prune_sparsity", "factorize_energy", "drop_layers", "distill", "trim_padding", "fuse_transformer")
+
+
+def complexity(params: dict[str, Any]) -> tuple[int, int, int]:
+    """How far a candidate departs from the plain recipe: nodes kept float, then passes added, then knobs off
+    their defaults."""
     defaults = {
         "per_channel": True,
         "reduce_range": "auto",
@@ -603,12 +608,13 @@ def complexity(params: dict[str, Any]) -> tuple[int, int]:
     changed = sum(1 for k, v in defaults.items() if k in params and params[k] != v)
     # A float set fitted to the goal counts as the largest k: it is the most nodes mixed precision keeps.
     kept = 64 if params.get("keep_float_fit") else int(params.get("keep_float_k") or 0)
-    return kept, changed
+    passes = sum(1 for k in EXTRA_PASS_PARAMS if params.get(k))
+    return kept, passes, changed
 
 
 def pick_winner(qualified: list[dict[str, Any]], params: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
     """The fastest; but among the candidates the fastest one's 95% interval cannot tell apart from it, the
-    simplest (fewest nodes kept float, fewest knobs changed): a tie is noise, and the simpler model is the
+    simplest (fewest nodes kept float, fewest passes added, fewest knobs changed): a tie is noise, and the simpler model is the
     one that times the same elsewhere."""
     fastest = max(qualified, key=lambda c: c["speedup"]["median"])
     tied = [c for c in qualified if c["speedup"]["median"] >= fastest["speedup"]["ci_low"]]
