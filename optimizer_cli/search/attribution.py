@@ -650,24 +650,23 @@ class _VerifySearch:
     def sensitivity_patch(self, before: Any, quantized: ir.Model, already: list[str]) -> dict[str, Any] | None:
         """Static int8: keep float the groups output sensitivity says the threshold needs (a gated fake-quant
         simulation, search/sensitivity.py), where local ranking misses the nodes the output cannot afford."""
-        from optimizer_cli.search.sensitivity import output_sensitivity
+        from optimizer_cli.search.sensitivity import output_sensitivity, with_headroom
 
         feeds = before.verify_data.feeds[:MAX_SAMPLES]
-        target = self.threshold + (1.0 - self.threshold) * 0.25
         try:
-            fit = output_sensitivity(quantized, before.model, feeds, target, self.threads)
+            fit = output_sensitivity(quantized, before.model, feeds, with_headroom(self.threshold), self.threads)
         except Exception as exc:  # an op layout the simulation does not know: the local ranking instead
             self.log(f"no output sensitivity ({type(exc).__name__}: {str(exc)[:160]})")
             return None
         if fit.keep_float is None:
             return None
         ops = {str(n.name): n.op_type for n in before.model.graph}
-        nodes = [n for group in fit.ranked[: fit.keep_float] for n in group if n in ops and n not in already]
+        nodes = [n for group in fit.ranked[: fit.keep_float] for n in group if n not in already]
         self.result["nodes"] = [
             {
                 "node": " + ".join(group),
                 "nodes": group,
-                "op": "+".join(ops.get(n, "?") for n in group),
+                "op": "+".join(ops[n] for n in group),
                 "output_cosine_alone": alone,  # the output's cosine with only this group in int8
             }
             for group, alone in zip(fit.ranked[:MAX_CANDIDATES], fit.cosine_alone, strict=False)

@@ -20,9 +20,7 @@ rounding of their requantized outputs; the real model is always built and measur
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import onnx
@@ -31,7 +29,7 @@ from onnx import TensorProto, helper
 
 from optimizer_cli.analysis.graph import output_names
 from optimizer_cli.bench.accuracy import fidelity
-from optimizer_cli.runtime.session import SessionConfig, create_session, run_session
+from optimizer_cli.runtime.session import SessionConfig, create_session, run_model, run_session
 
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
@@ -90,7 +88,6 @@ def _float_weight(dq_input: str, shape_of: dict[str, TensorProto]) -> TensorProt
 
 class _Builder:
     def __init__(self, qdq: onnx.ModelProto, float_model: onnx.ModelProto) -> None:
-        self.graph = qdq.graph
         self.producers = _producer_map(qdq.graph)
         self.inits = {i.name: i for i in qdq.graph.initializer}
         self.float_inits = {i.name: i for i in float_model.graph.initializer}
@@ -104,7 +101,7 @@ class _Builder:
         self.float_weights: dict[str, str] = {}
         self.new_inits: list[TensorProto] = []
 
-    def _activation(self, q: onnx.NodeProto, before: list[onnx.NodeProto]) -> str | None:
+    def _activation(self, q: onnx.NodeProto, before: list[onnx.NodeProto]) -> str:
         """The activation's float path: the tensor itself, or the Relu/Clip the quantizer dropped after it
         (its QuantizeLinear's saturation did that op in the int8 path), replayed."""
         source = q.input[0]
@@ -217,7 +214,6 @@ def gate_qdq_model(qdq: onnx.ModelProto, float_model: onnx.ModelProto) -> GatedM
         int8 = f"{node.output[0]}{GATE_PREFIX}int8"
         switched = node.output[0]
         node.output[0] = int8
-        builder.producers[int8] = node
         nodes += [*before, helper.make_node("Where", [_switch(groups, nodes, cache), int8, alternative], [switched])]
     for name, root in roots.items():
         if GATE_PREFIX + root in result.groups:
@@ -235,8 +231,9 @@ class _Simulator:
         self, gated: GatedModel, feeds: list[dict[str, np.ndarray]], reference: list[list[np.ndarray]], threads: int
     ) -> None:
         self.gates = list(gated.groups)
-        self.session = create_session(ir.serde.deserialize_model(gated.model), SessionConfig(threads=threads))
-        self.names = output_names(ir.serde.deserialize_model(gated.model))
+        model = ir.serde.deserialize_model(gated.model)
+        self.session = create_session(model, SessionConfig(threads=threads))
+        self.names = output_names(model)
         self.feeds, self.reference = feeds, reference
 
     def cosine(self, quantized: set[str], samples: int | None = None) -> float:
@@ -264,6 +261,12 @@ def _longest_passing(order: list[str], sim: _Simulator, target: float) -> tuple[
     return lo, best_cos
 
 
+def with_headroom(threshold: float) -> float:
+    """The simulated cosine a fit aims at: the threshold plus a quarter of its headroom (the simulation runs on
+    other samples, or float kernels, than the real check)."""
+    return threshold + (1.0 - threshold) * 0.25
+
+
 def output_sensitivity(
     qdq: ir.Model,
     float_model: ir.Model,
@@ -271,40 +274,24 @@ def output_sensitivity(
     target: float,
     threads: int = 2,
     probe_samples: int = 4,
-    progress: Callable[[str], None] | None = None,
 ) -> Sensitivity:
-    """Rank the QDQ model's quantized groups by the output cosine each costs alone and fit the float set."""
-    from optimizer_cli.runtime.session import run_model
-
+    """Rank the QDQ model's quantized groups by the output cosine each costs alone and fit the float set.
+    Groups list only nodes of `float_model` (what exclude_nodes can name); a group with none (nodes onnxruntime's
+    pre-processing made) is measured but cannot be kept float, so it is left out of the ranking and the count."""
     reference = run_model(float_model, feeds, SessionConfig(threads=threads))
     gated = gate_qdq_model(ir.serde.serialize_model(qdq), ir.serde.serialize_model(float_model))
     sim = _Simulator(gated, feeds, reference, threads)
-    alone: dict[str, float] = {}
-    for i, gate in enumerate(sim.gates):
-        if progress:
-            progress(f"sensitivity: group {i + 1} of {len(sim.gates)}")
-        alone[gate] = sim.cosine({gate}, probe_samples)
+    alone = {gate: sim.cosine({gate}, probe_samples) for gate in sim.gates}
     worst_first = sorted(sim.gates, key=lambda g: alone[g])
     quantized, fitted = _longest_passing(worst_first[::-1], sim, target)
-    keep = len(worst_first) - quantized if quantized > 0 else None
+    names = {str(n.name) for n in float_model.graph}
+    excludable = {g: [n for n in gated.groups[g] if n in names] for g in worst_first}
+    kept = [g for g in worst_first[: len(worst_first) - quantized] if excludable[g]]
     return Sensitivity(
-        ranked=[gated.groups[g] for g in worst_first],
-        cosine_alone=[alone[g] for g in worst_first],
-        keep_float=keep,
+        ranked=[excludable[g] for g in worst_first if excludable[g]],
+        cosine_alone=[alone[g] for g in worst_first if excludable[g]],
+        keep_float=len(kept) if quantized > 0 else None,
         fitted_cosine=fitted,
         all_quantized=sim.cosine(set(sim.gates)),
         all_float=sim.cosine(set()),
     )
-
-
-def summary(result: Sensitivity, top: int = 5) -> dict[str, Any]:
-    return {
-        "groups": len(result.ranked),
-        "keep_float": result.keep_float,
-        "fitted_cosine": result.fitted_cosine,
-        "all_quantized": result.all_quantized,
-        "all_float": result.all_float,
-        "most_sensitive": [
-            {"nodes": g, "cosine_alone": c} for g, c in zip(result.ranked[:top], result.cosine_alone[:top], strict=True)
-        ],
-    }

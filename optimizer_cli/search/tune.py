@@ -687,9 +687,10 @@ def check_held_out(calibration: Any, evaluation: Any, source: str) -> None:
 def fit_target(goals: list[Gate]) -> float:
     """The simulated cosine keep_float_fit aims at: the strictest cosine goal plus a quarter of its headroom
     (the simulation is fitted on calibration data; the goal is judged on held-out data), else 0.99."""
+    from optimizer_cli.search.sensitivity import with_headroom
+
     floors = [g.threshold for g in goals if g.metric == "cosine" and g.op in (">=", ">")]
-    floor = max(floors, default=0.99)
-    return floor + (1.0 - floor) * 0.25
+    return with_headroom(max(floors, default=0.99))
 
 
 def _rank_static(
@@ -703,11 +704,9 @@ def _rank_static(
     assert ctx.calibration is not None
     feeds = load_dataset(ctx.calibration, pre.model, limit=8).feeds
     result = output_sensitivity(post.model, pre.model, feeds, target, ctx.threads)
-    present = {str(n.name) for n in pre.model.graph}
-    ranked = [[n for n in group if n in present] for group in result.ranked]
-    fitted = "none" if result.keep_float is None else f"{result.keep_float} of {len(ranked)} groups"
+    fitted = "none" if result.keep_float is None else f"{result.keep_float} of {len(result.ranked)} groups"
     log(f"  output sensitivity: float groups the goal needs (cosine {target:.4f} simulated): {fitted}")
-    return [g for g in ranked if g], result.keep_float
+    return result.ranked, result.keep_float
 
 
 def rank_for_mixed_precision(
