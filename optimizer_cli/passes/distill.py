@@ -246,16 +246,20 @@ def _held_out_cosine(
     """Every matched output's mean cosine over the held-out rows, the worst output's (for checkpoints)."""
     import torch
 
-    per_output: list[list[float]] = [[] for _ in index]
+    # Per output: one [reference row] / [student row] pair per held-out sample (stacked chunks split by row).
+    reference: list[list[list[np.ndarray]]] = [[] for _ in index]
+    student: list[list[list[np.ndarray]]] = [[] for _ in index]
     with torch.no_grad():
         for step in chunks:
             for inputs, wanted in step:
                 out = _forward(module, inputs)
                 for j, (i, t) in enumerate(zip(index, wanted, strict=True)):
                     rows = out[i].shape[0] if out[i].ndim > 1 else 1
-                    s, r = out[i].reshape(rows, -1).double(), torch.from_numpy(t).reshape(rows, -1).double()
-                    per_output[j].extend(torch.nn.functional.cosine_similarity(s, r, dim=1).tolist())
-    return min(float(np.mean(c)) for c in per_output) if per_output and all(per_output) else 1.0
+                    reference[j].extend([r] for r in t.reshape(rows, -1))
+                    student[j].extend([r] for r in out[i].numpy().reshape(rows, -1))
+    if not index or not all(reference):
+        return 1.0
+    return min(min_mean_cosine(r, s) for r, s in zip(reference, student, strict=True))
 
 
 def _loss(cfg: DistillConfig, student: Any, teacher: Any) -> Any:
