@@ -141,7 +141,7 @@ def run_cmd(
             try:
                 report = _optimize_and_measure(
                     model, output, recipe, rec, staged, calib, data, threads, settings, checks, benchmarking,
-                    attribute, progress,
+                    attribute, progress, hashes=_hashes_read(json_out, report_path, baseline),
                 )  # fmt: skip
             except VerificationError as exc:
                 if attribute:
@@ -237,6 +237,8 @@ def _optimize_and_measure(
     benchmarking: bool,
     attribute: bool,
     log: _Progress,
+    *,
+    hashes: bool,
 ) -> dict[str, Any]:
     """The work of `run`: passes (saved to the staging path), then benchmark and attribution."""
     from concurrent.futures import ThreadPoolExecutor
@@ -253,9 +255,11 @@ def _optimize_and_measure(
 
     log.step("loading and checking the model")
     # The input's hash reads the whole file (seconds for a model over 2 GB): on the second core, meanwhile.
-    hashing = ThreadPoolExecutor(max_workers=1)
-    input_hash = hashing.submit(model_sha256, model)
-    hashing.shutdown(wait=False)
+    input_hash = None
+    if hashes:
+        hashing = ThreadPoolExecutor(max_workers=1)
+        input_hash = hashing.submit(model_sha256, model)
+        hashing.shutdown(wait=False)
     result = run_pipeline(
         model,
         rec,
@@ -270,7 +274,7 @@ def _optimize_and_measure(
         on_progress=log.step,
     )
     report: dict[str, Any] = {
-        **_provenance(model, staged, input_hash.result()),
+        **_provenance(model, staged, hashes, input_hash.result() if input_hash else None),
         "output": str(output),
         "recipe": {"path": str(recipe), **rec.model_dump(mode="json")},
         "input_bytes": result.input_bytes,
@@ -286,20 +290,29 @@ def _optimize_and_measure(
     return report
 
 
-def _provenance(model: Path, output: Path, input_sha256: str | None = None) -> dict[str, Any]:
-    """What identifies the run: tool, command line, time, and the hashes of the input and output models."""
+def _hashes_read(json_out: bool, report_path: Path | None, baseline: Path | None) -> bool:
+    """Whether anything reads the models' hashes: the JSON report (stdout or --report) and --baseline's check
+    that it was measured on the same input. Hashing a 2.5 GB model takes over 2 s of a core."""
+    return json_out or report_path is not None or baseline is not None
+
+
+def _provenance(model: Path, output: Path, hashes: bool, input_sha256: str | None = None) -> dict[str, Any]:
+    """What identifies the run: tool, command line, time, and (when `hashes`) the hashes of the input and
+    output models."""
     from datetime import datetime, timezone
 
     from optimizer_cli.model_io import model_sha256
 
-    return {
+    found: dict[str, Any] = {
         "tool": f"optimizer-cli {__version__}",
         "command": " ".join(shlex.quote(a) for a in ["optimize", *sys.argv[1:]]),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "input": str(model),
-        "input_sha256": input_sha256 or model_sha256(model),
-        "output_sha256": model_sha256(output) if output.exists() else None,
     }
+    if hashes:
+        found["input_sha256"] = input_sha256 or model_sha256(model)
+        found["output_sha256"] = model_sha256(output) if output.exists() else None
+    return found
 
 
 @dataclass
@@ -1011,7 +1024,8 @@ def bench_cmd(
         raise UserInputError(f"models have different inputs/outputs: {signature(a)} vs {signature(b)}", optimized)
     eval_data = resolve_dataset(data, a, samples=8, seed=0, dims=dim_values, limit=eval_samples)
     eval_data = eval_data or random_dataset(a, 8, 0, dim_values)
-    report: dict[str, Any] = {**_provenance(original, optimized), "output": str(optimized), "notes": []}
+    hashes = _hashes_read(json_out, report_path, baseline)
+    report: dict[str, Any] = {**_provenance(original, optimized, hashes), "output": str(optimized), "notes": []}
     with _library_output_to_stderr(), _warnings_to(log), _Progress(log) as progress:
         _benchmark_into(report, original, optimized, settings, eval_data, checks.metric, dim_values, progress)
     _finish(report, checks, json_out, human, log)

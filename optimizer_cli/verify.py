@@ -182,6 +182,34 @@ def worse_per_output(a: list[Drift], b: list[Drift]) -> list[Drift]:
     return [y if y.cosine < x.cosine else x for x, y in zip(a, b, strict=True)]
 
 
+def stack_samples(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
+    """Two or more samples as one feed, concatenated along axis 0; None unless every sample has the same
+    inputs with the same shapes and dtypes, none of them a scalar."""
+    if len(feeds) < 2:
+        return None
+    first = feeds[0]
+    for feed in feeds:
+        if feed.keys() != first.keys():
+            return None
+        if any(v.ndim == 0 or v.shape != first[k].shape or v.dtype != first[k].dtype for k, v in feed.items()):
+            return None
+    return {k: np.concatenate([feed[k] for feed in feeds]) for k in first}
+
+
+def split_samples(outputs: list[np.ndarray], one: list[np.ndarray], count: int) -> list[list[np.ndarray]] | None:
+    """A batched run's outputs cut back into `count` samples, each output's slice as long along axis 0 as in
+    the one-sample outputs `one`; None where an output is not laid out that way."""
+    if len(outputs) != len(one):
+        return None
+    for out, ref in zip(outputs, one, strict=True):
+        if out.ndim == 0 or out.ndim != ref.ndim or out.shape != (count * ref.shape[0], *ref.shape[1:]):
+            return None
+    return [
+        [out[i * ref.shape[0] : (i + 1) * ref.shape[0]] for out, ref in zip(outputs, one, strict=True)]
+        for i in range(count)
+    ]
+
+
 @dataclass
 class StageDrift:
     vs_previous: list[Drift]
@@ -200,7 +228,10 @@ class StageVerifier:
 
     One session exists at a time. On a model whose weights exceed 1.8 GB (originally or now) an approximate
     stage is run only as deployed (optimizations on): run as written, onnxruntime keeps a float16 model's
-    weights in both precisions on CPU (1.5x the model), and the deployed run is the one users get.
+    weights in both precisions on CPU (1.5x the model), and the deployed run is the one users get. There
+    the samples are also run as one batch when the original shows that is the same as running them one by
+    one: a run streams every weight through memory once, whatever the batch, so four small samples cost
+    four passes over gigabytes of weights run alone and about one together.
     """
 
     def __init__(
@@ -212,7 +243,9 @@ class StageVerifier:
         tolerance: Tolerance = Tolerance(),
         min_cosine: float | None = None,
         numeric: bool = True,
+        batched: bool | None = None,
     ) -> None:
+        """`batched`: try running the samples as one batch (default: on models whose weights exceed 1.8 GB)."""
         self.feeds = feeds
         self.tolerance = tolerance
         self.min_cosine = min_cosine
@@ -224,12 +257,40 @@ class StageVerifier:
             provider="cpu", threads=threads, opt_level="disable", cpu_mem_arena=False, prepacking=False
         )
         self._deployed = SessionConfig(provider="cpu", threads=threads, opt_level="all", cpu_mem_arena=False)
+        self._try_batch = self.large if batched is None else batched
+        self._batch: dict[str, np.ndarray] | None = None  # the samples stacked, once the original allows it
         # Raises what onnxruntime raises: the caller decides whose fault an unrunnable original is.
-        self.original = self._run(original) if numeric else []
+        self.original = self._run_original(original) if numeric else []
         self.previous = self.original
 
+    def _run_original(self, model: ir.Model) -> list[list[np.ndarray]]:
+        """The original's outputs per sample. On a large model, the last sample is run alone and all of them
+        as one batch in the same session; the batch is used from then on if its slices have the shapes of
+        the lone run's and the last slice matches it within `tolerance` (the last sample is the one that an
+        axis 0 which is really time or a running sum would change)."""
+        batch = stack_samples(self.feeds) if self._try_batch else None
+        if batch is not None:
+            try:
+                alone, together = run_model(model, [self.feeds[-1], batch], self._as_written)
+            except Exception:  # e.g. a fixed batch dimension: run one by one, which raises what is wrong
+                alone, together = [], []
+            split = split_samples(together, alone, len(self.feeds)) if alone else None
+            if split is not None and all(self.tolerance.allows(a, b) for a, b in zip(alone, split[-1], strict=True)):
+                self._batch = batch
+                return split
+        return self._run(model)
+
     def _run(self, model: ir.Model, deployed: bool = False) -> list[list[np.ndarray]]:
-        return run_model(model, self.feeds, self._deployed if deployed else self._as_written)
+        config = self._deployed if deployed else self._as_written
+        if self._batch is not None:
+            try:
+                together = run_model(model, [self._batch], config)[0]
+            except Exception:  # whatever is wrong, the one-by-one run below says it as it would have
+                together = []
+            split = split_samples(together, self.original[0], len(self.feeds)) if together else None
+            if split is not None:
+                return split
+        return run_model(model, self.feeds, config)
 
     def check(self, stage: str, model: ir.Model, exact: bool) -> StageDrift:
         """Verify one stage (`stage` names it in errors, e.g. "pass 2 (quantize)"); raises VerificationError."""

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +137,41 @@ def test_model_over_2gb_loads_mapped_and_saves_with_external_data(tmp_path: Path
     assert (tmp_path / "out.onnx.data").stat().st_size >= n * n * 4
     assert out.stat().st_size < 10_000_000
     onnx.checker.check_model(str(out))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_has_nan_finds_nan_anywhere_and_is_not_fooled_by_inf(dtype: type) -> None:
+    from optimizer_cli.model_io import has_nan
+
+    size = 3 * 1024 + 7  # whole rows of the probe and a tail
+    clean = np.random.default_rng(0).standard_normal(size).astype(dtype)
+    assert not has_nan(clean)
+    for where in (0, 1500, size - 1):  # in the probed rows and in the tail
+        bad = clean.copy()
+        bad[where] = np.nan
+        assert has_nan(bad.reshape(-1, 1) if where else bad)
+    # +inf and -inf in one probed row make the probe NaN; the exact check still says no NaN.
+    infinite = clean.copy()
+    infinite[3], infinite[4] = np.inf, -np.inf
+    assert not has_nan(infinite)
+    assert not has_nan(np.zeros(0, dtype))
+
+
+def test_mapped_weights_and_hashes_read_external_data_in_pieces(tmp_path: Path, monkeypatch) -> None:
+    import optimizer_cli.model_io as model_io
+
+    model = mlp()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="m.data", size_threshold=0)
+    loaded = ir.load(path)  # load_model reads data this small into memory
+    for name, value in loaded.graph.initializers.items():
+        tensor = value.const_value
+        assert isinstance(tensor, ir.ExternalTensor)
+        mapped = model_io.map_weight(tensor)
+        assert type(mapped) is np.ndarray and not mapped.flags.writeable
+        np.testing.assert_array_equal(mapped, model_io.read_weight(tensor), err_msg=name)
+    whole = hashlib.sha256(path.read_bytes() + (tmp_path / "m.data").read_bytes()).hexdigest()
+    assert model_io.model_sha256(path) == whole
+    monkeypatch.setattr(model_io, "HASH_WINDOW", mmap.ALLOCATIONGRANULARITY)  # several windows of the data file
+    assert (tmp_path / "m.data").stat().st_size > 2 * mmap.ALLOCATIONGRANULARITY
+    assert model_io.model_sha256(path) == whole

@@ -29,7 +29,7 @@ import onnx
 import onnx_ir as ir
 
 from optimizer_cli.analysis.graph import name_of
-from optimizer_cli.model_io import read_weight, structure_proto
+from optimizer_cli.model_io import map_weight, structure_proto
 from optimizer_cli.passes import _graph
 from optimizer_cli.passes._graph import WeightStore
 
@@ -138,7 +138,7 @@ class _DynamicRewriter:
         if name not in self._weights:
             tensor = value.const_value
             assert tensor is not None
-            array = read_weight(tensor)
+            array = map_weight(tensor)
             matrix = array.reshape(-1, array.shape[-1]) if per_channel else array.reshape(-1, 1)
             ints, scale, zp = quantize_columns(matrix, qtype, symmetric, self.reduce_range and per_channel, per_channel)
             del array, matrix
@@ -290,7 +290,7 @@ def quantize_weight_only_per_tensor(
         assert value.const_value is not None
         # One weight in memory at a time. (Two threads measured no faster: onnxruntime's kernel and the reads
         # from disk are the bound.)
-        packed, scales, zero_points = block_quantize(read_weight(value.const_value), bits, block_size, symmetric)
+        packed, scales, zero_points = block_quantize(map_weight(value.const_value), bits, block_size, symmetric)
         done[name] = [
             _register(graph, f"{name}_Q{bits}", store.put(f"{name}_Q{bits}", packed)),
             _register(graph, f"{name}_scales", store.put(f"{name}_scales", scales)),
@@ -380,7 +380,7 @@ def convert_fp16_per_tensor(
         if value.dtype == ir.DataType.FLOAT16 and original.dtype == ir.DataType.FLOAT:
             if progress:
                 progress(f"quantize: weight {i + 1} of {len(names)} ({name})")
-            value.const_value = store.put(name, to_float16(read_weight(original)))
+            value.const_value = store.put(name, to_float16(map_weight(original)))
         else:
             value.const_value = original
     return converted
