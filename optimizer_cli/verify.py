@@ -196,6 +196,16 @@ def stack_samples(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray] |
     return {k: np.concatenate([feed[k] for feed in feeds]) for k in first}
 
 
+def batching_pays(weight_bytes: int, feeds: list[dict[str, np.ndarray]]) -> bool:
+    """Whether to try the verification samples as one batch: on a model over 1.8 GB whose samples together are
+    under 1% of its weights. There a run's time is mostly reading the weights, which a batch does once, and
+    the batch's extra activations (which grow with the inputs: a large CNN's feature maps at high resolution)
+    stay small beside the weights, so the memory bound holds."""
+    if weight_bytes <= EXTERNAL_DATA_THRESHOLD_BYTES:
+        return False
+    return sum(v.nbytes for feed in feeds for v in feed.values()) * 100 <= weight_bytes
+
+
 def split_samples(outputs: list[np.ndarray], one: list[np.ndarray], count: int) -> list[list[np.ndarray]] | None:
     """A batched run's outputs cut back into `count` samples, each output's slice as long along axis 0 as in
     the one-sample outputs `one`; None where an output is not laid out that way."""
@@ -229,7 +239,7 @@ class StageVerifier:
     One session exists at a time. On a model whose weights exceed 1.8 GB (originally or now) an approximate
     stage is run only as deployed (optimizations on): run as written, onnxruntime keeps a float16 model's
     weights in both precisions on CPU (1.5x the model), and the deployed run is the one users get. There
-    the samples are also run as one batch when the original shows that is the same as running them one by
+    small samples are also run as one batch when the original shows that is the same as running them one by
     one: a run streams every weight through memory once, whatever the batch, so four small samples cost
     four passes over gigabytes of weights run alone and about one together.
     """
@@ -245,19 +255,20 @@ class StageVerifier:
         numeric: bool = True,
         batched: bool | None = None,
     ) -> None:
-        """`batched`: try running the samples as one batch (default: on models whose weights exceed 1.8 GB)."""
+        """`batched`: try running the samples as one batch (default: where `batching_pays`)."""
         self.feeds = feeds
         self.tolerance = tolerance
         self.min_cosine = min_cosine
         self.numeric = numeric
         self.names = output_names(original)
-        self.large = weights_nbytes(original) > EXTERNAL_DATA_THRESHOLD_BYTES
+        weight_bytes = weights_nbytes(original)
+        self.large = weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES
         self.signature = signature(original)
         self._as_written = SessionConfig(
             provider="cpu", threads=threads, opt_level="disable", cpu_mem_arena=False, prepacking=False
         )
         self._deployed = SessionConfig(provider="cpu", threads=threads, opt_level="all", cpu_mem_arena=False)
-        self._try_batch = self.large if batched is None else batched
+        self._try_batch = batching_pays(weight_bytes, feeds) if batched is None else batched
         self._batch: dict[str, np.ndarray] | None = None  # the samples stacked, once the original allows it
         # Raises what onnxruntime raises: the caller decides whose fault an unrunnable original is.
         self.original = self._run_original(original) if numeric else []

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from optimizer_cli.verify import StageVerifier, split_samples, stack_samples
+from optimizer_cli.verify import StageVerifier, batching_pays, split_samples, stack_samples
 
 from .builders import mlp, run, to_ir
 
@@ -114,3 +114,12 @@ def test_a_stage_that_breaks_batching_is_still_checked_sample_by_sample(shape: l
 
 def test_small_models_are_run_one_by_one_by_default() -> None:
     assert StageVerifier(to_ir(mlp()), _feeds((1, 32)))._batch is None
+
+
+def test_batching_pays_only_on_large_models_with_small_samples() -> None:
+    large = 2_500_000_000
+    tokens = [{"input_ids": np.zeros((1, 128), np.int64)} for _ in range(4)]
+    images = [{"x": np.zeros((1, 3, 1024, 1024), np.float32)} for _ in range(4)]  # 50 MB together: 2% of it
+    assert batching_pays(large, tokens)
+    assert not batching_pays(large, images)
+    assert not batching_pays(100_000_000, tokens)
