@@ -232,15 +232,24 @@ def _all_initializers(graph: ir.Graph) -> list[ir.Value]:
     return values
 
 
+def _file_dtype(tensor: ir.TensorProtocol) -> np.dtype | None:
+    """The numpy dtype of an external tensor numpy can read straight from its file (whole bytes per element,
+    little-endian as ONNX stores it); None for anything else."""
+    if isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth >= 8 and tensor.size:
+        return np.dtype(tensor.dtype.numpy()).newbyteorder("<")
+    return None
+
+
 def map_weight(tensor: ir.TensorProtocol) -> np.ndarray:
     """A weight to read only: external data is a read-only memory map of just this tensor (no copy; its pages
     leave the process when the array is dropped), anything else as `read_weight` gives it."""
-    if isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth >= 8 and tensor.size:
-        dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
-        shape = tuple(tensor.shape.numpy())
-        # A plain ndarray view (np.memmap's subclass would leak into what is computed from it).
-        return np.asarray(np.memmap(tensor.path, dtype=dtype, mode="r", offset=tensor.offset or 0, shape=shape))
-    return read_weight(tensor)
+    dtype = _file_dtype(tensor)
+    if dtype is None:
+        return read_weight(tensor)
+    assert isinstance(tensor, ir.ExternalTensor)
+    shape = tuple(tensor.shape.numpy())
+    # A plain ndarray view (np.memmap's subclass would leak into what is computed from it).
+    return np.asarray(np.memmap(tensor.path, dtype=dtype, mode="r", offset=tensor.offset or 0, shape=shape))
 
 
 def has_nan(array: np.ndarray) -> bool:
@@ -262,8 +271,9 @@ def has_nan(array: np.ndarray) -> bool:
 def read_weight(tensor: ir.TensorProtocol) -> np.ndarray:
     """A weight as a private array: external data is read from the file (not memory-mapped), so the pages
     do not stay resident in this process once the array is dropped."""
-    if isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth >= 8 and tensor.size:
-        dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
+    dtype = _file_dtype(tensor)
+    if dtype is not None:
+        assert isinstance(tensor, ir.ExternalTensor)
         array = np.fromfile(tensor.path, dtype=dtype, count=tensor.size, offset=tensor.offset or 0)
         return array.reshape(tensor.shape.numpy())
     if not isinstance(tensor, ir.ExternalTensor):
@@ -339,7 +349,7 @@ HASH_WINDOW = 64 << 20  # a multiple of mmap.ALLOCATIONGRANULARITY
 
 
 def model_sha256(path: str | Path) -> str:
-    """sha256 over the model file and then its external data files (in location order), read in chunks."""
+    """sha256 over the model file and then its external data files (in location order), a window at a time."""
     digest = hashlib.sha256()
     for part in [Path(path), *external_data_files(path)]:
         with open(part, "rb") as fh:

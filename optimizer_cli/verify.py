@@ -182,18 +182,22 @@ def worse_per_output(a: list[Drift], b: list[Drift]) -> list[Drift]:
     return [y if y.cosine < x.cosine else x for x, y in zip(a, b, strict=True)]
 
 
+def same_layout(feeds: list[dict[str, np.ndarray]]) -> bool:
+    """Every sample has the same inputs with the same shapes and dtypes, none of them a scalar: the samples
+    concatenate along axis 0."""
+    first = feeds[0] if feeds else {}
+    return all(
+        feed.keys() == first.keys()
+        and all(v.ndim > 0 and v.shape == first[k].shape and v.dtype == first[k].dtype for k, v in feed.items())
+        for feed in feeds
+    )
+
+
 def stack_samples(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
-    """Two or more samples as one feed, concatenated along axis 0; None unless every sample has the same
-    inputs with the same shapes and dtypes, none of them a scalar."""
-    if len(feeds) < 2:
+    """Two or more samples as one feed, concatenated along axis 0; None unless they have the `same_layout`."""
+    if len(feeds) < 2 or not same_layout(feeds):
         return None
-    first = feeds[0]
-    for feed in feeds:
-        if feed.keys() != first.keys():
-            return None
-        if any(v.ndim == 0 or v.shape != first[k].shape or v.dtype != first[k].dtype for k, v in feed.items()):
-            return None
-    return {k: np.concatenate([feed[k] for feed in feeds]) for k in first}
+    return {k: np.concatenate([feed[k] for feed in feeds]) for k in feeds[0]}
 
 
 def batching_pays(weight_bytes: int, feeds: list[dict[str, np.ndarray]]) -> bool:
@@ -268,25 +272,25 @@ class StageVerifier:
             provider="cpu", threads=threads, opt_level="disable", cpu_mem_arena=False, prepacking=False
         )
         self._deployed = SessionConfig(provider="cpu", threads=threads, opt_level="all", cpu_mem_arena=False)
-        self._try_batch = batching_pays(weight_bytes, feeds) if batched is None else batched
         self._batch: dict[str, np.ndarray] | None = None  # the samples stacked, once the original allows it
+        try_batch = batching_pays(weight_bytes, feeds) if batched is None else batched
         # Raises what onnxruntime raises: the caller decides whose fault an unrunnable original is.
-        self.original = self._run_original(original) if numeric else []
+        self.original = self._run_original(original, try_batch) if numeric else []
         self.previous = self.original
 
-    def _run_original(self, model: ir.Model) -> list[list[np.ndarray]]:
+    def _run_original(self, model: ir.Model, try_batch: bool) -> list[list[np.ndarray]]:
         """The original's outputs per sample. On a large model, the last sample is run alone and all of them
         as one batch in the same session; the batch is used from then on if its slices have the shapes of
         the lone run's and the last slice matches it within `tolerance` (the last sample is the one that an
         axis 0 which is really time or a running sum would change)."""
-        batch = stack_samples(self.feeds) if self._try_batch else None
+        batch = stack_samples(self.feeds) if try_batch else None
         if batch is not None:
             try:
                 alone, together = run_model(model, [self.feeds[-1], batch], self._as_written)
             except Exception:  # e.g. a fixed batch dimension: run one by one, which raises what is wrong
                 alone, together = [], []
             split = split_samples(together, alone, len(self.feeds)) if alone else None
-            if split is not None and all(self.tolerance.allows(a, b) for a, b in zip(alone, split[-1], strict=True)):
+            if split is not None and self.tolerance.all_close([alone], split[-1:]):
                 self._batch = batch
                 return split
         return self._run(model)

@@ -29,7 +29,7 @@ from optimizer_cli.passes import _onnx_torch as bridge
 from optimizer_cli.passes._graph import is_large, lift_constants
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs
 from optimizer_cli.runtime.session import SessionConfig, run_model
-from optimizer_cli.verify import min_mean_cosine
+from optimizer_cli.verify import min_mean_cosine, same_layout
 
 
 class DistillConfig(PassConfig):
@@ -282,8 +282,7 @@ def _stackable(model: ir.Model, feeds: list[dict[str, np.ndarray]]) -> bool:
     values = [*model.graph.inputs, *model.graph.outputs]
     if any(v.shape is None or len(v.shape) == 0 or isinstance(v.shape[0], int) for v in values):
         return False
-    first = {k: a.shape for k, a in feeds[0].items()}
-    return all({k: a.shape for k, a in f.items()} == first for f in feeds)
+    return same_layout(feeds)
 
 
 def _batches(
