@@ -1,11 +1,11 @@
 """Shipped recipes vs the reference pipelines, on the same models, in one run (CPU, 2 threads).
 
-    python benchmarks/run_benchmarks.py [--models cnn,minilm,digits] [--rounds 10] [--update-readme]
+    python benchmarks/run_benchmarks.py [--models cnn,minilm,digits] [--rounds 10] [--update-docs]
 
 Each variant is timed against the fp32 model in interleaved A/B rounds (ORT_ENABLE_ALL, so a pass
 gets no credit for fusions ORT does itself) and reported as the paired median speedup with a 95%
 bootstrap interval, with fidelity on held-out inputs and file size. Writes benchmarks/results/*.json
-and, with --update-readme, the table between the BENCHMARKS markers in README.md.
+and, with --update-docs, the table between the BENCHMARKS markers in docs/benchmarks.md.
 
 Reference pipelines (what users would otherwise run):
   ort-transformers+dynamic   onnxruntime.transformers.optimizer (bert) + quantize_dynamic per-channel
@@ -238,7 +238,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="cnn,minilm,digits")
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--update-docs", action="store_true", help="rewrite the table in docs/benchmarks.md")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     results: dict = {"environment": environment(), "models": {}}
@@ -275,14 +275,14 @@ def main() -> None:
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results, stamp)
     print(table)
-    if args.update_readme:
-        readme = ROOT / "README.md"
-        text = readme.read_text()
+    if args.update_docs:
+        page = ROOT / "docs" / "benchmarks.md"
+        text = page.read_text()
         start, end = "<!-- BENCHMARKS:START -->", "<!-- BENCHMARKS:END -->"
         if start in text and end in text:
             head, rest = text.split(start, 1)
             _, tail = rest.split(end, 1)
-            readme.write_text(head + start + "\n" + table + "\n" + end + tail)
+            page.write_text(head + start + "\n" + table + "\n" + end + tail)
 
 
 def _speed(sp: dict) -> str:

@@ -338,11 +338,10 @@ def test_random_still_resolves(model: ir.Model) -> None:
     assert ds is not None and ds.is_random and ds.feeds[0]["x"].shape == (1, 3, 32, 48)
 
 
-def test_the_readme_loader_example_runs(model: ir.Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_documented_loader_example_runs(model: ir.Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import re
 
-    text = (Path(__file__).parent.parent / "README.md").read_text()
-    section = text[text.index("### Data") : text.index("## Recipes")]
+    section = (Path(__file__).parent.parent / "docs" / "data.md").read_text()
     (tmp_path / "lines.py").write_text(re.findall(r"```python\n(.*?)```", section, flags=re.S)[0])
     (tmp_path / "lines").mkdir()
     rng = np.random.default_rng(0)
