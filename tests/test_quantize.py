@@ -285,3 +285,56 @@ def test_dynamic_gemm_with_transposed_weight(tmp_path) -> None:
     assert result.modified and op_counts(model)["MatMulInteger"] == 1
     feed = {"x": rng.standard_normal((1, 128)).astype(np.float32)}
     assert snr_db(run(proto, feed)[0], run(model, feed, "all")[0]) > 25
+
+
+_MODES = [
+    {"mode": "dynamic"},
+    {"mode": "dynamic", "per_tensor": True},
+    {"mode": "static"},
+    {"mode": "static", "preprocess": False},
+    {"mode": "weight_only"},
+    {"mode": "weight_only", "per_tensor": True},
+    {"mode": "fp16"},
+    {"mode": "fp16", "per_tensor": True},
+]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["matmul", "gemm"])
+@pytest.mark.parametrize("cfg", _MODES, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_excluded_node_stays_float_in_every_mode(tmp_path, cfg: dict, fused: bool) -> None:
+    """Issue 24 item 2: after fuse, MatMul+Add is a Gemm that onnxruntime's dynamic quantizer renames to
+    '<name>_MatMul' before matching nodes_to_exclude, and static's pre-processing fuses MatMul+Add into
+    '<name>/MatMulAddFusion': both quantized the excluded node while the stats said `excluded_nodes: 1`.
+    Judged here on the output graph alone: the excluded layer's weight is still the same float32 tensor,
+    read directly by a MatMul or Gemm."""
+    proto = mlp((64, 128, 64, 10))
+    model = to_ir(proto)
+    if fused:
+        FusePass(FuseConfig(), context(tmp_path))(model)
+    layers = [n for n in model.graph if n.op_type in ("MatMul", "Gemm")]
+    excluded = layers[1]
+    weight_name = excluded.inputs[1].name
+    weight = excluded.inputs[1].const_value.numpy().copy()
+    calibration = _calibration(proto) if cfg["mode"] == "static" else None
+    quantize = QuantizePass(QuantizeConfig(exclude_nodes=[excluded.name], **cfg), context(tmp_path, calibration))
+    quantize(model)  # weight_only and per-tensor dynamic quantize no Gemm: the graph may stay as it was
+    check(model)
+    readers = [n for n in model.graph if any(v is not None and v.name == weight_name for v in n.inputs)]
+    assert readers and all(n.op_type in ("MatMul", "Gemm") for n in readers), [n.op_type for n in readers]
+    kept = model.graph.initializers[weight_name].const_value
+    assert kept.dtype == ir.DataType.FLOAT and np.array_equal(kept.numpy(), weight)
+    assert quantize.stats["excluded_nodes"] == 1
+
+
+def test_exclusion_the_quantizer_ignores_is_an_error_not_a_stat(tmp_path, monkeypatch) -> None:
+    """The stats are read from the output graph: if the tool is given only the Gemm's own name (as before
+    the fix), the node comes back quantized and the pass fails its contract instead of reporting it excluded."""
+    import optimizer_cli.passes.quantize as quantize_module
+    from optimizer_cli.errors import VerificationError
+
+    monkeypatch.setattr(quantize_module, "exclusion_aliases", lambda model, exclude, mode: {n: {n} for n in exclude})
+    model = to_ir(mlp((64, 128, 64, 10)))
+    FusePass(FuseConfig(), context(tmp_path))(model)
+    gemm = [n.name for n in model.graph if n.op_type == "Gemm"][1]
+    with pytest.raises(VerificationError, match=f"exclude_nodes {gemm} were quantized anyway"):
+        QuantizePass(QuantizeConfig(mode="dynamic", exclude_nodes=[gemm]), context(tmp_path))(model)

@@ -365,6 +365,13 @@ def convert_fp16_per_tensor(
     from onnxruntime.transformers import float16
 
     proto, stubbed = structure_proto(model, _graph.STORE_MIN_BYTES)
+    # onnx_ir writes a value_info for every initializer; the converter retypes every float value_info to
+    # float16, so an initializer it keeps float32 (read only by blocked nodes) was declared float16 and given
+    # a Cast to float32 of a float32 tensor: the model failed type inference. The initializer says its type.
+    initializer_names = {t.name for t in proto.graph.initializer}
+    kept = [vi for vi in proto.graph.value_info if vi.name not in initializer_names]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(kept)
     # The converter reads each converted initializer whole (numpy_helper.to_array) only to learn its
     # shape; the dims say it without touching the (stubbed) data.
     with mock.patch.object(float16, "make_value_info_from_tensor", _value_info_from_dims):

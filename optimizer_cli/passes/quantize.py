@@ -24,7 +24,7 @@ from pydantic import Field
 
 from optimizer_cli.analysis.graph import name_of, op_counts
 from optimizer_cli.data import Dataset, shape_mix, shape_text
-from optimizer_cli.errors import UserInputError, first_line
+from optimizer_cli.errors import UserInputError, VerificationError, first_line
 from optimizer_cli.passes._graph import is_large, new_initializer, replace_model_contents
 from optimizer_cli.passes._tools import load_tool_output, tool_working_directory, write_for_tool
 from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig
@@ -83,6 +83,58 @@ def _flatten_gemm_biases(model: ir.Model) -> int:
             graph.initializers.pop(name_of(bias))
         changed += 1
     return changed
+
+
+# Element types a quantizer lowers float weights or activations to.
+_LOWERED = {
+    ir.DataType.INT8,
+    ir.DataType.UINT8,
+    ir.DataType.INT4,
+    ir.DataType.UINT4,
+    ir.DataType.FLOAT16,
+}
+
+
+def exclusion_aliases(model: ir.Model, exclude: set[str], mode: str) -> dict[str, set[str]]:
+    """The names each excluded node may carry when onnxruntime's tool matches `nodes_to_exclude`: dynamic
+    mode first rewrites every Gemm (alpha = beta = 1, no transA) as MatMul '<name>_MatMul' + Add '<name>_Add'
+    and matches the MatMul's name, so excluding the Gemm's own name alone excluded nothing."""
+    aliases = {name: {name} for name in exclude}
+    if mode == "dynamic":
+        for node in model.graph:
+            if node.name in aliases and node.op_type == "Gemm":
+                aliases[node.name].add(f"{node.name}_MatMul")
+    return aliases
+
+
+def _lowered_types(node: ir.Node) -> set[ir.DataType]:
+    return {v.dtype for v in node.inputs if v is not None and v.dtype in _LOWERED}
+
+
+def _computes_in_float(node: ir.Node, lowered_before: set[ir.DataType]) -> bool:
+    """No quantized kernel, no dequantized weight and no input lowered to a type it did not have before."""
+    if node.op_type in QUANT_OPS:
+        return False
+    for value in node.inputs:
+        producer = value.producer() if value is not None else None
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            data = producer.inputs[0]
+            if data is not None and data.const_value is not None:
+                return False
+    return _lowered_types(node) <= lowered_before
+
+
+def quantized_exclusions(
+    model: ir.Model, aliases: dict[str, set[str]], lowered_before: dict[str, set[ir.DataType]]
+) -> list[str]:
+    """Excluded nodes the output graph does not compute in float: none of the names they may carry is a
+    node that computes in float."""
+    by_name = {node.name: node for node in model.graph if node.name}
+    return sorted(
+        name
+        for name, names in aliases.items()
+        if not any(n in by_name and _computes_in_float(by_name[n], lowered_before[name]) for n in names)
+    )
 
 
 class QuantizeConfig(PassConfig):
@@ -193,7 +245,9 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
         unknown = set(cfg.exclude_nodes) - {n.name for n in model.graph}
         if unknown:
             raise UserInputError(f"quantize: exclude_nodes not in the model: {', '.join(sorted(unknown))}")
-        self.stats["excluded_nodes"] = len(exclude)
+        # What the exclusion is checked against once the graph is rewritten (_finish).
+        self._aliases = exclusion_aliases(model, exclude, cfg.mode)
+        self._lowered_before = {n.name: _lowered_types(n) for n in model.graph if n.name in exclude}
         if cfg.mode != "static" and (cfg.per_tensor is True or (cfg.per_tensor == "auto" and is_large(model))):
             from optimizer_cli.passes import _per_tensor as per_tensor
 
@@ -216,14 +270,15 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
             large = is_large(model)
             if cfg.per_channel and cfg.mode in ("dynamic", "static"):
                 src = self._ensure_opset(src, PER_CHANNEL_MIN_OPSET, large)
+            names = sorted({n for aliases in self._aliases.values() for n in aliases})
             if cfg.mode == "dynamic":
-                self._dynamic(src, out, cfg, sorted(exclude), large, self._reduce_range(cfg))
+                self._dynamic(src, out, cfg, names, large, self._reduce_range(cfg))
             elif cfg.mode == "static":
-                self._static(model, src, out, cfg, sorted(exclude), large, tmp_dir, self._reduce_range(cfg))
+                self._static(model, src, out, cfg, large, tmp_dir, self._reduce_range(cfg))
             elif cfg.mode == "fp16":
-                self._fp16(src, out, cfg, sorted(exclude), large)
+                self._fp16(src, out, cfg, names, large)
             else:
-                self._weight_only(src, out, cfg, sorted(exclude), large)
+                self._weight_only(src, out, cfg, names, large)
             result = load_tool_output(out)
             # float16 conversion appends its Casts at the end of the node list.
             common.TopologicalSortPass()(result)
@@ -238,6 +293,14 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
     def _finish(self, model: ir.Model, before: Counter[str], changed: bool = False) -> ir.passes.PassResult:
         """Stats of what the model now holds; modified when its op counts moved or `changed` says so."""
         cfg = self.config
+        quantized = quantized_exclusions(model, self._aliases, self._lowered_before)
+        if quantized:  # a tool that renames nodes before matching nodes_to_exclude; never report it as excluded
+            raise VerificationError(
+                f"quantize ({cfg.mode}): exclude_nodes {', '.join(quantized)} were quantized anyway (the "
+                "quantizer renamed or fused them before matching the exclusion)"
+            )
+        # Read from the output graph: every excluded node computes in float there.
+        self.stats["excluded_nodes"] = len(self._aliases)
         after = op_counts(model)
         self.stats |= {"mode": cfg.mode, "quant_ops": {op: after[op] for op in sorted(QUANT_OPS) if after.get(op)}}
         if cfg.mode == "fp16":
@@ -350,7 +413,6 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
         src: Path,
         out: Path,
         cfg: QuantizeConfig,
-        exclude: list[str],
         large: bool,
         tmp: Path,
         reduce_range: bool,
@@ -361,6 +423,7 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
         _check_histogram_shapes(cfg, calibration)
         if cfg.preprocess:
             src = self._preprocess(src, tmp, large)
+        exclude = sorted({n for aliases in self._aliases.values() for n in aliases})
         method = {
             "minmax": CalibrationMethod.MinMax,
             "entropy": CalibrationMethod.Entropy,
@@ -396,10 +459,26 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
         target = tmp / "preprocessed.onnx"
         try:
             quant_pre_process(str(src), str(target), save_as_external_data=large)
-            return target
         except Exception as exc:  # symbolic shape inference refuses some graphs; quantize without it
             self.stats["preprocess"] = f"skipped: {first_line(exc, 80)}"
             return src
+        # Its fusions rename what they fuse ('<MatMul name>/MatMulAddFusion' for MatMul + Add): an excluded
+        # node must stay excluded under its new name, or the pre-processing is not used.
+        before = {n.name for n in onnx.load(str(src), load_external_data=False).graph.node}
+        after = {n.name for n in onnx.load(str(target), load_external_data=False).graph.node}
+        lost = []
+        for name, names in self._aliases.items():
+            if name not in after:
+                fused = {n for n in after - before if n.startswith(f"{name}/")}
+                names |= fused
+                if not fused:
+                    lost.append(name)
+        if lost:
+            self.stats["preprocess"] = f"skipped: it fuses excluded node(s) away ({', '.join(sorted(lost)[:3])})"
+            for names in self._aliases.values():
+                names -= after - before
+            return src
+        return target
 
     def _fp16(self, src: Path, out: Path, cfg: QuantizeConfig, exclude: list[str], large: bool) -> None:
         from onnxruntime.transformers.float16 import convert_float_to_float16
