@@ -218,7 +218,11 @@ def test_accuracy_gate_without_labels_is_an_input_error() -> None:
 
 def test_cpu_probe_is_usable_and_unknown_aliases_fail() -> None:
     assert probe_provider("cpu").usable
-    assert parse_provider_list(None) == ["cpu", "cuda", "trt"]
+    from optimizer_cli.runtime.providers import default_providers, installed_plugins
+
+    defaults = parse_provider_list(None)
+    assert defaults[:3] == ["cpu", "cuda", "trt"] and defaults == list(default_providers())
+    assert ("openvino" in defaults) == any("openvino" in p for p in installed_plugins())
     with pytest.raises(UserInputError):
         parse_provider_list("cpu,tpu")
 

@@ -10,6 +10,7 @@ from optimizer_cli.passes.prune import PrunePass
 from optimizer_cli.passes.prune_heads import PruneHeadsPass
 from optimizer_cli.passes.quantize import QuantizePass
 from optimizer_cli.passes.reconstruct import ReconstructPass
+from optimizer_cli.passes.static_shapes import StaticShapesPass
 from optimizer_cli.passes.trim_padding import TrimPaddingPass
 
 PASSES: tuple[type[OptimizationPass], ...] = (
@@ -23,6 +24,7 @@ PASSES: tuple[type[OptimizationPass], ...] = (
     DropLayersPass,
     DistillPass,
     QuantizePass,
+    StaticShapesPass,
 )
 PASS_REGISTRY: dict[str, type[OptimizationPass]] = {cls.name: cls for cls in PASSES}
 assert len(PASS_REGISTRY) == len(PASSES), "two passes share a name"

@@ -13,31 +13,21 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from optimizer_cli.errors import UserInputError, first_line
+from optimizer_cli.runtime import ep_plugins
+from optimizer_cli.runtime.targets import (
+    PROVIDER_ALIASES,
+    RunTarget,
+    parse_target,
+    parse_targets,
+    resolve_provider,
+)
 
-PROVIDER_ALIASES: dict[str, str] = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "trt": "TensorrtExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "rocm": "ROCMExecutionProvider",
-}
+__all__ = ["PROVIDER_ALIASES", "ProviderStatus", "probe_provider", "resolve_provider"]
+
 DEFAULT_PROVIDERS = ("cpu", "cuda", "trt")
-
-
-def resolve_provider(alias: str) -> str:
-    """'cuda' -> 'CUDAExecutionProvider'; full names pass through."""
-    key = alias.strip()
-    if key.lower() in PROVIDER_ALIASES:
-        return PROVIDER_ALIASES[key.lower()]
-    if key.endswith("ExecutionProvider"):
-        return key
-    known = ", ".join(sorted(set(PROVIDER_ALIASES)))
-    raise UserInputError(f"unknown execution provider '{alias}' (known: {known})")
 
 
 @contextlib.contextmanager
@@ -79,6 +69,11 @@ def installed_runtimes() -> list[str]:
     return found
 
 
+def installed_plugins() -> list[str]:
+    """Plugin EP packages (onnxruntime-ep-*) installed beside onnxruntime, with versions."""
+    return [p.distribution for p in ep_plugins.plugin_libraries()]
+
+
 def _probe_model_bytes() -> bytes:
     from onnx import TensorProto, helper
 
@@ -94,50 +89,110 @@ def _probe_model_bytes() -> bytes:
 _PROBE_CACHE: dict[str, ProviderStatus] = {}
 
 
-def probe_provider(alias: str) -> ProviderStatus:
-    """Create a tiny session on the provider and check that it is really the one used."""
+def configure_target(options: Any, target: RunTarget, threads: int) -> list[Any] | None:
+    """Make `options` (an ort.SessionOptions) run on `target`; returns the `providers=` list for the session,
+    or None when the provider was added to `options` itself (a plugin EP, chosen by its device)."""
+    import onnxruntime as ort
+
+    name = target.ep_name
+    provider_options = target.provider_options(threads)
+    if name in ort.get_available_providers():
+        entries: list[Any] = [(name, provider_options)] if provider_options else [name]
+        return entries if name == "CPUExecutionProvider" else [*entries, "CPUExecutionProvider"]
+    device = device_for(target)
+    if device is None:
+        raise UserInputError(f"execution provider '{target.label}' is not usable: {_plugin_problem(target)}")
+    options.add_provider_for_devices([device], provider_options)
+    return None
+
+
+def device_for(target: RunTarget) -> Any | None:
+    """The OrtEpDevice a plugin EP offers for the target's device type (its first), or None."""
+    wanted = target.device or "cpu"
+    return next((d for d in ep_plugins.ep_devices(target.ep_name) if ep_plugins.device_type(d) == wanted), None)
+
+
+def _plugin_problem(target: RunTarget) -> str:
+    """Why a provider that is not part of this onnxruntime build cannot run `target`, in a sentence."""
+    name = target.ep_name
+    plugin = ep_plugins.plugin_for(name)
+    if plugin is None:
+        extra = ' (pip install -e ".[openvino]")' if name == "OpenVINOExecutionProvider" else ""
+        return f"not in this onnxruntime build ({', '.join(installed_runtimes())}) and no plugin package provides it{extra}"
+    if not plugin.registered:
+        return f"{plugin.distribution}: {plugin.problem}"
+    offered = sorted({ep_plugins.device_type(d) for d in ep_plugins.ep_devices(name)})
+    wanted = target.device or "cpu"
+    return (
+        f"{plugin.distribution} offers no {wanted.upper()} device on this host (CPU vendor "
+        f"{ep_plugins.host_cpu_vendor()}; devices offered: {', '.join(offered) or 'none'})"
+    )
+
+
+def probe_provider(spec: str | RunTarget) -> ProviderStatus:
+    """Create a tiny session on the target and check that its provider really ran the node."""
     import numpy as np
     import onnxruntime as ort
 
-    name = resolve_provider(alias)
-    if name in _PROBE_CACHE:
-        return _PROBE_CACHE[name]
-    if name not in ort.get_available_providers():
-        status = ProviderStatus(
-            alias, name, False, f"not in this onnxruntime build ({', '.join(installed_runtimes())})"
-        )
-    elif name == "CPUExecutionProvider":
-        status = ProviderStatus(alias, name, True, "ok")
+    target = spec if isinstance(spec, RunTarget) else parse_target(spec)
+    name = target.ep_name
+    if target.label in _PROBE_CACHE:
+        return _PROBE_CACHE[target.label]
+    if name == "CPUExecutionProvider":
+        status = ProviderStatus(target.label, name, True, "ok")
+    elif name not in ort.get_available_providers() and device_for(target) is None:
+        status = ProviderStatus(target.label, name, False, _plugin_problem(target))
     else:
         options = ort.SessionOptions()
         options.log_severity_level = 4
-        provider_opts = {}
-        if name == "TensorrtExecutionProvider":
-            provider_opts = {"trt_engine_cache_enable": "False"}
+        options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
         try:
             with silence_native_output():
-                sess = ort.InferenceSession(
-                    _probe_model_bytes(), options, providers=[(name, provider_opts), "CPUExecutionProvider"]
-                )
+                providers = configure_target(options, target, threads=1)
+                if name == "TensorrtExecutionProvider":
+                    providers = [(name, {"trt_engine_cache_enable": "False"}), "CPUExecutionProvider"]
+                sess = ort.InferenceSession(_probe_model_bytes(), options, providers=providers)
                 sess.run(None, {"x": np.ones((1, 4), np.float32)})
-            active = sess.get_providers()
-            if name in active:
-                status = ProviderStatus(alias, name, True, "ok")
+            counts = node_placement(sess)
+            if counts.get(name):
+                status = ProviderStatus(target.label, name, True, "ok")
             else:
+                taken = ", ".join(counts) or ", ".join(sess.get_providers())
                 status = ProviderStatus(
-                    alias, name, False, f"session fell back to {', '.join(active)} (no usable device or libraries)"
+                    target.label, name, False, f"session fell back to {taken} (no usable device or libraries)"
                 )
         except Exception as exc:  # the EP's own load errors vary; report them, do not crash
-            status = ProviderStatus(alias, name, False, f"session failed: {first_line(exc, 200)}")
-    _PROBE_CACHE[name] = status
+            status = ProviderStatus(target.label, name, False, f"session failed: {first_line(exc, 200)}")
+    _PROBE_CACHE[target.label] = status
     return status
 
 
+def node_placement(sess: Any) -> dict[str, int]:
+    """How many of the session's (optimized) graph nodes each execution provider took, largest first.
+
+    Read from onnxruntime's own assignment record (the session must be created with the session config
+    entry session.record_ep_graph_assignment_info=1); empty when the build offers no such record."""
+    counts: dict[str, int] = {}
+    try:
+        for subgraph in sess.get_provider_graph_assignment_info():
+            counts[subgraph.ep_name] = counts.get(subgraph.ep_name, 0) + len(subgraph.get_nodes())
+    except Exception:  # an onnxruntime without the record, or a session created without asking for it
+        return {}
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def default_providers() -> tuple[str, ...]:
+    """What `--providers` means when not given: the CPU, CUDA and TensorRT EPs, plus every installed plugin EP
+    (each is probed: an unusable one is a row saying why)."""
+    extra = []
+    for plugin in ep_plugins.plugin_libraries():
+        for name in plugin.ep_names:
+            alias = next((a for a, n in PROVIDER_ALIASES.items() if n == name), name)
+            if alias not in DEFAULT_PROVIDERS and alias not in extra:
+                extra.append(alias)
+    return (*DEFAULT_PROVIDERS, *extra)
+
+
 def parse_provider_list(text: str | None) -> list[str]:
-    """'cpu,cuda' -> ['cpu', 'cuda'] (validated); None -> the defaults."""
-    if not text:
-        return list(DEFAULT_PROVIDERS)
-    aliases = [p.strip().lower() for p in text.split(",") if p.strip()]
-    for alias in aliases:
-        resolve_provider(alias)
-    return aliases
+    """'cpu,openvino:bf16' -> ['cpu', 'openvino:bf16'] (validated, canonical); None -> the defaults."""
+    return [t.label for t in parse_targets(text, default_providers())]

@@ -16,7 +16,8 @@ import numpy as np
 import onnx_ir as ir
 
 from optimizer_cli.model_io import model_to_bytes, save_for_reading
-from optimizer_cli.runtime.providers import resolve_provider, silence_native_output
+from optimizer_cli.runtime.providers import configure_target, resolve_provider, silence_native_output
+from optimizer_cli.runtime.targets import RunTarget, parse_target
 
 OPT_LEVELS = {
     "disable": "ORT_DISABLE_ALL",
@@ -66,20 +67,20 @@ class SessionConfig:
         return dataclasses.replace(self, **{k: v for k, v in options.items() if v is not None})
 
 
-def _provider_entry(config: SessionConfig) -> list[Any]:
-    name = resolve_provider(config.provider)
-    options: dict[str, Any] = dict(config.extra_provider_options)
-    if name == "TensorrtExecutionProvider":
-        options.setdefault("trt_fp16_enable", str(config.trt_fp16))
-        options.setdefault("trt_int8_enable", str(config.trt_int8))
+def session_target(config: SessionConfig) -> RunTarget:
+    """The run target of a session config: its provider text, with the TensorRT flags of older recipes
+    (benchmark.trt_fp16 / trt_int8 / trt_cache_dir) and extra provider options folded in."""
+    target = parse_target(config.provider)
+    options = dict(target.options)
+    if target.ep_name == "TensorrtExecutionProvider":
+        precision = target.precision or ("int8" if config.trt_int8 else "fp16" if config.trt_fp16 else None)
         if config.trt_cache_dir:
             Path(config.trt_cache_dir).mkdir(parents=True, exist_ok=True)
             options.setdefault("trt_engine_cache_enable", "True")
             options.setdefault("trt_engine_cache_path", config.trt_cache_dir)
-    entries: list[Any] = [(name, options)] if options else [name]
-    if name != "CPUExecutionProvider":
-        entries.append("CPUExecutionProvider")
-    return entries
+        target = dataclasses.replace(target, precision=precision)
+    options.update({k: str(v) for k, v in config.extra_provider_options.items()})
+    return dataclasses.replace(target, options=tuple(sorted(options.items())))
 
 
 class ModelSource:
@@ -124,13 +125,17 @@ def create_session(source: ModelSource | ir.Model | str | Path, config: SessionC
         options.add_session_config_entry("session.disable_prepacking", "1")
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[config.opt_level])
     options.log_severity_level = ort_log_severity()
-    providers = _provider_entry(config)
+    # onnxruntime's record of which provider took which node: the benchmark reports it (fallback honesty).
+    options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
     silence = (
         silence_native_output()
         if resolve_provider(config.provider) != "CPUExecutionProvider"
         else contextlib.nullcontext()
     )
     with silence:
+        providers = configure_target(options, session_target(config), config.threads)
+        if providers is None:  # a plugin EP, added to the options by its device
+            return ort.InferenceSession(source.data, options)
         return ort.InferenceSession(source.data, options, providers=providers)
 
 

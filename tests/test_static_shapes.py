@@ -1,0 +1,73 @@
+"""static_shapes: fixes symbolic input dims to the data's shapes, exactly; refuses what the data contradicts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from optimizer_cli.data import Dataset
+from optimizer_cli.passes.static_shapes import StaticShapesConfig, StaticShapesPass
+
+from .builders import check, context, mlp, padded_feed, random_feed, run, tiny_encoder, to_ir
+
+
+def _apply(model: ir.Model, tmp_path, feeds: list[dict], **config) -> StaticShapesPass:
+    ctx = dataclasses.replace(context(tmp_path), verify_data=Dataset(feeds, None, "test", False))
+    p = StaticShapesPass(StaticShapesConfig(**config), ctx)
+    result = p(model)
+    assert result.modified == ("skipped" not in p.stats)
+    return p
+
+
+def _input_shapes(model: ir.Model) -> dict[str, list]:
+    return {str(v.name): list(v.shape.dims) for v in model.graph.inputs}
+
+
+def test_batch_dim_fixed_to_the_samples_and_outputs_exact(tmp_path) -> None:
+    proto = mlp()
+    model = to_ir(proto)
+    assert _input_shapes(model)["x"][0] != 4  # symbolic before
+    feeds = [random_feed(proto, seed=s, batch=4) for s in range(3)]
+    p = _apply(model, tmp_path, feeds)
+    assert _input_shapes(model)["x"] == [4, 32]
+    assert p.stats["fixed"] == {"x": "4x32"}
+    check(model)
+    # Intermediate shapes are static too (what an engine compiling per shape reads).
+    assert all(isinstance(d, int) for n in model.graph for o in n.outputs if o.shape for d in o.shape.dims)
+    for feed in feeds:
+        np.testing.assert_array_equal(run(model, feed)[0], run(proto, feed)[0])
+    # Idempotent: nothing symbolic is left.
+    again = _apply(model, tmp_path, feeds)
+    assert "skipped" in again.stats
+
+
+def test_named_dims_win_and_must_agree_with_the_data(tmp_path) -> None:
+    proto = tiny_encoder()
+    feeds = [padded_feed([3, 5], 32, seed=s) for s in range(2)]  # batch 2, sequence 32
+    model = to_ir(proto)
+    dim_names = {getattr(d, "value", None) for v in model.graph.inputs for d in v.shape.dims}
+    seq_name = next(n for n in dim_names if isinstance(n, str) and n != "batch")
+    _apply(model, tmp_path, feeds, dims={seq_name: 32})
+    assert all(_input_shapes(model)[k] == [2, 32] for k in ("input_ids", "attention_mask"))
+    check(model)
+    contradicted = to_ir(proto)
+    p = _apply(contradicted, tmp_path, feeds, dims={seq_name: 64})
+    assert "skipped" in p.stats and "64" in str(p.stats["left_symbolic"])
+    assert _input_shapes(contradicted) == _input_shapes(to_ir(proto))
+
+
+def test_samples_of_several_shapes_leave_the_input_symbolic(tmp_path) -> None:
+    proto = mlp()
+    model = to_ir(proto)
+    feeds = [random_feed(proto, seed=0, batch=1), random_feed(proto, seed=1, batch=3)]
+    p = _apply(model, tmp_path, feeds)
+    assert "skipped" in p.stats and "2 shapes" in p.stats["left_symbolic"]["x"]
+    assert _input_shapes(model) == _input_shapes(to_ir(proto))
+
+
+def test_dims_below_one_are_refused_by_the_config() -> None:
+    with pytest.raises(ValueError):
+        StaticShapesConfig(dims={"batch": 0})
