@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 import traceback
 import warnings
@@ -27,7 +28,7 @@ from rich.markup import escape
 from typer.exceptions import TyperException
 
 from optimizer_cli import __version__
-from optimizer_cli.errors import GateFailure, OptimizerError, UserInputError, VerificationError
+from optimizer_cli.errors import DISK_ERRNOS, GateFailure, OptimizerError, UserInputError, VerificationError
 
 app = typer.Typer(
     add_completion=True,
@@ -73,6 +74,12 @@ def _emit_json(doc: dict[str, Any]) -> None:
 
 DATA_FORMS = ".npz, folder of .npy or of per-sample .npz, <index>/<input> .npz, or a loader file.py:function"
 ProvidersOpt = typer.Option(None, "--providers", help="Comma list: cpu,cuda,trt (default: all usable).")
+AllowNonfiniteOpt = typer.Option(
+    False, "--allow-nonfinite", help="Run on data holding NaN/Inf (refused otherwise; a note counts the samples)."
+)
+AllowCastOpt = typer.Option(
+    False, "--allow-cast", help="Cast integer data for a floating input when every value is exact (refused otherwise)."
+)
 
 
 @app.command("run")
@@ -93,7 +100,7 @@ def run_cmd(
     bench: bool = typer.Option(True, "--bench/--no-bench", help="Benchmark original vs optimized after the run."),
     providers: str | None = ProvidersOpt,
     strict_ep: bool = typer.Option(False, "--strict-ep", help="Error instead of skipping unusable providers."),
-    threads: int | None = typer.Option(None, "--threads", help="Intra-op threads (default: recipe, 2)."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="Intra-op threads (default: recipe, 2)."),
     sweep: list[str] = typer.Option([], "--sweep", help="Shape sweep, e.g. batch=1,8 (repeatable)."),
     eval_samples: int = typer.Option(256, "--eval-samples", min=1, help="Cap on evaluation samples."),
     metric: str | None = typer.Option(
@@ -106,16 +113,23 @@ def run_cmd(
     markdown: Path | None = typer.Option(None, "--markdown", help="Also write the report as Markdown."),
     report_path: Path | None = typer.Option(None, "--report", help="Also write the JSON report to a file."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak session memory."),
+    allow_code: bool = typer.Option(False, "--allow-code", help="Run the code (data loaders) the recipe names."),
 ) -> None:
     """Run a recipe on MODEL, verify every pass, save, and benchmark original vs optimized."""
+    from optimizer_cli.outputs import disk_errors
+
     human, log = _consoles(json_out)
-    rec = _run_recipe(recipe, overrides, calib_samples)
+    # --threads is the recipe's benchmark.threads, so the report records what was asked.
+    rec = _run_recipe(recipe, [*overrides, *([f"benchmark.threads={threads}"] if threads else [])], calib_samples)
+    if model.name in ("", ".", "..") or model.is_dir():
+        raise UserInputError("is a directory, expected an .onnx file", model)
     output = output or model.with_name(model.stem + ".opt.onnx")
+    code = _code_consent(rec, recipe, allow_code, calib, data, overrides, refuse=not dry_run)
     if dry_run:
         _parse_gates(fail_if)
-        _dry_run(model, rec, output, calib, data, human, json_out)
+        _dry_run(model, rec, output, calib, data, human, json_out, code)
         return
-    threads = threads or rec.benchmark.threads
+    threads = rec.benchmark.threads
     benchmarking = bench and rec.benchmark.enabled
     # Everything that can be checked without the model is checked now, before any work or any write.
     checks = _preflight(
@@ -133,11 +147,13 @@ def run_cmd(
     settings = _bench_settings(rec, providers, strict_ep, threads, sweep, eval_samples, memory)
     _check_providers(settings, checks.gates)
     _check_declared_kinds(model, rec, checks.gates)
+    if benchmarking:
+        _check_sweep(model, settings)
     _quiet_runtime()
     plan = checks.plan
     try:
         staged = plan.staged_model()
-        with _library_output_to_stderr(), _warnings_to(log), _Progress(log) as progress:
+        with _library_output_to_stderr(), _warnings_to(log), _Progress(log) as progress, disk_errors("-o", output):
             try:
                 report = _optimize_and_measure(
                     model, output, recipe, rec, staged, calib, data, threads, settings, checks, benchmarking,
@@ -166,6 +182,22 @@ def _run_recipe(recipe: Path, overrides: list[str], calib_samples: int | None) -
         if "calibration_samples" in type(p).model_fields
     ]
     return load_recipe(recipe, [*overrides, *(f"{f}={calib_samples}" for f in fields)])
+
+
+def _code_consent(
+    rec: Any, recipe: Path, allow_code: bool, calib: str | None, data: str | None, overrides: list[str], *, refuse: bool
+) -> str | None:
+    """Code the recipe names that nobody consented to (None: none); with `refuse`, a UserInputError naming it.
+    A shared recipe's loader is code: it runs only with --allow-code or the same loader on the command line."""
+    from optimizer_cli.recipe import code_consent_problem, set_values, unconsented_code
+
+    refs = unconsented_code(
+        rec, allow_code=allow_code, calibration=calib, evaluation=data, command_line=set_values(overrides)
+    )
+    problem = code_consent_problem(refs) if refs else None
+    if problem is not None and refuse:
+        raise UserInputError(problem, recipe)
+    return problem
 
 
 def _attribute_failure(
@@ -284,10 +316,30 @@ def _optimize_and_measure(
     }
     if benchmarking:
         eval_data = result.evaluation if result.evaluation is not None else result.verify_data
-        _benchmark_into(report, model, staged, settings, eval_data, checks.metric, rec.data.dims, log)
+        timed = _runnable_original(model, staged.parent / "original", report["notes"])
+        _benchmark_into(report, timed, staged, settings, eval_data, checks.metric, rec.data.dims, log)
         if attribute:
             _attribution_into(report, model, staged, rec, eval_data, calib, data, threads, log)
     return report
+
+
+def _runnable_original(model: Path, folder: Path, notes: list[str]) -> Path:
+    """The original as onnxruntime can load it: the file itself, or (IR newer than onnxruntime reads, two nodes
+    of one name) a copy with the pipeline's own normalization in `folder`, the staging folder's, said in a note."""
+    import onnx_ir as ir
+
+    from optimizer_cli.model_io import external_data_files, load_model, runtime_problem, save_model
+    from optimizer_cli.pipeline import normalize
+
+    problem = runtime_problem(ir.load(model))  # memory-maps external data: cheap
+    if problem is None:
+        return model
+    normalized = load_model(model)
+    normalize(normalized)
+    copy = folder / model.name
+    save_model(normalized, copy, external_data=bool(external_data_files(model)) or None)
+    notes.append(f"the original was timed as normalized the way the passes see it: {problem.split(';')[0]}")
+    return copy
 
 
 def _hashes_read(json_out: bool, report_path: Path | None, baseline: Path | None) -> bool:
@@ -383,6 +435,17 @@ def _check_declared_kinds(model: Path, rec: Any, gates: list[Any]) -> None:
     names = output_names(ir.load(model))  # memory-maps external data: cheap
     check_declared(names, rec.metrics.outputs)
     check_declared_kinds(gates, dict(rec.metrics.outputs), names)
+
+
+def _check_sweep(model: Path, settings: Any) -> None:
+    """--sweep names dims the model has (a dim it lacks would time the same shape under another label)."""
+    if not settings.sweep:
+        return
+    import onnx_ir as ir
+
+    from optimizer_cli.bench.harness import check_sweep_dims
+
+    check_sweep_dims(settings.sweep, ir.load(model))  # memory-maps external data: cheap
 
 
 def _check_providers(settings: Any, gates: list[Any]) -> None:
@@ -493,7 +556,7 @@ def _benchmark_into(
         dims=dims,
         log=log.line,
     )
-    report["benchmark"] = bench.as_dict()
+    report["benchmark"] = {**bench.as_dict(), "threads": settings.threads}  # what the sessions were given
     report["notes"].extend(n for n in bench.notes if n not in report["notes"])
 
 
@@ -516,9 +579,8 @@ def _attribution_into(
 
 
 def _finish(report: dict[str, Any], checks: _Checked, json_out: bool, human: Console, log: Console) -> None:
-    """Gates and baseline, then every output: reports are rendered in memory first, the model is moved into
-    place only when no gate failed, and reports are written atomically last."""
-    from optimizer_cli.outputs import write_text_atomic
+    """Gates and baseline, then every output: reports are rendered in memory first, and the model (only when
+    no gate failed) and the reports are committed together last."""
     from optimizer_cli.report.table import render_markdown, render_rich
 
     if checks.baseline is not None and report.get("benchmark"):
@@ -543,13 +605,12 @@ def _finish(report: dict[str, Any], checks: _Checked, json_out: bool, human: Con
         path: (json.dumps(report, indent=2, default=str) + "\n" if flag == "--report" else render_markdown(report))
         for flag, path in plan.reports.items()
     }
+    # The model and its reports are one unit: all in place, or the previous set left whole; "wrote" only after.
+    plan.commit(texts, model=not violated)
     if plan.model is not None and not violated:
-        plan.commit_model()
         log.print(
             f"wrote {plan.model} ({report['output_bytes'] / 1e6:.2f} MB, was {report['input_bytes'] / 1e6:.2f} MB)"
         )
-    for path, text in texts.items():
-        write_text_atomic(path, text)
     if json_out:
         _emit_json(report)
     else:
@@ -559,7 +620,14 @@ def _finish(report: dict[str, Any], checks: _Checked, json_out: bool, human: Con
 
 
 def _dry_run(
-    model: Path, rec: Any, output: Path, calib: str | None, data: str | None, human: Console, json_out: bool
+    model: Path,
+    rec: Any,
+    output: Path,
+    calib: str | None,
+    data: str | None,
+    human: Console,
+    json_out: bool,
+    code: str | None = None,
 ) -> None:
     from optimizer_cli.passes import PASS_REGISTRY, RunInputs
     from optimizer_cli.pipeline import requirement_problems
@@ -567,6 +635,8 @@ def _dry_run(
     calib = calib or rec.data.calibration
     data = data or rec.data.evaluation
     problems = requirement_problems(rec, RunInputs(calibration=calib, evaluation=data))
+    if code is not None:  # said, never run: a dry run imports nothing
+        problems.append(code)
     if not model.exists():
         problems.insert(0, f"{model}: file not found")
     plan = {
@@ -587,20 +657,24 @@ def _dry_run(
     if json_out:
         _emit_json(plan)
     else:
-        human.print(f"[bold]Plan[/bold]: {model} -> {output} with recipe '{rec.name}'")
+        human.print(escape(f"Plan: {model} -> {output} with recipe '{rec.name}'"), soft_wrap=True)
         for p in plan["passes"]:
             cfg = {k: v for k, v in p["config"].items() if k not in ("type", "label")}
-            human.print(f"  {p['index']}. {p['type']} ({p['exactness']}) {cfg}")
-        human.print(f"  calibration: {calib or '-'}; evaluation: {data or 'seeded random'}")
-        if rec.session.model_dump(exclude_defaults=True):
-            human.print(f"  optimized model's session options: {rec.session.model_dump(exclude_defaults=True)}")
-        for problem in problems:
-            human.print(f"[red]problem:[/red] {problem}")
+            human.print(escape(f"  {p['index']}. {p['type']} ({p['exactness']}) {_options_text(cfg)}"), soft_wrap=True)
+        human.print(escape(f"  calibration: {calib or '-'}; evaluation: {data or 'seeded random'}"), soft_wrap=True)
+        session = rec.session.model_dump(mode="json", exclude_defaults=True)
+        if session:
+            human.print(escape(f"  optimized model's session options: {_options_text(session)}"), soft_wrap=True)
     if problems:
-        if json_out:  # the plan (with its problems) is the one JSON document; the error goes to stderr only
-            sys.stderr.write(f"error: {problems[0]}\n")
-            raise typer.Exit(UserInputError.exit_code)
-        raise UserInputError(problems[0])
+        # Each problem once, as an error line on stderr (the JSON plan also lists them).
+        for problem in problems:
+            sys.stderr.write(f"error: {problem}\n")
+        raise typer.Exit(UserInputError.exit_code)
+
+
+def _options_text(options: dict[str, Any]) -> str:
+    """key=value with the recipe's (YAML/JSON) spellings: true, null, [..], not Python's True, None."""
+    return ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v, default=str)}" for k, v in options.items())
 
 
 def _parse_budget(text: str | None) -> float | None:
@@ -723,10 +797,11 @@ def _tune_preflight(
     executor: str,
 ) -> _TuneChecked:
     """Every flag and path checked before any model is loaded."""
+    from optimizer_cli.bench.gate import parse_gate
     from optimizer_cli.outputs import OutputPlan, read_paths
     from optimizer_cli.runtime.providers import parse_provider_list
 
-    goals = _parse_gates(goal)
+    goals = [parse_gate(g, "--goal") for g in goal]
     if not goals:
         raise UserInputError("tune needs at least one --goal, e.g. --goal 'cosine>=0.99'")
     budget_s = _parse_budget(budget)
@@ -749,7 +824,23 @@ def _tune_preflight(
             raise UserInputError("file not found", model)
         plan = OutputPlan(model=target, reports={f"-o ({k})": p for k, p in _tune_outputs(target).items()})
         plan.check(read_paths(model, {"--data": data, "--calib": calib, "--space": space}))
+    if study is not None:
+        _check_study(study, targets, resume or report_only, {"--data": data, "--calib": calib, "--space": space})
     return _TuneChecked(goals, budget_s, trials, provider_list[0], study, resume or report_only, sampler, targets)
+
+
+def _check_study(
+    study: Path, targets: list[tuple[Path, Path]], resume: bool, inputs: dict[str, str | Path | None]
+) -> None:
+    """Each model's study folder: a study to resume, or new or empty; never the model, -o or the data."""
+    from optimizer_cli.search.study_folder import check_study_folder
+
+    for model, target in targets:
+        clashes = {"the input model": model, "-o": target} | {f"-o ({k})": p for k, p in _tune_outputs(target).items()}
+        clashes |= {flag: Path(value) for flag, value in inputs.items() if value is not None}
+        check_study_folder(study if len(targets) == 1 else study / model.stem, resume, clashes)
+    if study.exists() and not study.is_dir():  # several models: the studies' parent folder
+        raise UserInputError("--study must be a folder, and this is a file", study)
 
 
 def _tune_targets(models: list[Path], output: Path | None) -> list[tuple[Path, Path]]:
@@ -779,11 +870,13 @@ def _tune_request(
 
     from optimizer_cli.search.tune import TuneRequest
 
+    scratch = checked.study_root is None
     if checked.study_root is not None:
         study_dir = checked.study_root if len(checked.targets) == 1 else checked.study_root / model.stem
     else:
         study_dir = Path(tempfile.mkdtemp(prefix="optimize-tune-"))
     return TuneRequest(
+        scratch=scratch,
         model=model,
         goals=checked.goals,
         evaluation=data,
@@ -811,7 +904,8 @@ def _tune_one(
 
     from optimizer_cli.search.tune import prepare, report_again, run_tune
 
-    temporary = request.study_dir.name.startswith("optimize-tune-")
+    # Only the folder this run made for itself is scratch; a --study folder is the user's, whatever its name.
+    temporary = request.scratch
     try:
         with _library_output_to_stderr(), _warnings_to(log), _TuneProgress(log, request) as progress:
             progress.line(f"tuning {request.model} for {', '.join(g.expression for g in request.goals)}")
@@ -820,6 +914,8 @@ def _tune_one(
                 doc, winner = report_again(settings)
             else:
                 doc, winner = run_tune(settings, pool, on_progress=progress.trial, log=progress.line)
+        if temporary:
+            doc["study"] = None  # removed after this run: the report names no folder that will not exist
         _write_tune_outputs(doc, winner, target, log)
         if not json_out:
             _print_tune(doc, human)
@@ -989,10 +1085,13 @@ def bench_cmd(
     markdown: Path | None = typer.Option(None, "--markdown"),
     report_path: Path | None = typer.Option(None, "--report"),
     memory: bool = typer.Option(True, "--memory/--no-memory"),
+    allow_nonfinite: bool = AllowNonfiniteOpt,
+    allow_cast: bool = AllowCastOpt,
 ) -> None:
     """Benchmark two existing models side by side (latency, accuracy, fidelity, memory, size)."""
-    from optimizer_cli.data import random_dataset, resolve_dataset
-    from optimizer_cli.model_io import load_model
+    from optimizer_cli.bench.harness import check_sweep_dims
+    from optimizer_cli.data import DataPolicy, random_dataset, resolve_dataset
+    from optimizer_cli.model_io import check_runtime_loadable, load_model
     from optimizer_cli.pipeline import require_inputs
     from optimizer_cli.recipe import empty_recipe
     from optimizer_cli.verify import signature
@@ -1020,9 +1119,15 @@ def bench_cmd(
     a = load_model(original)
     b = load_model(optimized)
     require_inputs(a, original)
+    # Both are timed as they are on disk: what onnxruntime would refuse is the user's to fix, said now.
+    check_runtime_loadable(a, original)
+    check_runtime_loadable(b, optimized)
+    if settings.sweep:
+        check_sweep_dims(settings.sweep, a)
     if signature(a) != signature(b):
         raise UserInputError(f"models have different inputs/outputs: {signature(a)} vs {signature(b)}", optimized)
-    eval_data = resolve_dataset(data, a, samples=8, seed=0, dims=dim_values, limit=eval_samples)
+    policy = DataPolicy(allow_nonfinite, allow_cast)
+    eval_data = resolve_dataset(data, a, samples=8, seed=0, dims=dim_values, limit=eval_samples, policy=policy)
     eval_data = eval_data or random_dataset(a, 8, 0, dim_values)
     hashes = _hashes_read(json_out, report_path, baseline)
     report: dict[str, Any] = {**_provenance(original, optimized, hashes), "output": str(optimized), "notes": []}
@@ -1035,8 +1140,10 @@ def _parse_dims(items: list[str]) -> dict[str, int]:
     out = {}
     for item in items:
         name, _, value = item.partition("=")
-        if not value.strip().isdigit():
+        if not value.strip().isdigit() or not name.strip():
             raise UserInputError(f"--dim '{item}': expected NAME=INT")
+        if int(value) < 1:
+            raise UserInputError(f"--dim '{item}': the size must be at least 1")
         out[name.strip()] = int(value)
     return out
 
@@ -1083,7 +1190,7 @@ def validate_cmd(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Validate a recipe (unknown keys, types, bounds, pass names): every problem with its line."""
-    from optimizer_cli.recipe import RecipeProblems, load_recipe
+    from optimizer_cli.recipe import RecipeProblems, code_references, load_recipe
 
     try:
         rec = load_recipe(recipe, overrides)
@@ -1096,12 +1203,15 @@ def validate_cmd(
                 sys.stderr.write(f"error: {problem}\n")
             sys.stderr.write(f"{len(exc.problems)} problem{'s' if len(exc.problems) > 1 else ''} in {recipe}\n")
         raise typer.Exit(exc.exit_code) from None
+    code = code_references(rec)  # listed, never imported: validate runs nothing
     if json_out:
-        _emit_json({"valid": True, "recipe": rec.model_dump()})
+        _emit_json({"valid": True, "recipe": rec.model_dump(), "code": [c.as_dict() for c in code]})
     else:
         Console().print(
             f"[green]ok[/green] {recipe}: {len(rec.passes)} passes: " + " -> ".join(p.type for p in rec.passes)
         )
+        for c in code:
+            sys.stderr.write(f"note: {c.key} names code: {c.what()}; optimize run imports it only with --allow-code\n")
 
 
 @app.command("schema")
@@ -1153,27 +1263,25 @@ def inspect_cmd(model: Path = typer.Argument(...), json_out: bool = typer.Option
 
 
 @app.command("providers")
-def providers_cmd(json_out: bool = typer.Option(False, "--json")) -> None:
-    """Probe each execution provider with a real session and say which are usable."""
-    from optimizer_cli.runtime.providers import PROVIDER_ALIASES, installed_runtimes, probe_provider
+def providers_cmd(json_out: bool = typer.Option(False, "--json", help="Print one JSON document.")) -> None:
+    """Every execution provider (built in or plugin): devices, usable here or why not, target options."""
+    from optimizer_cli.runtime.providers import installed_plugins, installed_runtimes, provider_catalog
 
-    seen, rows = set(), []
-    for alias, name in PROVIDER_ALIASES.items():
-        if name in seen:
-            continue
-        seen.add(name)
-        st = probe_provider(alias)
-        rows.append({"alias": alias, "provider": name, "usable": st.usable, "reason": st.reason})
-    runtimes = installed_runtimes()
+    rows = provider_catalog()
+    runtimes, plugins = installed_runtimes(), installed_plugins()
     if json_out:
-        _emit_json({"runtimes": runtimes, "providers": rows})
+        _emit_json({"runtimes": runtimes, "plugins": plugins, "providers": rows})
         return
     c = Console()
-    c.print(f"onnxruntime packages: {', '.join(runtimes) or 'none'}")
+    c.print(f"onnxruntime packages: {', '.join(runtimes) or 'none'}; plugin EPs: {', '.join(plugins) or 'none'}")
     if len(runtimes) > 1:
         c.print("[yellow]warning:[/yellow] more than one onnxruntime package is installed; the last installed one wins")
     for r in rows:
-        c.print(f"  {r['alias']:9} {'[green]usable[/green]' if r['usable'] else '[red]unusable[/red]'}  {r['reason']}")
+        state = "[green]usable[/green]  " if r["usable"] else "[red]unusable[/red]"
+        devices = ",".join(r["devices"]) or "-"
+        c.print(f"  {r['alias']:9} {state} devices {devices:8} {escape(r['reason'])}", soft_wrap=True)
+        c.print(f"            targets: {escape(r['options'])}", soft_wrap=True)
+    c.print(escape("A target is PROVIDER[@DEVICE][:PRECISION][:KEY=VALUE], e.g. --providers cpu,openvino:f32,trt:fp16"))
 
 
 def _version_callback(value: bool) -> None:
@@ -1217,11 +1325,15 @@ def main(argv: list[str] | None = None) -> None:
         level = logging.INFO if _verbosity > 0 else logging.ERROR if _verbosity < 0 else logging.WARNING
         logging.getLogger("optimizer_cli").setLevel(level)
     try:
-        rv = app(args=args, prog_name="optimize", standalone_mode=False)
+        with _signals_interrupt() as caught:
+            rv = app(args=args, prog_name="optimize", standalone_mode=False)
+        if caught:  # typer turns KeyboardInterrupt into a silent 130: say it, and keep --json's one document
+            _fail(*_SIGNAL_ERRORS[caught[0]], json_mode)
         sys.exit(rv if isinstance(rv, int) else 0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except TyperException as exc:  # usage errors: bad flags, missing arguments
+        _suggest_one(exc)
         show = getattr(exc, "show", None)
         if show and not json_mode:
             show()
@@ -1235,8 +1347,59 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(exc), exc.exit_code, json_mode, getattr(exc, "path", None), exc.details)
     except KeyboardInterrupt:
         _fail("interrupted", 130, json_mode)
+    except OSError as exc:
+        if debug:
+            traceback.print_exc()
+        if exc.errno not in DISK_ERRNOS:
+            _fail(_internal(exc), 4, json_mode)
+        where = f" {exc.filename}" if exc.filename else ""
+        _fail(f"cannot write{where}: {exc.strerror or exc}", 2, json_mode, exc.filename)
     except Exception as exc:
         if debug:
             traceback.print_exc()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        _fail(f"internal error: {type(exc).__name__}: {first} (rerun with --debug for a traceback)", 4, json_mode)
+        _fail(_internal(exc), 4, json_mode)
+
+
+def _internal(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"internal error: {type(exc).__name__}: {first} (rerun with --debug for a traceback)"
+
+
+# What a signal that stops a run prints and exits with (128 + the signal's number, as shells report it).
+_SIGNAL_ERRORS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated (SIGTERM)", 143)}
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt, so every finally block (staging folders, temporary files)
+    runs; yields the signals caught, since typer answers a KeyboardInterrupt with a bare exit code."""
+    import threading
+
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live on the main thread
+        yield caught
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        caught.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handler) for sig in _SIGNAL_ERRORS}
+    try:
+        yield caught
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _suggest_one(exc: Exception) -> None:
+    """An unknown option gets the one closest option as 'Did you mean --recipe?', not a list of candidates."""
+    import difflib
+
+    # typer's own copy of click's NoSuchOption: matched by its fields, not by the class.
+    possibilities = getattr(exc, "possibilities", None)
+    name = getattr(exc, "option_name", None)
+    if possibilities and isinstance(name, str):
+        best = difflib.get_close_matches(name, list(possibilities), n=1, cutoff=0.0)
+        exc.message = f"No such option: {name}. Did you mean {best[0]}?"  # type: ignore[attr-defined]
+        exc.possibilities = None  # type: ignore[attr-defined]

@@ -13,15 +13,24 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from optimizer_cli.data import is_loader_spec, loader_file
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.passes import PASS_REGISTRY
+
+# A recipe is a short file a person reads: bounded before it is read, so a shared 10 MB file of 600,000
+# passes is refused at once instead of validated for a minute.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_PASSES = 1000
+# Composing a YAML node costs ~60 us in PyYAML: 1 MB of small nodes would take 10 s before any check ran.
+MAX_NODES = 50_000
 
 
 class _Strict(BaseModel):
@@ -147,7 +156,10 @@ def _pass_union() -> Any:
 class Recipe(_Strict):
     name: str = Field("recipe", description="Shown in reports.")
     description: str = Field("", description="Free text.")
-    passes: list[_pass_union()] = Field([], description="Passes, run in order.")  # type: ignore[valid-type]
+    # max_length: the pass limit holds for --set and for recipes built in code too (the file is counted earlier).
+    passes: list[_pass_union()] = Field(  # type: ignore[valid-type]
+        [], max_length=MAX_PASSES, description="Passes, run in order."
+    )
     verify: VerifySettings = Field(VerifySettings(), description="Checks between passes.")
     data: DataSettings = Field(DataSettings(), description="Data for calibration, evaluation and random inputs.")
     benchmark: BenchmarkSettings = Field(BenchmarkSettings(), description="Benchmark settings.")
@@ -189,7 +201,11 @@ MAX_ALIAS_NODES = 10_000
 
 
 class _Refused(yaml.YAMLError):
-    """YAML that parses but that we will not construct (alias bombs, recursion, deep nesting)."""
+    """YAML that parses but that we will not construct (alias bombs, recursion, deep nesting, duplicate keys)."""
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.line = line  # 1-based line of the offending node, where one is to blame
 
 
 def _check_aliases(root: yaml.Node) -> None:
@@ -225,6 +241,75 @@ def _check_aliases(root: yaml.Node) -> None:
         raise _Refused(f"aliases expand the document past {MAX_ALIAS_NODES} extra nodes")
 
 
+def _check_duplicate_keys(root: yaml.Node) -> None:
+    """Refuse a mapping that repeats a key: PyYAML keeps the last one silently (a second `passes:` would
+    replace the first). Merge keys (`<<`) are YAML's way to override and are not counted."""
+    seen_nodes: set[int] = set()
+    stack = [root]
+    while stack:  # iterative, and each node once: an alias shares its anchor's node
+        node = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key, _value in node.value:
+                if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                    continue
+                line = key.start_mark.line + 1
+                if key.value in first:
+                    raise _Refused(f"duplicate key '{key.value}' (first at line {first[key.value]})", line)
+                first[key.value] = line
+        stack.extend(_children(node))
+
+
+def _check_pass_count(root: yaml.Node, limit: int) -> None:
+    """Count a recipe's passes on the composed document, before anything is constructed or validated."""
+    if not isinstance(root, yaml.MappingNode):
+        return
+    for key, value in root.value:
+        named = isinstance(key, yaml.ScalarNode) and key.value == "passes"
+        if named and isinstance(value, yaml.SequenceNode) and len(value.value) > limit:
+            raise _Refused(f"{len(value.value)} passes; a recipe has at most {limit}", value.start_mark.line + 1)
+
+
+def _prescan(text: str, max_passes: int) -> None:
+    """Count YAML nodes and the top-level `passes` items on the event stream (libyaml's parser where installed),
+    stopping at the first limit crossed: an oversized recipe is refused in milliseconds, before it is composed.
+    YAML errors are left to the parse proper, which names their line."""
+    depth, nodes, passes = 0, 0, 0
+    root_mapping, key_turn, after_passes_key, in_passes = False, True, False, False
+    passes_line = 0
+    try:
+        for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+            if isinstance(event, yaml.NodeEvent):  # scalars, aliases and collection starts
+                nodes += 1
+                if nodes > MAX_NODES:
+                    raise _Refused(f"over {MAX_NODES} YAML nodes; a recipe is a short file", event.start_mark.line + 1)
+                if depth == 0:
+                    root_mapping = isinstance(event, yaml.MappingStartEvent)
+                elif depth == 1 and root_mapping:
+                    if key_turn:
+                        after_passes_key = isinstance(event, yaml.ScalarEvent) and event.value == "passes"
+                    else:
+                        in_passes = after_passes_key and isinstance(event, yaml.SequenceStartEvent)
+                        passes_line = event.start_mark.line + 1
+                    key_turn = not key_turn
+                elif depth == 2 and in_passes:
+                    passes += 1
+                    if passes > max_passes:
+                        raise _Refused(f"over {max_passes} passes; a recipe has at most {max_passes}", passes_line)
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+                in_passes = in_passes and depth >= 2
+    except _Refused:
+        raise
+    except yaml.YAMLError:
+        return
+
+
 def _children(node: yaml.Node) -> list[yaml.Node]:
     if isinstance(node, yaml.MappingNode):
         return [n for pair in node.value for n in pair]
@@ -233,14 +318,20 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
-def _safe_load(text: str) -> Any:
-    """yaml.safe_load, refusing alias bombs and recursive aliases before anything is constructed."""
+def _safe_load(text: str, max_passes: int | None = None) -> Any:
+    """yaml.safe_load, refusing alias bombs, recursive aliases, duplicate keys and (with `max_passes`) too
+    many passes before anything is constructed."""
+    if max_passes is not None:
+        _prescan(text, max_passes)
     loader = yaml.SafeLoader(text)
     try:
         root = loader.get_single_node()
         if root is None:
             return None
         _check_aliases(root)
+        if max_passes is not None:
+            _check_pass_count(root, max_passes)
+        _check_duplicate_keys(root)
         return loader.construct_document(root)
     except RecursionError as exc:  # PyYAML's composer recurses once per nesting level
         raise _Refused("YAML nested too deeply") from exc
@@ -437,17 +528,21 @@ def _problems(exc: ValidationError, text: str, source: str, data: Any, overridde
 
 def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
     """The validated recipe, or RecipeProblems (a UserInputError) listing every problem with its line."""
+    if len(text) > MAX_RECIPE_BYTES or len(text.encode("utf-8", "replace")) > MAX_RECIPE_BYTES:
+        raise UserInputError(f"{source}: refused: a recipe is at most 1 MB ({MAX_RECIPE_BYTES} bytes)")
     try:
-        data = _safe_load(text)
+        data = _safe_load(text, max_passes=MAX_PASSES)
     except _Refused as exc:
-        raise UserInputError(f"{source}: refused: {exc}") from exc
+        where = f"{source}:{exc.line}" if exc.line else source
+        raise UserInputError(f"{where}: refused: {exc}") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UserInputError(f"{where}: invalid YAML ({problem})") from exc
     if data is None:
-        data = {}
+        # An empty file or a bare `null` would otherwise run zero passes and report success.
+        raise UserInputError(f"{source}: empty recipe: a recipe is a YAML mapping with a 'passes' list")
     if not isinstance(data, dict):
         raise UserInputError(f"{source}: a recipe is a YAML mapping with a 'passes' list")
     overridden: dict[tuple, str] = {}
@@ -466,8 +561,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.exists():
         raise UserInputError("recipe file not found", path)
+    too_big = f"refused: a recipe is at most 1 MB ({MAX_RECIPE_BYTES} bytes)"
     try:
-        text = path.read_text()
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise UserInputError(f"{too_big}; this file has {path.stat().st_size}", path)
+        with path.open("rb") as f:  # bounded: a device or a growing file has no honest size
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise UserInputError(too_big, path)
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserInputError(f"cannot read recipe ({exc.__class__.__name__})", path) from exc
     return parse_recipe(text, str(path), overrides)
@@ -475,6 +577,96 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def empty_recipe(overrides: list[str] | None = None) -> Recipe:
     return parse_recipe("{}", "<no recipe>", overrides)
+
+
+# Pass options that name a data source read like --data: a loader there is code the run imports.
+DATA_SOURCE_OPTIONS = frozenset({"train_data"})
+
+
+@dataclass(frozen=True)
+class CodeReference:
+    """A recipe value naming code a run would import: a loader 'file.py:function' or 'module:function'."""
+
+    key: str  # where in the recipe, e.g. "data.calibration", "passes.2.train_data"
+    spec: str  # as written
+    file: Path | None  # the .py file that would be executed (absolute); None for 'module:function'
+
+    def what(self) -> str:
+        return str(self.file) if self.file is not None else f"module {self.spec.rpartition(':')[0]}"
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {"key": self.key, "spec": self.spec, "file": str(self.file) if self.file else None}
+
+
+def code_references(rec: Recipe) -> list[CodeReference]:
+    """Every recipe value that names code: data.calibration, data.evaluation and the passes' data options.
+    (metrics.task is a built-in name and metrics.charset a text file: neither is code.)"""
+    found = [("data.calibration", rec.data.calibration), ("data.evaluation", rec.data.evaluation)]
+    for i, cfg in enumerate(rec.passes):
+        found += [(f"passes.{i}.{name}", getattr(cfg, name, None)) for name in sorted(DATA_SOURCE_OPTIONS)]
+    refs = []
+    for key, spec in found:
+        if isinstance(spec, str) and is_loader_spec(spec):
+            file = loader_file(spec)
+            refs.append(CodeReference(key, spec, file.resolve() if file is not None else None))
+    return refs
+
+
+def _same_loader(a: str, b: str) -> bool:
+    """Two specs naming one function: a file loader by its resolved path, a module by its name."""
+    (a_target, _, a_func), (b_target, _, b_func) = a.rpartition(":"), b.rpartition(":")
+    if a_func != b_func:
+        return False
+    if a_target.endswith(".py") and b_target.endswith(".py"):
+        return Path(a_target).resolve() == Path(b_target).resolve()
+    return a_target == b_target
+
+
+def set_values(overrides: list[str]) -> list[str]:
+    """The string values typed in --set assignments (what the user named on the command line)."""
+    values = []
+    for assignment in overrides:
+        value = _parse_scalar(assignment.partition("=")[2]) if "=" in assignment else None
+        if isinstance(value, str):
+            values.append(value)
+    return values
+
+
+def unconsented_code(
+    rec: Recipe,
+    *,
+    allow_code: bool = False,
+    calibration: str | None = None,
+    evaluation: str | None = None,
+    command_line: Iterable[str | None] = (),
+) -> list[CodeReference]:
+    """The code a run of `rec` would import that nobody asked for: a shared recipe's loader runs only with
+    --allow-code or when the same loader is given on the command line (--calib, --data, --set).
+    `calibration` / `evaluation` are --calib / --data: they replace the recipe's own, which then never runs."""
+    if allow_code:
+        return []
+    given = [s for s in (calibration, evaluation, *command_line) if s]
+    replaced = {"data.calibration": calibration is not None, "data.evaluation": evaluation is not None}
+    return [
+        ref
+        for ref in code_references(rec)
+        if not replaced.get(ref.key) and not any(_same_loader(ref.spec, s) for s in given)
+    ]
+
+
+_FLAG_FOR = {"data.calibration": "--calib", "data.evaluation": "--data"}
+
+
+def code_consent_problem(refs: list[CodeReference]) -> str:
+    """One line naming the first file that would run and how to consent."""
+    ref = refs[0]
+    flag = _FLAG_FOR.get(ref.key)
+    also = f" or give it as {flag} {ref.spec}" if flag else " or give the same loader as --calib/--data"
+    more = f" (and {len(refs) - 1} more)" if len(refs) > 1 else ""
+    return (
+        f"{ref.key} names code that would run: {ref.what()} ('{ref.spec}'); recipes run code only with consent: "
+        f"add --allow-code{also}{more}"
+    )
 
 
 def recipe_json_schema() -> str:
