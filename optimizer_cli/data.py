@@ -30,6 +30,28 @@ from optimizer_cli.plugins import import_function
 
 LABEL_KEYS = ("labels", "label")
 
+
+@dataclass(frozen=True)
+class DataPolicy:
+    """What a load accepts beyond clean data of the model's dtypes, each only when the user says so."""
+
+    allow_nonfinite: bool = False  # --allow-nonfinite: NaN/Inf in input arrays (refused otherwise: nothing compares)
+    allow_cast: bool = False  # --allow-cast: integer data for a floating input, when every value is exact
+
+
+class _Notes:
+    """Notes gathered while samples load, each once (a per-sample layout repeats them per sample)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, None] = {}
+
+    def add(self, text: str) -> None:
+        self._seen.setdefault(text, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._seen)
+
+
 _NUMPY_DTYPES: dict[ir.DataType, np.dtype] = {
     ir.DataType.FLOAT: np.dtype(np.float32),
     ir.DataType.FLOAT16: np.dtype(np.float16),
@@ -180,38 +202,54 @@ def random_dataset(model: ir.Model, samples: int, seed: int, dims: dict[str, int
     return ds
 
 
-def load_dataset(path: str | Path, model: ir.Model, batch_size: int = 1, limit: int | None = None) -> Dataset:
-    """Read any supported layout into per-sample feeds matched to the model's inputs (the first `limit`)."""
+def load_dataset(
+    path: str | Path,
+    model: ir.Model,
+    batch_size: int = 1,
+    limit: int | None = None,
+    policy: DataPolicy | None = None,
+) -> Dataset:
+    """Read any supported layout into per-sample feeds matched to the model's inputs (the first `limit`).
+
+    Checked as it loads: dtypes (integer data for a floating input only with `policy.allow_cast`, and exactly),
+    NaN/Inf (only with `policy.allow_nonfinite`), keys neither an input nor labels and odd labels (notes)."""
+    policy = policy or DataPolicy()
     specs = input_specs(model)
+    notes = _Notes()
     if isinstance(path, str) and is_loader_spec(path):
-        return _collect(_loader_samples(path, specs, limit), path, None)
+        ds = _collect(_loader_samples(path, specs, limit, policy, notes), path, None)
+        return _finish(ds, model, None, policy, notes)
     path = Path(path)
     if path.is_dir() and any(path.glob("*.npz")):
         if any(path.glob("*.npy")):
             raise UserInputError(
                 "holds both .npz and .npy files (per-sample .npz files or per-input .npy arrays)", path
             )
-        return _collect(_npz_folder_samples(path, specs, limit), str(path), path)
+        ds = _collect(_npz_folder_samples(path, specs, limit, policy, notes), str(path), path)
+        return _finish(ds, model, path, policy, notes)
     if path.is_file() and path.suffix == ".npz":
-        indexed = _indexed_npz(path, specs, limit)
+        indexed = _indexed_npz(path, specs, limit, policy, notes)
         if indexed is not None:
-            return indexed
-    return _stacked_dataset(path, specs, batch_size, limit)
+            return _finish(indexed, model, path, policy, notes)
+    return _finish(_stacked_dataset(path, specs, batch_size, limit, policy, notes), model, path, policy, notes)
 
 
-def _stacked_dataset(path: Path, specs: list[InputSpec], batch_size: int, limit: int | None) -> Dataset:
+def _stacked_dataset(
+    path: Path, specs: list[InputSpec], batch_size: int, limit: int | None, policy: DataPolicy, notes: _Notes
+) -> Dataset:
     """One array per input (samples along a leading axis or the batch axis), as before per-sample layouts."""
     arrays = _read_arrays(path)
     if "" in arrays:  # a lone .npy feeds the single input
         if len(specs) != 1:
             raise UserInputError("a single .npy only works for single-input models; use .npz keyed by input name", path)
         arrays[specs[0].name] = arrays.pop("")
-    labels_arr = next((arrays[k] for k in LABEL_KEYS if k in arrays), None)
+    label_key = next((k for k in LABEL_KEYS if k in arrays), None)
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
         have = ", ".join(k for k in arrays if k not in LABEL_KEYS)
         raise UserInputError(f"no array for model input(s) {', '.join(missing)} (file has: {have})", path)
-    per_input = {spec.name: _samples(spec, arrays[spec.name], batch_size, path) for spec in specs}
+    _note_unused(arrays, specs, label_key, "", notes)
+    per_input = {spec.name: _samples(spec, arrays[spec.name], batch_size, path, policy, notes) for spec in specs}
     counts = {len(v) for v in per_input.values()}
     if len(counts) != 1:
         raise UserInputError(f"inputs have different sample counts: {sorted(counts)}", path)
@@ -221,11 +259,36 @@ def _stacked_dataset(path: Path, specs: list[InputSpec], batch_size: int, limit:
     empty = [name for name, samples in per_input.items() if any(a.size == 0 for a in samples)]
     if empty:
         raise UserInputError(f"input '{empty[0]}' has samples with no elements (a zero-length axis)", path)
+    all_feeds = [{name: per_input[name][i] for name in per_input} for i in range(n)]
+    # Labels are matched against the whole file, so a count error names the file's rows, not the limit's.
+    labels = _split_labels(arrays[label_key], all_feeds, path, label_key) if label_key is not None else None
     if limit is not None:
         n = min(n, limit)
-    feeds = [{name: per_input[name][i] for name in per_input} for i in range(n)]
-    labels = _split_labels(labels_arr, feeds, path) if labels_arr is not None else None
-    return Dataset(feeds, labels, str(path), False)
+    return Dataset(all_feeds[:n], labels[:n] if labels is not None else None, str(path), False)
+
+
+def _note_unused(
+    arrays: Mapping[str, Any], specs: list[InputSpec], label_key: str | None, where: str, notes: _Notes
+) -> None:
+    """Keys that are neither a model input nor the labels are named, not dropped without a word."""
+    names = {s.name for s in specs}
+    unused = [str(k) for k in arrays if k not in names and k != label_key]
+    if unused:
+        listed = ", ".join(f"'{k}'" for k in unused)
+        notes.add(
+            f"{where}key(s) {listed} not used: neither a model input ({', '.join(sorted(names))}) nor labels "
+            f"(saved as {' or '.join(LABEL_KEYS)})"
+        )
+
+
+def _read_problem(exc: BaseException) -> str:
+    """Why numpy could not read a data file, without numpy's advice to load it with allow_pickle (unsafe)."""
+    text = first_line(exc)
+    if "Object arrays cannot be loaded" in text:
+        return "it holds object arrays (pickled Python objects), which are never loaded; save numeric arrays"
+    if "pickle" in text:  # numpy's guess for a file that is neither a .npy header nor a zip
+        return "not a numpy .npz/.npy file"
+    return text
 
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -249,23 +312,46 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     except UserInputError:
         raise
     except Exception as exc:
-        raise UserInputError(f"cannot read data ({first_line(exc)})", path) from exc
+        raise UserInputError(f"cannot read data ({_read_problem(exc)})", path) from exc
     if not arrays:
         raise UserInputError("no arrays found", path)
     return arrays
 
 
-def _samples(spec: InputSpec, arr: np.ndarray, batch_size: int, path: Path) -> list[np.ndarray]:
+def _fixed_dims_problem(spec: InputSpec, shape: tuple[int, ...], first: int) -> str | None:
+    """Where the data's dims from axis `first` on differ from the model's fixed dims (None: they fit)."""
+    if spec.shape is None:
+        return None
+    for axis, (want, have) in enumerate(zip(spec.shape[first:], shape[first:], strict=False), start=first):
+        if isinstance(want, int) and want >= 0 and want != have:
+            return f"axis {axis} is {have}, the model's is {want}"
+    return None
+
+
+def _samples(
+    spec: InputSpec, arr: np.ndarray, batch_size: int, path: Path, policy: DataPolicy, notes: _Notes
+) -> list[np.ndarray]:
     """One input's array as samples: along a leading sample axis, or split along the batch axis."""
-    cast = _cast(spec, arr)
-    if cast is None:
-        raise UserInputError(f"input '{spec.name}' is {arr.dtype}, model wants {spec.dtype}", path)
-    arr = cast
+    arr = _cast_or_raise(spec, arr, "", path, policy, notes)
     # An input without a declared rank takes its samples along axis 0.
     rank = len(spec.shape) if spec.shape is not None else arr.ndim - 1
     if arr.ndim == rank + 1:
+        problem = _fixed_dims_problem(spec, arr.shape[1:], 0)
+        if problem:
+            raise UserInputError(
+                f"input '{spec.name}': samples of shape {list(arr.shape[1:])} do not fit the model's "
+                f"{_dims_text(spec.shape or ())} ({problem})",
+                path,
+            )
         return [np.asarray(arr[i]) for i in range(arr.shape[0])]
     if arr.ndim == rank:
+        problem = _fixed_dims_problem(spec, arr.shape, 1)
+        if problem:
+            raise UserInputError(
+                f"input '{spec.name}': shape {list(arr.shape)} does not fit the model's "
+                f"{_dims_text(spec.shape or ())} ({problem})",
+                path,
+            )
         fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0 else None
         step = fixed or batch_size
         if arr.shape[0] % step:
@@ -276,8 +362,10 @@ def _samples(spec: InputSpec, arr: np.ndarray, batch_size: int, path: Path) -> l
     )
 
 
-def _split_labels(labels_arr: np.ndarray, feeds: list[dict[str, np.ndarray]], path: Path) -> list[np.ndarray]:
-    """One label per sample row, in the feeds' order."""
+def _split_labels(
+    labels_arr: np.ndarray, feeds: list[dict[str, np.ndarray]], path: Path, key: str = "labels"
+) -> list[np.ndarray]:
+    """One label per sample row, in the feeds' order (every sample of the file, before any limit)."""
 
     def rows_of(feed: dict[str, np.ndarray]) -> int:
         first = next(iter(feed.values()))
@@ -286,7 +374,7 @@ def _split_labels(labels_arr: np.ndarray, feeds: list[dict[str, np.ndarray]], pa
     flat = labels_arr.reshape(-1)
     total = sum(rows_of(f) for f in feeds)
     if len(flat) < total:
-        raise UserInputError(f"labels has {len(flat)} entries, data has {total} rows", path)
+        raise UserInputError(f"'{key}' has {len(flat)} entries, the data has {total} rows", path)
     labels, pos = [], 0
     for f in feeds:
         labels.append(flat[pos : pos + rows_of(f)])
@@ -302,16 +390,17 @@ def resolve_dataset(
     seed: int,
     dims: dict[str, int] | None = None,
     limit: int | None = None,
+    policy: DataPolicy | None = None,
 ) -> Dataset | None:
     """'random' -> seeded random (with a note in the dataset saying accuracy is unknown); a path or a loader ->
-    its first `limit` samples; None -> None."""
+    its first `limit` samples, checked under `policy`; None -> None."""
     if spec is None:
         return None
     if spec == "random":
         ds = random_dataset(model, samples, seed, dims)
         ds.notes.append("seeded random data: accuracy on real data is unknown")
         return ds
-    return load_dataset(spec, model, limit=limit)
+    return load_dataset(spec, model, limit=limit, policy=policy)
 
 
 # A Windows drive ("C:\data", "C:/data") has a colon too; it is a path, not a loader.
@@ -376,13 +465,53 @@ def is_per_sample(spec: str) -> bool:
 Sample = tuple[str, dict[str, np.ndarray], np.ndarray | None]  # (where, feed, label)
 
 
-def _cast(spec: InputSpec, arr: np.ndarray) -> np.ndarray | None:
-    """The array in the input's dtype under the dtype rules of every layout (None: not castable)."""
-    if arr.dtype == spec.dtype:
-        return arr
-    if np.can_cast(arr.dtype, spec.dtype, casting="same_kind") or np.issubdtype(arr.dtype, np.integer):
-        return arr.astype(spec.dtype)
-    return None
+def _cast(spec: InputSpec, arr: np.ndarray, allow_cast: bool = False) -> tuple[np.ndarray | None, str]:
+    """The array in the input's dtype and a note saying how it was cast ('' when it was not); or None and why
+    it is refused. Casts that keep every value (a widening, integers that fit) pass with a note; floats are
+    rounded to a narrower float unless that overflows; integer (or bool) data for a floating input only with
+    `allow_cast` and when every value is exact, since such data usually wants scaling the cast cannot do."""
+    found, want = arr.dtype, spec.dtype
+    if found == want:
+        return arr, ""
+    said = f"input '{spec.name}' is {found}, model wants {want}"
+    numeric = np.issubdtype(found, np.number) or found == np.bool_
+    if not numeric or (np.issubdtype(found, np.floating) and not np.issubdtype(want, np.floating)):
+        return None, said
+    if np.issubdtype(want, np.floating) and not np.issubdtype(found, np.floating):
+        if not allow_cast:
+            return None, (
+                f"{said}: integer data is not cast to floating point silently (images usually need scaling to "
+                f"the model's range); save it as {want}, or pass --allow-cast to cast values that are exact in {want}"
+            )
+        exact = 2 ** (np.finfo(want).nmant + 1)
+        top = int(np.abs(arr.astype(np.int64 if found != np.uint64 else np.uint64)).max()) if arr.size else 0
+        if top > exact:
+            return None, f"{said}: values up to {top} are not exact in {want} (exact up to {exact})"
+        return arr.astype(want), f"{said}: cast exactly (--allow-cast)"
+    if np.can_cast(found, want, casting="safe"):
+        return arr.astype(want), f"{said}: cast (every value is kept)"
+    if np.issubdtype(want, np.integer):  # a narrower integer (or bool): only when every value fits
+        info = np.iinfo(want)
+        low, high = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        if low < info.min or high > info.max:
+            return None, f"{said}: values {low}..{high} do not fit {want} ({info.min}..{info.max})"
+        return arr.astype(want), f"{said}: cast (every value fits)"
+    with np.errstate(over="ignore"):
+        cast = arr.astype(want)
+    if np.any(np.isfinite(arr) & ~np.isfinite(cast)):
+        return None, f"{said}: values up to {float(np.nanmax(np.abs(arr))):g} overflow {want}"
+    return cast, f"{said}: rounded to {want}"
+
+
+def _cast_or_raise(
+    spec: InputSpec, arr: np.ndarray, where: str, path: Path | None, policy: DataPolicy, notes: _Notes
+) -> np.ndarray:
+    cast, said = _cast(spec, arr, policy.allow_cast)
+    if cast is None:
+        raise UserInputError(where + said, path)
+    if said:
+        notes.add(said)
+    return cast
 
 
 def _dims_text(shape: tuple[int | str | None, ...]) -> str:
@@ -390,9 +519,15 @@ def _dims_text(shape: tuple[int | str | None, ...]) -> str:
 
 
 def check_sample(
-    specs: list[InputSpec], arrays: Mapping[str, Any], where: str, path: Path | None
+    specs: list[InputSpec],
+    arrays: Mapping[str, Any],
+    where: str,
+    path: Path | None,
+    policy: DataPolicy | None = None,
+    notes: _Notes | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """One sample's feed (model inputs only, cast) and its label, or a UserInputError naming the sample."""
+    policy, notes = policy or DataPolicy(), notes if notes is not None else _Notes()
     names = {s.name for s in specs}
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
@@ -404,9 +539,7 @@ def check_sample(
             arr = np.asarray(arrays[spec.name])
         except Exception as exc:
             raise UserInputError(f"{where}: input '{spec.name}' is not an array ({first_line(exc)})", path) from exc
-        cast = _cast(spec, arr)
-        if cast is None:
-            raise UserInputError(f"{where}: input '{spec.name}' is {arr.dtype}, model wants {spec.dtype}", path)
+        cast = _cast_or_raise(spec, arr, f"{where}: ", path, policy, notes)
         if spec.shape is not None:
             fits = cast.ndim == len(spec.shape) and all(
                 not isinstance(d, int) or d < 0 or d == n for d, n in zip(spec.shape, cast.shape, strict=True)
@@ -420,7 +553,9 @@ def check_sample(
         if cast.size == 0:
             raise UserInputError(f"{where}: input '{spec.name}' has no elements (a zero-length axis)", path)
         feed[spec.name] = cast
-    label = next((arrays[k] for k in LABEL_KEYS if k in arrays and k not in names), None)
+    label_key = next((k for k in LABEL_KEYS if k in arrays and k not in names), None)
+    _note_unused(arrays, specs, label_key, "", notes)
+    label = arrays[label_key] if label_key is not None else None
     return feed, (np.atleast_1d(np.asarray(label)) if label is not None else None)
 
 
@@ -443,7 +578,74 @@ def _collect(samples: Iterable[Sample], source: str, path: Path | None) -> Datas
     return Dataset(feeds, kept, source, False)
 
 
-def _npz_folder_samples(folder: Path, specs: list[InputSpec], limit: int | None) -> Iterator[Sample]:
+def _finish(ds: Dataset, model: ir.Model, path: Path | None, policy: DataPolicy, notes: _Notes) -> Dataset:
+    """Checks on the loaded samples as a whole: NaN/Inf in the inputs, then the labels; the notes gathered."""
+    where = "" if path is not None else f"data loader '{ds.source}': "
+    for name in ds.feeds[0] if ds.feeds else {}:
+        bad = [i for i, f in enumerate(ds.feeds) if f[name].dtype.kind in "fc" and not np.isfinite(f[name]).all()]
+        if not bad:
+            continue
+        count = f"{len(bad)} of {len(ds)} samples (first: sample {bad[0]})"
+        if not policy.allow_nonfinite:
+            # NaN in, NaN out: nothing would be compared, and every figure would look perfect or be noise.
+            raise UserInputError(
+                f"{where}input '{name}' holds NaN/Inf in {count}; fix the data, or pass --allow-nonfinite to "
+                "run on it anyway",
+                path,
+            )
+        notes.add(f"{where}input '{name}' holds NaN/Inf in {count} (allowed by --allow-nonfinite)")
+    if ds.labels is not None:
+        ds.labels = _checked_labels(ds.labels, model, notes)
+    ds.notes.extend(n for n in notes if n not in ds.notes)
+    return ds
+
+
+def _classes(model: ir.Model) -> tuple[str, int] | None:
+    """The first output's name and class count when it is [batch, classes] with a fixed class count (what
+    top-1/top-5 read)."""
+    out = model.graph.outputs[0] if model.graph.outputs else None
+    if out is None or out.shape is None or len(out.shape) != 2 or not isinstance(out.shape[1], int):
+        return None
+    return name_of(out), int(out.shape[1])
+
+
+def _checked_labels(labels: list[np.ndarray], model: ir.Model, notes: _Notes) -> list[np.ndarray]:
+    """Labels that cannot be top-1/top-5 class ids are named in a note instead of giving 0 % (or no accuracy)
+    without a word; whole-valued float labels are read as integer class ids."""
+    flat = np.concatenate([np.asarray(lab).reshape(-1) for lab in labels]) if labels else np.zeros(0)
+    kind = flat.dtype.kind
+    if kind in "US":
+        notes.add(f"labels are strings ({flat.dtype}): top-1/top-5 accuracy is not computed (a --metric reads them)")
+        return labels
+    if kind == "f":
+        if flat.size and np.isfinite(flat).all() and np.array_equal(flat, np.round(flat)):
+            notes.add(f"labels are {flat.dtype} with whole values: read as integer class ids")
+            labels = [np.asarray(lab).astype(np.int64) for lab in labels]
+            flat = flat.astype(np.int64)
+        else:
+            notes.add(
+                f"labels are {flat.dtype}, not integer class ids: top-1/top-5 accuracy is not computed "
+                "(a --metric reads them as they are)"
+            )
+            return labels
+    if flat.dtype.kind not in "iu":
+        notes.add(f"labels are {flat.dtype}, not integer class ids: top-1/top-5 accuracy is not computed")
+        return labels
+    classes = _classes(model)
+    outside = flat[(flat < 0) | (flat >= classes[1])] if classes is not None else flat[flat < 0]
+    if outside.size:
+        shown = ", ".join(str(int(v)) for v in np.unique(outside)[:3])
+        scope = f"the {classes[1]} classes of output '{classes[0]}' (0..{classes[1] - 1})" if classes else "any class"
+        notes.add(
+            f"labels: {outside.size} of {flat.size} rows are outside {scope}, e.g. {shown}: they count as misses "
+            "in top-1/top-5 accuracy"
+        )
+    return labels
+
+
+def _npz_folder_samples(
+    folder: Path, specs: list[InputSpec], limit: int | None, policy: DataPolicy, notes: _Notes
+) -> Iterator[Sample]:
     """One feed per .npz file, sorted by name; only the first `limit` files are opened."""
     files = sorted(folder.glob("*.npz"))
     for index, file in enumerate(files[:limit] if limit is not None else files):
@@ -452,11 +654,13 @@ def _npz_folder_samples(folder: Path, specs: list[InputSpec], limit: int | None)
             with np.load(file, allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
         except Exception as exc:
-            raise UserInputError(f"{where}: cannot read ({first_line(exc)})", file) from exc
-        yield (where, *check_sample(specs, arrays, where, file))
+            raise UserInputError(f"{where}: cannot read ({_read_problem(exc)})", file) from exc
+        yield (where, *check_sample(specs, arrays, where, file, policy, notes))
 
 
-def _indexed_npz(path: Path, specs: list[InputSpec], limit: int | None) -> Dataset | None:
+def _indexed_npz(
+    path: Path, specs: list[InputSpec], limit: int | None, policy: DataPolicy, notes: _Notes
+) -> Dataset | None:
     """A .npz keyed `<index>/<input_name>` as per-sample feeds (None when the keys are not laid out so)."""
     names = {s.name for s in specs}
     try:
@@ -472,13 +676,16 @@ def _indexed_npz(path: Path, specs: list[InputSpec], limit: int | None) -> Datas
             chosen = sorted(groups)[:limit] if limit is not None else sorted(groups)
             # Only the chosen samples' members are decompressed (NpzFile reads a key on access).
             samples = [
-                (f"sample {i}", *check_sample(specs, {n: npz[k] for n, k in groups[i].items()}, f"sample {i}", path))
+                (
+                    f"sample {i}",
+                    *check_sample(specs, {n: npz[k] for n, k in groups[i].items()}, f"sample {i}", path, policy, notes),
+                )
                 for i in chosen
             ]
     except UserInputError:
         raise
     except Exception as exc:
-        raise UserInputError(f"cannot read data ({first_line(exc)})", path) from exc
+        raise UserInputError(f"cannot read data ({_read_problem(exc)})", path) from exc
     return _collect(samples, str(path), path)
 
 
@@ -504,7 +711,9 @@ def _loader_items(spec: str, limit: int | None) -> Iterator[tuple[int, Any]]:
         yield index, item
 
 
-def _loader_samples(spec: str, specs: list[InputSpec], limit: int | None) -> Iterator[Sample]:
+def _loader_samples(
+    spec: str, specs: list[InputSpec], limit: int | None, policy: DataPolicy, notes: _Notes
+) -> Iterator[Sample]:
     """A loader's feed dicts or (feeds, label) pairs as checked samples."""
     for index, item in _loader_items(spec, limit):
         where = f"data loader '{spec}': sample {index}"
@@ -515,7 +724,7 @@ def _loader_samples(spec: str, specs: list[InputSpec], limit: int | None) -> Ite
             raise UserInputError(
                 f"{where}: expected a dict {{input name: array}} or a (feeds, label) pair, got {type(item).__name__}"
             )
-        feed, own_label = check_sample(specs, item, where, None)
+        feed, own_label = check_sample(specs, item, where, None, policy, notes)
         yield where, feed, (np.atleast_1d(np.asarray(label)) if label is not None else own_label)
 
 

@@ -9,12 +9,19 @@ from typing import Any
 
 import numpy as np
 
-from optimizer_cli.bench.output_kinds import OutputKind, classify_outputs, output_fidelity
+from optimizer_cli.bench.output_kinds import (
+    OutputKind,
+    classify_outputs,
+    faithful_drift,
+    nan_max,
+    nan_mean,
+    nan_min,
+    output_fidelity,
+)
 from optimizer_cli.bench.task_metrics import BuiltinMetric, builtin_metric, load_charset
 from optimizer_cli.data import Dataset
 from optimizer_cli.errors import UserInputError, first_line
 from optimizer_cli.plugins import import_function
-from optimizer_cli.verify import compare_arrays
 
 Metric = Callable[[list[list[np.ndarray]], list[np.ndarray]], float]
 
@@ -24,6 +31,8 @@ class Fidelity:
     """Optimized vs original outputs over the evaluation set: aggregates over outputs, then per output."""
 
     samples: int
+    # NaN/Inf both models give at the same places are reproduced, and the finite rest is compared; a sample with
+    # nothing finite left is undefined and left out; NaN (reported as NaN, and failing every gate): none had any.
     max_abs: float
     rel_l2: float  # mean over samples
     cosine_mean: float
@@ -46,7 +55,7 @@ def fidelity(
     """Aggregate over samples and outputs: worst max-abs, mean rel-L2, mean/min cosine; and per output the
     figures of its kind (classified from the original's outputs unless `kinds` is given)."""
     drifts = [
-        compare_arrays(name, a, b)
+        faithful_drift(name, a, b)
         for ref_s, new_s in zip(ref, new, strict=True)
         for name, a, b in zip(output_names, ref_s, new_s, strict=True)
     ]
@@ -57,10 +66,10 @@ def fidelity(
     tops = [p["top1_agreement"] for p in per_output if p["top1_agreement"] is not None]
     return Fidelity(
         samples=len(ref),
-        max_abs=max(d.max_abs for d in drifts),
-        rel_l2=float(np.mean([d.rel_l2 for d in drifts])),
-        cosine_mean=float(np.mean([d.cosine for d in drifts])),
-        cosine_min=min(d.cosine for d in drifts),
+        max_abs=nan_max([d.max_abs for d in drifts]),
+        rel_l2=nan_mean([d.rel_l2 for d in drifts]),
+        cosine_mean=nan_mean([d.cosine for d in drifts]),
+        cosine_min=nan_min([d.cosine for d in drifts]),
         top1_agreement=float(np.mean(tops)) if tops else None,
         nonfinite=sum(d.nonfinite for d in drifts),
         per_output=per_output,
@@ -68,14 +77,15 @@ def fidelity(
 
 
 def topk_accuracy(outputs: list[list[np.ndarray]], labels: list[np.ndarray], k: int) -> float | None:
-    """Top-k on the first output, read as [batch, classes] logits."""
+    """Top-k on the first output, read as [batch, classes] logits; a row holding NaN/Inf is never a hit."""
     hits = total = 0
     for out, lab in zip(outputs, labels, strict=True):
         logits = out[0]
         if logits.ndim != 2 or logits.shape[-1] < k:
             return None
         top = np.argsort(-logits, axis=-1)[:, :k]
-        hits += int(np.sum(top == lab.reshape(-1, 1)))
+        finite = np.isfinite(logits).all(-1)
+        hits += int(np.sum((top == lab.reshape(-1, 1)).any(-1) & finite))
         total += len(lab)
     return hits / total if total else None
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from collections.abc import Callable
@@ -146,25 +147,26 @@ class GateResult:
         return asdict(self)
 
 
-def parse_gate(text: str) -> Gate:
+def parse_gate(text: str, flag: str = "--fail-if") -> Gate:
+    """`flag` names the option in messages: tune's goals share this grammar under --goal."""
     m = _PATTERN.match(text)
     if not m:
-        raise UserInputError(f"--fail-if '{text}': expected [provider:]METRIC OP VALUE[%], e.g. 'accuracy_drop>1%'")
+        raise UserInputError(f"{flag} '{text}': expected [provider:]METRIC OP VALUE[%], e.g. 'accuracy_drop>1%'")
     metric = m["metric"]
     if metric not in METRICS:
-        raise UserInputError(f"--fail-if '{text}': unknown metric '{metric}' (known: {', '.join(sorted(METRICS))})")
+        raise UserInputError(f"{flag} '{text}': unknown metric '{metric}' (known: {', '.join(sorted(METRICS))})")
     value = float(m["value"]) / (100.0 if m["pct"] else 1.0)
     # accuracy_drop>1 can never fire (a drop is at most 1); the writer meant 1%.
     out_of_range = abs(value) > 1 or (metric == "accuracy_drop" and abs(value) >= 1)
     if metric in FRACTION_METRICS and not m["pct"] and out_of_range:
         raise UserInputError(
-            f"--fail-if '{text}': {metric} is a fraction between 0 and 1; write {m['value']}% "
+            f"{flag} '{text}': {metric} is a fraction between 0 and 1; write {m['value']}% "
             f"or {value / 100:g} (a value over 1 could never be reached)"
         )
     provider = m["prov"].lower() if m["prov"] else None
     if provider is not None and provider not in PROVIDER_ALIASES:
         known = ", ".join(sorted(PROVIDER_ALIASES))
-        raise UserInputError(f"--fail-if '{text}': unknown provider '{provider}' (known: {known})")
+        raise UserInputError(f"{flag} '{text}': unknown provider '{provider}' (known: {known})")
     return Gate(text.strip(), provider, metric, m["op"], value)
 
 
@@ -219,7 +221,9 @@ def evaluate(gates: list[Gate], bench: dict[str, Any]) -> list[GateResult]:
                 raise UserInputError(_not_measured(gate, row))
             label = f"{row['provider']}{'[' + row['shape'] + ']' if row['shape'] else ''}={value:.4g}"
             values.append(label)
-            if _OPS[gate.op](value, gate.threshold):
+            if math.isnan(value):  # no comparison holds on NaN, so it would pass every gate: it fails them all
+                hits.append(f"{label} (undefined: nothing finite to compare)")
+            elif _OPS[gate.op](value, gate.threshold):
                 hits.append(label)
         violated = bool(hits)
         results.append(
@@ -239,4 +243,4 @@ def goal_holds(gate: Gate, row: dict[str, Any], bench: dict[str, Any]) -> tuple[
     value = METRICS[gate.metric](row, bench)
     if value is None:
         raise UserInputError(_not_measured(gate, row).replace("--fail-if", "--goal", 1))
-    return _OPS[gate.op](value, gate.threshold), value
+    return not math.isnan(value) and _OPS[gate.op](value, gate.threshold), value  # an undefined value meets no goal

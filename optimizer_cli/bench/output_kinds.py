@@ -23,14 +23,14 @@ and cosine):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.recipe import OUTPUT_KINDS
-from optimizer_cli.verify import compare_arrays
+from optimizer_cli.verify import Drift, compare_arrays
 
 _EMBED_WORDS = ("embed", "pool", "sentence", "feature")
 _CLASS_WORDS = ("logit", "score", "prob", "class")
@@ -120,9 +120,41 @@ def classify_outputs(
     return kinds
 
 
+def same_nonfinite(a: np.ndarray, b: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """Whether NaN, +inf and -inf sit at exactly the same places in both (over `axis`, or the whole array)."""
+    same = (np.isnan(a) == np.isnan(b)) & (np.isposinf(a) == np.isposinf(b)) & (np.isneginf(a) == np.isneginf(b))
+    return np.asarray(same.all(axis=axis))
+
+
+def faithful_drift(name: str, ref: np.ndarray, new: np.ndarray) -> Drift:
+    """compare_arrays, where non-finite values count only when reproduced exactly: the same NaN/+inf/-inf at the
+    same places is faithful and the finite rest is compared; any other difference in them fails the sample
+    (cosine 0, rel-L2 and max-abs inf); with nothing finite left the figures are undefined (NaN), never perfect."""
+    drift = compare_arrays(name, ref, new)
+    if ref.dtype.kind not in "fc" or new.dtype.kind not in "fc":
+        return drift
+    if not bool(same_nonfinite(ref, new)):
+        return replace(drift, max_abs=float("inf"), rel_l2=float("inf"), cosine=0.0)
+    if ref.size and not np.isfinite(ref).any():
+        return replace(drift, max_abs=float("nan"), rel_l2=float("nan"), cosine=float("nan"))
+    return drift
+
+
+def _finite_rows(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Both as [rows, classes] with NaN ranked lowest, and per row whether their non-finite values agree."""
+    rows_a, rows_b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    same = same_nonfinite(rows_a, rows_b, axis=-1)
+    return np.nan_to_num(rows_a, nan=-np.inf, posinf=np.inf), np.nan_to_num(rows_b, nan=-np.inf, posinf=np.inf), same
+
+
 def _argmax_agreement(ref: list[np.ndarray], new: list[np.ndarray]) -> float:
-    hits = [np.asarray(a.argmax(-1) == b.argmax(-1)) & np.isfinite(b).all(-1) for a, b in zip(ref, new, strict=True)]
-    return float(np.mean(np.concatenate([h.ravel() for h in hits])))
+    """Rows whose argmax and whose NaN/Inf positions are the same under both models (a NaN both have at the
+    same place is reproduced, not broken; one only the optimized model has never agrees)."""
+    hits = []
+    for a, b in zip(ref, new, strict=True):
+        rows_a, rows_b, same = _finite_rows(a, b)
+        hits.append(same & (rows_a.argmax(-1) == rows_b.argmax(-1)))
+    return float(np.mean(np.concatenate(hits)))
 
 
 def _top5_agreement(ref: list[np.ndarray], new: list[np.ndarray]) -> float | None:
@@ -131,9 +163,9 @@ def _top5_agreement(ref: list[np.ndarray], new: list[np.ndarray]) -> float | Non
         return None
     hits = []
     for a, b in zip(ref, new, strict=True):
-        rows_a, rows_b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-        top5 = np.argsort(-np.nan_to_num(rows_b, nan=-np.inf), axis=-1)[:, :5]
-        hits.append((top5 == rows_a.argmax(-1)[:, None]).any(-1))
+        rows_a, rows_b, same = _finite_rows(a, b)
+        top5 = np.argsort(-rows_b, axis=-1)[:, :5]
+        hits.append(same & (top5 == rows_a.argmax(-1)[:, None]).any(-1))
     return float(np.mean(np.concatenate(hits)))
 
 
@@ -164,16 +196,34 @@ def nn_agreement(ref: list[np.ndarray], new: list[np.ndarray]) -> float | None:
     return float(np.mean(_nearest(rows_a) == _nearest(rows_b)))
 
 
+def _defined(values: list[float]) -> list[float]:
+    return [v for v in values if not np.isnan(v)]
+
+
+# Over samples, those with nothing finite to compare (NaN) are left out; NaN when no sample had anything.
+def nan_min(values: list[float]) -> float:
+    return min(_defined(values), default=float("nan"))
+
+
+def nan_max(values: list[float]) -> float:
+    return max(_defined(values), default=float("nan"))
+
+
+def nan_mean(values: list[float]) -> float:
+    defined = _defined(values)
+    return float(np.mean(defined)) if defined else float("nan")
+
+
 def output_fidelity(
     kind: OutputKind, ref: list[np.ndarray], new: list[np.ndarray], map_threshold: float
 ) -> dict[str, Any]:
     """The per_output entry of a benchmark row's fidelity: common figures plus the kind's own."""
-    drifts = [compare_arrays(kind.name, a, b) for a, b in zip(ref, new, strict=True)]
+    drifts = [faithful_drift(kind.name, a, b) for a, b in zip(ref, new, strict=True)]
     entry: dict[str, Any] = {
         **asdict(kind),
-        "cosine_min": min(d.cosine for d in drifts),
-        "rel_l2": float(np.mean([d.rel_l2 for d in drifts])),
-        "max_abs": max(d.max_abs for d in drifts),
+        "cosine_min": nan_min([d.cosine for d in drifts]),
+        "rel_l2": nan_mean([d.rel_l2 for d in drifts]),
+        "max_abs": nan_max([d.max_abs for d in drifts]),
         "top1_agreement": None,
     }
     if kind.kind in ("class_scores", "sequence_logits") and ref[0].ndim >= 1 and ref[0].shape[-1] > 1:
