@@ -143,3 +143,15 @@ def test_openvino_f32_matches_the_cpu_ep_and_takes_the_nodes(tmp_path: Path) -> 
     assert "OpenVINOExecutionProvider" in node_placement(sess)
     (got,) = sess.run(None, feed)
     np.testing.assert_allclose(got, run(proto, feed)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_catalog_lists_the_reference_first_and_openvino_even_when_absent() -> None:
+    from optimizer_cli.runtime.providers import provider_catalog
+
+    rows = provider_catalog()
+    assert rows[0]["alias"] == "cpu" and rows[0]["usable"] and rows[0]["devices"] == ["cpu"]
+    openvino = next(r for r in rows if r["provider"] == "OpenVINOExecutionProvider")
+    assert openvino["usable"] == probe_provider("openvino").usable
+    if not openvino["usable"]:
+        assert openvino["reason"] and openvino["reason"] != "ok"
+    assert "f32" in openvino["options"] and "bf16" in openvino["options"]

@@ -196,3 +196,46 @@ def default_providers() -> tuple[str, ...]:
 def parse_provider_list(text: str | None) -> list[str]:
     """'cpu,openvino:bf16' -> ['cpu', 'openvino:bf16'] (validated, canonical); None -> the defaults."""
     return [t.label for t in parse_targets(text, default_providers())]
+
+
+# What a user can ask of each provider through a target, shown by `optimize providers`.
+TARGET_OPTIONS: dict[str, str] = {
+    "CPUExecutionProvider": "the reference: the model's own precision; threads from --threads",
+    "OpenVINOExecutionProvider": "precision f32 | bf16 | f16 (OpenVINO's INFERENCE_PRECISION_HINT; default: "
+    "OpenVINO's, bf16 on CPUs with AMX), device @cpu | @gpu | @npu, num_of_threads from --threads, any "
+    "KEY=VALUE provider option",
+    "TensorrtExecutionProvider": "precision fp16 | int8 (int8 wants a QDQ model), trt_engine_cache_path=DIR, "
+    "any KEY=VALUE provider option",
+    "CUDAExecutionProvider": "the model's own precision (quantize or convert with a pass); any KEY=VALUE option",
+}
+
+
+def provider_catalog() -> list[dict[str, Any]]:
+    """Every provider this host could offer: built into onnxruntime or a plugin package, with its devices,
+    whether it is usable here (a probe session) and why not, and the target options that matter."""
+    import onnxruntime as ort
+
+    names = list(
+        dict.fromkeys([*ort.get_available_providers(), *(n for p in ep_plugins.plugin_libraries() for n in p.ep_names)])
+    )
+    names += [n for n in ("OpenVINOExecutionProvider",) if n not in names]  # said even when not installed
+    rows = []
+    for name in names:
+        alias = next((a for a, n in PROVIDER_ALIASES.items() if n == name), name)
+        status = probe_provider(alias)
+        plugin = ep_plugins.plugin_for(name)
+        devices = sorted({ep_plugins.device_type(d) for d in ep_plugins.ep_devices(name)})
+        rows.append(
+            {
+                "alias": alias,
+                "provider": name,
+                "source": plugin.distribution
+                if plugin
+                else ("onnxruntime" if name in ort.get_available_providers() else "not installed"),
+                "devices": devices,
+                "usable": status.usable,
+                "reason": status.reason,
+                "options": TARGET_OPTIONS.get(name, "any KEY=VALUE provider option"),
+            }
+        )
+    return sorted(rows, key=lambda r: (r["provider"] != "CPUExecutionProvider", not r["usable"], r["alias"]))
