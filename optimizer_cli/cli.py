@@ -114,6 +114,8 @@ def run_cmd(
     report_path: Path | None = typer.Option(None, "--report", help="Also write the JSON report to a file."),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak session memory."),
     allow_code: bool = typer.Option(False, "--allow-code", help="Run the code (data loaders) the recipe names."),
+    allow_nonfinite: bool = AllowNonfiniteOpt,
+    allow_cast: bool = AllowCastOpt,
 ) -> None:
     """Run a recipe on MODEL, verify every pass, save, and benchmark original vs optimized."""
     from optimizer_cli.outputs import disk_errors
@@ -124,7 +126,7 @@ def run_cmd(
     if model.name in ("", ".", "..") or model.is_dir():
         raise UserInputError("is a directory, expected an .onnx file", model)
     output = output or model.with_name(model.stem + ".opt.onnx")
-    code = _code_consent(rec, recipe, allow_code, calib, data, overrides, refuse=not dry_run)
+    code = _code_consent(rec, recipe, allow_code, (calib, data, providers), overrides, refuse=not dry_run)
     if dry_run:
         _parse_gates(fail_if)
         _dry_run(model, rec, output, calib, data, human, json_out, code)
@@ -158,14 +160,21 @@ def run_cmd(
                 report = _optimize_and_measure(
                     model, output, recipe, rec, staged, calib, data, threads, settings, checks, benchmarking,
                     attribute, progress, hashes=_hashes_read(json_out, report_path, baseline),
+                    policy=_data_policy(allow_nonfinite, allow_cast),
                 )  # fmt: skip
             except VerificationError as exc:
-                if attribute:
+                if attribute and not (allow_nonfinite or allow_cast):  # it re-reads the data under strict checks
                     _attribute_failure(exc, model, rec, calib, data, threads, progress)
                 raise
         _finish(report, checks, json_out, human, log)
     finally:
         plan.discard()
+
+
+def _data_policy(allow_nonfinite: bool, allow_cast: bool) -> Any:
+    from optimizer_cli.data import DataPolicy
+
+    return DataPolicy(allow_nonfinite=allow_nonfinite, allow_cast=allow_cast)
 
 
 def _run_recipe(recipe: Path, overrides: list[str], calib_samples: int | None) -> Any:
@@ -185,14 +194,21 @@ def _run_recipe(recipe: Path, overrides: list[str], calib_samples: int | None) -
 
 
 def _code_consent(
-    rec: Any, recipe: Path, allow_code: bool, calib: str | None, data: str | None, overrides: list[str], *, refuse: bool
+    rec: Any, recipe: Path, allow_code: bool, flags: tuple[str | None, ...], overrides: list[str], *, refuse: bool
 ) -> str | None:
     """Code the recipe names that nobody consented to (None: none); with `refuse`, a UserInputError naming it.
-    A shared recipe's loader is code: it runs only with --allow-code or the same loader on the command line."""
+    A shared recipe's loader is code: it runs only with --allow-code or the same loader on the command line.
+    `flags`: --calib, --data and --providers, which replace the recipe's own."""
     from optimizer_cli.recipe import code_consent_problem, set_values, unconsented_code
 
+    calib, data, providers = flags
     refs = unconsented_code(
-        rec, allow_code=allow_code, calibration=calib, evaluation=data, command_line=set_values(overrides)
+        rec,
+        allow_code=allow_code,
+        calibration=calib,
+        evaluation=data,
+        providers=providers,
+        command_line=set_values(overrides),
     )
     problem = code_consent_problem(refs) if refs else None
     if problem is not None and refuse:
@@ -271,6 +287,7 @@ def _optimize_and_measure(
     log: _Progress,
     *,
     hashes: bool,
+    policy: Any = None,
 ) -> dict[str, Any]:
     """The work of `run`: passes (saved to the staging path), then benchmark and attribution."""
     from concurrent.futures import ThreadPoolExecutor
@@ -304,6 +321,7 @@ def _optimize_and_measure(
         on_start=lambda i, label: log.step(f"pass {i + 1} of {len(rec.passes)}: {label}"),
         logger=logging.getLogger("optimizer_cli"),
         on_progress=log.step,
+        data_policy=policy,
     )
     report: dict[str, Any] = {
         **_provenance(model, staged, hashes, input_hash.result() if input_hash else None),
@@ -318,7 +336,10 @@ def _optimize_and_measure(
         eval_data = result.evaluation if result.evaluation is not None else result.verify_data
         timed = _runnable_original(model, staged.parent / "original", report["notes"])
         _benchmark_into(report, timed, staged, settings, eval_data, checks.metric, rec.data.dims, log)
-        if attribute:
+        if attribute and (policy is not None and (policy.allow_nonfinite or policy.allow_cast)):
+            # Attribution re-runs the pipeline from the data specs under the default (strict) load checks.
+            report["notes"].append("attribution skipped: it does not run with --allow-nonfinite or --allow-cast")
+        elif attribute:
             _attribution_into(report, model, staged, rec, eval_data, calib, data, threads, log)
     return report
 

@@ -66,7 +66,8 @@ def _fidelity(fidelity: dict[str, Any] | None) -> str:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             parts.append(f"{key} {value}")  # a figure the page does not know how to format is shown as it is
         else:
-            parts.append(f"{key} {100 * value:.2f}%" if "drop" in key else f"{key} {value:.4f}")
+            # Accuracy and its drop in percent, as goals write them ('accuracy_drop<=1%'); similarities 4 decimals.
+            parts.append(f"{key} {100 * value:.2f}%" if key.startswith("accuracy") else f"{key} {value:.4f}")
     return ", ".join(parts) or "-"
 
 
@@ -190,8 +191,19 @@ def _trials_table(tune: dict[str, Any]) -> str:
     return _table(head, rows, "trials")
 
 
+def _plain(value: Any) -> str:
+    """A value as a reader writes it: lists comma-separated ('none' when empty), no Python reprs, '-' for None."""
+    if value is None:
+        return "-"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_plain(v) for v in value) or "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_plain(v)}" for k, v in value.items()) or "none"
+    return str(value)
+
+
 def _key_value_table(values: dict[str, Any], table_id: str) -> str:
-    rows = [("", [f"<th>{_e(key)}</th>", f"<td>{_e(value)}</td>"]) for key, value in values.items()]
+    rows = [("", [f"<th>{_e(key)}</th>", f"<td>{_e(_plain(value))}</td>"]) for key, value in values.items()]
     return _table(None, rows, table_id)
 
 
@@ -199,15 +211,18 @@ def _space(tune: dict[str, Any]) -> str:
     space = tune.get("space") or {}
     if not space:
         return "<p>The document lists no search space.</p>"
-    shown = {key: ", ".join(map(str, value)) if isinstance(value, list) else value for key, value in space.items()}
-    return _key_value_table(shown, "space")
+    return _key_value_table(space, "space")
 
 
 def _outputs(tune: dict[str, Any]) -> str:
     outputs = tune.get("outputs") or {}
     if not outputs:
         return "<p>No outputs were listed.</p>"
-    items = "".join(f"<li>{_e(kind)}: <code>{_e(path)}</code></li>" for kind, path in outputs.items())
+    # A file the run did not write (no winner: no model) is said so, not listed as a path named "None".
+    items = "".join(
+        f"<li>{_e(kind)}: <code>{_e(path)}</code></li>" if path else f"<li>{_e(kind)}: not written</li>"
+        for kind, path in outputs.items()
+    )
     return f'<ul id="outputs">{items}</ul>'
 
 

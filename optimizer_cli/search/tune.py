@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from optimizer_cli.bench.gate import Gate, goal_holds, metric_value
-from optimizer_cli.errors import UserInputError
+from optimizer_cli.errors import UserInputError, first_line
 from optimizer_cli.search.candidates import (
     BuildJob,
     DataRef,
@@ -38,6 +38,7 @@ from optimizer_cli.search.candidates import (
     time_candidates,
 )
 from optimizer_cli.search.space import Dimension, describe, suggest
+from optimizer_cli.search.study_folder import check_study_folder, read_json, read_marker, write_marker
 
 SPEED_METRICS = {
     "speedup",
@@ -56,6 +57,7 @@ EXTEND = 3  # an inconclusive final timing is repeated once with this many times
 EXHAUSTED_AFTER = 100  # random proposals in a row that were all tried: the space is (nearly) exhausted
 CONFIG_FILE = "tune-config.json"
 JOURNAL_FILE = "study.journal"
+STUDY_ID_ATTR = "optimize_study_id"  # the journal's copy of the marker's id: a foreign journal lacks it
 
 
 @dataclass
@@ -143,39 +145,94 @@ def _sampler(settings: TuneSettings, n_done: int) -> Any:
 
 
 def open_study(settings: TuneSettings) -> Any:
+    """The study's Optuna study: a new one in a new (or empty) folder, marked first; or, resuming, the one the
+    folder's marker names, after its files are checked (a foreign or corrupted folder is the user's error)."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    settings.study_dir.mkdir(parents=True, exist_ok=True)
     config_path = settings.study_dir / CONFIG_FILE
     journal = settings.study_dir / JOURNAL_FILE
     if settings.resume:
-        if not config_path.exists() or not journal.exists():
-            raise UserInputError("--resume: no study to resume in this folder", settings.study_dir)
-        saved = json.loads(config_path.read_text())
-        differs = [k for k, v in settings.identity().items() if saved.get("identity", {}).get(k) != v]
+        # Nothing is created or written before the folder shows it is this tool's study.
+        check_study_folder(settings.study_dir, True, {})
+        study_id = read_marker(settings.study_dir)
+        saved = read_json(config_path, CONFIG_FILE, ("identity",))
+        if not isinstance(saved["identity"], dict):
+            raise UserInputError(f"the study's {CONFIG_FILE} is corrupted (identity is not an object)", config_path)
+        if not journal.is_file():
+            raise UserInputError("the study has no journal to resume (it never started a trial)", journal)
+        differs = [k for k, v in settings.identity().items() if saved["identity"].get(k) != v]
         if differs:
             raise UserInputError(f"--resume: this study was run with another {', '.join(differs)}", settings.study_dir)
-    elif journal.exists():
-        raise UserInputError(
-            "a study already exists here: add --resume to continue it, or choose another --study", settings.study_dir
-        )
+        return _load_journal(journal, study_id)
+    check_study_folder(settings.study_dir, False, {})  # the CLI checked already; the library is called directly too
+    study_id = write_marker(settings.study_dir)
     storage = JournalStorage(JournalFileBackend(str(journal)))
-    study = optuna.create_study(
-        study_name="tune", storage=storage, directions=["maximize", "maximize"], load_if_exists=settings.resume
-    )
-    if not settings.resume:
-        _write_config(settings, 0.0)
+    study = optuna.create_study(study_name="tune", storage=storage, directions=["maximize", "maximize"])
+    study.set_user_attr(STUDY_ID_ATTR, study_id)
+    _write_config(settings, 0.0)
     return study
+
+
+def _load_journal(journal: Path, study_id: str) -> Any:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    _check_journal_lines(journal)
+    try:
+        study = optuna.load_study(study_name="tune", storage=JournalStorage(JournalFileBackend(str(journal))))
+        owner = study.user_attrs.get(STUDY_ID_ATTR)
+    except Exception as exc:  # Optuna reports a broken journal with many exception types; all mean "unreadable"
+        raise UserInputError(
+            f"the study's journal is corrupted or not a tune study's ({type(exc).__name__}: {first_line(exc, 120)})",
+            journal,
+        ) from None
+    if owner != study_id:
+        raise UserInputError("the journal belongs to another study (its id is not the marker file's)", journal)
+    return study
+
+
+def _check_journal_lines(journal: Path) -> None:
+    """Every line a complete JSON object. Optuna takes a broken last line for a write under way and appends after
+    it, which breaks the journal for good: a truncated or damaged one is refused before Optuna reads it."""
+    try:
+        raw = journal.read_bytes()
+    except OSError as exc:
+        raise UserInputError(f"the study's journal cannot be read ({type(exc).__name__})", journal) from None
+    if raw and not raw.endswith(b"\n"):
+        raise UserInputError("the study's journal is truncated (its last line is incomplete)", journal)
+    for number, line in enumerate(raw.splitlines(), start=1):
+        try:
+            entry = json.loads(line)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+            entry = None
+        if not isinstance(entry, dict) or "op_code" not in entry:
+            raise UserInputError(
+                f"the study's journal is corrupted (line {number} is not an Optuna log entry)", journal
+            )
 
 
 def _write_config(settings: TuneSettings, elapsed: float, extra: dict[str, Any] | None = None) -> None:
     path = settings.study_dir / CONFIG_FILE
-    saved = json.loads(path.read_text()) if path.exists() else {}
+    saved = read_json(path, CONFIG_FILE) if path.exists() else {}
     saved.update({"identity": settings.identity(), "elapsed_s": elapsed, **(extra or {})})
     path.write_text(json.dumps(saved, indent=2, default=str))
+
+
+# What a told trial's record holds (a duplicate's holds only the first four): a record without them is corrupt.
+RECORD_KEYS = ("number", "state", "params", "reason", "recipe_summary", "recipe", "fidelity", "speedup")
+
+
+def _checked_record(record: Any, number: int, journal: Path) -> dict[str, Any]:
+    keys = RECORD_KEYS[:4] if isinstance(record, dict) and record.get("state") == "duplicate" else RECORD_KEYS
+    if not isinstance(record, dict) or any(k not in record for k in keys) or not isinstance(record["params"], dict):
+        raise UserInputError(f"trial {number}'s record in the journal is corrupted or not from optimize tune", journal)
+    if record["state"] in ("built", "timed") and not isinstance(record.get("model_path"), str):
+        raise UserInputError(f"trial {number}'s record in the journal names no model file", journal)
+    return record
 
 
 def restore(study: Any, settings: TuneSettings) -> TuneState:
@@ -183,9 +240,15 @@ def restore(study: Any, settings: TuneSettings) -> TuneState:
     import optuna
 
     state = TuneState()
-    saved = json.loads((settings.study_dir / CONFIG_FILE).read_text())
-    state.elapsed_before = float(saved.get("elapsed_s", 0.0))
+    saved = read_json(settings.study_dir / CONFIG_FILE, CONFIG_FILE)
+    try:
+        state.elapsed_before = float(saved.get("elapsed_s", 0.0))
+    except (TypeError, ValueError):
+        raise UserInputError(
+            f"the study's {CONFIG_FILE} is corrupted (elapsed_s)", settings.study_dir / CONFIG_FILE
+        ) from None
     state.original_p50_ms = saved.get("original_p50_ms")
+    journal = settings.study_dir / JOURNAL_FILE
     for trial in study.get_trials(deepcopy=False):
         if trial.state == optuna.trial.TrialState.RUNNING:
             # Interrupted mid-trial: failed in the journal, and its proposal asked again first, so the resumed
@@ -194,11 +257,12 @@ def restore(study: Any, settings: TuneSettings) -> TuneState:
             if trial.params:
                 study.enqueue_trial(trial.params, skip_if_exists=False)
             continue
-        record = trial.user_attrs.get("record")
-        if record is not None and record["state"] != "duplicate":
+        if "record" not in trial.user_attrs:
+            continue
+        record = _checked_record(trial.user_attrs["record"], trial.number, journal)
+        if record["state"] != "duplicate":
             state.records[trial.number] = record
-            if record["state"] != "duplicate":
-                state.by_params.setdefault(_key(record["params"]), trial.number)
+            state.by_params.setdefault(_key(record["params"]), trial.number)
     return state
 
 
@@ -862,6 +926,7 @@ class TuneRequest:
     calib_samples: int = 64
     metric: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)  # the recipe metrics section (kinds, charset, ...)
+    scratch: bool = False  # study_dir is a folder this run created for itself (no --study): removed after it
 
 
 def prepare(request: TuneRequest, log: Callable[[str], None]) -> TuneSettings:
@@ -943,7 +1008,9 @@ def _ranking(settings: TuneSettings, log: Callable[[str], None]) -> None:
         return
     path = settings.study_dir / "ranking.json"
     if path.exists():
-        saved = json.loads(path.read_text())
+        saved = read_json(path, "ranking.json", ("ranked", "fitted"))
+        if not isinstance(saved["ranked"], dict) or not isinstance(saved["fitted"], dict):
+            raise UserInputError("the study's ranking.json is corrupted (ranked and fitted must be objects)", path)
         settings.ctx.ranked_nodes, settings.ctx.fitted_keep = saved["ranked"], saved["fitted"]
         return
     from optimizer_cli.search.candidates import evaluation_data
@@ -987,15 +1054,25 @@ def run_tune(
 
 def report_again(settings: TuneSettings) -> tuple[dict[str, Any], Path | None]:
     """A finished study's document from its folder, without running or timing anything."""
+    settings.resume = True
+    study = open_study(settings)  # first: a folder that is not a study is said so, whatever files it has
     path = settings.study_dir / "final.json"
     if not path.exists():
         raise UserInputError(
             "--report-only: this study has not finished (no final.json); resume it with --resume", settings.study_dir
         )
-    settings.resume = True
-    study = open_study(settings)
     state = restore(study, settings)
-    saved = json.loads(path.read_text())
+    saved = read_json(path, "final.json", ("final", "stopped"))
     final = saved["final"]
-    winner_path = Path(state.records[final["winner"]]["model_path"]) if final.get("winner") is not None else None
-    return result_document(settings, state, final, saved["stopped"], state.elapsed_before), winner_path
+    if not isinstance(final, dict) or not isinstance(final.get("candidates", []), list):
+        raise UserInputError("the study's final.json is corrupted (final is not a tune result)", path)
+    number = final.get("winner")
+    candidate_keys = ("number", "recipe_summary", "speedup", "p50_ms", "fidelity", "meets_goals", "misses")
+    if any(not isinstance(c, dict) or any(k not in c for k in candidate_keys) for c in final.get("candidates", [])):
+        raise UserInputError("the study's final.json is corrupted (a final candidate lacks its timing)", path)
+    if number is not None and not any(c["number"] == number for c in final.get("candidates", [])):
+        raise UserInputError(f"the study's final.json names winner {number!r} among no final candidates", path)
+    if number is not None and number not in state.records:
+        raise UserInputError(f"the study's final.json names winner {number!r}, a trial the journal lacks", path)
+    winner_path = Path(state.records[number]["model_path"]) if number is not None else None
+    return result_document(settings, state, final, str(saved["stopped"]), state.elapsed_before), winner_path
