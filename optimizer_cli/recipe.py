@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -581,6 +582,9 @@ def empty_recipe(overrides: list[str] | None = None) -> Recipe:
 
 # Pass options that name a data source read like --data: a loader there is code the run imports.
 DATA_SOURCE_OPTIONS = frozenset({"train_data"})
+# Execution-provider options (benchmark.providers' KEY=VALUE) that make onnxruntime load a native library:
+# TensorRT's trt_extra_plugin_lib_paths, QNN's backend_path, and any *_lib / *_library / plugin option.
+_LIBRARY_OPTION = re.compile(r"(^|_)(lib|libs|library|plugin)(_|$)|(^|_)backend_path$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -609,6 +613,18 @@ def code_references(rec: Recipe) -> list[CodeReference]:
         if isinstance(spec, str) and is_loader_spec(spec):
             file = loader_file(spec)
             refs.append(CodeReference(key, spec, file.resolve() if file is not None else None))
+    return refs + _library_options(rec)
+
+
+def _library_options(rec: Recipe) -> list[CodeReference]:
+    """benchmark.providers entries (PROVIDER[:KEY=VALUE...]) whose options name a library to load."""
+    refs = []
+    for i, target in enumerate(rec.benchmark.providers or []):
+        for item in target.split(":")[1:]:
+            key, eq, value = item.partition("=")
+            if eq and _LIBRARY_OPTION.search(key.strip()) and value.strip():
+                first = value.strip().split(";")[0]  # TensorRT takes a ';'-separated list
+                refs.append(CodeReference(f"benchmark.providers.{i}", item.strip(), Path(first).resolve()))
     return refs
 
 
@@ -638,11 +654,13 @@ def unconsented_code(
     allow_code: bool = False,
     calibration: str | None = None,
     evaluation: str | None = None,
+    providers: str | None = None,
     command_line: Iterable[str | None] = (),
 ) -> list[CodeReference]:
     """The code a run of `rec` would import that nobody asked for: a shared recipe's loader runs only with
     --allow-code or when the same loader is given on the command line (--calib, --data, --set).
-    `calibration` / `evaluation` are --calib / --data: they replace the recipe's own, which then never runs."""
+    `calibration` / `evaluation` / `providers` are --calib / --data / --providers: they replace the recipe's
+    own, which then never runs."""
     if allow_code:
         return []
     given = [s for s in (calibration, evaluation, *command_line) if s]
@@ -650,18 +668,21 @@ def unconsented_code(
     return [
         ref
         for ref in code_references(rec)
-        if not replaced.get(ref.key) and not any(_same_loader(ref.spec, s) for s in given)
+        if not replaced.get(ref.key)
+        and not (providers and ref.key.startswith("benchmark.providers."))
+        and not any(_same_loader(ref.spec, s) for s in given)
     ]
-
-
-_FLAG_FOR = {"data.calibration": "--calib", "data.evaluation": "--data"}
 
 
 def code_consent_problem(refs: list[CodeReference]) -> str:
     """One line naming the first file that would run and how to consent."""
     ref = refs[0]
-    flag = _FLAG_FOR.get(ref.key)
-    also = f" or give it as {flag} {ref.spec}" if flag else " or give the same loader as --calib/--data"
+    if ref.key in ("data.calibration", "data.evaluation"):
+        also = f" or give it as {'--calib' if ref.key == 'data.calibration' else '--data'} {ref.spec}"
+    elif ref.key.startswith("benchmark.providers."):
+        also = " or choose the targets on the command line (--providers)"
+    else:
+        also = " or give the same loader as --calib/--data"
     more = f" (and {len(refs) - 1} more)" if len(refs) > 1 else ""
     return (
         f"{ref.key} names code that would run: {ref.what()} ('{ref.spec}'); recipes run code only with consent: "

@@ -16,6 +16,7 @@ from optimizer_cli.recipe import (
     MAX_NODES,
     MAX_PASSES,
     MAX_RECIPE_BYTES,
+    code_consent_problem,
     code_references,
     empty_recipe,
     load_recipe,
@@ -137,6 +138,35 @@ def test_consent_comes_from_the_flag_or_the_command_line(tmp_path: Path) -> None
     # A value typed in --set is on the command line.
     typed = parse_recipe("passes: [{type: cleanup}]\n", "r.yaml", [f"data.evaluation={loader}:evaluate"])
     assert unconsented_code(typed, command_line=[f"{loader}:evaluate"]) == []
+
+
+def test_provider_options_that_load_libraries_are_code(tmp_path: Path) -> None:
+    lib = tmp_path / "evil.so"
+    text = (
+        "passes: [{type: cleanup}]\n"
+        f"benchmark: {{providers: [cpu, 'openvino:num_streams=1', 'trt:fp16:trt_extra_plugin_lib_paths={lib}']}}\n"
+    )
+    rec = parse_recipe(text, "r.yaml")
+    (ref,) = unconsented_code(rec)
+    assert ref.key == "benchmark.providers.2" and ref.file == lib.resolve()
+    assert "--providers" in code_consent_problem([ref]) and str(lib) in code_consent_problem([ref])
+    assert unconsented_code(rec, providers="cpu") == [] and unconsented_code(rec, allow_code=True) == []
+    qnn = parse_recipe(
+        "passes: [{type: cleanup}]\nbenchmark: {providers: ['QNNExecutionProvider:backend_path=x.so']}\n"
+    )
+    assert [r.key for r in code_references(qnn)] == ["benchmark.providers.0"]
+
+
+def test_dry_run_names_a_provider_library(tmp_path: Path) -> None:
+    onnx.save(mlp(), tmp_path / "m.onnx")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"passes: [{{type: cleanup}}]\nbenchmark: {{providers: ['trt:trt_extra_plugin_lib_paths={tmp_path}/e.so']}}\n"
+    )
+    dry = run_cli(str(tmp_path / "m.onnx"), "--recipe", str(recipe), "--dry-run", "--json")
+    assert dry.returncode == 2 and any("e.so" in p for p in json.loads(dry.stdout)["problems"]), dry.stderr
+    ok = run_cli(str(tmp_path / "m.onnx"), "--recipe", str(recipe), "--dry-run", "--providers", "cpu")
+    assert ok.returncode == 0, ok.stderr
 
 
 def test_every_pass_option_that_reads_data_is_checked() -> None:
