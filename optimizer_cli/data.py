@@ -585,7 +585,7 @@ def _finish(ds: Dataset, model: ir.Model, path: Path | None, policy: DataPolicy,
         bad = [i for i, f in enumerate(ds.feeds) if f[name].dtype.kind in "fc" and not np.isfinite(f[name]).all()]
         if not bad:
             continue
-        count = f"{len(bad)} of {len(ds)} samples (first: sample {bad[0]})"
+        count = f"{len(bad)} of the {len(ds)} samples read (first: sample {bad[0]})"
         if not policy.allow_nonfinite:
             # NaN in, NaN out: nothing would be compared, and every figure would look perfect or be noise.
             raise UserInputError(

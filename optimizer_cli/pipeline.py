@@ -21,7 +21,15 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from optimizer_cli.analysis.graph import node_count
-from optimizer_cli.data import Dataset, data_problem, is_per_sample, random_dataset, resolve_dataset, shape_text
+from optimizer_cli.data import (
+    DataPolicy,
+    Dataset,
+    data_problem,
+    is_per_sample,
+    random_dataset,
+    resolve_dataset,
+    shape_text,
+)
 from optimizer_cli.errors import UserInputError, VerificationError, first_line
 from optimizer_cli.ir_compat import normalize_ir_version
 from optimizer_cli.model_io import (
@@ -161,6 +169,7 @@ def run_pipeline(
     on_start: Callable[[int, str], None] | None = None,
     logger: logging.Logger | None = None,
     on_progress: Callable[[str], None] | None = None,
+    data_policy: DataPolicy | None = None,
 ) -> PipelineResult:
     """Check requirements, load, run every pass with a StageVerifier check after each, save.
 
@@ -186,7 +195,7 @@ def run_pipeline(
     if eval_samples is None and evaluation and is_per_sample(evaluation):
         eval_samples = recipe.verify.samples
     limits = (calib_samples, eval_samples)
-    data = _datasets(model, recipe, (calibration, evaluation), limits, notes)
+    data = _datasets(model, recipe, (calibration, evaluation), limits, notes, data_policy)
     verifier = _verifier(model, recipe, data.verify, threads, input_path)
     with tempfile.TemporaryDirectory(prefix="optimize-run-") as tmp:
         ctx = PassContext(
@@ -246,19 +255,26 @@ def _datasets(
     specs: tuple[str | None, str | None],
     limits: tuple[int | None, int | None],
     notes: list[str],
+    policy: DataPolicy | None = None,
 ) -> _RunData:
     """Calibration (its first limits[0] samples), evaluation (its first limits[1], never fewer than
-    verification uses) and the verification samples, read once each."""
+    verification uses) and the verification samples, read once each (checked under `policy`)."""
     (calibration, evaluation), (calib_limit, eval_limit) = specs, limits
     dims, vs = recipe.data.dims, recipe.verify
     calib = resolve_dataset(
-        calibration, model, samples=calib_limit or 64, seed=vs.seed + 1, dims=dims, limit=calib_limit
+        calibration, model, samples=calib_limit or 64, seed=vs.seed + 1, dims=dims, limit=calib_limit, policy=policy
     )
     if calib is not None and calib.is_random:
         notes.append("calibration uses seeded random inputs: accuracy on real data is unknown")
     eval_limit = None if eval_limit is None else max(eval_limit, vs.samples)
-    eval_data = resolve_dataset(evaluation, model, samples=vs.samples, seed=vs.seed, dims=dims, limit=eval_limit)
+    eval_data = resolve_dataset(
+        evaluation, model, samples=vs.samples, seed=vs.seed, dims=dims, limit=eval_limit, policy=policy
+    )
+    # What loading said (casts, NaN allowed, unused keys, odd labels) reaches the report even without a benchmark.
+    if calib is not None and not calib.is_random:
+        notes.extend(f"calibration data: {n}" for n in calib.notes)
     if eval_data is not None and not eval_data.is_random:
+        notes.extend(n for n in eval_data.notes if n not in notes)
         verify_data = eval_data.take(vs.samples)
     elif calib is not None and not calib.is_random:
         verify_data = calib.take(vs.samples)

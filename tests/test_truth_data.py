@@ -46,7 +46,7 @@ def test_nonfinite_input_refused_at_load_naming_file_key_and_count(tmp_path: Pat
     with pytest.raises(UserInputError) as info:
         load_dataset(path, model)
     text = str(info.value)
-    assert str(path) in text and "'x'" in text and "3 of 8 samples" in text and "--allow-nonfinite" in text
+    assert str(path) in text and "'x'" in text and "3 of the 8 samples" in text and "--allow-nonfinite" in text
 
 
 def test_nonfinite_input_allowed_says_how_many(tmp_path: Path, model: ir.Model) -> None:
@@ -54,7 +54,7 @@ def test_nonfinite_input_allowed_says_how_many(tmp_path: Path, model: ir.Model) 
     np.savez(path, x=_nan_rows(8, [1, 2, 5]))
     ds = load_dataset(path, model, policy=DataPolicy(allow_nonfinite=True))
     assert len(ds) == 8
-    assert any("3 of 8 samples" in n and "'x'" in n for n in ds.notes)
+    assert any("3 of the 8 samples" in n and "'x'" in n for n in ds.notes)
 
 
 def test_nonfinite_refused_in_per_sample_layouts_and_calibration(tmp_path: Path, model: ir.Model) -> None:
@@ -62,9 +62,9 @@ def test_nonfinite_refused_in_per_sample_layouts_and_calibration(tmp_path: Path,
     folder.mkdir()
     for i in range(3):
         np.savez(folder / f"s{i}.npz", x=_nan_rows(1, [0] if i == 2 else []))
-    with pytest.raises(UserInputError, match=r"'x'.*1 of 3 samples"):
+    with pytest.raises(UserInputError, match=r"'x'.*1 of the 3 samples"):
         load_dataset(folder, model)
-    with pytest.raises(UserInputError, match="1 of 3 samples"):  # calibration data goes through the same check
+    with pytest.raises(UserInputError, match="1 of the 3 samples"):  # calibration data goes through the same check
         resolve_dataset(str(folder), model, samples=3, seed=0)
 
 
@@ -245,7 +245,7 @@ def test_cli_bench_refuses_nonfinite_data_and_flag_allows_it(tmp_path: Path) -> 
     np.savez(data, x=_nan_rows(6, [2]))
     refused = run_cli("bench", str(model), str(model), "--data", str(data), "--rounds", "2", "--no-memory")
     assert refused.returncode == 2, refused.stdout + refused.stderr
-    assert "1 of 6 samples" in refused.stderr and "Traceback" not in refused.stderr
+    assert "1 of the 6 samples" in refused.stderr and "Traceback" not in refused.stderr
     allowed = run_cli(
         "bench", str(model), str(model), "--data", str(data), "--rounds", "2", "--no-memory",
         "--allow-nonfinite", "--json",
@@ -253,4 +253,20 @@ def test_cli_bench_refuses_nonfinite_data_and_flag_allows_it(tmp_path: Path) -> 
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr
     doc = json.loads(allowed.stdout)
     notes = doc["benchmark"]["notes"] if "benchmark" in doc else doc["notes"]
-    assert any("1 of 6 samples" in n for n in notes)
+    assert any("1 of the 6 samples" in n for n in notes)
+
+
+def test_cli_run_refuses_nonfinite_data_and_flag_allows_it(tmp_path: Path) -> None:
+    from .conftest import ROOT
+
+    model = tmp_path / "m.onnx"
+    onnx.save(mlp((8, 16, 4)), model)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=_nan_rows(6, [2, 3]))
+    args = ["run", str(model), "-r", str(ROOT / "recipes" / "int8.yaml"), "-o", str(tmp_path / "o.onnx")]
+    refused = run_cli(*args, "--data", str(data), "--no-bench")
+    assert refused.returncode == 2 and "2 of the 6 samples" in refused.stderr, refused.stderr
+    assert not (tmp_path / "o.onnx").exists()
+    allowed = run_cli(*args, "--data", str(data), "--no-bench", "--allow-nonfinite", "--json")
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert any("2 of the 6 samples" in n for n in json.loads(allowed.stdout)["notes"])
