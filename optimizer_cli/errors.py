@@ -6,7 +6,11 @@ Exit codes: 0 ok, 1 a --fail-if gate was violated, 2 bad input (file, recipe, da
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
+
+# Errors of a full or read-only disk: the user's to fix (exit 2), never an internal error.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
@@ -46,3 +50,10 @@ class GateFailure(OptimizerError):
     """A --fail-if condition was violated."""
 
     exit_code = 1
+
+
+class InternalError(OptimizerError):
+    """A bug: code of ours (or of a library a pass calls) raised where it should not; the message names where.
+    Exit 4, like any unexpected exception, never 3: 3 means the output model broke its contract."""
+
+    exit_code = 4

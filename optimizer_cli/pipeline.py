@@ -30,7 +30,14 @@ from optimizer_cli.data import (
     resolve_dataset,
     shape_text,
 )
-from optimizer_cli.errors import UserInputError, VerificationError, first_line
+from optimizer_cli.errors import (
+    DISK_ERRNOS,
+    InternalError,
+    OptimizerError,
+    UserInputError,
+    VerificationError,
+    first_line,
+)
 from optimizer_cli.ir_compat import normalize_ir_version
 from optimizer_cli.model_io import (
     check_output_path,
@@ -309,6 +316,13 @@ def _verifier(model: ir.Model, recipe: Recipe, data: Dataset, threads: int, inpu
         ) from exc
 
 
+def _internal(index: int, label: str, exc: Exception) -> InternalError:
+    return InternalError(
+        f"internal error: pass {index} ({label}) raised {type(exc).__name__}: {first_line(exc)} "
+        "(rerun with --debug for a traceback)"
+    )
+
+
 def _run_stage(
     index: int,
     cfg: Any,
@@ -317,7 +331,9 @@ def _run_stage(
     verifier: StageVerifier,
     on_start: Callable[[int, str], None] | None,
 ) -> tuple[ir.Model, StageReport]:
-    """One pass, timed, then verified; a pass that raises is reported by name (exit 3), not as a crash."""
+    """One pass, timed, then verified. A pass's own error keeps its exit code (UserInputError 2,
+    VerificationError 3); any other exception is a bug, an InternalError naming the pass (exit 4), except a
+    full or read-only disk, which stays an OSError for the command line to report as the user's (exit 2)."""
     instance = PASS_REGISTRY[cfg.type](cfg, ctx)
     label = cfg.label or cfg.type
     if on_start:
@@ -325,10 +341,14 @@ def _run_stage(
     start = time.perf_counter()
     try:
         result = instance(model)
-    except (UserInputError, VerificationError):
+    except OptimizerError:
         raise
+    except OSError as exc:
+        if exc.errno in DISK_ERRNOS:
+            raise
+        raise _internal(index, label, exc) from exc
     except Exception as exc:
-        raise VerificationError(f"pass {index} ({label}) failed: {first_line(exc)}") from exc
+        raise _internal(index, label, exc) from exc
     model = result.model
     exactness = instance.exactness
     stage = StageReport(

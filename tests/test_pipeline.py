@@ -129,3 +129,47 @@ def test_approximate_stage_that_fails_with_optimizations_on_is_caught(
     with pytest.raises(VerificationError, match=r"pass 0 \(quantize\).*graph optimizations on.*fusion broke"):
         run_pipeline(model_path, recipe, tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()
+
+
+def _raising_fuse(monkeypatch, exc: Exception) -> None:
+    def call(self, model: ir.Model):
+        raise exc
+
+    monkeypatch.setattr(FusePass, "call", call)
+
+
+def test_a_bug_in_a_pass_is_an_internal_error_naming_the_pass(model_path: Path, tmp_path: Path, monkeypatch) -> None:
+    """Issue 24 item 9: exit 3 means the output broke its contract; a pass's own exception is a bug (exit 4)."""
+    from optimizer_cli.errors import InternalError
+
+    _raising_fuse(monkeypatch, KeyError("w7"))
+    with pytest.raises(InternalError, match=r"internal error: pass 0 \(fuse\) raised KeyError: 'w7'") as raised:
+        run_pipeline(model_path, parse_recipe("passes:\n  - type: fuse\n"), tmp_path / "out.onnx")
+    assert raised.value.exit_code == 4 and isinstance(raised.value.__cause__, KeyError)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [(UserInputError("fuse: bad option"), 2), (VerificationError("fuse: broke it"), 3), (ValueError("bug"), 4)],
+    ids=["user-input", "verification", "bug"],
+)
+def test_each_exit_code_means_one_thing_at_the_command_line(
+    model_path: Path, tmp_path: Path, monkeypatch, capsys, exc: Exception, code: int
+) -> None:
+    """A pass raising each kind of error: the documented code, one line on stderr, one JSON document with --json."""
+    import json
+
+    from optimizer_cli.cli import main
+
+    _raising_fuse(monkeypatch, exc)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes: [{type: fuse}]\n")
+    with pytest.raises(SystemExit) as done:
+        main([str(model_path), "-r", str(recipe), "-o", str(tmp_path / "out.onnx"), "--no-bench", "--json"])
+    out, err = capsys.readouterr()
+    assert done.value.code == code, err
+    assert json.loads(out)["exit_code"] == code
+    error_lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and "Traceback" not in err
+    assert ("internal error" in error_lines[0]) == (code == 4)
