@@ -118,14 +118,9 @@ def run_cmd(
     allow_cast: bool = AllowCastOpt,
 ) -> None:
     """Run a recipe on MODEL, verify every pass, save, and benchmark original vs optimized."""
-    from optimizer_cli.outputs import disk_errors
-
     human, log = _consoles(json_out)
-    # --threads is the recipe's benchmark.threads, so the report records what was asked.
-    rec = _run_recipe(recipe, [*overrides, *([f"benchmark.threads={threads}"] if threads else [])], calib_samples)
-    if model.name in ("", ".", "..") or model.is_dir():
-        raise UserInputError("is a directory, expected an .onnx file", model)
-    output = output or model.with_name(model.stem + ".opt.onnx")
+    rec = _run_recipe(recipe, overrides, calib_samples, threads)
+    output = _output_for(model, output)
     code = _code_consent(rec, recipe, allow_code, (calib, data, providers), overrides, refuse=not dry_run)
     if dry_run:
         _parse_gates(fail_if)
@@ -149,13 +144,12 @@ def run_cmd(
     settings = _bench_settings(rec, providers, strict_ep, threads, sweep, eval_samples, memory)
     _check_providers(settings, checks.gates)
     _check_declared_kinds(model, rec, checks.gates)
-    if benchmarking:
-        _check_sweep(model, settings)
+    _check_sweep(model, settings, benchmarking)
     _quiet_runtime()
     plan = checks.plan
     try:
         staged = plan.staged_model()
-        with _library_output_to_stderr(), _warnings_to(log), _Progress(log) as progress, disk_errors("-o", output):
+        with _library_output_to_stderr(), _warnings_to(log), _Progress(log) as progress, _disk_errors("-o", output):
             try:
                 report = _optimize_and_measure(
                     model, output, recipe, rec, staged, calib, data, threads, settings, checks, benchmarking,
@@ -177,11 +171,25 @@ def _data_policy(allow_nonfinite: bool, allow_cast: bool) -> Any:
     return DataPolicy(allow_nonfinite=allow_nonfinite, allow_cast=allow_cast)
 
 
-def _run_recipe(recipe: Path, overrides: list[str], calib_samples: int | None) -> Any:
-    """The recipe with --set applied; --calib-samples N makes the run read N samples and every pass that
-    calibrates use them all."""
+def _output_for(model: Path, output: Path | None) -> Path:
+    """-o, else MODEL.opt.onnx beside the model (a folder has no name to derive one from)."""
+    if model.name in ("", ".", "..") or model.is_dir():
+        raise UserInputError("is a directory, expected an .onnx file", model)
+    return output or model.with_name(model.stem + ".opt.onnx")
+
+
+def _disk_errors(flag: str, path: Path | None) -> contextlib.AbstractContextManager[None]:
+    from optimizer_cli.outputs import disk_errors
+
+    return disk_errors(flag, path)
+
+
+def _run_recipe(recipe: Path, overrides: list[str], calib_samples: int | None, threads: int | None = None) -> Any:
+    """The recipe with --set applied; --threads is its benchmark.threads (so the report records what was asked);
+    --calib-samples N makes the run read N samples and every pass that calibrates use them all."""
     from optimizer_cli.recipe import load_recipe
 
+    overrides = [*overrides, *([f"benchmark.threads={threads}"] if threads is not None else [])]
     rec = load_recipe(recipe, overrides)
     if calib_samples is None:
         return rec
@@ -458,9 +466,9 @@ def _check_declared_kinds(model: Path, rec: Any, gates: list[Any]) -> None:
     check_declared_kinds(gates, dict(rec.metrics.outputs), names)
 
 
-def _check_sweep(model: Path, settings: Any) -> None:
+def _check_sweep(model: Path, settings: Any, benchmarking: bool) -> None:
     """--sweep names dims the model has (a dim it lacks would time the same shape under another label)."""
-    if not settings.sweep:
+    if not settings.sweep or not benchmarking:
         return
     import onnx_ir as ir
 
@@ -889,7 +897,7 @@ def _tune_request(
 ) -> Any:
     import tempfile
 
-    from optimizer_cli.search.tune import TuneRequest
+    from optimizer_cli.search.tune import TuneRequest, portable_data
 
     scratch = checked.study_root is None
     if checked.study_root is not None:
@@ -900,8 +908,9 @@ def _tune_request(
         scratch=scratch,
         model=model,
         goals=checked.goals,
-        evaluation=data,
-        calibration=calib,
+        # Absolute: the winner's recipe names its calibration data, and must name it from any folder.
+        evaluation=portable_data(data) or data,
+        calibration=portable_data(calib),
         study_dir=study_dir,
         provider=checked.provider,
         threads=threads,
@@ -1016,6 +1025,7 @@ def _write_tune_outputs(doc: dict[str, Any], winner: Path | None, target: Path, 
     from optimizer_cli.outputs import OutputPlan, write_bytes_atomic, write_text_atomic
     from optimizer_cli.report.html import tune_html
     from optimizer_cli.report.plot import attribution_png, pareto_png
+    from optimizer_cli.search.tune import reproduce_command
 
     paths = _tune_outputs(target)
     plan = OutputPlan(model=target)
@@ -1034,7 +1044,7 @@ def _write_tune_outputs(doc: dict[str, Any], winner: Path | None, target: Path, 
             recipe = doc["winner"]["recipe"]
             header = (
                 f"# Found by optimize tune for {doc['model']} (goals: {', '.join(doc['goals'])}).\n"
-                f"# Reproduce: optimize {doc['model']} --recipe {paths['recipe'].name} -o OUT.onnx\n"
+                f"# Reproduce: {reproduce_command(doc['model'], paths['recipe'], (recipe.get('data') or {}).get('calibration'))}\n"
             )
             write_text_atomic(paths["recipe"], header + yaml.safe_dump(recipe, sort_keys=False))
             log.print(f"wrote {target} and {paths['recipe']}")
@@ -1387,7 +1397,10 @@ def _internal(exc: BaseException) -> str:
 
 
 # What a signal that stops a run prints and exits with (128 + the signal's number, as shells report it).
-_SIGNAL_ERRORS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated (SIGTERM)", 143)}
+_SIGNAL_ERRORS: dict[int, tuple[str, int]] = {
+    signal.SIGINT: ("interrupted", 130),
+    signal.SIGTERM: ("terminated (SIGTERM)", 143),
+}
 
 
 @contextlib.contextmanager

@@ -50,6 +50,41 @@ def load_model(path: str | Path) -> ir.Model:
     return model
 
 
+def runtime_problem(model: ir.Model) -> str | None:
+    """Why onnxruntime would refuse to load the model as it is on disk, for the two causes a user can fix
+    without touching the graph (an IR version newer than it reads, two nodes of one name), else None."""
+    from optimizer_cli.ir_compat import ort_max_ir_version
+
+    newest = ort_max_ir_version()
+    if model.ir_version is not None and model.ir_version > newest:
+        import onnxruntime as ort
+
+        return (
+            f"IR version {model.ir_version} is newer than onnxruntime {ort.__version__} reads (up to IR {newest}); "
+            f"save the model with ir_version={newest} (onnx: m.ir_version = {newest}; onnx.save(m, path)) or "
+            "upgrade onnxruntime"
+        )
+    graphs: list[ir.Graph] = [model.graph, *model.graph.subgraphs()]
+    for graph in graphs:
+        seen: set[str] = set()
+        for node in graph:
+            if node.name and node.name in seen:
+                return (
+                    f"two nodes are named '{node.name}', which onnxruntime refuses; give every node a unique name "
+                    "(optimize with any recipe, e.g. a cleanup pass, writes a model that has them)"
+                )
+            if node.name:
+                seen.add(node.name)
+    return None
+
+
+def check_runtime_loadable(model: ir.Model, path: Path) -> None:
+    """runtime_problem as a one-line UserInputError naming the file."""
+    problem = runtime_problem(model)
+    if problem is not None:
+        raise UserInputError(problem, path)
+
+
 # structure_proto's data-less stand-ins: every external weight, and in-memory ones of this size or more.
 STUB_MIN_BYTES = 1 << 20
 STUB_LOCATION = "optimizer-cli-stub.data"

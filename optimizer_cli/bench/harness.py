@@ -216,19 +216,34 @@ def _shape_label(dims: dict[str, int]) -> str:
 
 
 def sweep_points(spec: list[str]) -> list[dict[str, int]]:
-    """['batch=1,8', 'seq=128,256'] -> the cartesian product as dicts."""
+    """['batch=1,8', 'seq=128,256'] -> the cartesian product as dicts; every size at least 1."""
     axes: list[tuple[str, list[int]]] = []
     for item in spec:
-        if "=" not in item:
+        if "=" not in item or not item.split("=", 1)[0].strip():
             raise UserInputError(f"--sweep '{item}': expected DIM=V1,V2,...")
         name, values = item.split("=", 1)
         try:
-            axes.append((name.strip(), [int(v) for v in values.split(",") if v.strip()]))
+            sizes = [int(v) for v in values.split(",") if v.strip()]
         except ValueError as exc:
             raise UserInputError(f"--sweep '{item}': values must be integers") from exc
+        if not sizes:
+            raise UserInputError(f"--sweep '{item}': expected DIM=V1,V2,... (no sizes given)")
+        if min(sizes) < 1:
+            raise UserInputError(f"--sweep '{item}': sizes must be at least 1 (got {min(sizes)})")
+        axes.append((name.strip(), sizes))
     if not axes:
         return []
     return [dict(zip([a for a, _ in axes], combo, strict=True)) for combo in itertools.product(*(v for _, v in axes))]
+
+
+def check_sweep_dims(points: list[dict[str, int]], model: ir.Model) -> None:
+    """Every swept dim is a symbolic dim of the model's inputs: another name would change no shape, and the
+    rows would time one shape under several labels."""
+    known = {d for spec in input_specs(model) for d in (spec.shape or ()) if isinstance(d, str)}
+    for name in dict.fromkeys(k for point in points for k in point):
+        if name not in known:
+            have = ", ".join(sorted(known)) if known else "none: every input dim is fixed"
+            raise UserInputError(f"--sweep '{name}': the model has no symbolic dim '{name}' (its dims: {have})")
 
 
 def run_benchmark(

@@ -16,8 +16,20 @@ from typing import Any
 
 import numpy as np
 
-_CHILD = r"""
-import json, sys, os
+# `python -c` puts the current folder first on the import path: a numpy.py (or json.py) where `optimize`
+# runs would be executed. Each child script drops that entry first (sys is built in, never looked up there);
+# the folder this package was imported from goes last, so a run from a source checkout still finds it.
+_SAFE_PATH = f"""
+import sys
+if sys.path and sys.path[0] == "":
+    del sys.path[0]
+sys.path.append({str(Path(__file__).resolve().parent.parent.parent)!r})
+"""
+
+_CHILD = (
+    _SAFE_PATH
+    + r"""
+import json, os
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import numpy as np
 import onnxruntime as ort
@@ -44,6 +56,7 @@ sess.run(None, feeds)
 peak = max(peak_mb(), psutil.Process().memory_info().rss / 2**20)
 print(json.dumps({"peak_mb": peak, "delta_mb": max(0.0, peak - before)}))
 """
+)
 
 
 def session_peak_memory(
@@ -87,8 +100,10 @@ def session_peak_memory(
         return None
 
 
-_PROBE = r"""
-import json, resource, subprocess, sys, time
+_PROBE = (
+    _SAFE_PATH
+    + r"""
+import json, resource, subprocess, time
 command, timeout = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 start = time.perf_counter()
 try:
@@ -100,6 +115,7 @@ print(json.dumps({"rc": rc, "wall_s": time.perf_counter() - start,
                   "peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
                   "last_line": (lines or [""])[-1][:300]}))
 """
+)
 
 
 def command_peak(command: list[str], timeout: float | None = None) -> dict[str, Any]:
