@@ -41,63 +41,97 @@ def _layer(module: str) -> int:
     raise AssertionError(f"{module} is in no layer: add it to LAYERS and CONTRIBUTING.md")
 
 
+def _targets(source: str) -> set[str]:
+    """The optimizer_cli modules a module's source imports (at any depth: function-level imports count too)."""
+    targets: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("optimizer_cli"):
+            # `from optimizer_cli.passes import cleanup` imports the submodule when it is one
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found = (PACKAGE.parent / sub.replace(".", "/")).with_suffix(".py").exists()
+                targets.add(sub if found else node.module)
+        elif isinstance(node, ast.Import):
+            targets.update(a.name for a in node.names if a.name.startswith("optimizer_cli"))
+    return targets
+
+
 def _imports() -> dict[str, set[str]]:
-    """module -> the optimizer_cli modules it imports (at any depth: function-level imports count too)."""
+    """module -> the optimizer_cli modules it imports."""
     graph: dict[str, set[str]] = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         module = _module_name(path)
-        targets: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("optimizer_cli"):
-                # `from optimizer_cli.passes import cleanup` imports the submodule when it is one
-                for alias in node.names:
-                    sub = f"{node.module}.{alias.name}"
-                    found = (PACKAGE.parent / sub.replace(".", "/")).with_suffix(".py").exists()
-                    targets.add(sub if found else node.module)
-            elif isinstance(node, ast.Import):
-                targets.update(a.name for a in node.names if a.name.startswith("optimizer_cli"))
-        graph[module] = targets - {module}
+        graph[module] = _targets(path.read_text()) - {module}
     return graph
 
 
-def test_every_module_imports_only_its_layer_or_lower() -> None:
-    upward = [
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    return [
         f"{module} (layer {_layer(module)}) imports {target} (layer {_layer(target)})"
-        for module, targets in _imports().items()
-        for target in targets
+        for module, targets in graph.items()
+        for target in sorted(targets)
         if _layer(target) > _layer(module)
     ]
-    assert not upward, "\n".join(upward)
 
 
-def test_module_imports_have_no_cycles() -> None:
-    graph = _imports()
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle (its modules, the first repeated at the end), or None."""
     # A package's __init__ re-exports its modules; that is not a dependency of those modules on it.
     edges = {m: {t for t in ts if not m.startswith(t + ".")} for m, ts in graph.items()}
     state: dict[str, int] = {}
     path: list[str] = []
 
-    def visit(module: str) -> None:
+    def visit(module: str) -> list[str] | None:
         state[module] = 1
         path.append(module)
         for target in sorted(edges.get(module, ())):
             if state.get(target) == 1:
-                cycle = [*path[path.index(target) :], target]
-                raise AssertionError("import cycle: " + " -> ".join(cycle))
-            if target not in state:
-                visit(target)
+                return [*path[path.index(target) :], target]
+            if target not in state and (found := visit(target)):
+                return found
         path.pop()
         state[module] = 2
+        return None
 
     for module in sorted(edges):
-        if module not in state:
-            visit(module)
+        if module not in state and (found := visit(module)):
+            return found
+    return None
 
 
-def test_layer_rule_catches_an_upward_import() -> None:
-    """The rule itself can fail: a pass importing the benchmark layer is caught."""
-    assert _layer("optimizer_cli.bench.accuracy") > _layer("optimizer_cli.passes.prune")
-    assert _layer("optimizer_cli") < _layer("optimizer_cli.verify") < _layer("optimizer_cli.pipeline")
+def test_every_module_imports_only_its_layer_or_lower() -> None:
+    upward = _upward(_imports())
+    assert not upward, "\n".join(upward)
+
+
+def test_module_imports_have_no_cycles() -> None:
+    cycle = _cycle(_imports())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_rules_catch_a_synthetic_upward_import_and_cycle() -> None:
+    """The checkers themselves can fail: a pass that imports the benchmark layer (inside a function, in both
+    import forms) is reported, and so is a cycle; the real graph with one such edge added is caught too."""
+    source = (
+        "import optimizer_cli.errors\n"
+        "def helper():\n"
+        "    from optimizer_cli.bench import accuracy\n"
+        "    import optimizer_cli.report.table\n"
+    )
+    targets = _targets(source)
+    assert targets == {"optimizer_cli.errors", "optimizer_cli.bench.accuracy", "optimizer_cli.report.table"}
+    upward = _upward({"optimizer_cli.passes.prune": targets})
+    assert len(upward) == 2 and all(line.startswith("optimizer_cli.passes.prune (layer 2)") for line in upward)
+    assert _upward({"optimizer_cli.bench.accuracy": {"optimizer_cli.passes.prune"}}) == []
+
+    graph = _imports()
+    graph["optimizer_cli.verify"] = graph["optimizer_cli.verify"] | {"optimizer_cli.pipeline"}
+    assert any(
+        line.startswith("optimizer_cli.verify (layer 1) imports optimizer_cli.pipeline") for line in _upward(graph)
+    )
+    assert _cycle(graph) is not None, "pipeline imports verify, so verify -> pipeline closes a cycle"
+    assert _cycle({"a.x": {"a.y"}, "a.y": {"a.z"}, "a.z": {"a.x"}}) == ["a.x", "a.y", "a.z", "a.x"]
+    assert _cycle({"a": {"a.x"}, "a.x": {"a"}}) is None, "a package re-exporting its module is no cycle"
 
 
 def test_every_pass_module_is_registered() -> None:
