@@ -1042,9 +1042,10 @@ def _write_tune_outputs(doc: dict[str, Any], winner: Path | None, target: Path, 
                 shutil.copyfile(data_file_of(winner), data_file_of(staged))
             plan.commit_model()
             recipe = doc["winner"]["recipe"]
+            command = reproduce_command(doc["model"], paths["recipe"], (recipe.get("data") or {}).get("calibration"))
             header = (
                 f"# Found by optimize tune for {doc['model']} (goals: {', '.join(doc['goals'])}).\n"
-                f"# Reproduce: {reproduce_command(doc['model'], paths['recipe'], (recipe.get('data') or {}).get('calibration'))}\n"
+                f"# Reproduce: {command}\n"
             )
             write_text_atomic(paths["recipe"], header + yaml.safe_dump(recipe, sort_keys=False))
             log.print(f"wrote {target} and {paths['recipe']}")

@@ -251,3 +251,27 @@ def test_a_goal_typo_is_reported_as_goal(examples_dir: Path, tmp_path: Path) -> 
     proc = run_cli(*_args(examples_dir, tmp_path, "--goal", "cosin>=0.9", "--trials", "1", "--json"))
     _assert_one_line_error(proc, "--goal 'cosin>=0.9': unknown metric")
     assert "--fail-if" not in proc.stderr
+
+
+# --- item 7: the winner's recipe and its Reproduce command work from any folder -----------------------
+
+
+def test_the_reproduce_command_works_from_another_folder(examples_dir: Path, tmp_path: Path) -> None:
+    import shlex
+
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("digits_cnn.onnx", "digits_calib.npz", "digits_eval.npz"):
+        shutil.copyfile(examples_dir / name, work / name)
+    (work / "space.yaml").write_text(SPACE)
+    proc = run_cli("tune", "digits_cnn.onnx", "--calib", "digits_calib.npz", "--data", "digits_eval.npz",
+                   "--space", "space.yaml", "--goal", "size_ratio<=0.8", "--trials", "2", "-o", "best.onnx",
+                   cwd=work)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header = (work / "best.recipe.yaml").read_text().splitlines()[1]
+    assert header.startswith("# Reproduce: optimize ")
+    command = shlex.split(header.removeprefix("# Reproduce: optimize "))
+    out = tmp_path / "elsewhere.onnx"
+    again = run_cli(*[str(out) if a == "OUT.onnx" else a for a in command], "--no-bench", cwd=tmp_path)
+    assert again.returncode == 0, (header, again.stderr[-2000:])
+    assert out.exists()

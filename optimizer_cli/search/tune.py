@@ -929,6 +929,34 @@ class TuneRequest:
     scratch: bool = False  # study_dir is a folder this run created for itself (no --study): removed after it
 
 
+def portable_data(spec: str | None) -> str | None:
+    """A data spec that names the same data from any folder: paths (and a loader's .py file) made absolute, so
+    the winner's recipe and its "Reproduce" command work wherever they are run. 'random' and module:function
+    loaders name no file and stay as they are."""
+    from optimizer_cli.data import is_loader_spec
+
+    if spec is None or spec == "random":
+        return spec
+    if is_loader_spec(spec):
+        target, _, func = spec.rpartition(":")
+        return f"{Path(target).resolve()}:{func}" if target.endswith(".py") else spec
+    return str(Path(spec).resolve())
+
+
+def reproduce_command(model: str, recipe: Path, calibration: str | None) -> str:
+    """The command that rebuilds the winner from its recipe, with absolute paths (it works from any folder)."""
+    from optimizer_cli.data import is_loader_spec
+
+    code = " --allow-code" if calibration is not None and is_loader_spec(calibration) else ""
+    return f"optimize {_quoted(Path(model).resolve())} --recipe {_quoted(recipe.resolve())} -o OUT.onnx{code}"
+
+
+def _quoted(path: Path) -> str:
+    import shlex
+
+    return shlex.quote(str(path))
+
+
 def prepare(request: TuneRequest, log: Callable[[str], None]) -> TuneSettings:
     """Load and check the model and data, derive the space, and make the settings of the study."""
     from optimizer_cli.data import load_dataset, resolve_dataset, shape_mix
