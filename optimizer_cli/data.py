@@ -262,6 +262,10 @@ def _stacked_dataset(
     all_feeds = [{name: per_input[name][i] for name in per_input} for i in range(n)]
     # Labels are matched against the whole file, so a count error names the file's rows, not the limit's.
     labels = _split_labels(arrays[label_key], all_feeds, path, label_key) if label_key is not None else None
+    if label_key is not None and labels is not None:
+        extra = arrays[label_key].size - sum(len(lab) for lab in labels)
+        if extra:  # more labels than rows: the rows and labels may not line up
+            notes.add(f"'{label_key}' has {extra} more entries than the data has rows: the last {extra} are not used")
     if limit is not None:
         n = min(n, limit)
     return Dataset(all_feeds[:n], labels[:n] if labels is not None else None, str(path), False)

@@ -270,3 +270,25 @@ def test_cli_run_refuses_nonfinite_data_and_flag_allows_it(tmp_path: Path) -> No
     allowed = run_cli(*args, "--data", str(data), "--no-bench", "--allow-nonfinite", "--json")
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr
     assert any("2 of the 6 samples" in n for n in json.loads(allowed.stdout)["notes"])
+
+
+def test_more_labels_than_rows_is_said(tmp_path: Path, model: ir.Model) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.ones((4, 8), np.float32), labels=np.arange(6) % 4)
+    assert any("2 more entries" in n for n in load_dataset(path, model).notes)
+
+
+def test_task_metrics_never_score_nonfinite_outputs() -> None:
+    from optimizer_cli.bench.task_metrics import cer, mean_iou
+
+    logits = np.full((1, 3, 3), -5.0, np.float32)  # [N, T, K]: blank, class 1 ('a'), blank
+    logits[0, 0, 0] = logits[0, 1, 1] = logits[0, 2, 0] = 5.0
+    assert cer([[logits]], [np.array(["a"])], ["a", "b"]) == 0.0
+    logits[0, 1, 1] = np.nan  # the position that read 'a' is broken (argmax picks the NaN: still 'a')
+    assert cer([[logits]], [np.array(["a"])], ["a", "b"]) == 1.0
+    scores = np.zeros((1, 2, 2, 2), np.float32)
+    scores[0, 1] = 1.0  # every pixel is class 1
+    mask = np.ones((1, 2, 2), np.int64)
+    assert mean_iou([[scores]], [mask]) == 1.0
+    scores[0, 0, 0, 0] = np.nan
+    assert mean_iou([[scores]], [mask]) == 0.75

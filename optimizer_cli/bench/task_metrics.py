@@ -65,9 +65,12 @@ def greedy_ctc_decode(probs: np.ndarray, charset: list[str], blank: int = 0) -> 
             f"builtin:cer: the output has {probs.shape[-1]} classes, the charset {len(charset)} characters "
             "(expected classes = characters + 1 blank, + 1 space at most)"
         )
-    alphabet = ["", *charset, " "]
+    # A position whose scores hold NaN/Inf decodes as U+FFFD, which matches no label character: a broken
+    # output never counts as read correctly (argmax would pick the first NaN's class).
+    alphabet = ["", *charset, " ", "\ufffd"]
+    ids = np.where(np.isfinite(probs).all(-1), probs.argmax(-1), len(alphabet) - 1)
     texts = []
-    for row in probs.argmax(-1):
+    for row in ids:
         keep = [int(i) for j, i in enumerate(row) if i != blank and (j == 0 or i != row[j - 1])]
         texts.append("".join(alphabet[i] for i in keep))
     return texts
@@ -104,10 +107,15 @@ def cer(outputs: Outputs, labels: list[np.ndarray], charset: list[str]) -> float
     return errors / max(chars, 1)
 
 
+# The class of a pixel whose scores hold NaN/Inf: no label has it, so such a pixel is never a hit.
+_BROKEN = np.iinfo(np.int64).min
+
+
 def _segmentation(out: np.ndarray, threshold: float) -> np.ndarray:
     if out.ndim == 4 and out.shape[1] > 1:
-        return np.asarray(out.argmax(1))
-    return np.asarray((out.reshape(out.shape[0], *out.shape[-2:]) > threshold).astype(np.int64))
+        return np.asarray(np.where(np.isfinite(out).all(1), out.argmax(1), _BROKEN))
+    maps = out.reshape(out.shape[0], *out.shape[-2:])
+    return np.asarray(np.where(np.isfinite(maps), (maps > threshold).astype(np.int64), _BROKEN))
 
 
 def mean_iou(outputs: Outputs, labels: list[np.ndarray], threshold: float = 0.3) -> float:
@@ -118,7 +126,7 @@ def mean_iou(outputs: Outputs, labels: list[np.ndarray], threshold: float = 0.3)
         if pred.size != mask.size:
             raise UserInputError(f"builtin:miou: prediction {list(pred.shape)} vs label mask {list(mask.shape)}")
         mask = mask.reshape(pred.shape)
-        for c in np.union1d(np.unique(pred), np.unique(mask)):
+        for c in np.setdiff1d(np.union1d(np.unique(pred), np.unique(mask)), [_BROKEN]):
             p, m = pred == c, mask == c
             inter[int(c)] = inter.get(int(c), 0) + int(np.count_nonzero(p & m))
             union[int(c)] = union.get(int(c), 0) + int(np.count_nonzero(p | m))
