@@ -292,3 +292,12 @@ def test_task_metrics_never_score_nonfinite_outputs() -> None:
     assert mean_iou([[scores]], [mask]) == 1.0
     scores[0, 0, 0, 0] = np.nan
     assert mean_iou([[scores]], [mask]) == 0.75
+
+
+def test_a_kind_figure_undefined_on_any_output_fails_its_gate() -> None:
+    outputs = [
+        {"name": "a", "kind": "dense_map", "map_iou": 0.9},
+        {"name": "b", "kind": "dense_map", "map_iou": float("nan")},  # min() would keep 0.9
+    ]
+    (result,) = evaluate([parse_gate("map_iou<0.5")], _bench({"per_output": outputs}))
+    assert result.violated and "undefined" in result.detail

@@ -54,8 +54,11 @@ def _get(row: dict[str, Any], section: str, key: str) -> float | None:
 
 
 def _worst_output(row: dict[str, Any], key: str) -> float | None:
-    """The lowest value of a kind-specific figure over the outputs that have it."""
+    """The lowest value of a kind-specific figure over the outputs that have it (NaN if any is undefined:
+    min() over a NaN depends on the order)."""
     values = [p[key] for p in (row.get("fidelity") or {}).get("per_output", []) if p.get(key) is not None]
+    if any(math.isnan(v) for v in values):
+        return float("nan")
     return min(values) if values else None
 
 
