@@ -275,3 +275,57 @@ def test_the_reproduce_command_works_from_another_folder(examples_dir: Path, tmp
     again = run_cli(*[str(out) if a == "OUT.onnx" else a for a in command], "--no-bench", cwd=tmp_path)
     assert again.returncode == 0, (header, again.stderr[-2000:])
     assert out.exists()
+
+
+# --- item 6: one speed per candidate in every output, the front drawn ----------------------------------
+
+
+def _retimed_document() -> dict:
+    """The issue's case: the winner timed 0.93x in the search and 1.07x in the final round."""
+    from tests.test_tune_report import tune_document
+
+    doc = tune_document()
+    final = {"median": 1.07, "ci_low": 1.02, "ci_high": 1.12}
+    doc["trials"][2]["speedup"] = {"median": 0.93, "ci_low": 0.9, "ci_high": 0.96}
+    doc["final"]["candidates"] = [{"number": 2, "speedup": final, "p50_ms": 3.0, "meets_goals": True}]
+    doc["winner"]["speedup"] = final
+    return doc
+
+
+def test_the_plot_places_a_retimed_candidate_at_its_final_speed() -> None:
+    from optimizer_cli.report.plot import timed_points
+
+    points = {p.number: p for p in timed_points(_retimed_document(), "cosine")}
+    assert points[2].speedup == 1.07 and points[2].final  # the headline's figure, marked final
+    assert points[1].speedup == 1.62 and not points[1].final  # not re-timed: its search timing
+
+
+def test_the_plot_draws_a_front_of_one_point() -> None:
+    from matplotlib.colors import to_hex
+
+    from optimizer_cli.report.plot import FRONT_COLOUR, pareto_figure
+    from tests.test_tune_report import tune_document
+
+    doc = tune_document()
+    doc["trials"] = [t for t in doc["trials"] if t["number"] == 2 or t["state"] != "timed"]
+    ax = pareto_figure(doc).axes[0]
+    drawn = [
+        c.get_offsets().tolist()
+        for c in ax.collections
+        if len(c.get_edgecolors()) and to_hex(c.get_edgecolors()[0]) == FRONT_COLOUR
+    ]
+    assert drawn == [[[0.9935, 1.84]]]
+
+
+def test_trials_and_page_report_the_final_timing_marked(tmp_path: Path) -> None:
+    from optimizer_cli.report.html import tune_html
+    from optimizer_cli.search.tune import with_final_timing
+
+    doc = _retimed_document()
+    entries = with_final_timing([dict(t) for t in doc["trials"]], doc["final"])
+    retimed = next(e for e in entries if e["number"] == 2)
+    assert retimed["speedup"]["median"] == 1.07 and retimed["timing"] == "final"
+    assert retimed["search_speedup"]["median"] == 0.93
+    assert next(e for e in entries if e["number"] == 1)["timing"] == "search"
+    page = tune_html(doc, b"\x89PNG\r\n\x1a\n", None)
+    assert "1.07× [1.02–1.12] (final timing)" in page and "0.93×" not in page

@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from optimizer_cli.report.tune_doc import model_name, trials_by_number, winner_number
+from optimizer_cli.report.tune_doc import final_timings, model_name, trials_by_number, winner_number
 
 MAX_CANDIDATES_SHOWN = 10
 
@@ -172,10 +172,15 @@ def _verdict(tune: dict[str, Any]) -> str:
 
 def _trials_table(tune: dict[str, Any]) -> str:
     winner = winner_number(tune)
+    finals = final_timings(tune)
     head = ["#", "state", "recipe", "params", "fidelity", "speedup [95%]", "p50 ms", "reason"]
     rows = []
     for t in tune.get("trials") or []:
         state = str(t.get("state") or "-")
+        # One speed per candidate: the final round's where it was re-timed there (the verdict's), marked so.
+        final = finals.get(int(t["number"])) if t.get("number") is not None else None
+        speedup = _speedup(final["speedup"] if final else t.get("speedup")) + (" (final timing)" if final else "")
+        p50 = final["p50_ms"] if final else t.get("p50_ms")
         css_class = "winner" if winner is not None and t.get("number") == winner else state
         cells = [
             f'<td class="num">{_e(t.get("number", "-"))}</td>',
@@ -183,8 +188,8 @@ def _trials_table(tune: dict[str, Any]) -> str:
             f"<td>{_e(t.get('recipe_summary') or '-')}</td>",
             f"<td>{_e(_params(t.get('params')))}</td>",
             f"<td>{_e(_fidelity(t.get('fidelity')))}</td>",
-            f'<td class="num">{_e(_speedup(t.get("speedup")))}</td>',
-            f'<td class="num">{_number(t.get("p50_ms"))}</td>',
+            f'<td class="num">{_e(speedup)}</td>',
+            f'<td class="num">{_number(p50)}</td>',
             f"<td>{_e(t.get('reason') or '')}</td>",
         ]
         rows.append((_e(css_class), cells))

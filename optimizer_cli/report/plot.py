@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from optimizer_cli.bench.gate import Gate, parse_gate
 from optimizer_cli.errors import UserInputError
-from optimizer_cli.report.tune_doc import model_name, winner_number
+from optimizer_cli.report.tune_doc import final_timings, model_name, winner_number
 
 # Colours are constants so tests can find the plot's pixels in a rendered page. Only the winner (its star and
 # label) is magenta, a colour no browser default uses, so counting it proves the image was painted.
@@ -41,6 +41,7 @@ class TrialPoint:
     speedup: float = 0.0
     ci_low: float = 0.0
     ci_high: float = 0.0
+    final: bool = False  # the speedup is the final round's (the verdict's), not the search's
 
 
 def _goals(tune: dict[str, Any]) -> list[Gate]:
@@ -72,10 +73,14 @@ def _higher_is_better(tune: dict[str, Any], metric: str) -> bool:
     return not any(goal.metric == metric and goal.op in ("<", "<=") for goal in _goals(tune))
 
 
-def _timed_points(trials: list[dict[str, Any]], metric: str) -> list[TrialPoint]:
+def timed_points(tune: dict[str, Any], metric: str) -> list[TrialPoint]:
+    """Timed trials at one speed each: the final round's where a trial was re-timed there, else the search's."""
+    finals = final_timings(tune)
     points = []
-    for t in trials:
+    for t in tune.get("trials") or []:
         fidelity, speedup = (t.get("fidelity") or {}).get(metric), t.get("speedup")
+        if t.get("number") is not None and int(t["number"]) in finals:
+            speedup = finals[int(t["number"])].get("speedup")
         if t.get("state") != "timed" or fidelity is None or not speedup or speedup.get("median") is None:
             continue
         median = float(speedup["median"])
@@ -87,6 +92,7 @@ def _timed_points(trials: list[dict[str, Any]], metric: str) -> list[TrialPoint]
                 median,
                 median if low is None else float(low),
                 median if high is None else float(high),
+                int(t["number"]) in finals,
             )
         )
     return points
@@ -118,22 +124,25 @@ def _draw_timed(ax: Axes, points: list[TrialPoint], higher_is_better: bool) -> N
     if not points:
         ax.text(0.5, 0.5, "no trial was timed", transform=ax.transAxes, ha="center", color=NOT_TIMED_COLOUR)
         return
-    below = [max(p.speedup - p.ci_low, 0.0) for p in points]
-    above = [max(p.ci_high - p.speedup, 0.0) for p in points]
-    ax.errorbar(
-        [p.fidelity for p in points],
-        [p.speedup for p in points],
-        yerr=[below, above],
-        fmt="o",
-        color=TIMED_COLOUR,
-        ecolor=TIMED_COLOUR,
-        elinewidth=1,
-        capsize=3,
-        markersize=6,
-        label="timed trial (median, 95% interval)",
-        zorder=3,
-    )
+    search = [p for p in points if not p.final]
+    final = [p for p in points if p.final]
+    for group, marker, label in (
+        (search, "o", "timed in the search (median, 95% interval)"),
+        (final, "D", "re-timed in the final round (median, 95% interval)"),
+    ):
+        if group:
+            _errorbars(ax, group, marker, label)
     front = pareto_front(points, higher_is_better)
+    # Rings on the front's points: a front of one point (no line to step between) is drawn too.
+    ax.scatter(
+        [p.fidelity for p in front],
+        [p.speedup for p in front],
+        s=180,
+        facecolors="none",
+        edgecolors=FRONT_COLOUR,
+        linewidths=1.5,
+        zorder=2,
+    )
     # "pre": between two front points the boundary is at the level of the one with the better fidelity.
     ax.step(
         [p.fidelity for p in front],
@@ -143,6 +152,22 @@ def _draw_timed(ax: Axes, points: list[TrialPoint], higher_is_better: bool) -> N
         linewidth=1.5,
         label="Pareto front",
         zorder=2,
+    )
+
+
+def _errorbars(ax: Axes, points: list[TrialPoint], marker: str, label: str) -> None:
+    ax.errorbar(
+        [p.fidelity for p in points],
+        [p.speedup for p in points],
+        yerr=[[max(p.speedup - p.ci_low, 0.0) for p in points], [max(p.ci_high - p.speedup, 0.0) for p in points]],
+        fmt=marker,
+        color=TIMED_COLOUR,
+        ecolor=TIMED_COLOUR,
+        elinewidth=1,
+        capsize=3,
+        markersize=6,
+        label=label,
+        zorder=3,
     )
 
 
@@ -245,10 +270,15 @@ def _png_bytes(figure: Figure) -> bytes:
 
 def pareto_png(tune: dict[str, Any]) -> bytes:
     """Speedup against fidelity for every trial, with the Pareto front, the goals, the original and the winner."""
+    return _png_bytes(pareto_figure(tune))
+
+
+def pareto_figure(tune: dict[str, Any]) -> Figure:
+    """The figure pareto_png paints (tests read its artists)."""
     trials = tune.get("trials") or []
     metric = fidelity_metric(tune)
     higher = _higher_is_better(tune, metric)
-    timed, not_timed = _timed_points(trials, metric), _not_timed_points(trials, metric)
+    timed, not_timed = timed_points(tune, metric), _not_timed_points(trials, metric)
     figure = Figure(figsize=(10, 6.5), layout="constrained")
     # Not shared: timed trials crowd just above the goal, rejected ones spread far below it; each panel gets
     # the range of its own points (the top one also the goal and the original).
@@ -269,7 +299,7 @@ def pareto_png(tune: dict[str, Any]) -> bytes:
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=9)
     ax.set_title(f"{model_name(tune)}: speedup vs {metric}, {len(trials)} trials", parse_math=False)
-    return _png_bytes(figure)
+    return figure
 
 
 def _short(name: str) -> str:

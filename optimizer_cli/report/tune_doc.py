@@ -21,3 +21,10 @@ def trials_by_number(tune: dict[str, Any]) -> dict[int, dict[str, Any]]:
 def model_name(tune: dict[str, Any]) -> str:
     """The model file's name without its folders (the full path is in the document and the page's heading)."""
     return Path(str(tune.get("model") or "model")).name
+
+
+def final_timings(tune: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """The final round's candidates by trial number: their speedup is the one the verdict read, so it is the one
+    every picture and table shows for them (documents before trials carried it themselves need this)."""
+    final = tune.get("final") or {}
+    return {int(c["number"]): c for c in final.get("candidates") or [] if c.get("number") is not None}
