@@ -189,7 +189,7 @@ def remove_abandoned_staging(folder: Path) -> list[Path]:
             pid = int(pid_text)
         except (OSError, ValueError):
             continue
-        if host == socket.gethostname() and pid != os.getpid() and _process_gone(pid):
+        if host == socket.gethostname() and 0 < pid != os.getpid() and _process_gone(pid):
             shutil.rmtree(candidate, ignore_errors=True)
             removed.append(candidate)
     return removed
