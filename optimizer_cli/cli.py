@@ -756,7 +756,9 @@ def tune_cmd(
     sampler: str = typer.Option("tpe", "--sampler", help="Optuna sampler: tpe or nsga2."),
     seed: int = typer.Option(0, "--seed", min=0, help="Sampler seed."),
     executor: str = typer.Option("local", "--executor", help="local, ray (a local Ray) or ray://HOST:PORT."),
-    eval_samples: int = typer.Option(64, "--eval-samples", min=1, help="Evaluation samples fidelity is read on."),
+    eval_samples: int | None = typer.Option(
+        None, "--eval-samples", min=1, help="Evaluation samples fidelity is read on (default: all of --data)."
+    ),
     dims: list[str] = typer.Option([], "--dim", help="Symbolic dim value for random calibration, e.g. batch=1."),
     metric: str | None = typer.Option(None, "--metric", help="builtin:cer, builtin:miou, or module:function."),
     json_out: bool = typer.Option(False, "--json", help="Print tune.json on stdout, nothing else."),
@@ -891,7 +893,7 @@ def _tune_request(
     threads: int,
     seed: int,
     space: Path | None,
-    eval_samples: int,
+    eval_samples: int | None,
     dims: list[str],
     metric: str | None,
 ) -> Any:

@@ -71,7 +71,9 @@ def test_a_users_folder_with_notes_is_refused_not_deleted(examples_dir: Path, tm
 def test_without_study_the_scratch_folder_is_not_reported(examples_dir: Path, tmp_path: Path) -> None:
     proc = run_cli(*_args(examples_dir, tmp_path, "--trials", "1", "-o", str(tmp_path / "b.onnx"), "--json"))
     assert proc.returncode == 1, proc.stderr[-3000:]  # no winner in one trial: the exact floor misses the size goal
-    assert json.loads(proc.stdout)["study"] is None  # removed after the run: not named as if it were kept
+    doc = json.loads(proc.stdout)
+    assert doc["study"] is None  # removed after the run: not named as if it were kept
+    assert doc["evaluation_samples"] == 397  # item 5: by default every sample of --data, not the first 64
 
 
 # --- items 13 and 14: --study paths and folders that are not (or no longer) a study ---------------------
@@ -329,3 +331,36 @@ def test_trials_and_page_report_the_final_timing_marked(tmp_path: Path) -> None:
     assert next(e for e in entries if e["number"] == 1)["timing"] == "search"
     page = tune_html(doc, b"\x89PNG\r\n\x1a\n", None)
     assert "1.07× [1.02–1.12] (final timing)" in page and "0.93×" not in page
+
+
+# --- item 5: per-sample goals read on all the data, a goal finer than one sample said, one unit -------------
+
+
+def test_a_goal_finer_than_one_sample_is_said_with_the_step(examples_dir: Path) -> None:
+    from optimizer_cli.bench.gate import parse_gate
+    from optimizer_cli.search.tune import TuneRequest, prepare, resolution_notes
+
+    drop, agree = parse_gate("accuracy_drop<=1%", "--goal"), parse_gate("top1_agreement>=0.99", "--goal")
+    notes = resolution_notes([drop, agree, parse_gate("cosine>=0.99")], 64)
+    assert len(notes) == 2 and "1 sample = 1.56%" in notes[0] and "allows no sample to change" in notes[0]
+    assert resolution_notes([drop, agree], 200) == []  # 0.5% a sample: the goals mean what they say
+    request = TuneRequest(
+        model=examples_dir / "digits_cnn.onnx",
+        goals=[drop],
+        evaluation=str(examples_dir / "digits_eval.npz"),
+        calibration=None,
+        study_dir=Path("unused"),
+        eval_samples=50,
+    )
+    said: list[str] = []
+    settings = prepare(request, said.append)
+    assert settings.data.samples == 50 and settings.notes == resolution_notes([drop], 50)
+    assert any("1 sample = 2.00%" in line for line in said)  # before the search, on the log
+
+
+def test_goal_misses_are_in_the_goals_unit() -> None:
+    from optimizer_cli.bench.gate import parse_gate
+    from optimizer_cli.search.tune import check_goals
+
+    row = {"provider": "cpu", "accuracy_original": {"top1": 0.9}, "accuracy_optimized": {"top1": 0.875}}
+    assert check_goals([parse_gate("accuracy_drop<=1%")], row) == ["accuracy_drop 2.5% misses goal accuracy_drop<=1%"]

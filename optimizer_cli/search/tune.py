@@ -74,6 +74,7 @@ class TuneSettings:
     seed: int = 0
     resume: bool = False
     model_sha256: str = ""
+    notes: list[str] = field(default_factory=list)  # said before the search, and kept in tune.json
     trial_seconds: float = 20.0  # timing budget of one search trial
     final_seconds: float = 60.0  # timing budget of the final re-timing
 
@@ -86,6 +87,7 @@ class TuneSettings:
             "provider": self.ctx.provider,
             "threads": self.ctx.threads,
             "evaluation": self.data.evaluation,
+            "evaluation_samples": self.data.samples,
             "calibration": self.ctx.calibration,
         }
 
@@ -127,8 +129,37 @@ def check_goals(goals: list[Gate], row: dict[str, Any], sizes: tuple[int, int] |
     for gate in goals:
         held, value = goal_holds(gate, row, bench)
         if not held:
-            misses.append(f"{gate.metric} {value:.4g} misses goal {gate.expression}")
+            misses.append(f"{gate.metric} {show_value(gate.metric, value)} misses goal {gate.expression}")
     return misses
+
+
+# Per-sample rates, shown in percent (as goals write them: 'accuracy_drop<=1%'); every other figure is shown as
+# the fraction or ratio it is. One convention for messages, the table and the page.
+PERCENT_METRICS = {"accuracy", "accuracy_drop"}
+# Figures that move in steps of one evaluation sample, and the value that means "no sample changed".
+PER_SAMPLE_PERFECT = {"accuracy_drop": 0.0, "top1_agreement": 1.0}
+
+
+def show_value(metric: str, value: float) -> str:
+    return f"{100 * value:.3g}%" if metric in PERCENT_METRICS else f"{value:.4g}"
+
+
+def resolution_notes(goals: list[Gate], samples: int) -> list[str]:
+    """Goals finer than one evaluation sample: on n samples a per-sample rate moves in steps of 1/n, so a goal
+    with less slack than one step allows no sample to change. Said before the search, with the step."""
+    notes = []
+    step = 1.0 / samples if samples else 1.0
+    for gate in goals:
+        perfect = PER_SAMPLE_PERFECT.get(gate.metric)
+        if perfect is None:
+            continue
+        slack = abs(gate.threshold - perfect)
+        if 0 < slack < step:
+            notes.append(
+                f"--goal '{gate.expression}': on {samples} evaluation samples 1 sample = {100 * step:.2f}%, so this goal allows no sample to change "
+                f"(give --data more samples: {int(1 / slack) + 1} or more make one sample less than the goal's slack)"
+            )
+    return notes
 
 
 # --- the study --------------------------------------------------------------------------------------
@@ -907,6 +938,8 @@ def result_document(
         "model": str(settings.model),
         "model_sha256": settings.model_sha256,
         "goals": [g.expression for g in settings.goals],
+        "notes": settings.notes,
+        "evaluation_samples": settings.data.samples,
         "providers": [settings.ctx.provider],
         "threads": settings.ctx.threads,
         "budget": {"seconds": settings.budget_s, "trials": settings.trials},
@@ -941,7 +974,7 @@ class TuneRequest:
     seed: int = 0
     space_file: Path | None = None
     dims: dict[str, int] = field(default_factory=dict)
-    eval_samples: int = 64
+    eval_samples: int | None = None  # all of them: fewer make per-sample goals coarser than they read
     calib_samples: int = 64
     metric: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)  # the recipe metrics section (kinds, charset, ...)
@@ -998,6 +1031,9 @@ def prepare(request: TuneRequest, log: Callable[[str], None]) -> TuneSettings:
             limit=request.calib_samples,
         )
     evaluation = load_dataset(request.evaluation, model, limit=request.eval_samples)
+    notes = resolution_notes(request.goals, len(evaluation))
+    for note in notes:
+        log(f"note: {note}")
     check_held_out(calib, evaluation, request.evaluation)
     traits = model_traits(
         model,
@@ -1035,6 +1071,7 @@ def prepare(request: TuneRequest, log: Callable[[str], None]) -> TuneSettings:
         seed=request.seed,
         resume=request.resume,
         model_sha256=model_sha256(request.model),
+        notes=notes,
     )
 
 
