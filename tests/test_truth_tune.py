@@ -104,6 +104,7 @@ def _foreign_journal(root: Path) -> Path:
 FRESH_CASES: list[tuple[str, Callable[[Path, Path], Path], list[str], str]] = [
     ("study is a file", lambda root, _m: _write(root / "f.txt", "x"), [], "must be a folder"),
     ("study is the input model", lambda _r, model: model, [], "same path as the input model"),
+    ("study under a file", lambda _r, model: model / "sub", [], "cannot be a folder"),
     ("study is -o", lambda root, _m: root / "same.onnx", ["-o", "{study}"], "same path as -o"),
     ("folder that is not a study", lambda root, _m: _not_a_study(root), [], "not a tune study"),
     ("folder that is not a study, --resume", lambda root, _m: _not_a_study(root), ["--resume"], "not a tune study"),

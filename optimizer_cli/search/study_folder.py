@@ -32,6 +32,9 @@ def check_study_folder(study: Path, resume: bool, clashes: dict[str, Path]) -> N
             raise UserInputError(f"--study is the same path as {flag}: give the study its own folder", study)
     if study.exists() and not study.is_dir():
         raise UserInputError("--study must be a folder, and this is a file", study)
+    blocking = next((p for p in study.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserInputError(f"--study cannot be a folder: {blocking} is a file", study)
     if resume:
         if not study.is_dir():
             raise UserInputError("--resume/--report-only: there is no study folder here", study)
@@ -69,9 +72,12 @@ def read_json(path: Path, what: str, keys: tuple[str, ...] = ()) -> dict[str, An
 
 def write_marker(study: Path) -> str:
     """Creates the folder (a new study) and marks it first; returns the study's id, which its journal carries too."""
-    study.mkdir(parents=True, exist_ok=True)
     study_id = uuid.uuid4().hex
-    (study / MARKER_FILE).write_text(json.dumps({"kind": MARKER_KIND, "study_id": study_id}) + "\n")
+    try:
+        study.mkdir(parents=True, exist_ok=True)
+        (study / MARKER_FILE).write_text(json.dumps({"kind": MARKER_KIND, "study_id": study_id}) + "\n")
+    except OSError as exc:  # permissions, a full disk: the user's to fix
+        raise UserInputError(f"--study cannot be written ({type(exc).__name__}: {exc.strerror})", study) from None
     return study_id
 
 
