@@ -133,14 +133,14 @@ class _DynamicRewriter:
         self._weights: dict[str, _Quantized] = {}
         self._activations: dict[str, tuple[ir.Value, ir.Value, ir.Value]] = {}
 
-    def weight(self, value: ir.Value, per_channel: bool, qtype: int, symmetric: bool) -> _Quantized:
+    def weight(self, value: ir.Value, per_channel: bool, qtype: int, symmetric: bool, reduce_range: bool) -> _Quantized:
         name = name_of(value)
         if name not in self._weights:
             tensor = value.const_value
             assert tensor is not None
             array = map_weight(tensor)
             matrix = array.reshape(-1, array.shape[-1]) if per_channel else array.reshape(-1, 1)
-            ints, scale, zp = quantize_columns(matrix, qtype, symmetric, self.reduce_range and per_channel, per_channel)
+            ints, scale, zp = quantize_columns(matrix, qtype, symmetric, reduce_range, per_channel)
             del array, matrix
             shape = () if not per_channel else (tensor.shape[-1],)
             self._weights[name] = (
@@ -168,7 +168,10 @@ class _DynamicRewriter:
         a, b = node.inputs[0], node.inputs[1]
         assert a is not None and b is not None
         qa, a_scale, a_zp = self.activation(a, node)
-        qb, b_scale, b_zp = self.weight(b, self.per_channel, self.qtype, self.qtype == onnx.TensorProto.INT8)
+        # MatMul weights take reduce_range per channel and per tensor alike (quantize_dynamic's MatMul asks
+        # for it either way); it was applied per channel only, so per-tensor weights kept the full range.
+        symmetric = self.qtype == onnx.TensorProto.INT8
+        qb, b_scale, b_zp = self.weight(b, self.per_channel, self.qtype, symmetric, self.reduce_range)
         out = node.outputs[0]
         scales = ir.node("Mul", [a_scale, b_scale], name=f"{node.name}_quant_scales_mul")
         scales.outputs[0].name = f"{node.name}_quant_scales_mul:0"
@@ -186,7 +189,7 @@ class _DynamicRewriter:
         """Gather of a float table -> Gather of uint8 (per tensor, asymmetric, like an activation) + DequantizeLinear."""
         data = node.inputs[0]
         assert data is not None
-        qdata, scale, zp = self.weight(data, False, onnx.TensorProto.UINT8, False)
+        qdata, scale, zp = self.weight(data, False, onnx.TensorProto.UINT8, False, False)
         out = node.outputs[0]
         gather = ir.node("Gather", [qdata, node.inputs[1]], dict(node.attributes), name=node.name)
         gather.outputs[0].name = f"{out.name}_quantized"
