@@ -545,6 +545,10 @@ def _bench_settings(
         provider_list = parse_provider_list(providers)
     else:
         provider_list = recipe_providers or parse_provider_list(None)
+    # The recipe's run target is measured beside the reference (the CPU EP) whichever providers are asked.
+    runtime = getattr(getattr(rec, "runtime", None), "target", None)
+    if runtime and not providers:
+        provider_list = list(dict.fromkeys(["cpu", *provider_list, runtime]))
     # The recipe's benchmark section carries over by name; the flags and resolved providers win.
     shared = b.model_dump(include={f.name for f in dataclasses.fields(BenchSettings)})
     return BenchSettings(

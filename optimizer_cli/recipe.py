@@ -149,6 +149,28 @@ class MetricsSettings(_Strict):
     )
 
 
+class RuntimeSettings(_Strict):
+    """Where the optimized model is meant to run: the benchmark measures it there (beside the CPU EP, the
+    reference), and `tune` writes its winner's target here."""
+
+    target: str | None = Field(
+        None,
+        description="A run target PROVIDER[@DEVICE][:PRECISION][:KEY=VALUE], e.g. openvino:f32, openvino@gpu:f16, "
+        "trt:fp16 (see `optimize providers`); null: onnxruntime's CPU EP.",
+    )
+
+    @model_validator(mode="after")
+    def _valid_target(self) -> RuntimeSettings:
+        if self.target is not None:
+            from optimizer_cli.runtime.targets import parse_target
+
+            try:
+                self.target = parse_target(self.target).label
+            except UserInputError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
+
 def _pass_union() -> Any:
     configs = tuple(cls.Config for cls in PASS_REGISTRY.values())
     return Annotated[Union[configs], Field(discriminator="type")]  # noqa: UP007
@@ -169,6 +191,9 @@ class Recipe(_Strict):
         SessionSettings(),
         description="onnxruntime session options for the optimized model (what the benchmark uses for it and a "
         "deployment should use)",
+    )
+    runtime: RuntimeSettings = Field(
+        RuntimeSettings(), description="The run target the optimized model is meant for (provider, device, precision)."
     )
 
 

@@ -24,21 +24,23 @@ from optimizer_cli.bench.latency import (
     SpeedupEstimate,
     cycling,
     fit_to_budget,
-    measure_ab,
+    measure_many,
 )
 from optimizer_cli.bench.memory import session_peak_memory
 from optimizer_cli.bench.output_kinds import classify_outputs
 from optimizer_cli.data import Dataset, input_specs, random_feed, shape_mix, shape_text
-from optimizer_cli.errors import UserInputError
+from optimizer_cli.errors import UserInputError, first_line
 from optimizer_cli.model_io import file_size
 from optimizer_cli.runtime.cpu import cpu_isa, u8s8_saturates
-from optimizer_cli.runtime.providers import probe_provider, resolve_provider
+from optimizer_cli.runtime.providers import node_placement, probe_provider, resolve_provider
 from optimizer_cli.runtime.session import (
     ModelSource,
     SessionConfig,
+    create_session,
     run_session,
     timed_session,
 )
+from optimizer_cli.runtime.targets import parse_target
 
 
 @dataclass
@@ -94,6 +96,19 @@ class ProviderRow:
     fidelity: Fidelity | None = None
     memory_original_mb: float | None = None
     memory_optimized_mb: float | None = None
+    # The run target (provider, device, precision, options) this row measured.
+    target: dict[str, Any] | None = None
+    # Nodes each execution provider took in the original's and the optimized model's sessions (onnxruntime's
+    # own record), and the share of the optimized model's nodes that fell back to another provider.
+    placement: dict[str, dict[str, int]] | None = None
+    fallback_share: float | None = None
+    # A target other than the reference (the CPU EP as shipped): the original and latency_original above are the
+    # original *on the reference*, every speedup and fidelity is against it, and this is the unmodified model on
+    # the target (what the engine alone gives): latency, speedup, accuracy and fidelity against the reference.
+    engine_alone: dict[str, Any] | None = None
+    # A target naming a precision: the contrasting precision its outputs were compared with, and whether they
+    # were identical (the precision was ignored).
+    precision_check: dict[str, Any] | None = None
 
     @property
     def verdict(self) -> str | None:
@@ -197,6 +212,14 @@ def _outcome_notes(rows: list[ProviderRow], settings: BenchSettings) -> list[str
             f"{r.provider}: the optimized model produced {r.fidelity.nonfinite} NaN/Inf values where the original's "
             "outputs were finite (fidelity counts them as failures)"
         )
+    for r in measured:
+        if r.fallback_share and r.placement:
+            taken = ", ".join(f"{n} {k}" for k, n in r.placement.get("optimized", {}).items())
+            label = "MOSTLY FALLBACK: " if r.fallback_share >= 0.5 else ""
+            notes.append(
+                f"{label}{r.provider}: {r.fallback_share:.0%} of the optimized model's nodes ran on another "
+                f"provider than the one asked for ({taken}); its speed is theirs as much as {r.provider}'s"
+            )
     need = PERCENTILE_MIN_RUNS[99]
     if settings.runs_per_round < need:
         notes.append(
@@ -264,25 +287,29 @@ def run_benchmark(
     rows: list[ProviderRow] = []
     src_a, src_b = ModelSource(original), ModelSource(optimized)
     points = settings.sweep or [dict(dims or {})]
+    references: list[Any] = []  # the original on the CPU EP, made once for every target that needs it
+
+    def reference(source: ModelSource) -> Any:
+        if not references:
+            references.append(timed_session(source, settings.session_config("cpu"), eval_data.feeds[0])[0])
+        return references[0]
+
     try:
         for alias in settings.providers:
-            pair = _open_sessions(alias, src_a, src_b, settings, eval_data.feeds[0], rows)
+            pair = _open_sessions(alias, src_a, src_b, settings, eval_data.feeds[0], rows, reference)
             if pair is None:
                 continue
             quality = _quality(pair, (original, optimized), settings, eval_data, model_for_specs, metric, notes, log)
             for point in points:
                 feeds = _latency_feeds(settings, eval_data, input_specs(model_for_specs), {**(dims or {}), **point})
-                timing = _latency(pair, feeds, settings, _shape_label(point), len(points), notes, log)
-                row = ProviderRow(
-                    provider=alias,
-                    usable=True,
-                    reason="ok",
-                    shape=_shape_label(point),
-                    **pair.setup,
-                    **quality,
-                    **timing,
+                rows.append(
+                    _row(
+                        pair,
+                        quality,
+                        _latency(pair, feeds, settings, _shape_label(point), len(points), notes, log),
+                        point,
+                    )
                 )
-                rows.append(row)
             del pair
     finally:
         src_a.close()
@@ -311,6 +338,10 @@ class _Sessions:
     a: Any
     b: Any
     setup: dict[str, Any]  # session creation + first run, where TensorRT builds its engine
+    # The original on the reference (the CPU EP), for a target that is not the reference: what a and b are
+    # timed and scored against.
+    ref: Any = None
+    placement: dict[str, dict[str, int]] = field(default_factory=dict)
     _timed: list[tuple[dict[str, np.ndarray], float]] = field(default_factory=list)
 
     def seconds_per_call(self, feed: dict[str, np.ndarray]) -> float:
@@ -332,6 +363,7 @@ def _open_sessions(
     settings: BenchSettings,
     first_feed: dict[str, np.ndarray],
     rows: list[ProviderRow],
+    reference: Callable[[ModelSource], Any],
 ) -> _Sessions | None:
     """Sessions for both models, or None with a row saying why the provider is unusable (--strict-ep: raise)."""
     status = probe_provider(alias)
@@ -342,14 +374,81 @@ def _open_sessions(
         return None
     sess_a, setup_a = timed_session(src_a, settings.session_config(alias), first_feed)
     sess_b, setup_b = timed_session(src_b, settings.session_config(alias, optimized=True), first_feed)
+    placement = {"original": node_placement(sess_a), "optimized": node_placement(sess_b)}
     active = sess_b.get_providers()[0]
-    if active != resolve_provider(alias):
-        msg = f"session for '{alias}' fell back to {active}"
+    took = placement["optimized"].get(resolve_provider(alias), 0) if placement["optimized"] else None
+    if active != resolve_provider(alias) or took == 0:
+        msg = f"session for '{alias}' fell back to {', '.join(placement['optimized']) or active}"
         if settings.strict_ep:
             raise UserInputError(msg + " (--strict-ep)")
-        rows.append(ProviderRow(alias, False, msg))
+        rows.append(ProviderRow(alias, False, msg, target=parse_target(alias).as_dict(), placement=placement))
         return None
-    return _Sessions(alias, sess_a, sess_b, {"setup_s_original": setup_a, "setup_s_optimized": setup_b})
+    pair = _Sessions(alias, sess_a, sess_b, {"setup_s_original": setup_a, "setup_s_optimized": setup_b})
+    pair.placement = placement
+    if not parse_target(alias).is_reference:
+        pair.ref = reference(src_a)
+    return pair
+
+
+# The precision a target's outputs are compared with to show that its own was applied.
+CONTRAST_PRECISION = {"f32": "bf16", "bf16": "f32", "f16": "f32", "fp16": None, "int8": "fp16"}
+
+
+def precision_check(
+    pair: _Sessions, source: ModelSource, settings: BenchSettings, feeds: list[dict[str, np.ndarray]]
+) -> dict[str, Any] | None:
+    """Whether the target's precision changed anything: the optimized model is run with a contrasting precision
+    of the same provider on a few samples; identical outputs mean the engine ignored the option (the OpenVINO
+    EP's own `precision` option did nothing on an AMX host). None when the target names no precision."""
+    target = parse_target(pair.alias)
+    if target.precision is None:
+        return None
+    other = dataclasses.replace(target, precision=CONTRAST_PRECISION.get(target.precision))
+    config = dataclasses.replace(settings.session_config(pair.alias, optimized=True), provider=other.label)
+    try:
+        sess = create_session(source, config)
+        same = all(
+            all(
+                np.array_equal(x, y, equal_nan=True)
+                for x, y in zip(run_session(pair.b, f), run_session(sess, f), strict=True)
+            )
+            for f in feeds[:2]
+        )
+    except Exception as exc:  # the contrast cannot run here (e.g. no bf16 device): say so, do not fail the run
+        return {"against": other.label, "identical": None, "reason": first_line(exc, 200)}
+    return {"against": other.label, "identical": same}
+
+
+def _row(pair: _Sessions, quality: dict[str, Any], timing: dict[str, Any], point: dict[str, int]) -> ProviderRow:
+    """One measured row: quality (per target) and timing (per shape point), with where the nodes ran."""
+    alone = timing.pop("_alone", None)
+    engine_alone = quality.pop("engine_alone")
+    if engine_alone is not None and alone is not None:
+        engine_alone = {
+            **alone,
+            "accuracy": engine_alone["accuracy"].as_dict() if engine_alone["accuracy"] else None,
+            "fidelity": engine_alone["fidelity"].as_dict(),
+        }
+    target = parse_target(pair.alias)
+    return ProviderRow(
+        provider=pair.alias,
+        usable=True,
+        reason="ok",
+        shape=_shape_label(point),
+        **pair.setup,
+        **quality,
+        **timing,
+        target=target.as_dict(),
+        placement=pair.placement,
+        fallback_share=fallback_share(pair.placement.get("optimized", {}), target.ep_name),
+        engine_alone=engine_alone,
+    )
+
+
+def fallback_share(placement: dict[str, int], provider: str) -> float | None:
+    """The share of nodes another provider (the CPU EP) ran instead of `provider`; None without a record."""
+    total = sum(placement.values())
+    return None if not total else 1.0 - placement.get(provider, 0) / total
 
 
 def _quality(
@@ -374,6 +473,15 @@ def _quality(
     log(f"benchmarking on {pair.alias}: accuracy/fidelity over {len(data)} samples")
     outs_a = [run_session(pair.a, f) for f in data.feeds]
     outs_b = [run_session(pair.b, f) for f in data.feeds]
+    names = output_names(model)
+    outs_ref = [run_session(pair.ref, f) for f in data.feeds] if pair.ref is not None else outs_a
+    kinds = classify_outputs(names, outs_ref, settings.output_kinds)
+    engine_alone = None
+    if pair.ref is not None:  # every figure against the original on the reference, the engine's own included
+        engine_alone = {
+            "accuracy": accuracy(outs_a, data, metric),
+            "fidelity": fidelity(outs_ref, outs_a, names, kinds, settings.map_threshold),
+        }
     memory: dict[str, float | None] = {"memory_original_mb": None, "memory_optimized_mb": None}
     if settings.memory and paths[1].exists():
         # Each model with the session options it was timed with (mem_pattern changes the peak).
@@ -381,16 +489,18 @@ def _quality(
         for key, path, session in zip(memory, paths, sessions, strict=True):
             peak = session_peak_memory(path, first_feed, pair.alias, settings.threads, session)
             memory[key] = peak["delta_mb"] if peak else None
+    check = precision_check(pair, ModelSource(paths[1]), settings, data.feeds)
+    if check and check["identical"]:
+        notes.append(
+            f"PRECISION IGNORED: {pair.alias} gave the same outputs, bit for bit, as {check['against']}: the engine "
+            "did not apply the precision asked for (its figures are those of its default precision)"
+        )
     return {
-        "accuracy_original": accuracy(outs_a, data, metric),
+        "precision_check": check,
+        "accuracy_original": accuracy(outs_ref, data, metric),
         "accuracy_optimized": accuracy(outs_b, data, metric),
-        "fidelity": fidelity(
-            outs_a,
-            outs_b,
-            output_names(model),
-            classify_outputs(output_names(model), outs_a, settings.output_kinds),
-            settings.map_threshold,
-        ),
+        "fidelity": fidelity(outs_ref, outs_b, names, kinds, settings.map_threshold),
+        "engine_alone": engine_alone,
         **memory,
     }
 
@@ -433,9 +543,11 @@ def _latency(
             f"benchmark.max_seconds={settings.max_seconds:g}"
         )
     log(f"latency on {pair.alias} {shape}: {plan.rounds} interleaved rounds")
-    lat_a, lat_b, speed = measure_ab(
-        cycling(session_runner(pair.a), feeds),
-        cycling(session_runner(pair.b), feeds),
+    # A target other than the reference is timed in the same rounds as the original on the reference: both
+    # of its speedups (the engine alone, the engine with the optimized graph) are paired against it.
+    sessions = [pair.a, pair.b] if pair.ref is None else [pair.ref, pair.a, pair.b]
+    stats, speedups = measure_many(
+        [cycling(session_runner(s), feeds) for s in sessions],
         warmup=plan.warmup,
         rounds=plan.rounds,
         # Every round covers all the inputs, so rounds (and their paired ratios) compare the same mix.
@@ -443,7 +555,10 @@ def _latency(
         discard_after_switch=plan.discard_after_switch,
         batch_size=_batch_size(feeds[0]),
     )
-    return {"latency_original": lat_a, "latency_optimized": lat_b, "speedup": speed}
+    if pair.ref is None:
+        return {"latency_original": stats[0], "latency_optimized": stats[1], "speedup": speedups[0]}
+    alone = {"latency": stats[1].as_dict(), "speedup": speedups[0].as_dict()}
+    return {"latency_original": stats[0], "latency_optimized": stats[2], "speedup": speedups[1], "_alone": alone}
 
 
 def session_runner(sess: Any) -> Callable[[dict[str, np.ndarray]], object]:

@@ -79,34 +79,58 @@ def bench_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     for r in bench["rows"]:
         if not r["usable"]:
             continue
-        provider = r["provider"] + (f" {r['shape']}" if r["shape"] else "")
-        fid = r["fidelity"]
-        for which, size in (("original", bench["original_bytes"]), ("optimized", bench["optimized_bytes"])):
-            lat, acc, sp = r[f"latency_{which}"], r[f"accuracy_{which}"], r["speedup"]
-            optimized = which == "optimized"
-            speed = ""
-            if optimized and sp:
-                speed = f"{sp['median']:.2f}x [{sp['ci_low']:.2f}, {sp['ci_high']:.2f}]"
-                speed += " noisy" if sp["noisy"] else ""
-                speed += " n.s." if not sp["significant"] else ""
-                speed += " SLOWER" if sp["ci_high"] < 1.0 else ""
+        provider = r["provider"] + (f" {r['shape']}" if r["shape"] else "") + _fallback_mark(r)
+        alone = r.get("engine_alone")
+        lines = [("original", bench["original_bytes"])]
+        if alone:  # another engine: the reference (the CPU EP), the original on this target, then the optimized
+            lines = [("original (cpu)", bench["original_bytes"]), ("original", bench["original_bytes"])]
+        for which, size in [*lines, ("optimized", bench["optimized_bytes"])]:
+            if which == "original" and alone:
+                lat, acc, sp, fid, mem = alone["latency"], alone["accuracy"], alone["speedup"], alone["fidelity"], None
+            else:
+                key = "optimized" if which == "optimized" else "original"
+                lat, acc, mem = r[f"latency_{key}"], r[f"accuracy_{key}"], r[f"memory_{key}_mb"]
+                sp, fid = (r["speedup"], r["fidelity"]) if which == "optimized" else (None, None)
             rows.append(
                 [
-                    "" if optimized else provider,
+                    "",
                     which,
                     _mb(size),
                     _f(lat["p50_ms"]),
                     _f(lat["p90_ms"]),
                     _f(lat["p99_ms"]),
                     _f(lat["throughput"], ".1f"),
-                    speed,
+                    _speed_text(sp),
                     _pct(acc["top1"]) if acc else "-",
-                    _f(fid["cosine_min"], ".5f") if optimized and fid else "",
-                    _pct(fid["top1_agreement"]) if optimized and fid and fid["top1_agreement"] is not None else "",
-                    _f(r[f"memory_{which}_mb"], ".1f"),
+                    _f(fid["cosine_min"], ".5f") if fid else "",
+                    _pct(fid["top1_agreement"]) if fid and fid["top1_agreement"] is not None else "",
+                    _f(mem, ".1f"),
                 ]
             )
+        rows[-len(lines) - 1][0] = provider
     return head, rows
+
+
+def _speed_text(sp: dict[str, Any] | None) -> str:
+    if not sp:
+        return ""
+    speed = f"{sp['median']:.2f}x [{sp['ci_low']:.2f}, {sp['ci_high']:.2f}]"
+    speed += " noisy" if sp["noisy"] else ""
+    speed += " n.s." if not sp["significant"] else ""
+    return speed + (" SLOWER" if sp["ci_high"] < 1.0 else "")
+
+
+# A target whose provider ran under half of the optimized model's nodes is labelled: its speed is mostly
+# the CPU EP's, whatever the row's name says.
+MOSTLY_FALLBACK = 0.5
+
+
+def _fallback_mark(row: dict[str, Any]) -> str:
+    share = row.get("fallback_share")
+    if share is None or share <= 0:
+        return ""
+    where = f"{share:.0%} of nodes fell back"
+    return f" ({where}: mostly fallback)" if share >= MOSTLY_FALLBACK else f" ({where})"
 
 
 def unusable_lines(report: dict[str, Any]) -> list[str]:

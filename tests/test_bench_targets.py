@@ -1,0 +1,109 @@
+"""The benchmark per run target: the original on the CPU EP is the reference for every speedup and fidelity,
+the engine alone is measured beside the optimized graph, placement and ignored precisions are said."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from optimizer_cli.bench import harness
+from optimizer_cli.bench.harness import BenchSettings, ProviderRow, run_benchmark
+from optimizer_cli.data import Dataset
+from optimizer_cli.recipe import parse_recipe
+from optimizer_cli.report.table import bench_rows
+from optimizer_cli.runtime.providers import probe_provider
+from optimizer_cli.runtime.session import ModelSource, SessionConfig, create_session
+
+from .builders import mlp, random_feed
+
+# A second engine every host has: the CPU EP with a provider option is a target other than the reference.
+OTHER = "cpu:use_arena=0"
+
+
+def _models(tmp_path: Path) -> tuple[Path, Path, Dataset]:
+    original, changed = mlp(seed=0), mlp(seed=1)  # same signature, different weights: fidelity < 1
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(original, a)
+    onnx.save(changed, b)
+    feeds = [random_feed(original, seed=s, batch=1) for s in range(6)]
+    return a, b, Dataset(feeds, None, "test", False)
+
+
+def test_a_target_is_scored_and_timed_against_the_original_on_the_reference(tmp_path: Path) -> None:
+    a, b, data = _models(tmp_path)
+    settings = BenchSettings(providers=["cpu", OTHER], rounds=3, runs_per_round=3, warmup=1, memory=False)
+    report = run_benchmark(a, b, settings, data)
+    cpu, other = report.rows
+    assert cpu.engine_alone is None and cpu.target == {
+        "target": "cpu",
+        "provider": "CPUExecutionProvider",
+        "device": "cpu",
+        "precision": None,
+        "options": {},
+    }
+    # The optimized model on the other target is compared with the original on the CPU EP: same graph, same
+    # kernels, so the same fidelity as on the reference row.
+    assert other.fidelity is not None and cpu.fidelity is not None
+    assert np.isclose(other.fidelity.cosine_min, cpu.fidelity.cosine_min, atol=1e-6)
+    assert other.fidelity.cosine_min < 0.999  # b really differs from a
+    # The engine alone: the unmodified model on the target, against the reference: identical outputs here.
+    alone = other.engine_alone
+    assert alone is not None and alone["fidelity"]["cosine_min"] > 0.99999
+    assert alone["speedup"]["rounds"] == 3 and alone["latency"]["runs"] == other.latency_optimized.runs
+    assert other.speedup is not None and other.latency_original is not None
+    # Where the nodes ran, from onnxruntime's record: all on the CPU EP, nothing fell back.
+    assert other.placement == {"original": {"CPUExecutionProvider": 5}, "optimized": {"CPUExecutionProvider": 5}}
+    assert other.fallback_share == 0.0
+    # The table shows the reference, the engine alone and the optimized model for the other target.
+    _, rows = bench_rows({"benchmark": report.as_dict()})
+    assert [r[1] for r in rows] == ["original", "optimized", "original (cpu)", "original", "optimized"]
+    assert rows[2][0] == OTHER and rows[3][0] == "" and rows[3][9].startswith("1.0000")
+
+
+def test_mostly_fallback_is_labelled_in_the_notes_and_the_table() -> None:
+    row = ProviderRow(
+        "openvino",
+        True,
+        "ok",
+        placement={"optimized": {"CPUExecutionProvider": 7, "OpenVINOExecutionProvider": 3}},
+        fallback_share=0.7,
+    )
+    from optimizer_cli.bench.latency import SpeedupEstimate
+
+    row.speedup = SpeedupEstimate(1.2, 1.1, 1.3, None, None, 3, False, True)
+    notes = harness._outcome_notes([row], BenchSettings(providers=["openvino"]))
+    assert any(n.startswith("MOSTLY FALLBACK: openvino: 70%") and "7 CPUExecutionProvider" in n for n in notes)
+    from optimizer_cli.report.table import _fallback_mark
+
+    assert "mostly fallback" in _fallback_mark({"fallback_share": 0.7})
+    assert _fallback_mark({"fallback_share": 0.0}) == "" and "mostly" not in _fallback_mark({"fallback_share": 0.2})
+
+
+def test_an_ignored_precision_is_caught_by_identical_outputs(tmp_path: Path) -> None:
+    """On a host without TensorRT, trt:fp16 and trt run on the CPU EP alike: the check finds them identical.
+    (Where TensorRT runs, fp16 changes the outputs and the check says they differ.)"""
+    a, _, data = _models(tmp_path)
+    if probe_provider("trt").usable:
+        expected_identical = False
+    else:
+        expected_identical = True
+    settings = BenchSettings(providers=["trt:fp16"], memory=False)
+    source = ModelSource(a)
+    pair = harness._Sessions("trt:fp16", None, create_session(source, SessionConfig(provider="trt:fp16")), {})
+    check = harness.precision_check(pair, source, settings, data.feeds)
+    assert check == {"against": "trt", "identical": expected_identical}
+    assert harness.precision_check(harness._Sessions("cpu", None, None, {}), source, settings, data.feeds) is None
+
+
+def test_the_recipe_runtime_section_round_trips_and_joins_the_benchmark() -> None:
+    rec = parse_recipe("passes: []\nruntime: {target: 'OpenVINO:FP32'}\n")
+    assert rec.runtime.target == "openvino:f32"
+    dumped = rec.model_dump(mode="json")
+    assert parse_recipe(__import__("yaml").safe_dump(dumped)).runtime == rec.runtime
+    from optimizer_cli.cli import _bench_settings
+
+    settings = _bench_settings(rec, None, False, 2, [], None, False)
+    assert settings.providers[0] == "cpu" and settings.providers[-1] == "openvino:f32"
+    assert _bench_settings(rec, "cpu", False, 2, [], None, False).providers == ["cpu"]  # the flag wins
