@@ -155,3 +155,21 @@ def test_catalog_lists_the_reference_first_and_openvino_even_when_absent() -> No
     if not openvino["usable"]:
         assert openvino["reason"] and openvino["reason"] != "ok"
     assert "f32" in openvino["options"] and "bf16" in openvino["options"]
+
+
+def test_the_deployment_snippet_creates_the_session_it_describes(tmp_path: Path) -> None:
+    from optimizer_cli.runtime.targets import deployment_snippet
+
+    path = tmp_path / "m.onnx"
+    onnx.save(mlp(), path)
+    code = deployment_snippet(parse_target("cpu"), str(path), 3, {"opt_level": "extended"})
+    scope: dict = {}
+    exec(compile(code, "snippet", "exec"), scope)
+    session = scope["session"]
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    assert scope["options"].intra_op_num_threads == 3
+    # OpenVINO: the plugin is registered, its device chosen, the precision asked through OpenVINO's own hint.
+    ov = deployment_snippet(parse_target("openvino:f32"), "best.onnx", 2)
+    compile(ov, "snippet", "exec")
+    assert "register_execution_provider_library" in ov and "INFERENCE_PRECISION_HINT" in ov
+    assert "add_provider_for_devices" in ov and "OrtHardwareDeviceType.CPU" in ov

@@ -172,3 +172,52 @@ def parse_targets(text: str | None, default: tuple[str, ...]) -> list[RunTarget]
         if target not in targets:
             targets.append(target)
     return targets
+
+
+def deployment_snippet(target: RunTarget, model_path: str, threads: int, session: dict[str, Any] | None = None) -> str:
+    """Python that creates an onnxruntime session for `model_path` on `target`, as the benchmark measured it
+    (threads, graph optimization level and the recipe's session options included)."""
+    session = session or {}
+    lines = ["import onnxruntime as ort", "", "options = ort.SessionOptions()"]
+    lines.append(f"options.intra_op_num_threads = {threads}")
+    level = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED"}.get(
+        str(session.get("opt_level")), "ORT_ENABLE_ALL"
+    )
+    lines.append(f"options.graph_optimization_level = ort.GraphOptimizationLevel.{level}")
+    if session.get("execution_mode") == "parallel":
+        lines.append("options.execution_mode = ort.ExecutionMode.ORT_PARALLEL")
+        if session.get("inter_op_threads"):
+            lines.append(f"options.inter_op_num_threads = {session['inter_op_threads']}")
+    if session.get("mem_pattern") is False:
+        lines.append("options.enable_mem_pattern = False")
+    provider_options = target.provider_options(threads)
+    if "load_config" in provider_options:  # a file of ours: inline what it says
+        config = json.loads(Path(provider_options.pop("load_config")).read_text())
+        lines += [
+            "",
+            "import json, tempfile  # OpenVINO's own precision hint (the EP's `precision` option can be ignored)",
+            "config = tempfile.NamedTemporaryFile('w', suffix='.json', delete=False)",
+            f"json.dump({config!r}, config)",
+            "config.close()",
+        ]
+        provider_options_text = f"{{**{provider_options!r}, 'load_config': config.name}}"
+    else:
+        provider_options_text = repr(provider_options)
+    name = target.ep_name
+    if name == "OpenVINOExecutionProvider":
+        device = (target.device or "cpu").upper()
+        lines += [
+            "",
+            "import onnxruntime_ep_openvino as ov  # pip install onnxruntime-ep-openvino",
+            "ort.register_execution_provider_library(ov.get_ep_name(), ov.get_library_path())",
+            "device = next(d for d in ort.get_ep_devices()",
+            f"              if d.ep_name == ov.get_ep_name() and d.device.type == ort.OrtHardwareDeviceType.{device})",
+            f"options.add_provider_for_devices([device], {provider_options_text})",
+            f"session = ort.InferenceSession({model_path!r}, options)",
+        ]
+    else:
+        providers = f"[({name!r}, {provider_options_text})]" if provider_options else f"[{name!r}]"
+        if name != "CPUExecutionProvider":
+            providers = providers[:-1] + ", 'CPUExecutionProvider']"
+        lines.append(f"session = ort.InferenceSession({model_path!r}, options, providers={providers})")
+    return "\n".join(lines) + "\n"
