@@ -485,7 +485,7 @@ def _cast(spec: InputSpec, arr: np.ndarray, allow_cast: bool = False) -> tuple[n
         if not allow_cast:
             return None, (
                 f"{said}: integer data is not cast to floating point silently (images usually need scaling to "
-                f"the model's range); save it as {want}, or pass --allow-cast to cast values that are exact in {want}"
+                f"the model's range); save it as {want}, or give run/bench --allow-cast to cast values exact in {want}"
             )
         exact = 2 ** (np.finfo(want).nmant + 1)
         top = int(np.abs(arr.astype(np.int64 if found != np.uint64 else np.uint64)).max()) if arr.size else 0
@@ -593,8 +593,8 @@ def _finish(ds: Dataset, model: ir.Model, path: Path | None, policy: DataPolicy,
         if not policy.allow_nonfinite:
             # NaN in, NaN out: nothing would be compared, and every figure would look perfect or be noise.
             raise UserInputError(
-                f"{where}input '{name}' holds NaN/Inf in {count}; fix the data, or pass --allow-nonfinite to "
-                "run on it anyway",
+                f"{where}input '{name}' holds NaN/Inf in {count}; fix the data, or give run/bench --allow-nonfinite "
+                "to run on it anyway",
                 path,
             )
         notes.add(f"{where}input '{name}' holds NaN/Inf in {count} (allowed by --allow-nonfinite)")
