@@ -478,9 +478,13 @@ def _cast(spec: InputSpec, arr: np.ndarray, allow_cast: bool = False) -> tuple[n
     if found == want:
         return arr, ""
     said = f"input '{spec.name}' is {found}, model wants {want}"
-    numeric = np.issubdtype(found, np.number) or found == np.bool_
+    numeric = found.kind in "biuf"  # bool, int, uint, float: strings, objects and complex are never cast
     if not numeric or (np.issubdtype(found, np.floating) and not np.issubdtype(want, np.floating)):
         return None, said
+    if want == np.bool_:  # a mask fed as 0/1 integers
+        if arr.size and not np.isin(arr, (0, 1)).all():
+            return None, f"{said}: values other than 0 and 1 are not booleans"
+        return arr.astype(want), f"{said}: cast (every value is 0 or 1)"
     if np.issubdtype(want, np.floating) and not np.issubdtype(found, np.floating):
         if not allow_cast:
             return None, (

@@ -301,3 +301,14 @@ def test_a_kind_figure_undefined_on_any_output_fails_its_gate() -> None:
     ]
     (result,) = evaluate([parse_gate("map_iou<0.5")], _bench({"per_output": outputs}))
     assert result.violated and "undefined" in result.detail
+
+
+def test_integer_data_for_a_bool_input_must_be_zero_or_one() -> None:
+    from .builders import Builder
+
+    b = Builder(0)
+    y = b.op("Cast", ["mask"], to=onnx.TensorProto.FLOAT)
+    m = ir.serde.deserialize_model(b.model([("mask", onnx.TensorProto.BOOL, [1, 4])], [("y", y)]))
+    assert _load_arrays(m, mask=np.ones((2, 1, 4), np.int64)).feeds[0]["mask"].dtype == np.bool_
+    with pytest.raises(UserInputError, match="int64, model wants bool"):
+        _load_arrays(m, mask=np.full((2, 1, 4), 7, np.int64))
