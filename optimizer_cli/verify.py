@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -83,7 +84,12 @@ def compare_arrays(name: str, ref: np.ndarray, new: np.ndarray) -> Drift:
     a = ref.astype(np.float64).ravel()
     b = new.astype(np.float64).ravel()
     finite = np.isfinite(a) & np.isfinite(b)
-    same_nonfinite = bool(np.array_equal(~np.isfinite(a), ~np.isfinite(b)))
+    # The same NaN / +inf / -inf at the same places is a reproduced output; anything else is a changed one.
+    same_nonfinite = bool(
+        np.array_equal(np.isnan(a), np.isnan(b))
+        and np.array_equal(np.isposinf(a), np.isposinf(b))
+        and np.array_equal(np.isneginf(a), np.isneginf(b))
+    )
     # A NaN/Inf the reference does not have is a broken output, whatever the finite part says.
     new_nonfinite = int(np.count_nonzero(np.isfinite(a) & ~np.isfinite(b)))
     a, b = a[finite], b[finite]
@@ -103,6 +109,10 @@ def compare_arrays(name: str, ref: np.ndarray, new: np.ndarray) -> Drift:
     top1 = None
     if ref.ndim >= 2 and ref.shape[-1] > 1 and np.issubdtype(ref.dtype, np.floating):
         top1 = float(np.mean(ref.argmax(-1) == new.argmax(-1)))
+    if not same_nonfinite:  # never a perfect score next to max|Δ| inf
+        cosine, rel_l2 = 0.0, float("inf")
+    elif a.size == 0 and ref.size:  # nothing finite to compare: undefined, not perfect
+        max_abs = rel_l2 = cosine = float("nan")
     if new_nonfinite:
         cosine, rel_l2 = 0.0, float("inf")
         if top1 is not None:  # rows holding a new NaN do not agree, whatever argmax picks
@@ -135,14 +145,21 @@ def aggregate(drifts: list[list[Drift]]) -> list[Drift]:
         out.append(
             Drift(
                 per_output[0].output,
-                max(d.max_abs for d in per_output),
-                max(d.rel_l2 for d in per_output),
-                min(d.cosine for d in per_output),
+                _worst(max, [d.max_abs for d in per_output]),
+                _worst(max, [d.rel_l2 for d in per_output]),
+                _worst(min, [d.cosine for d in per_output]),
                 float(np.mean(tops)) if tops else None,
                 sum(d.nonfinite for d in per_output),
             )
         )
     return out
+
+
+def _worst(pick: Any, values: list[float]) -> float:
+    """min/max over samples, leaving out samples whose figure is undefined (NaN: nothing finite to compare),
+    which builtin min/max would let win or lose by their position; NaN only when every sample is undefined."""
+    defined = [v for v in values if not np.isnan(v)]
+    return float(pick(defined)) if defined else float("nan")
 
 
 def within_tolerance(ref: np.ndarray, new: np.ndarray, rtol: float, atol: float) -> bool:

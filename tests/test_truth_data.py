@@ -312,3 +312,24 @@ def test_integer_data_for_a_bool_input_must_be_zero_or_one() -> None:
     assert _load_arrays(m, mask=np.ones((2, 1, 4), np.int64)).feeds[0]["mask"].dtype == np.bool_
     with pytest.raises(UserInputError, match="int64, model wants bool"):
         _load_arrays(m, mask=np.full((2, 1, 4), 7, np.int64))
+
+
+def test_stage_drift_never_scores_a_changed_or_missing_nonfinite_as_perfect() -> None:
+    """The stage table's figures: a NaN the new output lost (or gained) is a changed output (cosine 0 beside
+    max|Δ| inf), an all-NaN output reproduced is undefined (NaN), and an undefined sample never wins the worst."""
+    from optimizer_cli.verify import aggregate, compare_arrays
+
+    ref = np.array([[1.0, np.nan, 3.0]], np.float32)
+    fixed = np.array([[1.0, 2.0, 3.0]], np.float32)  # the NaN became a number
+    lost = compare_arrays("y", ref, fixed)
+    assert lost.cosine == 0.0 and lost.max_abs == float("inf") and lost.rel_l2 == float("inf")
+    flipped = compare_arrays("y", np.array([np.inf, 1.0]), np.array([-np.inf, 1.0]))  # +inf became -inf
+    assert flipped.cosine == 0.0
+    all_nan = np.full((1, 3), np.nan, np.float32)
+    undefined = compare_arrays("y", all_nan, all_nan.copy())
+    assert np.isnan(undefined.cosine) and np.isnan(undefined.max_abs)
+    same = compare_arrays("y", ref, ref.copy())
+    assert same.cosine == pytest.approx(1.0) and same.max_abs == 0.0
+    worst = aggregate([[undefined], [same]])[0]
+    assert worst.cosine == pytest.approx(1.0) and worst.max_abs == 0.0
+    assert np.isnan(aggregate([[undefined], [undefined]])[0].cosine)
