@@ -107,3 +107,13 @@ def test_the_recipe_runtime_section_round_trips_and_joins_the_benchmark() -> Non
     settings = _bench_settings(rec, None, False, 2, [], None, False)
     assert settings.providers[0] == "cpu" and settings.providers[-1] == "openvino:f32"
     assert _bench_settings(rec, "cpu", False, 2, [], None, False).providers == ["cpu"]  # the flag wins
+
+
+def test_a_sweep_gives_every_shape_point_of_a_target_its_row(tmp_path: Path) -> None:
+    a, b, data = _models(tmp_path)
+    settings = BenchSettings(
+        providers=[OTHER], rounds=2, runs_per_round=2, warmup=1, memory=False, sweep=[{"batch": 1}, {"batch": 3}]
+    )
+    rows = run_benchmark(a, b, settings, data).rows
+    assert [r.shape for r in rows] == ["batch=1", "batch=3"]
+    assert all(r.engine_alone is not None and r.fidelity is not None for r in rows)

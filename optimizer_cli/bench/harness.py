@@ -421,6 +421,7 @@ def precision_check(
 
 def _row(pair: _Sessions, quality: dict[str, Any], timing: dict[str, Any], point: dict[str, int]) -> ProviderRow:
     """One measured row: quality (per target) and timing (per shape point), with where the nodes ran."""
+    timing, quality = dict(timing), dict(quality)  # the quality is shared by every shape point of the target
     alone = timing.pop("_alone", None)
     engine_alone = quality.pop("engine_alone")
     if engine_alone is not None and alone is not None:
