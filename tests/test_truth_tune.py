@@ -371,3 +371,30 @@ def test_goal_misses_are_in_the_goals_unit() -> None:
 
     row = {"provider": "cpu", "accuracy_original": {"top1": 0.9}, "accuracy_optimized": {"top1": 0.875}}
     assert check_goals([parse_gate("accuracy_drop<=1%")], row) == ["accuracy_drop 2.5% misses goal accuracy_drop<=1%"]
+
+
+@pytest.mark.parametrize(
+    ("content", "expect"),
+    [(b'{"fitted": {}}', "lacks ranked"), (b'{"ranked": 1, "fitted": {}}', "must be objects"), (b"\xff", "unreadable")],
+)
+def test_a_damaged_ranking_is_refused_in_one_line(
+    examples_dir: Path, tmp_path: Path, content: bytes, expect: str
+) -> None:
+    """The issue's KeyError 'ranked': a resumed study reads its saved node ranking."""
+    from optimizer_cli.bench.gate import parse_gate
+    from optimizer_cli.errors import UserInputError
+    from optimizer_cli.search.tune import TuneRequest, _ranking, prepare
+
+    request = TuneRequest(
+        model=examples_dir / "digits_cnn.onnx",
+        goals=[parse_gate("cosine>=0.99")],
+        evaluation=str(examples_dir / "digits_eval.npz"),
+        calibration=str(examples_dir / "digits_calib.npz"),
+        study_dir=tmp_path,
+        eval_samples=8,
+    )
+    settings = prepare(request, lambda _m: None)
+    assert any(d.name == "keep_float_k" for d in settings.dims)  # mixed precision is searched: the ranking is read
+    (tmp_path / "ranking.json").write_bytes(content)
+    with pytest.raises(UserInputError, match=expect):
+        _ranking(settings, lambda _m: None)
