@@ -398,3 +398,20 @@ def test_a_damaged_ranking_is_refused_in_one_line(
     (tmp_path / "ranking.json").write_bytes(content)
     with pytest.raises(UserInputError, match=expect):
         _ranking(settings, lambda _m: None)
+
+
+def test_report_only_leaves_the_study_as_it_was(finished_study: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """--report-only reads; even a trial left running in the journal is not marked failed nor asked again."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    source, args = finished_study
+    study = tmp_path / "study"
+    shutil.copytree(source, study)
+    storage = JournalStorage(JournalFileBackend(str(study / "study.journal")))
+    optuna.load_study(study_name="tune", storage=storage).ask()  # a trial some run left RUNNING
+    before = _snapshot(study)
+    proc = run_cli(*[str(study) if a == str(source) else a for a in args], "--report-only")
+    assert proc.returncode == 1, proc.stderr[-2000:]  # re-reported: the finished study had no winner
+    assert _snapshot(study) == before

@@ -266,8 +266,9 @@ def _checked_record(record: Any, number: int, journal: Path) -> dict[str, Any]:
     return record
 
 
-def restore(study: Any, settings: TuneSettings) -> TuneState:
-    """The records of the trials a previous run finished; trials it left running (Ctrl-C) are marked failed."""
+def restore(study: Any, settings: TuneSettings, write: bool = True) -> TuneState:
+    """The records of the trials a previous run finished; trials it left running (Ctrl-C) are marked failed
+    (`write`; a re-report reads the study and leaves its journal as it was)."""
     import optuna
 
     state = TuneState()
@@ -281,6 +282,8 @@ def restore(study: Any, settings: TuneSettings) -> TuneState:
     state.original_p50_ms = saved.get("original_p50_ms")
     journal = settings.study_dir / JOURNAL_FILE
     for trial in study.get_trials(deepcopy=False):
+        if trial.state == optuna.trial.TrialState.RUNNING and not write:
+            continue
         if trial.state == optuna.trial.TrialState.RUNNING:
             # Interrupted mid-trial: failed in the journal, and its proposal asked again first, so the resumed
             # study goes on as the uninterrupted one would have.
@@ -1145,7 +1148,7 @@ def report_again(settings: TuneSettings) -> tuple[dict[str, Any], Path | None]:
         raise UserInputError(
             "--report-only: this study has not finished (no final.json); resume it with --resume", settings.study_dir
         )
-    state = restore(study, settings)
+    state = restore(study, settings, write=False)
     saved = read_json(path, "final.json", ("final", "stopped"))
     final = saved["final"]
     if not isinstance(final, dict) or not isinstance(final.get("candidates", []), list):
