@@ -13,7 +13,13 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from optimizer_cli.report.tune_doc import final_timings, model_name, trials_by_number, winner_number
+from optimizer_cli.report.tune_doc import (
+    final_timings,
+    model_name,
+    percent_figure,
+    trials_by_number,
+    winner_number,
+)
 
 MAX_CANDIDATES_SHOWN = 10
 
@@ -58,16 +64,21 @@ def _speedup(speedup: dict[str, Any] | None) -> str:
 
 
 def _fidelity(fidelity: dict[str, Any] | None) -> str:
-    """'cosine 0.9950, accuracy_drop 0.40%': drops read as percentage points, figures with 4 decimals."""
+    """'cosine 0.9950, accuracy_drop 0.40%, nonfinite 0': percent figures as percentage points, counts whole,
+    other figures with 4 decimals."""
     parts = []
     for key, value in (fidelity or {}).items():
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             parts.append(f"{key} {value}")  # a figure the page does not know how to format is shown as it is
+        elif percent_figure(key):
+            # Accuracy, its drop and agreements in percent, as goals and the run's table write them.
+            parts.append(f"{key} {100 * value:.2f}%")
+        elif isinstance(value, int):
+            parts.append(f"{key} {value}")  # a count (nonfinite values): never '0.0000'
         else:
-            # Accuracy and its drop in percent, as goals write them ('accuracy_drop<=1%'); similarities 4 decimals.
-            parts.append(f"{key} {100 * value:.2f}%" if key.startswith("accuracy") else f"{key} {value:.4f}")
+            parts.append(f"{key} {value:.4f}")  # similarities and errors
     return ", ".join(parts) or "-"
 
 
@@ -136,8 +147,18 @@ def _verdict_found(tune: dict[str, Any], number: int) -> str:
         f"<p>Fidelity: {_e(_fidelity(winner.get('fidelity')))}</p>\n"
         f"<p>Recipe: {_e(winner.get('recipe_summary') or '-')}</p>\n"
         + (f"<p>Why: {_e(reason)}</p>\n" if reason else "")
+        + _deploy(winner.get("deploy"))
         + "</section>"
     )
+
+
+def _deploy(deploy: dict[str, Any] | None) -> str:
+    """Where and how the winner runs as it was measured, and the Python that creates its session."""
+    if not deploy:
+        return ""
+    facts = [f"target {deploy.get('target')}", str(deploy.get("provider"))]
+    facts += [f"{k} {deploy[k]}" for k in ("device", "precision", "threads") if deploy.get(k)]
+    return f'<p>Deploy: {_e(", ".join(facts))}</p>\n<pre class="deploy">{_e(deploy.get("python") or "")}</pre>\n'
 
 
 def _verdict_none(tune: dict[str, Any]) -> str:

@@ -13,10 +13,11 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
 
 from optimizer_cli.bench.gate import Gate, parse_gate
 from optimizer_cli.errors import UserInputError
-from optimizer_cli.report.tune_doc import final_timings, model_name, winner_number
+from optimizer_cli.report.tune_doc import final_timings, model_name, percent_figure, winner_number
 
 # Colours are constants so tests can find the plot's pixels in a rendered page. Only the winner (its star and
 # label) is magenta, a colour no browser default uses, so counting it proves the image was painted.
@@ -293,7 +294,13 @@ def pareto_figure(tune: dict[str, Any]) -> Figure:
             panel.invert_xaxis()  # better fidelity to the right whichever way the metric runs
     _draw_goals([ax, strip], tune, metric)
     ax.set_ylabel("speedup over the original (×)")
-    label = f"{metric} vs the original ({'higher' if higher else 'lower'} is better)"
+    unit = ""
+    if percent_figure(metric):
+        # In percent like its goal ('accuracy_drop<=1%') and the page's tables, not as a fraction (0.010).
+        unit = ", %"
+        for panel in (ax, strip):
+            panel.xaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    label = f"{metric} vs the original{unit} ({'higher' if higher else 'lower'} is better)"
     ax.set_xlabel(label)
     strip.set_xlabel(label)
     ax.grid(True, alpha=0.3)

@@ -28,3 +28,9 @@ def final_timings(tune: dict[str, Any]) -> dict[int, dict[str, Any]]:
     every picture and table shows for them (documents before trials carried it themselves need this)."""
     final = tune.get("final") or {}
     return {int(c["number"]): c for c in final.get("candidates") or [] if c.get("number") is not None}
+
+
+def percent_figure(key: str) -> bool:
+    """Figures shown in percent everywhere: accuracy and its drop (goals write them so: 'accuracy_drop<=1%')
+    and the agreements (the run's table prints 'top-1 agree 98.44%'); similarities and errors stay plain."""
+    return key.startswith("accuracy") or key.endswith("_agreement")
