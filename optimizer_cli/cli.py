@@ -752,7 +752,9 @@ def tune_cmd(
         None, "--trials", min=1, help="Trials per model (with --budget: whichever ends first)."
     ),
     space: Path | None = typer.Option(None, "--space", help="YAML: dimension -> value or list of values to search."),
-    providers: str | None = typer.Option(None, "--providers", help="The one provider to tune for (default: cpu)."),
+    providers: str | None = typer.Option(
+        None, "--providers", help="Run targets to search, e.g. cpu,openvino (default: cpu); see `optimize providers`."
+    ),
     threads: int = typer.Option(2, "--threads", min=1, help="Intra-op threads for every session."),
     study: Path | None = typer.Option(None, "--study", help="Folder of the Optuna study (journal file): resumable."),
     resume: bool = typer.Option(False, "--resume", help="Continue the study in --study."),
@@ -808,7 +810,7 @@ class _TuneChecked:
     goals: list[Any]
     budget_s: float | None
     trials: int | None
-    provider: str
+    run_targets: tuple[str, ...]  # usable run targets to search (the CPU EP alone by default)
     study_root: Path | None
     resume: bool
     sampler: str
@@ -834,7 +836,7 @@ def _tune_preflight(
     """Every flag and path checked before any model is loaded."""
     from optimizer_cli.bench.gate import parse_gate
     from optimizer_cli.outputs import OutputPlan, read_paths
-    from optimizer_cli.runtime.providers import parse_provider_list
+    from optimizer_cli.runtime.providers import parse_provider_list, search_targets
 
     goals = [parse_gate(g, "--goal") for g in goal]
     if not goals:
@@ -842,9 +844,12 @@ def _tune_preflight(
     budget_s = _parse_budget(budget)
     if budget_s is None and trials is None:
         raise UserInputError("tune needs --budget (e.g. 15m) or --trials N")
-    provider_list = parse_provider_list(providers or "cpu")
-    if len(provider_list) != 1:
-        raise UserInputError("tune optimizes for one provider at a time: give --providers one of cpu, cuda, trt")
+    run_targets, unusable = search_targets(parse_provider_list(providers or "cpu"))
+    if unusable:  # said in one line; the search goes on with what is usable
+        log = Console(stderr=True, quiet=_verbosity < 0)
+        log.print(escape(f"tune: not searching {'; '.join(unusable)}"), soft_wrap=True)
+    if not run_targets:
+        raise UserInputError(f"--providers '{providers}': no usable run target on this host")
     if sampler not in ("tpe", "nsga2"):
         raise UserInputError(f"--sampler '{sampler}': expected tpe or nsga2")
     if (resume or report_only) and study is None:
@@ -861,7 +866,7 @@ def _tune_preflight(
         plan.check(read_paths(model, {"--data": data, "--calib": calib, "--space": space}))
     if study is not None:
         _check_study(study, targets, resume or report_only, {"--data": data, "--calib": calib, "--space": space})
-    return _TuneChecked(goals, budget_s, trials, provider_list[0], study, resume or report_only, sampler, targets)
+    return _TuneChecked(goals, budget_s, trials, tuple(run_targets), study, resume or report_only, sampler, targets)
 
 
 def _check_study(
@@ -918,7 +923,7 @@ def _tune_request(
         evaluation=portable_data(data) or data,
         calibration=portable_data(calib),
         study_dir=study_dir,
-        provider=checked.provider,
+        targets=checked.run_targets,
         threads=threads,
         budget_s=checked.budget_s,
         trials=checked.trials,
@@ -1038,6 +1043,13 @@ def _write_tune_outputs(doc: dict[str, Any], winner: Path | None, target: Path, 
     doc["outputs"] = {k: str(v) for k, v in paths.items()} | {"model": str(target) if winner else None}
     if winner is None:
         del doc["outputs"]["recipe"]
+    elif doc["winner"].get("deploy"):  # the session snippet names the model where it is written
+        from optimizer_cli.runtime.targets import deployment_snippet, parse_target
+
+        deploy = doc["winner"]["deploy"]
+        deploy["python"] = deployment_snippet(
+            parse_target(deploy["target"]), str(target.resolve()), deploy["threads"], deploy["session"]
+        )
     pareto = pareto_png(doc)
     attribution = attribution_png(doc["winner"]) if doc["winner"] else None
     try:
@@ -1098,6 +1110,15 @@ def _print_tune(doc: dict[str, Any], human: Console) -> None:
             f"winner: trial {w['number']}: {escape(w['recipe_summary'])}: {w['speedup']['median']:.2f}x "
             f"[{w['speedup']['ci_low']:.2f}, {w['speedup']['ci_high']:.2f}], cosine {w['fidelity']['cosine']:.4f}"
         )
+        deploy = w.get("deploy") or {}
+        if deploy:
+            human.print(
+                escape(
+                    f"deploy: {deploy['target']} ({deploy['provider']}, {deploy['threads']} threads); the session: "
+                    f"winner.deploy.python in {doc.get('outputs', {}).get('json', 'tune.json')}"
+                ),
+                soft_wrap=True,
+            )
     else:
         human.print(f"[bold red]no winner[/bold red]: {escape(final['reason'])}; no model written")
         for c in final.get("closest", []):

@@ -32,6 +32,10 @@ from optimizer_cli.runtime.session import SessionConfig, create_session, ort_err
 # --- parameters -> recipe --------------------------------------------------------------------------
 
 
+# Every candidate is timed and scored against the original on onnxruntime's CPU EP.
+REFERENCE = "cpu"
+
+
 @dataclass
 class RecipeContext:
     """What every trial's recipe shares: data, dims, threads, and the nodes mixed precision may keep float."""
@@ -108,7 +112,7 @@ def recipe_for(params: dict[str, Any], ctx: RecipeContext, name: str = "tuned") 
     if session["execution_mode"] == "parallel":
         # Independent branches on as many threads as the kernels get: never more cores than the original had.
         session["inter_op_threads"] = ctx.threads
-    return {
+    recipe: dict[str, Any] = {
         "name": name,
         "description": "found by optimize tune: " + summary(params),
         "passes": passes,
@@ -117,6 +121,17 @@ def recipe_for(params: dict[str, Any], ctx: RecipeContext, name: str = "tuned") 
         "metrics": dict(ctx.metrics),
         "session": session,
     }
+    target = candidate_target(params, ctx)
+    if target != REFERENCE:
+        # Where the candidate runs: the recipe's benchmark measures it there beside the reference.
+        recipe["runtime"] = {"target": target}
+        recipe["benchmark"]["providers"] = [REFERENCE, target]
+    return recipe
+
+
+def candidate_target(params: dict[str, Any], ctx: RecipeContext) -> str:
+    """The run target of a candidate: the `target` dimension where the space has one, else the tuned provider."""
+    return str(params.get("target") or ctx.provider)
 
 
 def summary(params: dict[str, Any]) -> str:
@@ -154,7 +169,9 @@ def summary(params: dict[str, Any]) -> str:
     session = [
         f"{k}={params[k]}" for k, d in (("opt_level", "all"), ("execution_mode", "sequential")) if params.get(k, d) != d
     ]
-    return " + ".join(parts or ["cleanup + fuse"]) + (f" [{', '.join(session)}]" if session else "")
+    text = " + ".join(parts or ["cleanup + fuse"]) + (f" [{', '.join(session)}]" if session else "")
+    target = params.get("target")
+    return text + (f" on {target}" if target and target != REFERENCE else "")
 
 
 # --- jobs ------------------------------------------------------------------------------------------
@@ -302,7 +319,7 @@ class TimeJob:
     sessions: list[dict[str, Any]]  # each candidate's recipe `session` section
     data: DataRef
     threads: int
-    provider: str
+    targets: list[str]  # each candidate's run target; the original always runs on the reference (the CPU EP)
     rounds: int = 6
     runs_per_round: int = 10
     max_seconds: float = 30.0
@@ -316,10 +333,10 @@ def time_candidates(job: TimeJob) -> dict[str, Any]:
     try:
         feeds = evaluation_data(job.data).feeds[: job.latency_samples]
         names = {i for i in feeds[0]}
-        sessions = [create_session(Path(job.original), SessionConfig(provider=job.provider, threads=job.threads))]
+        sessions = [create_session(Path(job.original), SessionConfig(provider=REFERENCE, threads=job.threads))]
         sessions += [
-            create_session(Path(c), session_config(job.threads, job.provider, s))
-            for c, s in zip(job.candidates, job.sessions, strict=True)
+            create_session(Path(c), session_config(job.threads, target, s))
+            for c, s, target in zip(job.candidates, job.sessions, job.targets, strict=True)
         ]
         feeds = [{k: v for k, v in f.items() if k in names} for f in feeds]
         for sess in sessions:  # first runs build kernels and arenas: not timed

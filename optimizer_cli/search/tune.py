@@ -27,12 +27,15 @@ from typing import Any
 
 from optimizer_cli.bench.gate import Gate, goal_holds, metric_value
 from optimizer_cli.errors import UserInputError, first_line
+from optimizer_cli.runtime.targets import parse_target
 from optimizer_cli.search.candidates import (
+    REFERENCE,
     BuildJob,
     DataRef,
     RecipeContext,
     TimeJob,
     build_and_score,
+    candidate_target,
     recipe_for,
     summary,
     time_candidates,
@@ -57,6 +60,7 @@ EXTEND = 3  # an inconclusive final timing is repeated once with this many times
 EXHAUSTED_AFTER = 100  # random proposals in a row that were all tried: the space is (nearly) exhausted
 CONFIG_FILE = "tune-config.json"
 JOURNAL_FILE = "study.journal"
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")  # where fp16 is a quantize mode
 STUDY_ID_ATTR = "optimize_study_id"  # the journal's copy of the marker's id: a foreign journal lacks it
 
 
@@ -77,6 +81,12 @@ class TuneSettings:
     notes: list[str] = field(default_factory=list)  # said before the search, and kept in tune.json
     trial_seconds: float = 20.0  # timing budget of one search trial
     final_seconds: float = 60.0  # timing budget of the final re-timing
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The run targets the study considers (the `target` dimension, or the reference alone)."""
+        dim = next((d for d in self.dims if d.name == "target"), None)
+        return tuple(dim.choices) if dim is not None else (self.ctx.provider,)
 
     def identity(self) -> dict[str, Any]:
         """What a resumed study must share with the one it continues."""
@@ -312,8 +322,12 @@ def starting_points(dims: list[Dimension]) -> list[dict[str, Any]]:
     """What a person would try first (the shipped recipes' shapes), so even a small budget sees them."""
     names = {d.name: d for d in dims}
     modes = names["quantize"].choices if "quantize" in names else ("none",)
-    # The exact floor first (clean-up and fusions only): often faster already, and the fidelity reference.
-    wanted: list[dict[str, Any]] = [{"quantize": "none"}]
+    # The exact floor first (clean-up and fusions only): often faster already, and the fidelity reference. On
+    # every run target: another engine alone can be several times faster than any graph rewrite on the CPU EP.
+    targets = names["target"].choices if "target" in names else (None,)
+    wanted: list[dict[str, Any]] = [
+        {"quantize": "none", **({"target": target} if target else {})} for target in targets
+    ]
     for mode in ("dynamic", "static"):
         if mode in modes:
             wanted.append({"quantize": mode})
@@ -365,7 +379,7 @@ class Runner:
                     self.settings.ctx.calibration,
                     self.settings.data,
                     self.settings.ctx.threads,
-                    self.settings.ctx.provider,
+                    candidate_target(params, self.settings.ctx),
                 )
             )
         return jobs
@@ -378,7 +392,7 @@ class Runner:
             sessions=[recipes[b["number"]].get("session", {}) for b in built],
             data=self.settings.data,
             threads=self.settings.ctx.threads,
-            provider=self.settings.ctx.provider,
+            targets=[(recipes[b["number"]].get("runtime") or {}).get("target") or REFERENCE for b in built],
             rounds=6,  # a search trial; the final timing sets its own
             max_seconds=seconds,
         )
@@ -602,6 +616,7 @@ def _family(record: dict[str, Any]) -> tuple[Any, ...]:
     """What kind of model a candidate is: its variants (per-channel, k float, session options) time alike."""
     p = record["params"]
     return (
+        p.get("target"),  # each engine's fastest reaches the final, timed together with the others
         p.get("quantize"),
         bool(p.get("prune_sparsity")),
         bool(p.get("factorize_energy")),
@@ -704,6 +719,8 @@ def complexity(params: dict[str, Any]) -> tuple[int, int, int]:
         "mem_pattern": True,
     }
     changed = sum(1 for k, v in defaults.items() if k in params and params[k] != v)
+    # Another engine is one more thing to deploy: when the timing cannot tell it apart, the CPU EP wins.
+    changed += params.get("target", REFERENCE) != REFERENCE
     # A float set fitted to the goal counts as the largest k: it is the most nodes mixed precision keeps.
     kept = 64 if params.get("keep_float_fit") else int(params.get("keep_float_k") or 0)
     passes = sum(1 for k in EXTRA_PASS_PARAMS if params.get(k))
@@ -912,6 +929,21 @@ def with_final_timing(entries: list[dict[str, Any]], final: dict[str, Any]) -> l
     return entries
 
 
+def deployment(record: dict[str, Any], settings: TuneSettings, model_path: str = "best.onnx") -> dict[str, Any]:
+    """How to run the winner as it was measured: its target (provider, device, precision, options), the session
+    options of its recipe, and the Python that creates that session."""
+    from optimizer_cli.runtime.targets import deployment_snippet, parse_target
+
+    target = parse_target(candidate_target(record["params"], settings.ctx))
+    session = record["recipe"].get("session") or {}
+    return {
+        **target.as_dict(),
+        "session": session,
+        "threads": settings.ctx.threads,
+        "python": deployment_snippet(target, model_path, settings.ctx.threads, session),
+    }
+
+
 def result_document(
     settings: TuneSettings, state: TuneState, final: dict[str, Any], stopped: str, elapsed: float
 ) -> dict[str, Any]:
@@ -933,6 +965,7 @@ def result_document(
             "fidelity": record["fidelity"],
             "size_ratio": record["size_ratio"],
             "attribution": final.get("attribution", []),
+            "deploy": deployment(record, settings),
         }
     if winner is None and not final.get("candidates"):
         final = {**final, "closest": closest(state.records)}
@@ -943,7 +976,7 @@ def result_document(
         "goals": [g.expression for g in settings.goals],
         "notes": settings.notes,
         "evaluation_samples": settings.data.samples,
-        "providers": [settings.ctx.provider],
+        "providers": list(settings.targets),
         "threads": settings.ctx.threads,
         "budget": {"seconds": settings.budget_s, "trials": settings.trials},
         "elapsed_s": round(elapsed, 1),
@@ -968,7 +1001,9 @@ class TuneRequest:
     evaluation: str
     calibration: str | None
     study_dir: Path
-    provider: str = "cpu"
+    # The run targets to consider (validated and usable, checked by the caller); more than one, or one other
+    # than the CPU EP, makes `target` a dimension of the space.
+    targets: tuple[str, ...] = (REFERENCE,)
     threads: int = 2
     budget_s: float | None = None
     trials: int | None = None
@@ -1042,15 +1077,17 @@ def prepare(request: TuneRequest, log: Callable[[str], None]) -> TuneSettings:
         model,
         has_calibration=calib is not None,
         mixed_calibration_shapes=calib is not None and len(shape_mix(calib.feeds)) > 1,
-        gpu=request.provider in ("cuda", "trt"),
+        gpu=any(parse_target(target).ep_name in GPU_PROVIDERS for target in request.targets),
         saturating_cpu=u8s8_saturates(),
     )
     dims = default_space(traits)
+    if request.targets != (REFERENCE,):
+        dims.insert(0, Dimension("target", tuple(request.targets), "where the model runs (provider, precision)"))
     if request.space_file is not None:
         dims = limit_space(dims, load_space_file(request.space_file), request.space_file)
     metrics = request.metrics
     ctx = RecipeContext(
-        request.calibration, dict(request.dims), request.threads, request.provider, traits.depthwise_nodes, {}, metrics
+        request.calibration, dict(request.dims), request.threads, REFERENCE, traits.depthwise_nodes, {}, metrics
     )
     data = DataRef(
         str(request.model),
@@ -1084,7 +1121,7 @@ def check_goals_measurable(settings: TuneSettings) -> None:
     from optimizer_cli.model_io import file_size
     from optimizer_cli.search.candidates import quality_row
 
-    row = quality_row(settings.data, settings.ctx.threads, settings.ctx.provider, settings.model, None)
+    row = quality_row(settings.data, settings.ctx.threads, REFERENCE, settings.model, None)
     size = file_size(settings.model)
     check_goals(fidelity_goals(settings.goals), row, (size, size))
 

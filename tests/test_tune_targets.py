@@ -1,0 +1,94 @@
+"""tune searches the run target with the graph: the target is a dimension, the winner is (recipe, target),
+its recipe carries the target and reproduces it, and the outputs say how to deploy it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from optimizer_cli.runtime.providers import probe_provider, search_targets
+from optimizer_cli.search.candidates import RecipeContext, recipe_for, summary
+from optimizer_cli.search.space import Dimension
+from optimizer_cli.search.tune import complexity, starting_points
+from tests.conftest import run_cli
+from tests.test_tune import PRUNE_SPACE, _split_data
+
+# A second engine every host has (the CPU EP with a provider option): a target other than the reference.
+OTHER = "cpu:use_arena=0"
+
+
+def test_bare_providers_stand_for_their_precisions_and_unusable_ones_are_said() -> None:
+    usable, unusable = search_targets(["cpu", "openvino", "trt"])
+    assert usable[0] == "cpu"
+    if probe_provider("openvino").usable:
+        assert {"openvino", "openvino:f32"} <= set(usable)
+    else:
+        assert any(line.startswith("openvino: ") for line in unusable)
+        assert not any(u.startswith("openvino") for u in usable)
+    if not probe_provider("trt").usable:
+        assert sum(line.startswith("trt: ") for line in unusable) == 1  # one line, not one per precision
+    assert search_targets(["openvino:f32"])[0] in ([], ["openvino:f32"])  # an explicit precision stays itself
+
+
+def test_a_candidate_on_another_target_carries_it_in_its_recipe_and_name() -> None:
+    ctx = RecipeContext(None, {}, 2, "cpu")
+    recipe = recipe_for({"quantize": "none", "target": "openvino:f32"}, ctx)
+    assert recipe["runtime"] == {"target": "openvino:f32"}
+    assert recipe["benchmark"]["providers"] == ["cpu", "openvino:f32"]
+    assert "runtime" not in recipe_for({"quantize": "none", "target": "cpu"}, ctx)
+    assert summary({"quantize": "none", "target": "openvino:f32"}) == "cleanup + fuse on openvino:f32"
+    assert summary({"quantize": "none", "target": "cpu"}) == "cleanup + fuse"
+    # When the timing cannot tell them apart, the CPU EP is the simpler deployment.
+    assert complexity({"target": "openvino"}) > complexity({"target": "cpu"})
+
+
+def test_every_target_is_tried_alone_first() -> None:
+    dims = [
+        Dimension("target", ("cpu", "openvino", "openvino:f32"), "where"),
+        Dimension("quantize", ("none", "dynamic"), "mode"),
+    ]
+    points = starting_points(dims)
+    assert points[:3] == [
+        {"target": "cpu", "quantize": "none"},
+        {"target": "openvino", "quantize": "none"},
+        {"target": "openvino:f32", "quantize": "none"},
+    ]
+
+
+def test_tune_with_targets_writes_a_winner_that_runs_where_it_was_measured(examples_dir: Path, tmp_path: Path) -> None:
+    calib, data = _split_data(examples_dir)
+    space = tmp_path / "space.yaml"
+    space.write_text(PRUNE_SPACE + f"target: ['{OTHER}']\n")
+    out = tmp_path / "best.onnx"
+    proc = run_cli(
+        "tune", str(examples_dir / "digits_cnn.onnx"), "--calib", calib, "--data", data, "--space", str(space),
+        "--eval-samples", "64", "--goal", "size_ratio<=0.8", "--goal", "cosine>=0.1", "--trials", "2",
+        "--providers", f"cpu,{OTHER},openvino", "-o", str(out), "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if not probe_provider("openvino").usable:  # said in one line, and the search went on without it
+        assert sum("not searching openvino" in line for line in proc.stderr.splitlines()) == 1
+    doc = json.loads(proc.stdout)
+    assert doc["space"]["target"] == [OTHER]
+    assert all(t["params"]["target"] == OTHER for t in doc["trials"])
+    winner = doc["winner"]
+    assert winner["deploy"]["target"] == OTHER and winner["deploy"]["provider"] == "CPUExecutionProvider"
+    assert str(out.resolve()) in winner["deploy"]["python"]
+    scope: dict = {}
+    exec(compile(winner["deploy"]["python"], "deploy", "exec"), scope)  # the snippet opens the written model
+    assert scope["session"].get_inputs()[0].name == "image"
+    recipe = yaml.safe_load((tmp_path / "best.recipe.yaml").read_text())
+    assert recipe["runtime"] == {"target": OTHER}
+    assert "Deploy:" in (tmp_path / "best.report.html").read_text()
+    # The recipe reproduces the candidate where it was measured: the benchmark has the reference and the target.
+    again = run_cli(
+        str(examples_dir / "digits_cnn.onnx"), "--recipe", str(tmp_path / "best.recipe.yaml"), "-o",
+        str(tmp_path / "repro.onnx"), "--set", "benchmark.rounds=2", "--set", "benchmark.runs_per_round=2",
+        "--eval-samples", "8", "--no-memory", "--no-attribute", "--json",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    rows = json.loads(again.stdout)["benchmark"]["rows"]
+    assert [r["provider"] for r in rows] == ["cpu", OTHER]
+    assert rows[1]["engine_alone"] is not None and rows[1]["target"]["target"] == OTHER
