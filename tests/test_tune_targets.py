@@ -92,3 +92,17 @@ def test_tune_with_targets_writes_a_winner_that_runs_where_it_was_measured(examp
     rows = json.loads(again.stdout)["benchmark"]["rows"]
     assert [r["provider"] for r in rows] == ["cpu", OTHER]
     assert rows[1]["engine_alone"] is not None and rows[1]["target"]["target"] == OTHER
+
+
+def test_static_shapes_is_searched_where_the_data_has_one_shape(examples_dir: Path, tmp_path: Path) -> None:
+    from optimizer_cli.search.tune import TuneRequest, prepare
+
+    calib, data = _split_data(examples_dir)
+    request = TuneRequest(
+        model=examples_dir / "digits_cnn.onnx", goals=[], evaluation=data, calibration=calib, study_dir=tmp_path
+    )
+    dims = {d.name: d.choices for d in prepare(request, lambda _m: None).dims}
+    assert dims["static_shapes"] == (False, True)
+    recipe = recipe_for({"quantize": "none", "static_shapes": True}, RecipeContext(None, {}, 2, "cpu"))
+    assert recipe["passes"][-1] == {"type": "static_shapes"}
+    assert "static shapes" in summary({"static_shapes": True})

@@ -104,6 +104,8 @@ def recipe_for(params: dict[str, Any], ctx: RecipeContext, name: str = "tuned") 
     passes.append(fuse)
     if params.get("quantize", "none") != "none":
         passes.append(_quantize_pass(params, ctx))
+    if params.get("static_shapes"):
+        passes.append({"type": "static_shapes"})  # last: the passes before it may read data of other shapes
     session = {
         "opt_level": params.get("opt_level", "all"),
         "execution_mode": params.get("execution_mode", "sequential"),
@@ -149,6 +151,8 @@ def summary(params: dict[str, Any]) -> str:
         parts.append("distill")
     if params.get("fuse_transformer"):
         parts.append("bert fusions")
+    if params.get("static_shapes"):
+        parts.append("static shapes")
     mode = params.get("quantize", "none")
     if mode in ("dynamic", "static"):
         extra = [

@@ -702,7 +702,15 @@ def final_check(runner: Runner, state: TuneState) -> dict[str, Any]:
 
 
 # Passes a candidate adds to the plain recipe; each is one more thing to trust and to keep in a deployment.
-EXTRA_PASS_PARAMS = ("prune_sparsity", "factorize_energy", "drop_layers", "distill", "trim_padding", "fuse_transformer")
+EXTRA_PASS_PARAMS = (
+    "prune_sparsity",
+    "factorize_energy",
+    "drop_layers",
+    "distill",
+    "trim_padding",
+    "fuse_transformer",
+    "static_shapes",
+)
 
 
 def complexity(params: dict[str, Any]) -> tuple[int, int, int]:
@@ -1083,6 +1091,9 @@ def prepare(request: TuneRequest, log: Callable[[str], None]) -> TuneSettings:
     dims = default_space(traits)
     if request.targets != (REFERENCE,):
         dims.insert(0, Dimension("target", tuple(request.targets), "where the model runs (provider, precision)"))
+    if _symbolic_inputs(model) and len(shape_mix(evaluation.feeds)) == 1:
+        # Engines that compile per shape (OpenVINO, TensorRT), and the CPU EP's memory planning, can profit.
+        dims.append(Dimension("static_shapes", (False, True), "fix the symbolic input dims to the data's shapes"))
     if request.space_file is not None:
         dims = limit_space(dims, load_space_file(request.space_file), request.space_file)
     metrics = request.metrics
@@ -1112,6 +1123,15 @@ def prepare(request: TuneRequest, log: Callable[[str], None]) -> TuneSettings:
         resume=request.resume,
         model_sha256=model_sha256(request.model),
         notes=notes,
+    )
+
+
+def _symbolic_inputs(model: Any) -> bool:
+    """Whether any graph input has a dim that is not a number."""
+    return any(
+        v.shape is not None and any(not isinstance(d, int) for d in v.shape.dims)
+        for v in model.graph.inputs
+        if v.name not in model.graph.initializers
     )
 
 
