@@ -14,7 +14,6 @@ import shlex
 import signal
 import sys
 import traceback
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,18 +24,35 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from optimizer_cli import __version__
 from optimizer_cli.errors import DISK_ERRNOS, GateFailure, OptimizerError, UserInputError, VerificationError
 
+
+class _HelpGroup(TyperGroup):
+    """The command list gives each command's first sentence whole, wrapped (click cuts it to one line)."""
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        commands = [(name, self.get_command(ctx, name)) for name in self.list_commands(ctx)]
+        rows = [(name, cmd.get_short_help_str(limit=10**6)) for name, cmd in commands if cmd and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
 app = typer.Typer(
+    cls=_HelpGroup,
     add_completion=True,
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Optimize ONNX models with a recipe of verified graph rewrites and benchmark the result.\n\n"
     "Main form: optimize MODEL --recipe RECIPE -o OUT (same as `optimize run ...`).",
     pretty_exceptions_enable=False,
+    # click's plain help: two columns that wrap at spaces within the terminal (80 columns included); rich's
+    # panels squeeze the descriptions into a narrow column and cut words with an ellipsis.
+    rich_markup_mode=None,
 )
 
 SUBCOMMANDS = {
@@ -45,6 +61,7 @@ SUBCOMMANDS = {
     "bench",
     "passes",
     "validate",
+    "recipes",
     "inspect",
     "providers",
     "schema",
@@ -85,7 +102,7 @@ AllowCastOpt = typer.Option(
 @app.command("run")
 def run_cmd(
     model: Path = typer.Argument(..., help="Input .onnx model (never modified)."),
-    recipe: Path = typer.Option(..., "--recipe", "-r", help="Recipe YAML."),
+    recipe: Path = typer.Option(..., "--recipe", "-r", help="Recipe YAML, or a preset's name (optimize recipes)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Output model (default: MODEL.opt.onnx)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. passes.1.mode=static."),
     calib: str | None = typer.Option(None, "--calib", help=f"Calibration data: {DATA_FORMS}, or 'random'."),
@@ -119,12 +136,12 @@ def run_cmd(
 ) -> None:
     """Run a recipe on MODEL, verify every pass, save, and benchmark original vs optimized."""
     human, log = _consoles(json_out)
-    rec = _run_recipe(recipe, overrides, calib_samples, threads)
+    rec = _run_recipe(recipe := _resolve_recipe(recipe), overrides, calib_samples, threads)  # a file or a preset
     output = _output_for(model, output)
     code = _code_consent(rec, recipe, allow_code, (calib, data, providers), overrides, refuse=not dry_run)
     if dry_run:
         _parse_gates(fail_if)
-        _dry_run(model, rec, output, calib, data, human, json_out, code)
+        _dry_run(model, rec, output, calib, data, human, json_out, code, source=recipe)
         return
     threads = rec.benchmark.threads
     benchmarking = bench and rec.benchmark.enabled
@@ -182,6 +199,23 @@ def _disk_errors(flag: str, path: Path | None) -> contextlib.AbstractContextMana
     from optimizer_cli.outputs import disk_errors
 
     return disk_errors(flag, path)
+
+
+def _resolve_recipe(recipe: Path) -> Path:
+    """--recipe: an existing file, else a shipped preset's file (named by _say_recipe once the checks pass)."""
+    from optimizer_cli.recipe import resolve_recipe
+
+    return resolve_recipe(recipe)[0]
+
+
+def _say_recipe(recipe: Path, log: Console) -> None:
+    """One stderr line naming the preset used, or the file that won over a preset of the same name. Said when
+    the work starts, so bad input still gets exactly one error line."""
+    from optimizer_cli.recipe import describe_source, preset_of
+
+    said = describe_source(recipe, preset_of(recipe))
+    if said is not None:
+        log.print(escape(said), soft_wrap=True)
 
 
 def _run_recipe(recipe: Path, overrides: list[str], calib_samples: int | None, threads: int | None = None) -> Any:
@@ -265,18 +299,12 @@ class _Progress:
 
 @contextlib.contextmanager
 def _library_output_to_stderr() -> Iterator[None]:
-    """stdout carries only our report: what libraries print during the work (onnxruntime.transformers'
-    print(), native printf) goes to stderr, at the Python and the file-descriptor level."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
+    """stdout carries only our report: what libraries print during the work (onnxruntime's calibrators'
+    print(), native printf) is captured, and shown on stderr only with -v (report/console.py)."""
+    from optimizer_cli.report.console import captured_library_output
+
+    with captured_library_output(Console(stderr=True), show=_verbosity > 0):
+        yield
 
 
 def _optimize_and_measure(
@@ -302,6 +330,7 @@ def _optimize_and_measure(
 
     from optimizer_cli.model_io import model_sha256
     from optimizer_cli.pipeline import run_pipeline
+    from optimizer_cli.recipe import preset_of
 
     def on_stage(stage: Any) -> None:
         cos = stage.worst_cosine()
@@ -310,6 +339,7 @@ def _optimize_and_measure(
             + (f", cosine vs original {cos:.5f}" if cos is not None else "")
         )
 
+    _say_recipe(recipe, log.console)
     log.step("loading and checking the model")
     # The input's hash reads the whole file (seconds for a model over 2 GB): on the second core, meanwhile.
     input_hash = None
@@ -334,14 +364,18 @@ def _optimize_and_measure(
     report: dict[str, Any] = {
         **_provenance(model, staged, hashes, input_hash.result() if input_hash else None),
         "output": str(output),
-        "recipe": {"path": str(recipe), **rec.model_dump(mode="json")},
+        "recipe": {"path": str(recipe), "preset": preset_of(recipe), **rec.model_dump(mode="json")},
         "input_bytes": result.input_bytes,
         "output_bytes": result.output_bytes,
         "stages": [s.as_dict() for s in result.stages],
+        # The samples every stage's drift (the stage table's cosine) was read on: fewer than the benchmark's.
+        "verification": {"samples": len(result.verify_data), "source": result.verify_data.source},
         "notes": list(result.notes),
     }
     if benchmarking:
         eval_data = result.evaluation if result.evaluation is not None else result.verify_data
+        if result.evaluation is None and not eval_data.is_random:
+            report["notes"].append(_calibration_eval_note(eval_data))
         timed = _runnable_original(model, staged.parent / "original", report["notes"])
         _benchmark_into(report, timed, staged, settings, eval_data, checks.metric, rec.data.dims, log)
         if attribute and (policy is not None and (policy.allow_nonfinite or policy.allow_cast)):
@@ -350,6 +384,15 @@ def _optimize_and_measure(
         elif attribute:
             _attribution_into(report, model, staged, rec, eval_data, calib, data, threads, log)
     return report
+
+
+def _calibration_eval_note(eval_data: Any) -> str:
+    """Without --data the benchmark scores the verification samples, drawn from the calibration data: a top-1
+    there is not the model's accuracy on held-out data."""
+    return (
+        f"no --data: accuracy and fidelity were read on the {len(eval_data)} verification samples of the "
+        f"calibration data ({eval_data.source}), which the model was calibrated on; give --data for held-out figures"
+    )
 
 
 def _runnable_original(model: Path, folder: Path, notes: list[str]) -> Path:
@@ -509,21 +552,12 @@ def _quiet_runtime() -> None:
 
 @contextlib.contextmanager
 def _warnings_to(log: Console) -> Iterator[None]:
-    """Python warnings raised during the work (our passes' advice) print as one line on the log console; the
-    previous handler is restored afterwards."""
+    """Python warnings and our logger's warnings raised during the work (our passes' advice) print on the log
+    console when it ends, each distinct one once with its count (report/console.py): enter it outside the
+    progress display, so that is gone first."""
+    from optimizer_cli.report.console import collected_warnings
 
-    def show(
-        message: Warning | str,
-        category: type[Warning],
-        filename: str,
-        lineno: int,
-        file: Any = None,
-        line: str | None = None,
-    ) -> None:
-        log.print(f"[yellow]warning:[/yellow] {message}")
-
-    with warnings.catch_warnings():
-        warnings.showwarning = show
+    with collected_warnings(log):
         yield
 
 
@@ -590,6 +624,8 @@ def _benchmark_into(
         log=log.line,
     )
     report["benchmark"] = {**bench.as_dict(), "threads": settings.threads}  # what the sessions were given
+    # The samples the source holds (None: unknown): "256 of 397 samples", where tune reads all 397.
+    report["benchmark"]["eval_available"] = getattr(eval_data, "available", None)
     report["notes"].extend(n for n in bench.notes if n not in report["notes"])
 
 
@@ -604,17 +640,19 @@ def _attribution_into(
     threads: int,
     log: _Progress,
 ) -> None:
-    from optimizer_cli.search.attribution import attribute_if_needed
+    from optimizer_cli.search.attribution import MAX_SAMPLES, attribute_if_needed
 
     found = attribute_if_needed(report, Path(model), Path(output), rec, eval_data, calib, data, threads, log=log.line)
     if found:
+        if found.get("nodes"):  # ranked by the mean cosine over the first few samples, not the benchmark's min
+            found["ranked_samples"] = min(MAX_SAMPLES, len(eval_data))
         report["attribution"] = found
 
 
 def _finish(report: dict[str, Any], checks: _Checked, json_out: bool, human: Console, log: Console) -> None:
     """Gates and baseline, then every output: reports are rendered in memory first, and the model (only when
     no gate failed) and the reports are committed together last."""
-    from optimizer_cli.report.table import render_markdown, render_rich
+    from optimizer_cli.report.table import render_markdown, render_quiet, render_rich
 
     if checks.baseline is not None and report.get("benchmark"):
         from optimizer_cli.report.baseline import compare, provenance_warnings
@@ -647,7 +685,7 @@ def _finish(report: dict[str, Any], checks: _Checked, json_out: bool, human: Con
     if json_out:
         _emit_json(report)
     else:
-        render_rich(report, human)
+        (render_quiet if _verbosity < 0 else render_rich)(report, human)  # -q: the result alone
     if violated:
         raise typer.Exit(GateFailure.exit_code)
 
@@ -661,9 +699,12 @@ def _dry_run(
     human: Console,
     json_out: bool,
     code: str | None = None,
+    *,
+    source: Path | None = None,
 ) -> None:
     from optimizer_cli.passes import PASS_REGISTRY, RunInputs
     from optimizer_cli.pipeline import requirement_problems
+    from optimizer_cli.recipe import preset_of
 
     calib = calib or rec.data.calibration
     data = data or rec.data.evaluation
@@ -676,6 +717,8 @@ def _dry_run(
         "input": str(model),
         "output": str(output),
         "recipe": rec.name,
+        "recipe_path": str(source) if source is not None else None,
+        "preset": preset_of(source) if source is not None else None,
         "passes": [
             {"index": i, "type": p.type, "exactness": PASS_REGISTRY[p.type].exactness.value, "config": p.model_dump()}
             for i, p in enumerate(rec.passes)
@@ -687,6 +730,8 @@ def _dry_run(
         "session": rec.session.model_dump(),
         "problems": problems,
     }
+    if source is not None:
+        _say_recipe(source, Console(stderr=True, quiet=_verbosity < 0))
     if json_out:
         _emit_json(plan)
     else:
@@ -1131,19 +1176,21 @@ def bench_cmd(
     optimized: Path = typer.Argument(..., help="Model to compare against the reference."),
     data: str | None = typer.Option(None, "--data", help=f"Evaluation data: {DATA_FORMS} (labels optional)."),
     providers: str | None = ProvidersOpt,
-    strict_ep: bool = typer.Option(False, "--strict-ep"),
-    threads: int = typer.Option(2, "--threads", min=1),
-    rounds: int = typer.Option(10, "--rounds", min=2),
-    sweep: list[str] = typer.Option([], "--sweep"),
+    strict_ep: bool = typer.Option(False, "--strict-ep", help="Error instead of skipping unusable providers."),
+    threads: int = typer.Option(2, "--threads", min=1, help="Intra-op threads of both sessions."),
+    rounds: int = typer.Option(10, "--rounds", min=2, help="Interleaved timing rounds (paired A/B)."),
+    sweep: list[str] = typer.Option([], "--sweep", help="Shape sweep, e.g. batch=1,8 (repeatable)."),
     dims: list[str] = typer.Option([], "--dim", help="Symbolic dim value for random inputs, e.g. seq=128."),
-    eval_samples: int = typer.Option(256, "--eval-samples", min=1),
-    metric: str | None = typer.Option(None, "--metric"),
-    fail_if: list[str] = typer.Option([], "--fail-if"),
-    baseline: Path | None = typer.Option(None, "--baseline"),
-    json_out: bool = typer.Option(False, "--json"),
-    markdown: Path | None = typer.Option(None, "--markdown"),
-    report_path: Path | None = typer.Option(None, "--report"),
-    memory: bool = typer.Option(True, "--memory/--no-memory"),
+    eval_samples: int = typer.Option(256, "--eval-samples", min=1, help="Cap on evaluation samples."),
+    metric: str | None = typer.Option(
+        None, "--metric", help="builtin:cer, builtin:miou, or your module:function / file.py:function."
+    ),
+    fail_if: list[str] = typer.Option([], "--fail-if", help="Exit 1 if true, e.g. 'accuracy_drop>1%', 'speedup<1.5'."),
+    baseline: Path | None = typer.Option(None, "--baseline", help="Compare with a stored --json report."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout, nothing else."),
+    markdown: Path | None = typer.Option(None, "--markdown", help="Also write the report as Markdown."),
+    report_path: Path | None = typer.Option(None, "--report", help="Also write the JSON report to a file."),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak session memory."),
     allow_nonfinite: bool = AllowNonfiniteOpt,
     allow_cast: bool = AllowCastOpt,
 ) -> None:
@@ -1210,7 +1257,7 @@ def _parse_dims(items: list[str]) -> dict[str, int]:
 @app.command("passes")
 def passes_cmd(
     name: str | None = typer.Argument(None, help="One pass in detail (default: all)."),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout, nothing else."),
 ) -> None:
     """List passes: contract, and each option's type, default, bounds and meaning."""
     from rich.markup import escape
@@ -1244,13 +1291,15 @@ def passes_cmd(
 
 @app.command("validate")
 def validate_cmd(
-    recipe: Path = typer.Argument(..., help="Recipe YAML."),
-    overrides: list[str] = typer.Option([], "--set"),
-    json_out: bool = typer.Option(False, "--json"),
+    recipe: Path = typer.Argument(..., help="Recipe YAML, or a preset's name (optimize recipes)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. passes.1.mode=static."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout, nothing else."),
 ) -> None:
     """Validate a recipe (unknown keys, types, bounds, pass names): every problem with its line."""
-    from optimizer_cli.recipe import RecipeProblems, code_references, load_recipe
+    from optimizer_cli.recipe import RecipeProblems, code_references, load_recipe, preset_of
 
+    recipe = _resolve_recipe(recipe)
+    preset = preset_of(recipe)
     try:
         rec = load_recipe(recipe, overrides)
     except RecipeProblems as exc:
@@ -1262,15 +1311,34 @@ def validate_cmd(
                 sys.stderr.write(f"error: {problem}\n")
             sys.stderr.write(f"{len(exc.problems)} problem{'s' if len(exc.problems) > 1 else ''} in {recipe}\n")
         raise typer.Exit(exc.exit_code) from None
+    _say_recipe(recipe, Console(stderr=True, quiet=_verbosity < 0))
     code = code_references(rec)  # listed, never imported: validate runs nothing
     if json_out:
-        _emit_json({"valid": True, "recipe": rec.model_dump(), "code": [c.as_dict() for c in code]})
+        doc = {"valid": True, "path": str(recipe), "preset": preset, "recipe": rec.model_dump()}
+        _emit_json({**doc, "code": [c.as_dict() for c in code]})
     else:
+        shown = escape(f"preset '{preset}'" if preset else str(recipe))
         Console().print(
-            f"[green]ok[/green] {recipe}: {len(rec.passes)} passes: " + " -> ".join(p.type for p in rec.passes)
+            f"[green]ok[/green] {shown}: {len(rec.passes)} passes: " + " -> ".join(p.type for p in rec.passes)
         )
         for c in code:
             sys.stderr.write(f"note: {c.key} names code: {c.what()}; optimize run imports it only with --allow-code\n")
+
+
+@app.command("recipes")
+def recipes_cmd(
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout, nothing else."),
+) -> None:
+    """List the shipped recipes (presets), one line each: --recipe NAME runs one from any folder."""
+    from optimizer_cli.recipe import preset_list
+
+    items = preset_list()
+    if json_out:
+        _emit_json({"presets": items})
+        return
+    width = max(len(item["name"]) for item in items)
+    # Plain lines (no rich wrapping): one per preset, whatever the terminal's width.
+    sys.stdout.write("".join(f"{item['name']:<{width}}  {item['summary']}\n" for item in items))
 
 
 @app.command("schema")
@@ -1282,7 +1350,10 @@ def schema_cmd() -> None:
 
 
 @app.command("inspect")
-def inspect_cmd(model: Path = typer.Argument(...), json_out: bool = typer.Option(False, "--json")) -> None:
+def inspect_cmd(
+    model: Path = typer.Argument(..., help="The .onnx model."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout, nothing else."),
+) -> None:
     """Inputs, outputs, opsets, op counts, parameters and size of a model."""
     from optimizer_cli.analysis.graph import op_counts
     from optimizer_cli.data import input_specs

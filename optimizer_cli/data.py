@@ -180,13 +180,16 @@ class Dataset:
     source: str = "random"
     is_random: bool = True
     notes: list[str] = field(default_factory=list)
+    # Samples the source holds, read or not (None: not known without reading on, e.g. a loader stopped at its
+    # limit), so a report can say "256 of 397 samples" where it read fewer than the file has.
+    available: int | None = None
 
     def __len__(self) -> int:
         return len(self.feeds)
 
     def take(self, n: int) -> Dataset:
         labels = self.labels[:n] if self.labels is not None else None
-        return Dataset(self.feeds[:n], labels, self.source, self.is_random, list(self.notes))
+        return Dataset(self.feeds[:n], labels, self.source, self.is_random, list(self.notes), self.available)
 
 
 def random_dataset(model: ir.Model, samples: int, seed: int, dims: dict[str, int] | None = None) -> Dataset:
@@ -218,6 +221,7 @@ def load_dataset(
     notes = _Notes()
     if isinstance(path, str) and is_loader_spec(path):
         ds = _collect(_loader_samples(path, specs, limit, policy, notes), path, None)
+        ds.available = len(ds) if limit is None or len(ds) < limit else None  # it ran dry, or may hold more
         return _finish(ds, model, None, policy, notes)
     path = Path(path)
     if path.is_dir() and any(path.glob("*.npz")):
@@ -226,6 +230,7 @@ def load_dataset(
                 "holds both .npz and .npy files (per-sample .npz files or per-input .npy arrays)", path
             )
         ds = _collect(_npz_folder_samples(path, specs, limit, policy, notes), str(path), path)
+        ds.available = len(list(path.glob("*.npz")))
         return _finish(ds, model, path, policy, notes)
     if path.is_file() and path.suffix == ".npz":
         indexed = _indexed_npz(path, specs, limit, policy, notes)
@@ -266,9 +271,10 @@ def _stacked_dataset(
         extra = arrays[label_key].size - sum(len(lab) for lab in labels)
         if extra:  # more labels than rows: the rows and labels may not line up
             notes.add(f"'{label_key}' has {extra} more entries than the data has rows: the last {extra} are not used")
+    available = n
     if limit is not None:
         n = min(n, limit)
-    return Dataset(all_feeds[:n], labels[:n] if labels is not None else None, str(path), False)
+    return Dataset(all_feeds[:n], labels[:n] if labels is not None else None, str(path), False, available=available)
 
 
 def _note_unused(
@@ -694,7 +700,9 @@ def _indexed_npz(
         raise
     except Exception as exc:
         raise UserInputError(f"cannot read data ({_read_problem(exc)})", path) from exc
-    return _collect(samples, str(path), path)
+    ds = _collect(samples, str(path), path)
+    ds.available = len(groups)
+    return ds
 
 
 def _loader_items(spec: str, limit: int | None) -> Iterator[tuple[int, Any]]:

@@ -4,10 +4,20 @@ checked against (the same unit, the same sample set said, the same count)."""
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
+from rich.console import Console
+
+from optimizer_cli.data import load_dataset
 from optimizer_cli.report.html import tune_html
 from optimizer_cli.report.plot import pareto_figure, pareto_png
+from optimizer_cli.report.table import render_markdown, render_rich
+from tests.builders import mlp, to_ir
+from tests.conftest import run_cli
 from tests.test_tune_report import tune_document
 
 
@@ -38,3 +48,78 @@ def test_html_fidelity_shows_agreements_in_percent_and_counts_as_counts() -> Non
     assert "top1_agreement 98.74%" in page
     assert "nonfinite 0," in page and "nonfinite 0.0000" not in page
     assert "accuracy 90.43%" in page and "cosine 0.9921" in page
+
+
+# --- the run: which samples each figure was read on ---------------------------------------------------------
+
+ROWS = 10  # in the data file; the run reads fewer of them
+
+
+def _mlp_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    model, data, recipe = tmp_path / "mlp.onnx", tmp_path / "data.npz", tmp_path / "walk.yaml"
+    onnx.save(mlp(), model)
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.standard_normal((ROWS, 32)).astype(np.float32), labels=rng.integers(0, 10, ROWS))
+    recipe.write_text(
+        "name: walk\npasses:\n  - type: cleanup\nverify: {samples: 3}\n"
+        "benchmark: {providers: [cpu], rounds: 2, runs_per_round: 2, warmup: 1}\n"
+    )
+    return model, data, recipe
+
+
+def test_a_dataset_knows_how_many_samples_its_source_holds(tmp_path: Path) -> None:
+    _, data, _ = _mlp_files(tmp_path)
+    ds = load_dataset(data, to_ir(mlp()), limit=4)
+    assert len(ds) == 4 and ds.available == ROWS
+    assert ds.take(2).available == ROWS
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for i in range(5):
+        np.savez(folder / f"{i:02d}.npz", x=np.zeros((1, 32), np.float32))
+    assert load_dataset(folder, to_ir(mlp()), limit=2).available == 5
+    assert load_dataset(data, to_ir(mlp())).available == ROWS
+
+
+def _text(report: dict[str, Any]) -> str:
+    console = Console(width=200, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    render_rich(report, console)
+    return console.export_text()
+
+
+def test_the_run_says_which_samples_each_table_was_read_on(tmp_path: Path) -> None:
+    """The walk-through: the benchmark read 256 of the file's 397 samples (tune reads all 397) and the stage
+    table's cosine is the worst of 4 verification samples; both said where the figures are shown."""
+    model, data, recipe = _mlp_files(tmp_path)
+    proc = run_cli(str(model), "--recipe", str(recipe), "-o", str(tmp_path / "out.onnx"), "--data", str(data),
+                   "--eval-samples", "6", "--json", "--no-memory", "--no-attribute")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["benchmark"]["eval_samples"] == 6 and report["benchmark"]["eval_available"] == ROWS
+    assert report["verification"] == {"samples": 3, "source": str(data)}
+    for text in (_text(report), render_markdown(report)):
+        assert f"6 of {ROWS} samples from {data}" in text
+        assert f"drift on 3 verification samples from {data}" in text
+
+
+def test_a_run_without_data_says_its_figures_are_on_calibration_samples(tmp_path: Path) -> None:
+    """Without --data the benchmark scores the verification samples, taken from the calibration data: a top-1 of
+    100% there is not the model's accuracy, and the report says so."""
+    model, data, recipe = _mlp_files(tmp_path)
+    proc = run_cli(str(model), "--recipe", str(recipe), "-o", str(tmp_path / "out.onnx"), "--calib", str(data),
+                   "--json", "--no-memory", "--no-attribute")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["benchmark"]["eval_source"] == str(data) and report["benchmark"]["eval_samples"] == 3
+    assert any("calibration data" in n and "--data" in n for n in report["notes"]), report["notes"]
+
+
+def test_the_attribution_table_says_its_cosine_is_a_mean_over_few_samples() -> None:
+    """Its 'fc' row (the logits) read 0.99585 beside the benchmark's cosine min 0.98161: a mean over 8 samples."""
+    report = {
+        "attribution": {
+            "nodes": [{"node": "fc", "op": "Gemm", "cosine": 0.99585, "local_drop": 0.004}],
+            "ranked_samples": 8,
+        },
+        "notes": [],
+    }
+    assert "mean cosine of output (first 8 samples)" in " ".join(_text(report).split())

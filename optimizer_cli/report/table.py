@@ -268,10 +268,59 @@ def _columns(head: list[str], rows: list[list[str]], keep: list[str]) -> tuple[l
     return [head[i] for i in index], [[row[i] for i in index] for row in rows]
 
 
+# -q: the result alone, short enough to read at a glance (<= 12 lines for the quick start): latency at the
+# median, the speedup and the two quality figures; the rest is in the full table, --json and --markdown.
+_QUIET_BENCH = ["provider", "model", "size", "p50 ms", "speedup [95% CI]", "top-1", "cosine min"]
+
+
+def render_quiet(report: dict[str, Any], console: Console) -> None:
+    """What -q prints: the benchmark table (its essential columns, compact), the task metric, unusable
+    providers, the verdict and the gates; without a benchmark, the pass table is the result. SLOWER and
+    fallback marks live in the cells, so they stay."""
+    if not report.get("benchmark"):
+        render_rich({k: v for k, v in report.items() if k in ("stages", "recipe", "gates")}, console)
+        return
+    head, rows = _columns(*bench_rows(report), _QUIET_BENCH)
+    console.print(_table("", head, rows, _BENCH_TEXT, compact=True))
+    for line in accuracy_lines(report) + unusable_lines(report):
+        console.print(f"  {escape(line)}")
+    console.print(verdict_line(report))
+    for gate in report.get("gates", []):
+        color = "red" if gate["violated"] else "green"
+        console.print(f"[{color}]fail-if {gate['expression']}: {gate['detail']}[/{color}]")
+
+
+def stage_title(report: dict[str, Any]) -> str:
+    """'Passes: NAME (drift on 4 verification samples from FILE)': the stage table's cosine is the worst of those
+    few samples, not of the benchmark's, so its figures are said to be read elsewhere."""
+    title = f"Passes: {report.get('recipe', {}).get('name', '')}"
+    seen = report.get("verification")
+    if seen and any(s.get("drift_vs_original") for s in report.get("stages", [])):
+        title += f" (drift on {seen['samples']} verification samples from {seen['source']})"
+    return title
+
+
+def bench_title(report: dict[str, Any]) -> str:
+    """'Benchmark (256 of 397 samples from FILE; ORT ..., CPU)': the count read, and the file's when it holds more
+    (tune reads all of them by default, so its figures on the same file may differ)."""
+    bench = report["benchmark"]
+    read, available = bench["eval_samples"], bench.get("eval_available")
+    count = f"{read} of {available}" if available is not None and available > read else str(read)
+    env = bench["environment"]
+    return f"Benchmark ({count} samples from {bench['eval_source']}; ORT {env['onnxruntime']}, {cpu_label(env)})"
+
+
+def attribution_head(attribution: dict[str, Any]) -> list[str]:
+    """The ranking's cosine is a mean over the first few samples: beside the benchmark's min it would disagree."""
+    n = attribution.get("ranked_samples")
+    cosine = f"mean cosine of output (first {n} samples)" if n else "cosine of output"
+    return ["node", "op", cosine, "local drop"]
+
+
 def render_rich(report: dict[str, Any], console: Console) -> None:
     if report.get("stages"):
         head, rows = stage_rows(report)
-        title = f"Passes: {report.get('recipe', {}).get('name', '')}"
+        title = stage_title(report)
         without = _columns(head, rows, head[:-1])
         # A details column squeezed under 30 characters is unreadable: then the details go under the
         # table, one line per pass.
@@ -285,11 +334,7 @@ def render_rich(report: dict[str, Any], console: Console) -> None:
                     console.print(f"  {escape(row[0])} {escape(row[1])}: {escape(row[-1])}")
     if report.get("benchmark"):
         head, rows = bench_rows(report)
-        env = report["benchmark"]["environment"]
-        title = (
-            f"Benchmark ({report['benchmark']['eval_samples']} samples from {report['benchmark']['eval_source']}; "
-            f"ORT {env['onnxruntime']}, {cpu_label(env)})"
-        )
+        title = bench_title(report)
         compact = _style_for(console, head, rows, _BENCH_TEXT)
         if compact is not None:
             console.print(_table(title, head, rows, _BENCH_TEXT, compact))
@@ -311,8 +356,8 @@ def render_rich(report: dict[str, Any], console: Console) -> None:
     if attribution:
         if attribution["nodes"]:
             t = Table(title="Layers that cost fidelity (largest local drop first)", title_justify="left")
-            for h in ("node", "op", "cosine of output", "local drop"):
-                t.add_column(h)
+            for h in attribution_head(attribution):
+                t.add_column(escape(h))
             for item in attribution["nodes"][:10]:
                 t.add_row(escape(item["node"]), item["op"], f"{item['cosine']:.5f}", f"{item['local_drop']:.5f}")
             console.print(t)
@@ -343,8 +388,10 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     parts = [f"## optimizer-cli report: {report.get('input', '')} -> {report.get('output', '')}"]
     if report.get("stages"):
+        parts.append(f"**{_md_cell(stage_title(report))}**")
         parts.append(_md_table(*stage_rows(report)))
     if report.get("benchmark"):
+        parts.append(f"**{_md_cell(bench_title(report))}**")
         parts.append(_md_table(*bench_rows(report)))
         parts.extend(
             f"- {line}"
