@@ -1170,6 +1170,22 @@ def _print_tune(doc: dict[str, Any], human: Console) -> None:
             human.print(f"  closest: trial {c['number']}: {escape(c['recipe_summary'])}: {escape(str(c['reason']))}")
 
 
+def _dtype_name(dtype: Any) -> str | None:
+    """An output's element type as the inputs' is written (numpy's name: float32, not FLOAT)."""
+    if dtype is None:
+        return None
+    try:
+        return str(dtype.numpy())
+    except Exception:  # a type numpy has no name for: ONNX's
+        return str(dtype)
+
+
+def _dims(shape: Any) -> list[int | str | None]:
+    """Fixed dims as numbers, symbolic ones as names, unnamed ones None: as the inputs' are (data.input_specs);
+    a str '10' reads as a dim's name."""
+    return [d if isinstance(d, int) else (d.value or None) for d in shape.dims]
+
+
 @app.command("bench")
 def bench_cmd(
     original: Path = typer.Argument(..., help="Reference model."),
@@ -1373,7 +1389,7 @@ def inspect_cmd(
             {"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape) if s.shape else None} for s in input_specs(m)
         ],
         "outputs": [
-            {"name": v.name, "dtype": str(v.dtype), "shape": [str(d) for d in v.shape.dims] if v.shape else None}
+            {"name": v.name, "dtype": _dtype_name(v.dtype), "shape": _dims(v.shape) if v.shape else None}
             for v in m.graph.outputs
         ],
         "ops": dict(op_counts(m).most_common()),

@@ -123,3 +123,14 @@ def test_the_attribution_table_says_its_cosine_is_a_mean_over_few_samples() -> N
         "notes": [],
     }
     assert "mean cosine of output (first 8 samples)" in " ".join(_text(report).split())
+
+
+def test_inspect_writes_output_dims_and_dtypes_as_it_writes_the_inputs(tmp_path: Path) -> None:
+    """The walk-through's `optimize inspect` printed `image: float32 ['batch', 1, 16, 16]` beside
+    `logits: FLOAT ['batch', '10']`: a fixed dim of 10 read as a symbolic one named '10'."""
+    model, _, _ = _mlp_files(tmp_path)
+    proc = run_cli("inspect", str(model), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads(proc.stdout)
+    assert info["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 32]}]
+    assert info["outputs"][0]["dtype"] == "float32" and info["outputs"][0]["shape"] == ["batch", 10]
