@@ -1141,14 +1141,15 @@ def _print_tune(doc: dict[str, Any], human: Console) -> None:
             f"{c['fidelity']['cosine']:.4f}",
             escape(verdict),
         )
-    human.print(table)
-    counts: dict[str, int] = {}
-    for t in doc["trials"]:
-        counts[t["state"]] = counts.get(t["state"], 0) + 1
-    human.print(
-        f"{len(doc['trials'])} trials ({', '.join(f'{n} {k}' for k, n in counts.items())}) in "
-        f"{doc['elapsed_s'] / 60:.1f} min; stopped: {doc['stopped']}"
-    )
+    if _verbosity >= 0:  # -q: the winner (or why there is none) alone
+        human.print(table)
+        counts: dict[str, int] = {}
+        for t in doc["trials"]:
+            counts[t["state"]] = counts.get(t["state"], 0) + 1
+        human.print(
+            f"{len(doc['trials'])} trials ({', '.join(f'{n} {k}' for k, n in counts.items())}) in "
+            f"{doc['elapsed_s'] / 60:.1f} min; stopped: {doc['stopped']}"
+        )
     if doc["winner"]:
         w = doc["winner"]
         human.print(

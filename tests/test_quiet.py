@@ -167,3 +167,13 @@ def test_help_fits_80_columns_and_cuts_no_description(
 def _flat(text: str) -> str:
     """Words joined by one space; a line broken after a hyphen ('per-' / 'sample') joined again."""
     return re.sub(r"-\s+", "-", " ".join(text.split()))
+
+
+def test_tune_with_q_prints_the_winner_alone(examples_dir: Path, tmp_path: Path) -> None:
+    from tests.test_tune import _tune_args
+
+    proc = run_cli("-q", *_tune_args(examples_dir, tmp_path, "--trials", "2", "-o", str(tmp_path / "best.onnx")))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("winner: trial") and len(lines) <= 3, proc.stdout
+    assert proc.stderr == ""
