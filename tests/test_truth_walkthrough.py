@@ -134,3 +134,20 @@ def test_inspect_writes_output_dims_and_dtypes_as_it_writes_the_inputs(tmp_path:
     info = json.loads(proc.stdout)
     assert info["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 32]}]
     assert info["outputs"][0]["dtype"] == "float32" and info["outputs"][0]["shape"] == ["batch", 10]
+
+
+def test_a_gate_shows_its_value_in_the_unit_it_was_written_in() -> None:
+    """`--fail-if 'accuracy_drop>1%'` said 'ok: cpu=0.003906' under a table of 90.62% and 90.23%."""
+    from optimizer_cli.bench.gate import evaluate, parse_gate
+
+    row = {
+        "provider": "cpu",
+        "shape": "",
+        "usable": True,
+        "accuracy_original": {"top1": 0.90625},
+        "accuracy_optimized": {"top1": 0.90234375},
+        "fidelity": {"cosine_min": 0.981609, "top1_agreement": 0.984375},
+    }
+    written = ("accuracy_drop>1%", "top1_agreement<0.98", "top1_agreement<98%", "cosine<0.98")
+    details = [r.detail for r in evaluate([parse_gate(g) for g in written], {"rows": [row]})]
+    assert details == ["ok: cpu=0.3906%", "ok: cpu=0.9844", "ok: cpu=98.44%", "ok: cpu=0.9816"]

@@ -42,6 +42,27 @@ FRACTION_METRICS = {
     "miou",
 }
 
+# Fractions every output shows in percent: the run's table ('top-1 agree 98.44%'), tune's page and plot, gate
+# details, as goals write them ('accuracy_drop<=1%'); similarities (cosine) stay plain numbers.
+PERCENT_METRICS = {
+    "accuracy",
+    "accuracy_drop",
+    "top1_agreement",
+    "top5_agreement",
+    "position_agreement",
+    "nn_agreement",
+}
+
+
+def show_value(metric: str, value: float, percent: bool | None = None) -> str:
+    """A metric's value as reports show it: '0.3906%' for accuracy_drop, '0.9816' for cosine; `percent` overrides
+    (a gate's value is shown in the unit the gate was written in: 'accuracy_drop>1%', 'top1_agreement<0.98')."""
+    if math.isnan(value):
+        return "nan"
+    percent = metric in PERCENT_METRICS if percent is None else percent
+    return f"{100 * value:.4g}%" if percent else f"{value:.4g}"
+
+
 # The benchmark reports a percentile only with enough runs for it (bench.latency): a gate on one it cannot
 # report is refused before the work. Speedup percentiles are per round; latency percentiles over all runs.
 PERCENTILE_RUNS = {f"p{q}_speedup": n for q, n in PERCENTILE_MIN_RUNS.items()}  # runs per round
@@ -222,7 +243,8 @@ def evaluate(gates: list[Gate], bench: dict[str, Any]) -> list[GateResult]:
             value = METRICS[gate.metric](row, bench)
             if value is None:
                 raise UserInputError(_not_measured(gate, row))
-            label = f"{row['provider']}{'[' + row['shape'] + ']' if row['shape'] else ''}={value:.4g}"
+            shown = show_value(gate.metric, value, percent=gate.expression.endswith("%"))  # as the gate writes it
+            label = f"{row['provider']}{'[' + row['shape'] + ']' if row['shape'] else ''}={shown}"
             values.append(label)
             if math.isnan(value):  # no comparison holds on NaN, so it would pass every gate: it fails them all
                 hits.append(f"{label} (undefined: nothing finite to compare)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from optimizer_cli.bench.gate import PERCENT_METRICS
+
 
 def winner_number(tune: dict[str, Any]) -> int | None:
     """The winning trial's number: final.winner, or the winner section's number when only that is filled."""
@@ -31,6 +33,6 @@ def final_timings(tune: dict[str, Any]) -> dict[int, dict[str, Any]]:
 
 
 def percent_figure(key: str) -> bool:
-    """Figures shown in percent everywhere: accuracy and its drop (goals write them so: 'accuracy_drop<=1%')
-    and the agreements (the run's table prints 'top-1 agree 98.44%'); similarities and errors stay plain."""
-    return key.startswith("accuracy") or key.endswith("_agreement")
+    """Figures shown in percent everywhere (bench.gate.PERCENT_METRICS): accuracy and its drop (goals write them
+    so: 'accuracy_drop<=1%') and the agreements (the run's table prints 'top-1 agree 98.44%')."""
+    return key in PERCENT_METRICS
