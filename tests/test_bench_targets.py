@@ -117,3 +117,17 @@ def test_a_sweep_gives_every_shape_point_of_a_target_its_row(tmp_path: Path) -> 
     rows = run_benchmark(a, b, settings, data).rows
     assert [r.shape for r in rows] == ["batch=1", "batch=3"]
     assert all(r.engine_alone is not None and r.fidelity is not None for r in rows)
+
+
+def test_the_providers_not_usable_here_are_said_in_one_line() -> None:
+    from optimizer_cli.report.table import unusable_lines
+
+    rows = [
+        {"provider": "cpu", "usable": True, "reason": "ok"},
+        {"provider": "cuda", "usable": False, "reason": "no GPU"},
+        {"provider": "openvino", "usable": False, "reason": "no CPU device on this host"},
+    ]
+    assert unusable_lines({"benchmark": {"rows": rows}}) == [
+        "not benchmarked, not usable here: cuda (no GPU); openvino (no CPU device on this host)"
+    ]
+    assert unusable_lines({"benchmark": {"rows": rows[:1]}}) == []

@@ -134,7 +134,9 @@ def _fallback_mark(row: dict[str, Any]) -> str:
 
 
 def unusable_lines(report: dict[str, Any]) -> list[str]:
-    return [f"{r['provider']}: not benchmarked, {r['reason']}" for r in report["benchmark"]["rows"] if not r["usable"]]
+    """The providers looked for and not usable here, in one line (each with why)."""
+    missing = [f"{r['provider']} ({r['reason']})" for r in report["benchmark"]["rows"] if not r["usable"]]
+    return [f"not benchmarked, not usable here: {'; '.join(missing)}"] if missing else []
 
 
 _FIGURES = (
