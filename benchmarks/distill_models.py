@@ -31,7 +31,7 @@ from optimizer_cli.bench.environment import cpu_label, environment  # noqa: E402
 from optimizer_cli.data import load_dataset  # noqa: E402
 from optimizer_cli.model_io import load_model  # noqa: E402
 from optimizer_cli.pipeline import run_pipeline  # noqa: E402
-from optimizer_cli.recipe import Recipe, load_recipe  # noqa: E402
+from optimizer_cli.recipe import Recipe, load_recipe, preset_path  # noqa: E402
 
 
 def digits_training_set() -> Path:
@@ -59,7 +59,7 @@ def minilm_training_set() -> Path:
 def variants(recipe: str, train: Path, level: float | None = None) -> list[tuple[str, Recipe]]:
     """The recipe cut before distill, the recipe without distill, the whole recipe; `level` sets every
     prune sparsity (one point of the curve). Distill trains once per level: in the whole recipe."""
-    full = load_recipe(ROOT / "recipes" / recipe)
+    full = load_recipe(preset_path(recipe))
     for p in full.passes:
         if p.type == "distill":
             p.train_data = str(train)  # type: ignore[attr-defined]
@@ -106,7 +106,7 @@ def main() -> None:
         data = load_dataset(evals, load_model(model))
         entry: dict = {"label": label, "cpu": cpu_label(results["environment"]), "variants": {}}
         runs = [v for level in levels for v in variants(recipe, train, level)]
-        runs.append((f"{int8.removesuffix('.yaml')} (int8 alone)", load_recipe(ROOT / "recipes" / int8)))
+        runs.append((f"{int8.removesuffix('.yaml')} (int8 alone)", load_recipe(preset_path(int8))))
         with tempfile.TemporaryDirectory(prefix="distill-bench-") as tmp:
             for name, rec in runs:
                 out = Path(tmp) / f"{len(entry['variants'])}.onnx"

@@ -7,7 +7,7 @@ Builds (once, in --dir) two ~2.5 GB fp32 models with their weights in external d
   chain    10 x MatMul 8192x8192 + Relu                                        (2.68 GB)
   decoder  causal LM: embedding 8192x2048, 12 blocks of attention + MLP with
            LayerNorm, LM head (optimizer_cli.large_examples)                   (2.55 GB)
-and runs `optimize MODEL --recipe recipes/R.yaml -o OUT --no-bench` for each recipe, measuring the
+and runs `optimize MODEL --recipe R -o OUT --no-bench` for each recipe, measuring the
 command's peak RSS (the maximum resident set size of the process tree, as /usr/bin/time reports it) and
 wall time; then once more with `--report R.json` for the per-pass seconds and the cosine (a report also
 carries the sha256 of the input and the output, which costs seconds more on 2.5 GB: its wall time and
@@ -85,7 +85,7 @@ def run_ours(model: Path, recipe: str, work: Path, timeout: float, details: bool
         "run",
         str(model),
         "--recipe",
-        str(ROOT / "recipes" / f"{recipe}.yaml"),
+        recipe,  # a preset's name
     ]
     command += ["-o", str(out), "--no-bench"] + (["--calib", "random"] if recipe in NEEDS_CALIBRATION else [])
     row = command_peak(command, timeout)  # the command as a user types it: the figures

@@ -37,7 +37,7 @@ from optimizer_cli.bench.latency import cycling, measure_ab  # noqa: E402
 from optimizer_cli.data import Dataset, load_dataset  # noqa: E402
 from optimizer_cli.model_io import file_size, load_model  # noqa: E402
 from optimizer_cli.pipeline import run_pipeline  # noqa: E402
-from optimizer_cli.recipe import load_recipe  # noqa: E402
+from optimizer_cli.recipe import load_recipe, preset_path  # noqa: E402
 from optimizer_cli.runtime.session import SessionConfig, create_session, run_session  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache"
@@ -100,7 +100,7 @@ def ref_onnxslim(src: Path, out: Path, calib: Path) -> None:
 
 def ours(recipe: str) -> Callable[[Path, Path, Path], None]:
     def run(src: Path, out: Path, calib: Path) -> None:
-        rec = load_recipe(ROOT / "recipes" / recipe)
+        rec = load_recipe(preset_path(recipe))
         rec.verify.enabled = False  # timed separately; the CLI verifies every pass
         run_pipeline(src, rec, out, calibration=str(calib))
 

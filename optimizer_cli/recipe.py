@@ -601,6 +601,82 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return parse_recipe(text, str(path), overrides)
 
 
+# The shipped recipes are package data, so a pip-installed user has them: `--recipe int8` names one.
+PRESETS_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def presets() -> dict[str, Path]:
+    """Preset name (the file's stem) -> its YAML file, sorted by name."""
+    return dict(sorted((p.stem, p) for p in PRESETS_DIR.glob("*.yaml")))
+
+
+def preset_path(name: str) -> Path:
+    """A shipped recipe's file by name (with or without .yaml); an unknown name is a UserInputError."""
+    known = presets()
+    found = known.get(name.removesuffix(".yaml"))
+    if found is None:
+        raise UserInputError(f"no preset '{name}'{_did_you_mean(name, list(known))} (presets: {', '.join(known)})")
+    return found
+
+
+def resolve_recipe(text: str | Path) -> tuple[Path, str | None]:
+    """What --recipe TEXT names: (file, None) when that file exists (a file always wins), else (the preset's
+    file, its name) when TEXT is a preset's name with or without .yaml, else a UserInputError listing the presets."""
+    path = Path(text)
+    if path.exists():
+        return path, None
+    raw = str(text)
+    known = presets()
+    name = raw.removesuffix(".yaml")
+    # A path with a folder is a file the user meant, never a preset: `recipes/int8.yaml` (the old layout)
+    # is reported as missing, with the preset it probably meant.
+    if name in known and path.name == raw:
+        return known[name], name
+    hint = _did_you_mean(path.name.removesuffix(".yaml"), list(known))
+    raise UserInputError(f"no such file or preset '{raw}'{hint} (presets: {', '.join(known)})")
+
+
+def preset_of(path: str | Path) -> str | None:
+    """The preset's name when `path` is a shipped recipe's file (what a report records), else None."""
+    resolved = Path(path).resolve()
+    return next((name for name, file in presets().items() if file == resolved), None)
+
+
+def describe_source(path: Path, preset: str | None) -> str | None:
+    """The line that says which recipe --recipe picked: always for a preset, and for a file only when a preset
+    of the same name exists (the file won); None when there is nothing to say."""
+    if preset is not None:
+        return f"recipe: preset '{preset}' ({path})"
+    name = path.name.removesuffix(".yaml")
+    if str(path) == path.name and name in presets():  # typed as a bare name, which could have meant the preset
+        return f"recipe: file {path} (not the preset '{name}': a file always wins)"
+    return None
+
+
+def summary(description: str) -> str:
+    """A description's first sentence on one line (what `optimize recipes` lists)."""
+    text = " ".join(description.split())
+    end = re.search(r"\.(\s|$)", text)
+    return text[: end.start() + 1] if end else text
+
+
+def preset_list() -> list[dict[str, Any]]:
+    """Every preset: name, one-line summary, full description, passes and file (`optimize recipes --json`)."""
+    items = []
+    for name, path in presets().items():
+        rec = load_recipe(path)
+        items.append(
+            {
+                "name": name,
+                "summary": summary(rec.description),
+                "description": " ".join(rec.description.split()),
+                "passes": [p.type for p in rec.passes],
+                "path": str(path),
+            }
+        )
+    return items
+
+
 def empty_recipe(overrides: list[str] | None = None) -> Recipe:
     return parse_recipe("{}", "<no recipe>", overrides)
 

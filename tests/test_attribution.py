@@ -19,7 +19,7 @@ def test_rank_nodes_finds_the_quantized_layers(examples_dir: Path, tmp_path: Pat
     proc = run_cli(
         str(examples_dir / "digits_cnn.onnx"),
         "-r",
-        "recipes/cnn-int8.yaml",
+        "cnn-int8",
         "-o",
         str(out),
         "--calib",
@@ -40,7 +40,7 @@ def test_rank_nodes_finds_the_quantized_layers(examples_dir: Path, tmp_path: Pat
 
 def _cnn_int8(examples_dir: Path, out: Path, *extra: str):
     return run_cli(
-        str(examples_dir / "digits_cnn.onnx"), "-r", "recipes/cnn-int8.yaml", "-o", str(out),
+        str(examples_dir / "digits_cnn.onnx"), "-r", "cnn-int8", "-o", str(out),
         "--calib", str(examples_dir / "digits_calib.npz"), "--data", str(examples_dir / "digits_eval.npz"),
         "--providers", "cpu", "--set", "benchmark.rounds=2", "--no-memory", "--json", *extra,
     )  # fmt: skip
@@ -160,7 +160,7 @@ def test_loss_at_prune_blames_prune_and_prints_no_quantize_patch(examples_dir: P
 def test_verification_failure_of_static_int8_gets_a_patch_that_passes(examples_dir: Path, tmp_path: Path) -> None:
     """Static int8 under a strict verify.min_cosine stops the run (exit 3); the search finds the layers to
     exclude, and the patch, applied with --set as printed, lets the same run pass."""
-    from optimizer_cli.recipe import load_recipe
+    from optimizer_cli.recipe import load_recipe, preset_path
     from optimizer_cli.search.attribution import min_cosine_failure_index, on_verification_failure
 
     calib, data = str(examples_dir / "digits_calib.npz"), str(examples_dir / "digits_eval.npz")
@@ -168,7 +168,7 @@ def test_verification_failure_of_static_int8_gets_a_patch_that_passes(examples_d
 
     def run(*extra: str):
         return run_cli(
-            str(examples_dir / "digits_cnn.onnx"), "-r", "recipes/cnn-int8.yaml", "-o", str(tmp_path / "q.onnx"),
+            str(examples_dir / "digits_cnn.onnx"), "-r", "cnn-int8", "-o", str(tmp_path / "q.onnx"),
             "--calib", calib, "--data", data, "--no-bench", "--json", "--set", strict, *extra,
         )  # fmt: skip
 
@@ -178,7 +178,7 @@ def test_verification_failure_of_static_int8_gets_a_patch_that_passes(examples_d
     index = min_cosine_failure_index(message)
     assert index == 2, message
 
-    recipe = load_recipe("recipes/cnn-int8.yaml", [strict])
+    recipe = load_recipe(preset_path("cnn-int8"), [strict])
     # What the CLI calls with the error (the message is all it needs to find the failing pass).
     found = on_verification_failure(message, examples_dir / "digits_cnn.onnx", recipe, calib, data, 2)
     assert found is not None and found["verified"] and found["nodes"] and found["pass"] == 2
@@ -214,10 +214,10 @@ def test_verification_failure_of_a_non_quantize_pass_gets_its_knob_not_a_patch()
 
 def test_verification_failure_out_of_reach_returns_no_patch(examples_dir: Path) -> None:
     """0.99999 is beyond what excluding every ranked layer reaches: no patch, only advice."""
-    from optimizer_cli.recipe import load_recipe
+    from optimizer_cli.recipe import load_recipe, preset_path
     from optimizer_cli.search.attribution import attribute_verification_failure
 
-    recipe = load_recipe("recipes/cnn-int8.yaml", ["verify.min_cosine=0.99999"])
+    recipe = load_recipe(preset_path("cnn-int8"), ["verify.min_cosine=0.99999"])
     found = attribute_verification_failure(
         examples_dir / "digits_cnn.onnx", recipe, 2, str(examples_dir / "digits_calib.npz"),
         str(examples_dir / "digits_eval.npz"), 2,

@@ -218,11 +218,9 @@ def _layernorm_decomposed(opset: int, h: int = 32) -> onnx.ModelProto:
 
 
 def _recipe_fuse_config() -> FuseConfig:
-    from optimizer_cli.recipe import load_recipe
+    from optimizer_cli.recipe import load_recipe, preset_path
 
-    from .conftest import ROOT
-
-    (fuse,) = [p for p in load_recipe(ROOT / "recipes" / "transformer-int8.yaml", []).passes if p.type == "fuse"]
+    (fuse,) = [p for p in load_recipe(preset_path("transformer-int8"), []).passes if p.type == "fuse"]
     assert fuse.transformer != "none"
     return fuse
 

@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 import pytest
 
+from optimizer_cli.recipe import presets
+
 from .builders import mlp
 from .conftest import ROOT, run_cli
 
@@ -25,7 +27,7 @@ def int8_run(examples_dir: Path, tmp_path_factory) -> tuple:
     proc = run_cli(
         str(examples_dir / "digits_cnn.onnx"),
         "--recipe",
-        "recipes/cnn-int8.yaml",
+        "cnn-int8",
         "-o",
         str(out / "cnn.int8.onnx"),
         "--calib",
@@ -96,7 +98,7 @@ def test_human_table(examples_dir: Path, tmp_path) -> None:
     proc = run_cli(
         str(examples_dir / "digits_mlp.onnx"),
         "-r",
-        "recipes/int8.yaml",
+        "int8",
         "-o",
         str(tmp_path / "m.onnx"),
         "--data",
@@ -120,18 +122,18 @@ def test_human_table(examples_dir: Path, tmp_path) -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["missing.onnx", "-r", "recipes/int8.yaml"], "missing.onnx: file not found"),
-        (["{model}", "-r", "nope.yaml"], "nope.yaml: recipe file not found"),
+        (["missing.onnx", "-r", "int8"], "missing.onnx: file not found"),
+        (["{model}", "-r", "nope.yaml"], "no such file or preset 'nope.yaml'"),
         (["{model}", "-r", "{bad_recipe}"], "unknown key 'per_chanel'"),
         (["{model}", "-r", "{unknown_pass}"], "unknown pass type 'sparsify'"),
-        (["{garbage}", "-r", "recipes/int8.yaml"], "not a readable ONNX model"),
-        (["{model}", "-r", "recipes/cnn-int8.yaml"], "needs calibration data"),
-        (["{model}", "-r", "recipes/cnn-int8.yaml", "--calib", "nope.npz"], "calibration data not found: nope.npz"),
-        (["{model}", "-r", "recipes/int8.yaml", "--fail-if", "speed<<2"], "--fail-if"),
-        (["{model}", "-r", "recipes/int8.yaml", "--providers", "tpu"], "unknown execution provider 'tpu'"),
-        (["{model}", "-r", "recipes/int8.yaml", "-o", "{model}"], "refusing to overwrite"),
-        (["{model}", "-r", "recipes/int8.yaml", "--data", "{bad_data}"], "no array for model input"),
-        (["{custom_op}", "-r", "recipes/int8.yaml"], "onnxruntime cannot run the input model"),
+        (["{garbage}", "-r", "int8"], "not a readable ONNX model"),
+        (["{model}", "-r", "cnn-int8"], "needs calibration data"),
+        (["{model}", "-r", "cnn-int8", "--calib", "nope.npz"], "calibration data not found: nope.npz"),
+        (["{model}", "-r", "int8", "--fail-if", "speed<<2"], "--fail-if"),
+        (["{model}", "-r", "int8", "--providers", "tpu"], "unknown execution provider 'tpu'"),
+        (["{model}", "-r", "int8", "-o", "{model}"], "refusing to overwrite"),
+        (["{model}", "-r", "int8", "--data", "{bad_data}"], "no array for model input"),
+        (["{custom_op}", "-r", "int8"], "onnxruntime cannot run the input model"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], needle: str) -> None:
@@ -156,7 +158,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], needle: s
     np.savez(files["bad_data"], nope=np.zeros((2, 32), np.float32))
     proc = run_cli(*[a.format(**files) for a in args], "--no-bench", cwd=ROOT)
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    # The one note a run may print before it fails: which preset `-r NAME` picked (said once the checks pass).
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("recipe: preset '")]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert needle in lines[0]
     assert "Traceback" not in proc.stderr and proc.stdout == ""
@@ -164,16 +167,14 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], needle: s
 
 
 def test_debug_shows_traceback(tmp_path: Path) -> None:
-    proc = run_cli("missing.onnx", "-r", "recipes/int8.yaml", "--debug")
+    proc = run_cli("missing.onnx", "-r", "int8", "--debug")
     assert proc.returncode == 2 and "Traceback" in proc.stderr
 
 
 def test_dry_run_prints_plan_without_loading(tmp_path: Path) -> None:
     model = tmp_path / "m.onnx"
     model.write_bytes(b"not even a model: dry-run does not load it")
-    proc = run_cli(
-        str(model), "-r", "recipes/transformer-int8.yaml", "--dry-run", "--json", "--set", "passes.2.per_channel=false"
-    )
+    proc = run_cli(str(model), "-r", "transformer-int8", "--dry-run", "--json", "--set", "passes.2.per_channel=false")
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
     assert [p["type"] for p in plan["passes"]] == ["cleanup", "fuse", "quantize"]
@@ -188,7 +189,7 @@ def test_verbs(tmp_path: Path) -> None:
     assert {"cleanup", "fuse", "prune", "factorize", "reconstruct", "quantize"} <= {p["type"] for p in passes}
     info = json.loads(run_cli("inspect", str(model), "--json").stdout)
     assert info["ops"]["MatMul"] == 3 and info["inputs"][0]["name"] == "x"
-    ok = run_cli("validate", "recipes/prune.yaml")
+    ok = run_cli("validate", "prune")
     assert ok.returncode == 0 and "ok" in ok.stdout
     providers = json.loads(run_cli("providers", "--json").stdout)
     cpu = next(p for p in providers["providers"] if p["alias"] == "cpu")
@@ -208,7 +209,7 @@ def test_usage_error_exit_2() -> None:
 def test_every_shipped_recipe_dry_runs(capsys) -> None:
     from optimizer_cli.cli import main
 
-    for recipe in sorted((ROOT / "recipes").glob("*.yaml")):  # in-process: one interpreter for all of them
+    for recipe in sorted(presets().values()):  # in-process: one interpreter for all of them
         with pytest.raises(SystemExit):
             main(["model.onnx", "-r", str(recipe), "--dry-run", "--calib", "random", "--json"])
         plan = json.loads(capsys.readouterr().out)

@@ -150,11 +150,9 @@ def test_model_test_corpus_through_the_pipeline(recipe: str, tmp_path) -> None:
 
     from optimizer_cli.errors import UserInputError
     from optimizer_cli.pipeline import run_pipeline
-    from optimizer_cli.recipe import load_recipe
+    from optimizer_cli.recipe import load_recipe, preset_path
 
-    from .conftest import ROOT
-
-    rec = load_recipe(ROOT / "recipes" / f"{recipe}.yaml", ["verify.samples=2"])
+    rec = load_recipe(preset_path(recipe), ["verify.samples=2"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cases = [c for kind in MODEL_KINDS for c in load_model_tests(kind=kind)]

@@ -79,7 +79,7 @@ def optimize(model_path: Path, out: Path, calib: str, data: str, *extra: str) ->
     proc = run_cli(
         str(model_path),
         "-r",
-        "recipes/cnn-int8.yaml",
+        "cnn-int8",
         "-o",
         str(out / "rec.int8.onnx"),
         "--calib",
@@ -324,10 +324,10 @@ def test_pipeline_reads_only_what_calibration_asks_for(model_path: Path, tmp_pat
     """Without --calib-samples a per-sample source is read up to the pass's calibration_samples (64 here);
     the loader raises on its 65th item."""
     from optimizer_cli.pipeline import run_pipeline
-    from optimizer_cli.recipe import load_recipe
+    from optimizer_cli.recipe import load_recipe, preset_path
 
     spec = loader_file(tmp_path, 64, COUNTING.replace("64 + 8 * i", "64 + 32 * (i % 2)"))
-    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "cnn-int8.yaml")
+    recipe = load_recipe(preset_path("cnn-int8"))
     result = run_pipeline(model_path, recipe, None, calibration=spec, evaluation=None, threads=1)
     assert result.stages[2].stats["calibration"] == f"64 samples from {spec}"
     assert len(result.verify_data) == recipe.verify.samples  # verification: the calibration's first samples
@@ -358,9 +358,9 @@ def test_pipeline_reads_what_verification_needs_of_an_evaluation_loader(model_pa
     """Callers that give no eval_samples (the attribution search) never pull an endless loader past what
     verification uses."""
     from optimizer_cli.pipeline import run_pipeline
-    from optimizer_cli.recipe import load_recipe
+    from optimizer_cli.recipe import load_recipe, preset_path
 
-    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "int8.yaml")
+    recipe = load_recipe(preset_path("int8"))
     spec = loader_file(tmp_path, recipe.verify.samples, COUNTING)
     result = run_pipeline(model_path, recipe, None, evaluation=spec, threads=1)
     assert result.evaluation is not None and len(result.evaluation) == recipe.verify.samples
@@ -417,7 +417,5 @@ def test_no_output_overwrites_a_loader_file_or_a_sample(model_path: Path, tmp_pa
     reads = read_paths(model_path, {"--calib": spec, "--data": str(folder), "--metric": "pkg.mod:fn"})
     assert reads[(tmp_path / "loader" / "loader.py").resolve()] == "--calib"
     assert reads[(folder / "line001.npz").resolve()] == "--data (in its folder)"
-    proc = run_cli(
-        str(model_path), "-r", "recipes/cnn-int8.yaml", "--calib", spec, "-o", str(tmp_path / "loader" / "loader.py")
-    )
+    proc = run_cli(str(model_path), "-r", "cnn-int8", "--calib", spec, "-o", str(tmp_path / "loader" / "loader.py"))
     assert proc.returncode == 2 and "refusing to overwrite --calib" in proc.stderr

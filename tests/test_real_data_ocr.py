@@ -70,7 +70,7 @@ def test_recognizer_on_lines_of_several_widths_reports_position_agreement_and_ce
 ) -> None:
     calib, evaluation = line_folders
     proc = run_cli(
-        str(real_models / "ch_PP-OCRv4_rec_infer.onnx"), "-r", "recipes/int8.yaml", "-o", str(tmp_path / "rec.onnx"),
+        str(real_models / "ch_PP-OCRv4_rec_infer.onnx"), "-r", "int8", "-o", str(tmp_path / "rec.onnx"),
         "--calib", str(calib), "--data", str(evaluation), "--metric", "builtin:cer", "--providers", "cpu",
         "--set", "benchmark.rounds=2", "--set", "benchmark.runs_per_round=2", "--no-memory", "--no-attribute", "--json",
     )  # fmt: skip
@@ -93,7 +93,7 @@ def test_detector_pages_report_map_iou(real_models: Path, tmp_path: Path) -> Non
     for i, size in enumerate([(320, 320), (256, 416), (352, 288)]):
         np.savez(pages / f"page{i}.npz", x=_page(TEXTS[3 * i : 3 * i + 3], size))
     proc = run_cli(
-        str(real_models / "ch_PP-OCRv4_det_infer.onnx"), "-r", "recipes/int8.yaml", "-o", str(tmp_path / "det.onnx"),
+        str(real_models / "ch_PP-OCRv4_det_infer.onnx"), "-r", "int8", "-o", str(tmp_path / "det.onnx"),
         "--calib", str(pages), "--data", str(pages), "--providers", "cpu", "--set", "benchmark.rounds=2",
         "--set", "benchmark.runs_per_round=2", "--no-memory", "--no-attribute", "--json",
     )  # fmt: skip

@@ -107,12 +107,10 @@ def test_exact_passes_keep_outputs(real_models: Path, tmp_path: Path, name: str)
     ],
 )
 def test_quantize_real_models(real_models: Path, tmp_path: Path, name: str, recipe: str) -> None:
-    from optimizer_cli.recipe import load_recipe
-
-    from .conftest import ROOT
+    from optimizer_cli.recipe import load_recipe, preset_path
 
     data = _data(tmp_path / "d.npz", **CASES[name]())
-    rec = load_recipe(ROOT / "recipes" / f"{recipe}.yaml", ["verify.min_cosine=null", "verify.samples=2"])
+    rec = load_recipe(preset_path(recipe), ["verify.min_cosine=null", "verify.samples=2"])
     result = run_pipeline(real_models / name, rec, tmp_path / "out.onnx", calibration=data, evaluation=data)
     quant = result.stages[-1]
     assert quant.stats["quant_ops"], quant.stats
@@ -126,12 +124,10 @@ def test_quantize_real_models(real_models: Path, tmp_path: Path, name: str, reci
 def test_nothing_to_quantize_is_reported_honestly(real_models: Path, tmp_path: Path, name: str) -> None:
     """silero-vad keeps its LSTMs inside If branches, which ORT's dynamic quantizer does not enter.
     (The opset-18 one used to crash it: a stale value_info for a Gemm weight it transposes.)"""
-    from optimizer_cli.recipe import load_recipe
-
-    from .conftest import ROOT
+    from optimizer_cli.recipe import load_recipe, preset_path
 
     data = _data(tmp_path / "d.npz", **CASES[name]())
-    rec = load_recipe(ROOT / "recipes" / "int8.yaml", ["verify.samples=2"])
+    rec = load_recipe(preset_path("int8"), ["verify.samples=2"])
     result = run_pipeline(real_models / name, rec, tmp_path / "out.onnx", evaluation=data)
     quant = result.stages[-1]
     assert quant.stats["quant_ops"] == {} and not quant.modified

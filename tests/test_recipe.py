@@ -6,17 +6,17 @@ import pytest
 
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.passes import PASS_REGISTRY
-from optimizer_cli.recipe import load_recipe, parse_recipe, recipe_json_schema
+from optimizer_cli.recipe import load_recipe, parse_recipe, preset_path, presets, recipe_json_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = {"int8.yaml", "fp16.yaml", "prune.yaml", "lowrank.yaml", "cnn-int8.yaml", "transformer-int8.yaml"}
 
 
 def test_shipped_recipes_exist_and_validate() -> None:
-    shipped = {p.name for p in (ROOT / "recipes").glob("*.yaml")}
+    shipped = {p.name for p in presets().values()}
     assert shipped >= REQUIRED
     for name in shipped:
-        recipe = load_recipe(ROOT / "recipes" / name)
+        recipe = load_recipe(preset_path(name))
         assert recipe.passes, name
         assert all(p.type in PASS_REGISTRY for p in recipe.passes)
 

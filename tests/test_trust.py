@@ -17,6 +17,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from optimizer_cli.recipe import presets
+
 from .builders import mlp
 from .conftest import run_cli
 
@@ -183,9 +185,9 @@ def _outputs(path: Path, x: np.ndarray) -> np.ndarray:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
-@pytest.mark.parametrize("recipe", ["recipes/int8.yaml", "recipes/fp16.yaml", "EMPTY"])
+@pytest.mark.parametrize("recipe", ["int8", "fp16", "EMPTY"])
 def test_external_data_model_runs_from_any_folder(tmp_path: Path, recipe: str) -> None:
-    from .conftest import ROOT
+    from optimizer_cli.recipe import preset_path
 
     model = _external_model(tmp_path / "model")
     other = tmp_path / "other"
@@ -195,7 +197,7 @@ def test_external_data_model_runs_from_any_folder(tmp_path: Path, recipe: str) -
         (tmp_path / "empty.yaml").write_text("passes: []\n")
         recipe = str(tmp_path / "empty.yaml")
     else:
-        recipe = str(ROOT / recipe)
+        recipe = str(preset_path(recipe))  # absolute: the runs below start in other folders
     for cwd in (tmp_path, tmp_path / "model"):  # from another folder and from the model's own
         out = other / f"o-{cwd.name}.onnx"
         proc = run_cli(str(model), "-r", recipe, "-o", str(out), "--no-bench", cwd=cwd)
@@ -218,7 +220,7 @@ def test_external_data_outside_the_models_folder_is_refused(tmp_path: Path) -> N
         if entry.key == "location":
             entry.value = "../m.data"
     onnx.save(proto, str(model))
-    proc = run_cli(str(model), "-r", "recipes/int8.yaml", "-o", str(tmp_path / "o.onnx"), "--no-bench")
+    proc = run_cli(str(model), "-r", "int8", "-o", str(tmp_path / "o.onnx"), "--no-bench")
     assert "leaves the model's folder" in _one_error_line(proc)
     assert not (tmp_path / "o.onnx").exists()
 
@@ -474,7 +476,7 @@ def test_a_library_run_leaves_the_callers_environment_alone(work: Path) -> None:
     assert not changed, sorted(changed)
 
 
-@pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(__file__).parent.parent / "recipes").glob("*.yaml")))
+@pytest.mark.parametrize("recipe", sorted(presets()))
 def test_every_shipped_recipe_prints_one_json_document(tmp_path: Path, recipe: str) -> None:
     """Fusion libraries print to stdout; whatever a recipe runs, --json stdout parses as one document."""
     from .builders import tiny_encoder
@@ -483,7 +485,7 @@ def test_every_shipped_recipe_prints_one_json_document(tmp_path: Path, recipe: s
     model = tiny_encoder() if transformer else mlp()
     onnx.save(model, tmp_path / "m.onnx")
     proc = run_cli(
-        str(tmp_path / "m.onnx"), "-r", f"recipes/{recipe}", "-o", str(tmp_path / "o.onnx"), "--calib", "random",
+        str(tmp_path / "m.onnx"), "-r", recipe, "-o", str(tmp_path / "o.onnx"), "--calib", "random",
         *FAST, "--json",
     )  # fmt: skip
     if proc.returncode == 0:
@@ -497,7 +499,7 @@ def test_every_shipped_recipe_prints_one_json_document(tmp_path: Path, recipe: s
 def test_verification_failure_offers_the_patch_that_passes(examples_dir: Path, tmp_path: Path) -> None:
     """Static int8 stopped by verify.min_cosine: the user gets a verified exclusion patch, not only the failure."""
     args = [
-        str(examples_dir / "digits_cnn.onnx"), "-r", "recipes/cnn-int8.yaml", "-o", str(tmp_path / "o.onnx"),
+        str(examples_dir / "digits_cnn.onnx"), "-r", "cnn-int8", "-o", str(tmp_path / "o.onnx"),
         "--calib", str(examples_dir / "digits_calib.npz"), "--data", str(examples_dir / "digits_eval.npz"),
         "--set", "verify.min_cosine=0.995",
     ]  # fmt: skip

@@ -257,13 +257,11 @@ def test_cli_bench_refuses_nonfinite_data_and_flag_allows_it(tmp_path: Path) -> 
 
 
 def test_cli_run_refuses_nonfinite_data_and_flag_allows_it(tmp_path: Path) -> None:
-    from .conftest import ROOT
-
     model = tmp_path / "m.onnx"
     onnx.save(mlp((8, 16, 4)), model)
     data = tmp_path / "d.npz"
     np.savez(data, x=_nan_rows(6, [2, 3]))
-    args = ["run", str(model), "-r", str(ROOT / "recipes" / "int8.yaml"), "-o", str(tmp_path / "o.onnx")]
+    args = ["run", str(model), "-r", "int8", "-o", str(tmp_path / "o.onnx")]
     refused = run_cli(*args, "--data", str(data), "--no-bench")
     assert refused.returncode == 2 and "2 of the 6 samples" in refused.stderr, refused.stderr
     assert not (tmp_path / "o.onnx").exists()
