@@ -34,3 +34,19 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
         timeout=timeout,
         check=False,
     )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `openvino` need the OpenVINO EP plugin (extra `openvino`) with a device on this host: they
+    skip, saying why, where it offers none (an AMD CPU) or is not installed."""
+    marked = [item for item in items if item.get_closest_marker("openvino")]
+    if not marked:
+        return
+    from optimizer_cli.runtime.providers import probe_provider
+
+    status = probe_provider("openvino")
+    if status.usable:
+        return
+    skip = pytest.mark.skip(reason=f"OpenVINO EP not usable here: {status.reason}")
+    for item in marked:
+        item.add_marker(skip)

@@ -127,14 +127,8 @@ def test_placement_counts_nodes_per_provider_and_shows_a_silent_fallback(tmp_pat
     assert node_placement(cuda) == {"CPUExecutionProvider": len(proto.graph.node)}
 
 
-def _openvino_usable() -> bool:
-    return probe_provider("openvino").usable
-
-
 @pytest.mark.openvino
 def test_openvino_f32_matches_the_cpu_ep_and_takes_the_nodes(tmp_path: Path) -> None:
-    if not _openvino_usable():
-        pytest.skip(probe_provider("openvino").reason)
     proto = mlp()
     path = tmp_path / "m.onnx"
     onnx.save(proto, path)
@@ -173,3 +167,22 @@ def test_the_deployment_snippet_creates_the_session_it_describes(tmp_path: Path)
     compile(ov, "snippet", "exec")
     assert "register_execution_provider_library" in ov and "INFERENCE_PRECISION_HINT" in ov
     assert "add_provider_for_devices" in ov and "OrtHardwareDeviceType.CPU" in ov
+
+
+@pytest.mark.openvino
+def test_openvino_rows_are_scored_against_the_cpu_ep_with_placement_and_a_precision_check(tmp_path: Path) -> None:
+    """Where the OpenVINO EP offers a CPU device: its row has the engine alone beside the optimized model, the
+    nodes it took, and the f32 hint checked against bf16 (identical outputs are said, not assumed away)."""
+    from optimizer_cli.bench.harness import BenchSettings, run_benchmark
+    from optimizer_cli.data import Dataset
+
+    proto = mlp()
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    data = Dataset([random_feed(proto, seed=s, batch=1) for s in range(4)], None, "test", False)
+    settings = BenchSettings(providers=["openvino:f32"], rounds=2, runs_per_round=2, warmup=1, memory=False)
+    (row,) = run_benchmark(path, path, settings, data).rows
+    assert row.usable and row.engine_alone is not None
+    assert row.placement and row.placement["optimized"].get("OpenVINOExecutionProvider", 0) > 0
+    assert row.fidelity is not None and row.fidelity.cosine_min > 0.9999  # f32: the CPU EP's outputs
+    assert row.precision_check is not None and row.precision_check["against"] == "openvino:bf16"
