@@ -151,3 +151,13 @@ def test_a_gate_shows_its_value_in_the_unit_it_was_written_in() -> None:
     written = ("accuracy_drop>1%", "top1_agreement<0.98", "top1_agreement<98%", "cosine<0.98")
     details = [r.detail for r in evaluate([parse_gate(g) for g in written], {"rows": [row]})]
     assert details == ["ok: cpu=0.3906%", "ok: cpu=0.9844", "ok: cpu=98.44%", "ok: cpu=0.9816"]
+
+
+def test_the_page_marks_a_noisy_speedup_as_the_run_table_does() -> None:
+    """Trial 1 of the walk-through: 1.35x [1.00-1.68] beside a p50 only 1.09x under the original's. The run's
+    table marks such an interval 'noisy'; the page said nothing."""
+    doc = _accuracy_doc()
+    doc["final"]["candidates"][1]["speedup"] = {"median": 1.35, "ci_low": 1.0, "ci_high": 1.68, "noisy": True}
+    page = tune_html(doc, pareto_png(doc), None)
+    assert "1.35× [1.00–1.68] noisy (final timing)" in page
+    assert "1.84× [1.76–1.91] (final timing)" in page  # trial 2: not noisy, not marked

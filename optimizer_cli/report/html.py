@@ -54,13 +54,14 @@ def _number(value: Any, fmt: str = ".3f") -> str:
 
 
 def _speedup(speedup: dict[str, Any] | None) -> str:
-    """'1.80× [1.70–1.90]': the median and its 95% interval; '-' when the trial was not timed."""
+    """'1.80× [1.70–1.90]': the median and its 95% interval, 'noisy' when wide (as the run's table marks it);
+    '-' when the trial was not timed."""
     if not speedup or speedup.get("median") is None:
         return "-"
     text = f"{float(speedup['median']):.2f}×"
     if speedup.get("ci_low") is not None and speedup.get("ci_high") is not None:
         text += f" [{float(speedup['ci_low']):.2f}–{float(speedup['ci_high']):.2f}]"
-    return text
+    return text + (" noisy" if speedup.get("noisy") else "")
 
 
 def _fidelity(fidelity: dict[str, Any] | None) -> str:
