@@ -161,3 +161,16 @@ def test_the_page_marks_a_noisy_speedup_as_the_run_table_does() -> None:
     page = tune_html(doc, pareto_png(doc), None)
     assert "1.35× [1.00–1.68] noisy (final timing)" in page
     assert "1.84× [1.76–1.91] (final timing)" in page  # trial 2: not noisy, not marked
+
+
+def test_markdown_gives_the_patch_its_fidelity_and_the_search_its_sentence() -> None:
+    """The terminal says 'Recipe patch (fidelity 0.99338)' and which stage lost what; the Markdown said neither."""
+    search = "excluding 6 node(s) from pass 2 (quantize) gives cosine 0.99338 >= 0.99 on all 256 benchmark samples"
+    report = {
+        "attribution": {"nodes": [], "search": search, "patch": "--set 'passes.2.exclude_nodes=[fc]'",
+                        "patch_fidelity": 0.993378},
+        "notes": [],
+    }  # fmt: skip
+    md = render_markdown(report)
+    assert "Recipe patch (fidelity 0.99338): `--set 'passes.2.exclude_nodes=[fc]'`" in md
+    assert search in md

@@ -406,8 +406,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     for gate in report.get("gates", []):
         parts.append(f"- fail-if `{gate['expression']}`: {'VIOLATED' if gate['violated'] else 'ok'} ({gate['detail']})")
-    if report.get("attribution", {}).get("patch"):
-        parts.append(f"Recipe patch: `{report['attribution']['patch']}`")
+    attribution = report.get("attribution") or {}
+    if attribution.get("search"):  # which stage lost the fidelity, and on which samples the patch was confirmed
+        parts.append(f"- {attribution['search']}")
+    if attribution.get("patch"):
+        fidelity = attribution.get("patch_fidelity")
+        said = f" (fidelity {fidelity:.5f})" if fidelity is not None else ""
+        parts.append(f"Recipe patch{said}: `{attribution['patch']}`")
     for note in report.get("notes", []):
         parts.append(f"- note: {note}")
     return "\n\n".join(parts) + "\n"
