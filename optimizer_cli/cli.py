@@ -1105,7 +1105,13 @@ def _write_tune_outputs(doc: dict[str, Any], winner: Path | None, target: Path, 
                 shutil.copyfile(data_file_of(winner), data_file_of(staged))
             plan.commit_model()
             recipe = doc["winner"]["recipe"]
-            command = reproduce_command(doc["model"], paths["recipe"], (recipe.get("data") or {}).get("calibration"))
+            command = reproduce_command(
+                doc["model"],
+                paths["recipe"],
+                (recipe.get("data") or {}).get("calibration"),
+                doc.get("evaluation"),
+                doc.get("evaluation_samples"),
+            )
             header = (
                 f"# Found by optimize tune for {doc['model']} (goals: {', '.join(doc['goals'])}).\n"
                 f"# Reproduce: {command}\n"

@@ -131,3 +131,22 @@ def test_the_providers_not_usable_here_are_said_in_one_line() -> None:
         "not benchmarked, not usable here: cuda (no GPU); openvino (no CPU device on this host)"
     ]
     assert unusable_lines({"benchmark": {"rows": rows[:1]}}) == []
+
+
+def test_the_p99_note_quotes_the_runs_the_rounds_really_had(tmp_path: Path) -> None:
+    """The plan covers every input once a round: 6 inputs make 6 runs a round although 2 were asked."""
+    a, b, data = _models(tmp_path)
+    settings = BenchSettings(providers=["cpu"], rounds=2, runs_per_round=2, warmup=1, memory=False)
+    notes = run_benchmark(a, b, settings, data).notes
+    assert any("the rounds had 6; benchmark.runs_per_round asks 2" in n for n in notes), notes
+
+
+def test_the_reproduce_command_scores_on_tunes_evaluation_samples(tmp_path: Path) -> None:
+    import shlex
+
+    from optimizer_cli.search.tune import reproduce_command
+
+    command = shlex.split(reproduce_command("m.onnx", tmp_path / "r.yaml", None, "eval.npz", 397))
+    assert command[command.index("--data") + 1] == str(Path("eval.npz").resolve())
+    assert command[command.index("--eval-samples") + 1] == "397" and "--allow-code" not in command
+    assert "--allow-code" in reproduce_command("m.onnx", tmp_path / "r.yaml", None, "loader.py:samples", 8)

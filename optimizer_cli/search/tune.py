@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
 import shutil
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from optimizer_cli.bench.gate import Gate, goal_holds, metric_value
+from optimizer_cli.bench.gate import Gate, goal_holds, metric_value, show_value
 from optimizer_cli.errors import UserInputError, first_line
 from optimizer_cli.runtime.targets import parse_target
 from optimizer_cli.search.candidates import (
@@ -81,6 +82,7 @@ class TuneSettings:
     notes: list[str] = field(default_factory=list)  # said before the search, and kept in tune.json
     trial_seconds: float = 20.0  # timing budget of one search trial
     final_seconds: float = 60.0  # timing budget of the final re-timing
+    report_only: bool = False  # re-reporting a finished study (errors name --report-only, not --resume)
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -145,13 +147,8 @@ def check_goals(goals: list[Gate], row: dict[str, Any], sizes: tuple[int, int] |
 
 # Per-sample rates, shown in percent (as goals write them: 'accuracy_drop<=1%'); every other figure is shown as
 # the fraction or ratio it is. One convention for messages, the table and the page.
-PERCENT_METRICS = {"accuracy", "accuracy_drop"}
 # Figures that move in steps of one evaluation sample, and the value that means "no sample changed".
 PER_SAMPLE_PERFECT = {"accuracy_drop": 0.0, "top1_agreement": 1.0}
-
-
-def show_value(metric: str, value: float) -> str:
-    return f"{100 * value:.3g}%" if metric in PERCENT_METRICS else f"{value:.4g}"
 
 
 def resolution_notes(goals: list[Gate], samples: int) -> list[str]:
@@ -206,7 +203,8 @@ def open_study(settings: TuneSettings) -> Any:
             raise UserInputError("the study has no journal to resume (it never started a trial)", journal)
         differs = [k for k, v in settings.identity().items() if saved["identity"].get(k) != v]
         if differs:
-            raise UserInputError(f"--resume: this study was run with another {', '.join(differs)}", settings.study_dir)
+            flag = "--report-only" if settings.report_only else "--resume"
+            raise UserInputError(f"{flag}: this study was run with another {', '.join(differs)}", settings.study_dir)
         return _load_journal(journal, study_id)
     check_study_folder(settings.study_dir, False, {})  # the CLI checked already; the library is called directly too
     study_id = write_marker(settings.study_dir)
@@ -983,6 +981,7 @@ def result_document(
         "model_sha256": settings.model_sha256,
         "goals": [g.expression for g in settings.goals],
         "notes": settings.notes,
+        "evaluation": settings.data.evaluation,
         "evaluation_samples": settings.data.samples,
         "providers": list(settings.targets),
         "threads": settings.ctx.threads,
@@ -1041,17 +1040,22 @@ def portable_data(spec: str | None) -> str | None:
     return str(Path(spec).resolve())
 
 
-def reproduce_command(model: str, recipe: Path, calibration: str | None) -> str:
-    """The command that rebuilds the winner from its recipe, with absolute paths (it works from any folder)."""
+def reproduce_command(
+    model: str, recipe: Path, calibration: str | None, evaluation: str | None = None, samples: int | None = None
+) -> str:
+    """The command that rebuilds the winner from its recipe and scores it on tune's evaluation data (the same
+    samples, so it reads tune's figures), with absolute paths: it works from any folder."""
     from optimizer_cli.data import is_loader_spec
 
-    code = " --allow-code" if calibration is not None and is_loader_spec(calibration) else ""
-    return f"optimize {_quoted(Path(model).resolve())} --recipe {_quoted(recipe.resolve())} -o OUT.onnx{code}"
+    loaders = [s for s in (calibration, evaluation) if s is not None and is_loader_spec(s)]
+    command = f"optimize {_quoted(Path(model).resolve())} --recipe {_quoted(recipe.resolve())} -o OUT.onnx"
+    if evaluation is not None:
+        command += f" --data {shlex.quote(portable_data(evaluation) or evaluation)}"
+        command += f" --eval-samples {samples}" if samples else ""
+    return command + (" --allow-code" if loaders else "")
 
 
 def _quoted(path: Path) -> str:
-    import shlex
-
     return shlex.quote(str(path))
 
 
@@ -1199,6 +1203,7 @@ def run_tune(
 def report_again(settings: TuneSettings) -> tuple[dict[str, Any], Path | None]:
     """A finished study's document from its folder, without running or timing anything."""
     settings.resume = True
+    settings.report_only = True
     study = open_study(settings)  # first: a folder that is not a study is said so, whatever files it has
     path = settings.study_dir / "final.json"
     if not path.exists():
