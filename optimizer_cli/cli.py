@@ -1130,21 +1130,30 @@ def _print_tune(doc: dict[str, Any], human: Console) -> None:
 
     final = doc["final"]
     table = Table(title=f"tune: {doc['model']} (goals: {', '.join(doc['goals'])})", title_justify="left")
-    for col in ("trial", "recipe", "speedup [95% CI]", "p50 ms", "cosine", "verdict"):
+    candidates = final.get("candidates", [])
+    # With labels, the accuracy (and its drop, the figure an accuracy goal reads) in percent like the goals.
+    labelled = any((c.get("fidelity") or {}).get("accuracy") is not None for c in candidates)
+    columns = ["trial", "recipe", "speedup [95% CI]", "p50 ms", "cosine", *(["accuracy (drop)"] if labelled else [])]
+    for col in [*columns, "verdict"]:
         table.add_column(col)
     base = doc["original"].get("p50_ms")
-    table.add_row("-", "original", "1.00", f"{base:.3f}" if base else "-", "1.0000", "")
-    for c in final.get("candidates", []):
-        s = c["speedup"]
+    table.add_row("-", "original", "1.00", f"{base:.3f}" if base else "-", "1.0000", *([""] if labelled else []), "")
+    for c in candidates:
+        s, fid = c["speedup"], c["fidelity"]
         verdict = (
             "WINNER" if c["number"] == final.get("winner") else ("ok" if c["meets_goals"] else "; ".join(c["misses"]))
         )
+        accuracy = []
+        if labelled:
+            acc, drop = fid.get("accuracy"), fid.get("accuracy_drop")
+            accuracy = [f"{100 * acc:.2f}% ({100 * drop:+.2f}%)" if acc is not None and drop is not None else "-"]
         table.add_row(
             str(c["number"]),
             escape(c["recipe_summary"]),
             f"{s['median']:.2f} [{s['ci_low']:.2f}, {s['ci_high']:.2f}]",
             f"{c['p50_ms']:.3f}",
-            f"{c['fidelity']['cosine']:.4f}",
+            f"{fid['cosine']:.4f}",
+            *accuracy,
             escape(verdict),
         )
     if _verbosity >= 0:  # -q: the winner (or why there is none) alone
