@@ -106,3 +106,17 @@ def test_static_shapes_is_searched_where_the_data_has_one_shape(examples_dir: Pa
     recipe = recipe_for({"quantize": "none", "static_shapes": True}, RecipeContext(None, {}, 2, "cpu"))
     assert recipe["passes"][-1] == {"type": "static_shapes"}
     assert "static shapes" in summary({"static_shapes": True})
+
+
+def test_a_repeated_proposal_is_listed_so_no_trial_number_is_missing(examples_dir: Path, tmp_path: Path) -> None:
+    from tests.test_tune import _tune_args
+
+    proc = run_cli(*_tune_args(examples_dir, tmp_path, "--trials", "4", "-o", str(tmp_path / "b.onnx"), "--json"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trials = json.loads(proc.stdout)["trials"]
+    numbers = [t["number"] for t in trials]
+    assert numbers == list(range(len(numbers))), numbers
+    duplicates = [t for t in trials if t["state"] == "duplicate"]
+    assert duplicates and all(t["reason"].startswith("same as trial ") for t in duplicates)
+    html = (tmp_path / "b.report.html").read_text()
+    assert all(f">{t['number']}<" in html for t in duplicates)

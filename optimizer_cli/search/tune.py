@@ -119,6 +119,8 @@ class Progress:
 class TuneState:
     records: dict[int, dict[str, Any]] = field(default_factory=dict)  # trial number -> tune.json trial entry
     by_params: dict[str, int] = field(default_factory=dict)
+    # Proposals already tried, told the first trial's outcome: listed in tune.json so no trial number is missing.
+    duplicates: dict[int, dict[str, Any]] = field(default_factory=dict)
     elapsed_before: float = 0.0
     original_p50_ms: float | None = None
 
@@ -305,6 +307,8 @@ def restore(study: Any, settings: TuneSettings, write: bool = True) -> TuneState
         if record["state"] != "duplicate":
             state.records[trial.number] = record
             state.by_params.setdefault(_key(record["params"]), trial.number)
+        else:
+            state.duplicates[trial.number] = record
     return state
 
 
@@ -588,6 +592,7 @@ def _tell_duplicate(study: Any, trial: Any, params: dict[str, Any], state: TuneS
         "reason": f"same as trial {first['number']}",
     }
     trial.set_user_attr("record", record)
+    state.duplicates[trial.number] = record
     _tell_outcome(study, trial, first)
 
 
@@ -992,7 +997,13 @@ def result_document(
         "study": str(settings.study_dir),
         "space": describe(settings.dims),
         "original": {"bytes": file_size(settings.model), "p50_ms": final.get("original_p50_ms", state.original_p50_ms)},
-        "trials": with_final_timing([trial_entry(state.records[n]) for n in sorted(state.records)], final),
+        "trials": with_final_timing(
+            [
+                trial_entry({**state.records, **state.duplicates}[n])
+                for n in sorted({**state.records, **state.duplicates})
+            ],
+            final,
+        ),
         "final": {k: v for k, v in final.items() if k != "attribution"},
         "winner": winner,
         "environment": environment(),
