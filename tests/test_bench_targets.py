@@ -150,3 +150,17 @@ def test_the_reproduce_command_scores_on_tunes_evaluation_samples(tmp_path: Path
     assert command[command.index("--data") + 1] == str(Path("eval.npz").resolve())
     assert command[command.index("--eval-samples") + 1] == "397" and "--allow-code" not in command
     assert "--allow-code" in reproduce_command("m.onnx", tmp_path / "r.yaml", None, "loader.py:samples", 8)
+
+
+def test_a_gate_can_name_a_whole_run_target() -> None:
+    from optimizer_cli.bench.gate import evaluate, parse_gate
+
+    gate = parse_gate("OpenVINO:FP32:cosine<0.99")
+    assert (gate.provider, gate.metric) == ("openvino:f32", "cosine")
+    assert parse_gate("cpu:speedup<1.5").provider == "cpu"
+    rows = [
+        {"provider": "cpu", "usable": True, "shape": "", "fidelity": {"cosine_min": 1.0}},
+        {"provider": "openvino:f32", "usable": True, "shape": "", "fidelity": {"cosine_min": 0.95}},
+    ]
+    (result,) = evaluate([gate], {"rows": rows})
+    assert result.violated and "openvino:f32" in result.detail

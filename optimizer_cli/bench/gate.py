@@ -13,7 +13,7 @@ from typing import Any
 from optimizer_cli.bench.latency import PERCENTILE_MIN_RUNS
 from optimizer_cli.bench.output_kinds import KIND_FIGURES
 from optimizer_cli.errors import UserInputError
-from optimizer_cli.runtime.providers import PROVIDER_ALIASES
+from optimizer_cli.runtime.targets import parse_target
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le,
@@ -24,7 +24,7 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
 }
 _PATTERN = re.compile(
-    r"^\s*(?:(?P<prov>[a-zA-Z]+)\s*:\s*)?(?P<metric>[a-z_0-9]+)\s*(?P<op><=|>=|==|!=|<|>)\s*"
+    r"^\s*(?:(?P<prov>[a-zA-Z][\w@.=:/-]*?)\s*:\s*)?(?P<metric>[a-z_0-9]+)\s*(?P<op><=|>=|==|!=|<|>)\s*"
     r"(?P<value>-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(?P<pct>%)?\s*$"
 )
 # Metrics that are fractions in [0, 1]: "accuracy_drop>1" (no %) would mean 100 points and never fire.
@@ -187,10 +187,12 @@ def parse_gate(text: str, flag: str = "--fail-if") -> Gate:
             f"{flag} '{text}': {metric} is a fraction between 0 and 1; write {m['value']}% "
             f"or {value / 100:g} (a value over 1 could never be reached)"
         )
-    provider = m["prov"].lower() if m["prov"] else None
-    if provider is not None and provider not in PROVIDER_ALIASES:
-        known = ", ".join(sorted(PROVIDER_ALIASES))
-        raise UserInputError(f"{flag} '{text}': unknown provider '{provider}' (known: {known})")
+    provider = None
+    if m["prov"]:  # a provider alias or a whole run target: 'cpu:speedup<1.5', 'openvino:f32:cosine<0.99'
+        try:
+            provider = parse_target(m["prov"]).label
+        except UserInputError as exc:
+            raise UserInputError(f"{flag} '{text}': {str(exc).replace('execution provider', 'provider')}") from None
     return Gate(text.strip(), provider, metric, m["op"], value)
 
 
