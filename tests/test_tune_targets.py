@@ -120,3 +120,32 @@ def test_a_repeated_proposal_is_listed_so_no_trial_number_is_missing(examples_di
     assert duplicates and all(t["reason"].startswith("same as trial ") for t in duplicates)
     html = (tmp_path / "b.report.html").read_text()
     assert all(f">{t['number']}<" in html for t in duplicates)
+
+
+def test_tune_proposes_prune_heads_on_a_transformer_with_heads(tmp_path: Path) -> None:
+    """Issue 23: prune_heads takes part in tune where it applies (multi-head attention, calibration data)."""
+    import onnx
+
+    from optimizer_cli.model_io import load_model
+    from optimizer_cli.pipeline import normalize
+    from optimizer_cli.search.space import default_space, model_traits
+    from tests.builders import tiny_encoder
+    from tests.test_prune_heads import multi_head_encoder
+
+    def space(proto: onnx.ModelProto, calibration: bool = True) -> dict:
+        path = tmp_path / "m.onnx"
+        onnx.save(proto, path)
+        model = load_model(path)
+        normalize(model)
+        traits = model_traits(
+            model, has_calibration=calibration, mixed_calibration_shapes=False, gpu=False, saturating_cpu=False
+        )
+        return {d.name: d.choices for d in default_space(traits)}
+
+    assert space(multi_head_encoder())["prune_heads"] == (0.0, 0.125, 0.25)
+    assert "prune_heads" not in space(multi_head_encoder(), calibration=False)  # head importance needs data
+    assert "prune_heads" not in space(tiny_encoder())  # one head: nothing to remove
+    recipe = recipe_for({"quantize": "none", "prune_heads": 0.25}, RecipeContext("c.npz", {}, 2, "cpu"))
+    types = [p["type"] for p in recipe["passes"]]
+    assert types.index("prune_heads") < types.index("fuse") and recipe["passes"][1]["sparsity"] == 0.25
+    assert summary({"prune_heads": 0.25}).startswith("prune heads 0.25")

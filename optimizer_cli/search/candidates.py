@@ -92,6 +92,9 @@ def recipe_for(params: dict[str, Any], ctx: RecipeContext, name: str = "tuned") 
     drop = params.get("drop_layers") or 0.0
     if drop:
         passes.append({"type": "drop_layers", "min_cosine": drop})
+    heads = params.get("prune_heads") or 0.0
+    if heads:  # on the plain graph, before fusion turns the attention into one node
+        passes.append({"type": "prune_heads", "sparsity": heads})
     sparsity = params.get("prune_sparsity") or 0.0
     if sparsity:
         # Pruning before fusion: structured groups are read on the plain graph (as transformer-prune-int8 does).
@@ -143,6 +146,8 @@ def summary(params: dict[str, Any]) -> str:
         parts.append("trim_padding")
     if params.get("drop_layers"):
         parts.append(f"drop blocks (cosine >= {params['drop_layers']:g})")
+    if params.get("prune_heads"):
+        parts.append(f"prune heads {params['prune_heads']:g}")
     if params.get("prune_sparsity"):
         parts.append(f"prune {params['prune_sparsity']:g}")
     if params.get("factorize_energy"):

@@ -60,6 +60,7 @@ class ModelTraits:
     saturating_cpu: bool  # reduce_range=auto already means 7-bit weights here
     notes: list[str] = field(default_factory=list)
     residual_blocks: int = 0  # identity-shortcut blocks drop_layers could remove
+    head_attentions: int = 0  # standard multi-head attentions with 2+ heads prune_heads could thin
 
     @property
     def has_dynamic_targets(self) -> bool:
@@ -125,6 +126,18 @@ def _residual_blocks(model: ir.Model) -> int:
     return len(find_blocks(model))
 
 
+def _head_attentions(model: ir.Model) -> int:
+    """Attentions prune_heads recognizes (unfused, unshared) with at least two heads: the ones it can thin."""
+    from optimizer_cli.passes._graph import infer_shapes
+    from optimizer_cli.passes.prune_heads import match_attention
+
+    if not any(n.op_type == "Softmax" for n in model.graph):
+        return 0
+    infer_shapes(model)  # the head reshapes are read from shapes, as the pass reads them
+    found = [match_attention(n) for n in model.graph if n.op_type == "Softmax"]
+    return sum(1 for a in found if a is not None and a.heads >= 2)
+
+
 def _mask_input(model: ir.Model) -> str | None:
     from optimizer_cli.passes.trim_padding import find_mask_input
 
@@ -151,6 +164,7 @@ def model_traits(
         gpu=gpu,
         saturating_cpu=saturating_cpu,
         residual_blocks=_residual_blocks(model),
+        head_attentions=_head_attentions(model),
     )
 
 
@@ -230,6 +244,14 @@ def default_space(t: ModelTraits) -> list[Dimension]:
                 "drop_layers",
                 (0.0, 0.99, 0.97, 0.95),
                 "drop residual blocks, cheapest first, while the calibration cosine stays >= this (0: none)",
+            )
+        )
+    if t.head_attentions and t.has_calibration:
+        dims.append(
+            Dimension(
+                "prune_heads",
+                (0.0, 0.125, 0.25),
+                "remove this fraction of each attention's heads, least contributing first (0: none)",
             )
         )
     if t.mask_input is not None:

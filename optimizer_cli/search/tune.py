@@ -713,6 +713,7 @@ EXTRA_PASS_PARAMS = (
     "trim_padding",
     "fuse_transformer",
     "static_shapes",
+    "prune_heads",
 )
 
 
