@@ -1295,14 +1295,16 @@ def passes_cmd(
     from rich.markup import escape
     from rich.table import Table
 
-    from optimizer_cli.passes import PASS_REGISTRY
+    from optimizer_cli.passes import PASS_REGISTRY, PLUGIN_PROBLEMS
     from optimizer_cli.recipe import pass_info
 
     items = [pass_info(name)] if name is not None else [pass_info(n) for n in sorted(PASS_REGISTRY)]
     if json_out:
-        _emit_json(items[0] if name is not None else {"passes": items})
+        _emit_json(items[0] if name is not None else {"passes": items, "plugin_problems": PLUGIN_PROBLEMS})
         return
     console = Console()
+    for problem in PLUGIN_PROBLEMS:  # an installed plugin pass that could not be registered
+        sys.stderr.write(f"warning: plugin pass not loaded: {problem}\n")
     for item in items:
         console.print(f"[bold]{item['type']}[/bold] ({item['exactness']}): {escape(item['contract'])}")
         table = Table(box=None, pad_edge=False, show_edge=False)

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from optimizer_cli.data import is_loader_spec, loader_file
 from optimizer_cli.errors import UserInputError
-from optimizer_cli.passes import PASS_REGISTRY
+from optimizer_cli.passes import PASS_REGISTRY, load_entry_points, on_registry_change
 
 # A recipe is a short file a person reads: bounded before it is read, so a shared 10 MB file of 600,000
 # passes is refused at once instead of validated for a minute.
@@ -195,6 +195,17 @@ class Recipe(_Strict):
     runtime: RuntimeSettings = Field(
         RuntimeSettings(), description="The run target the optimized model is meant for (provider, device, precision)."
     )
+
+
+def _rebuild_pass_union() -> None:
+    """A pass registered (or removed) after import: recipes validate against the registry as it is now."""
+    union: Any = _pass_union()
+    Recipe.model_fields["passes"].annotation = list[union]
+    Recipe.model_rebuild(force=True)
+
+
+on_registry_change(_rebuild_pass_union)
+load_entry_points()  # installed packages' passes (entry point group optimizer_cli.passes)
 
 
 def _line_map(text: str) -> dict[tuple, int]:
