@@ -27,7 +27,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
-from optimizer_cli import __version__
+from optimizer_cli import SCHEMA_VERSION, __version__
 from optimizer_cli.errors import DISK_ERRNOS, GateFailure, OptimizerError, UserInputError, VerificationError
 
 
@@ -85,6 +85,7 @@ def _consoles(json_mode: bool) -> tuple[Console, Console]:
 
 
 def _emit_json(doc: dict[str, Any]) -> None:
+    doc = {"schema_version": SCHEMA_VERSION, **doc}  # every document says its version first
     sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
     sys.stdout.flush()
 
@@ -428,6 +429,7 @@ def _provenance(model: Path, output: Path, hashes: bool, input_sha256: str | Non
     from optimizer_cli.model_io import model_sha256
 
     found: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
         "tool": f"optimizer-cli {__version__}",
         "command": " ".join(shlex.quote(a) for a in ["optimize", *sys.argv[1:]]),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -71,6 +71,8 @@ def test_tune_with_targets_writes_a_winner_that_runs_where_it_was_measured(examp
     if not probe_provider("openvino").usable:  # said in one line, and the search went on without it
         assert sum("not searching openvino" in line for line in proc.stderr.splitlines()) == 1
     doc = json.loads(proc.stdout)
+    assert next(iter(doc)) == "schema_version" and doc["schema_version"] == 1  # tune.json says its version too
+    assert json.loads((tmp_path / "best.tune.json").read_text())["schema_version"] == 1
     assert doc["space"]["target"] == [OTHER]
     assert all(t["params"]["target"] == OTHER for t in doc["trials"])
     winner = doc["winner"]

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from optimizer_cli import SCHEMA_VERSION
 from optimizer_cli.bench.gate import Gate, goal_holds, metric_value, show_value
 from optimizer_cli.errors import UserInputError, first_line
 from optimizer_cli.runtime.targets import parse_target
@@ -982,6 +983,7 @@ def result_document(
     if winner is None and not final.get("candidates"):
         final = {**final, "closest": closest(state.records)}
     return {
+        "schema_version": SCHEMA_VERSION,
         "kind": "tune",
         "model": str(settings.model),
         "model_sha256": settings.model_sha256,
