@@ -473,7 +473,9 @@ def table(results: list[dict[str, Any]]) -> str:
         fixed = [n for n in timing if n not in ("original", "tune") and not n.startswith(("ort-", "engine "))]
         ort = [n for n in timing if n.startswith("ort-")]
         engines = [n for n in timing if n.startswith("engine ")]
-        engine_cell = cell(engines) if any(k.startswith("engine ") for k in r.get("targets", {})) else "none usable here"
+        engine_cell = (
+            cell(engines) if any(k.startswith("engine ") for k in r.get("targets", {})) else "none usable here"
+        )
         winner = (r["tune"].get("winner") or {}).get(
             "recipe_summary", "no winner: " + str((r["tune"].get("final") or {}).get("reason"))
         )
