@@ -98,6 +98,18 @@ AllowNonfiniteOpt = typer.Option(
 AllowCastOpt = typer.Option(
     False, "--allow-cast", help="Cast integer data for a floating input when every value is exact (refused otherwise)."
 )
+# Options `run` and `bench` share, declared once.
+StrictEpOpt = typer.Option(False, "--strict-ep", help="Error instead of skipping unusable providers.")
+SweepOpt = typer.Option([], "--sweep", help="Shape sweep, e.g. batch=1,8 (repeatable).")
+EvalSamplesOpt = typer.Option(256, "--eval-samples", min=1, help="Cap on evaluation samples.")
+MetricOpt = typer.Option(
+    None, "--metric", help="builtin:cer, builtin:miou, or your module:function / file.py:function."
+)
+FailIfOpt = typer.Option([], "--fail-if", help="Exit 1 if true, e.g. 'accuracy_drop>1%', 'speedup<1.5'.")
+BaselineOpt = typer.Option(None, "--baseline", help="Compare with a stored --json report.")
+MarkdownOpt = typer.Option(None, "--markdown", help="Also write the report as Markdown.")
+ReportOpt = typer.Option(None, "--report", help="Also write the JSON report to a file.")
+MemoryOpt = typer.Option(True, "--memory/--no-memory", help="Measure peak session memory.")
 
 
 @app.command("run")
@@ -117,20 +129,18 @@ def run_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit without loading the model."),
     bench: bool = typer.Option(True, "--bench/--no-bench", help="Benchmark original vs optimized after the run."),
     providers: str | None = ProvidersOpt,
-    strict_ep: bool = typer.Option(False, "--strict-ep", help="Error instead of skipping unusable providers."),
+    strict_ep: bool = StrictEpOpt,
     threads: int | None = typer.Option(None, "--threads", min=1, help="Intra-op threads (default: recipe, 2)."),
-    sweep: list[str] = typer.Option([], "--sweep", help="Shape sweep, e.g. batch=1,8 (repeatable)."),
-    eval_samples: int = typer.Option(256, "--eval-samples", min=1, help="Cap on evaluation samples."),
-    metric: str | None = typer.Option(
-        None, "--metric", help="builtin:cer, builtin:miou, or your module:function / file.py:function."
-    ),
-    fail_if: list[str] = typer.Option([], "--fail-if", help="Exit 1 if true, e.g. 'accuracy_drop>1%', 'speedup<1.5'."),
-    baseline: Path | None = typer.Option(None, "--baseline", help="Compare with a stored --json report."),
+    sweep: list[str] = SweepOpt,
+    eval_samples: int = EvalSamplesOpt,
+    metric: str | None = MetricOpt,
+    fail_if: list[str] = FailIfOpt,
+    baseline: Path | None = BaselineOpt,
     attribute: bool = typer.Option(True, "--attribute/--no-attribute", help="Find layers that cost fidelity."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout, nothing else."),
-    markdown: Path | None = typer.Option(None, "--markdown", help="Also write the report as Markdown."),
-    report_path: Path | None = typer.Option(None, "--report", help="Also write the JSON report to a file."),
-    memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak session memory."),
+    markdown: Path | None = MarkdownOpt,
+    report_path: Path | None = ReportOpt,
+    memory: bool = MemoryOpt,
     allow_code: bool = typer.Option(False, "--allow-code", help="Run the code (data loaders) the recipe names."),
     allow_nonfinite: bool = AllowNonfiniteOpt,
     allow_cast: bool = AllowCastOpt,
@@ -1210,21 +1220,19 @@ def bench_cmd(
     optimized: Path = typer.Argument(..., help="Model to compare against the reference."),
     data: str | None = typer.Option(None, "--data", help=f"Evaluation data: {DATA_FORMS} (labels optional)."),
     providers: str | None = ProvidersOpt,
-    strict_ep: bool = typer.Option(False, "--strict-ep", help="Error instead of skipping unusable providers."),
+    strict_ep: bool = StrictEpOpt,
     threads: int = typer.Option(2, "--threads", min=1, help="Intra-op threads of both sessions."),
     rounds: int = typer.Option(10, "--rounds", min=2, help="Interleaved timing rounds (paired A/B)."),
-    sweep: list[str] = typer.Option([], "--sweep", help="Shape sweep, e.g. batch=1,8 (repeatable)."),
+    sweep: list[str] = SweepOpt,
     dims: list[str] = typer.Option([], "--dim", help="Symbolic dim value for random inputs, e.g. seq=128."),
-    eval_samples: int = typer.Option(256, "--eval-samples", min=1, help="Cap on evaluation samples."),
-    metric: str | None = typer.Option(
-        None, "--metric", help="builtin:cer, builtin:miou, or your module:function / file.py:function."
-    ),
-    fail_if: list[str] = typer.Option([], "--fail-if", help="Exit 1 if true, e.g. 'accuracy_drop>1%', 'speedup<1.5'."),
-    baseline: Path | None = typer.Option(None, "--baseline", help="Compare with a stored --json report."),
+    eval_samples: int = EvalSamplesOpt,
+    metric: str | None = MetricOpt,
+    fail_if: list[str] = FailIfOpt,
+    baseline: Path | None = BaselineOpt,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout, nothing else."),
-    markdown: Path | None = typer.Option(None, "--markdown", help="Also write the report as Markdown."),
-    report_path: Path | None = typer.Option(None, "--report", help="Also write the JSON report to a file."),
-    memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak session memory."),
+    markdown: Path | None = MarkdownOpt,
+    report_path: Path | None = ReportOpt,
+    memory: bool = MemoryOpt,
     allow_nonfinite: bool = AllowNonfiniteOpt,
     allow_cast: bool = AllowCastOpt,
 ) -> None:
