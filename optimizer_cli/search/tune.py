@@ -982,6 +982,7 @@ def result_document(
         }
     if winner is None and not final.get("candidates"):
         final = {**final, "closest": closest(state.records)}
+    told = {**state.records, **state.duplicates}  # every trial number, repeats included
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": "tune",
@@ -1000,13 +1001,7 @@ def result_document(
         "study": str(settings.study_dir),
         "space": describe(settings.dims),
         "original": {"bytes": file_size(settings.model), "p50_ms": final.get("original_p50_ms", state.original_p50_ms)},
-        "trials": with_final_timing(
-            [
-                trial_entry({**state.records, **state.duplicates}[n])
-                for n in sorted({**state.records, **state.duplicates})
-            ],
-            final,
-        ),
+        "trials": with_final_timing([trial_entry(told[n]) for n in sorted(told)], final),
         "final": {k: v for k, v in final.items() if k != "attribution"},
         "winner": winner,
         "environment": environment(),
