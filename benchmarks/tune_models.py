@@ -361,6 +361,20 @@ def _tune(
     return doc
 
 
+def _reproduce(model: Path, recipe: Path, calib: str, out: Path) -> dict[str, Any]:
+    """Rebuild tune's winner from its best.recipe.yaml alone (`optimize run`, as a user would), and read the run
+    target from that recipe: the reproduction is timed and scored beside tune's own file."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "optimizer_cli", "run", str(model), "--recipe", str(recipe), "-o", str(out),
+         "--calib", calib, "--no-bench", "--threads", str(THREADS), "-q"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0 or not out.exists():
+        return {"exit_code": proc.returncode, "error": proc.stderr[-400:]}
+    target = load_recipe(recipe).runtime.target or "cpu"
+    return {"exit_code": 0, "path": str(out), "target": target}
+
+
 def _engines_alone(providers: str) -> list[str]:
     """The usable run targets other than the CPU EP that `providers` stands for (tune's own expansion)."""
     from optimizer_cli.runtime.providers import parse_provider_list, search_targets
@@ -387,7 +401,7 @@ def _time_together(
     } | {"original": {"p50_ms": stats[0].p50_ms}}
 
 
-def bench_model(key: str, budget: str, providers: str = "cpu") -> dict[str, Any]:
+def bench_model(key: str, budget: str, providers: str = "cpu", out: Path = RESULTS) -> dict[str, Any]:
     spec = MODELS[key]
     model: Path = spec["path"]()
     work = Path(tempfile.mkdtemp(prefix=f"tune-bench-{key}-"))
@@ -415,14 +429,20 @@ def bench_model(key: str, budget: str, providers: str = "cpu") -> dict[str, Any]
         for group in groups:
             ok = [n for n in group if n in fid and fid[n] >= GOAL]
             contenders.update({n: built[n] for n in ok})  # type: ignore[misc]
+        reproduced: dict[str, Any] = {}
         if tune.get("winner"):
             contenders["tune"] = work / "tuned.onnx"
             targets["tune"] = (tune["winner"].get("deploy") or {}).get("target") or "cpu"
             fid["tune"] = _cosine(model, contenders["tune"], eval_data, ref, targets["tune"])
+            reproduced = _reproduce(model, work / "tuned.recipe.yaml", calib, work / "reproduced.onnx")
+            if reproduced.get("path"):
+                contenders["reproduced"] = work / "reproduced.onnx"
+                targets["reproduced"] = reproduced["target"]
+                fid["reproduced"] = _cosine(model, contenders["reproduced"], eval_data, ref, targets["reproduced"])
         timing = _time_together(model, contenders, eval_feeds, targets) if contenders else {}
         png = work / "tuned.pareto.png"
         if png.exists():
-            shutil.copyfile(png, RESULTS / f"tune-{key}.pareto.png")
+            shutil.copyfile(png, out / f"tune-{key}.pareto.png")
         return {
             "model": model.name,
             "cpu": cpu_label(environment()),
@@ -434,6 +454,7 @@ def bench_model(key: str, budget: str, providers: str = "cpu") -> dict[str, Any]
             "timing": timing,
             "providers": providers,
             "targets": targets,
+            "reproduced": reproduced,
             "tune": {
                 k: tune.get(k) for k in ("winner", "final", "stopped", "exit_code", "minutes", "error", "not_searched")
             }
@@ -456,8 +477,8 @@ def bench_model(key: str, budget: str, providers: str = "cpu") -> dict[str, Any]
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| model | best fixed recipe (cosine>=0.99) | best ORT default | best engine alone | tune winner "
-        "| tune trials / min | tune recipe |",
-        "|---|---|---|---|---|---|---|",
+        "| reproduced from best.recipe.yaml | tune trials / min | tune recipe |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         timing = r["timing"]
@@ -470,7 +491,9 @@ def table(results: list[dict[str, Any]]) -> str:
             s = timing[best]["speedup"]
             return f"{best}: {s['median']:.2f}x [{s['ci_low']:.2f}, {s['ci_high']:.2f}], cos {r['fidelity'][best]:.4f}"
 
-        fixed = [n for n in timing if n not in ("original", "tune") and not n.startswith(("ort-", "engine "))]
+        fixed = [
+            n for n in timing if n not in ("original", "tune", "reproduced") and not n.startswith(("ort-", "engine "))
+        ]
         ort = [n for n in timing if n.startswith("ort-")]
         engines = [n for n in timing if n.startswith("engine ")]
         engine_cell = (
@@ -480,9 +503,26 @@ def table(results: list[dict[str, Any]]) -> str:
             "recipe_summary", "no winner: " + str((r["tune"].get("final") or {}).get("reason"))
         )
         tuned = cell(["tune"]) if "tune" in timing else "no winner (exit 1, no model written)"
+        if "tune" in timing:
+            tuned += f" on {r['targets'].get('tune', 'cpu')}"
+        again = r.get("reproduced") or {}
+        rebuilt = (
+            cell(["reproduced"]) + f" on {again['target']}"
+            if "reproduced" in timing
+            else (f"failed (exit {again.get('exit_code')})" if again else "-")
+        )
         lines.append(
-            f"| {r['model']} | {cell(fixed)} | {cell(ort)} | {engine_cell} | {tuned} | "
+            f"| {r['model']} | {cell(fixed)} | {cell(ort)} | {engine_cell} | {tuned} | {rebuilt} | "
             f"{r['tune']['trials']} / {r['tune']['minutes']:.1f} | {winner} |"
+        )
+    speedups = [r["timing"]["tune"]["speedup"]["median"] for r in results if "tune" in r["timing"]]
+    if speedups:
+        geomean = float(np.exp(np.mean(np.log(speedups))))
+        worst = min(speedups)
+        low = [r["model"] for r in results if "tune" in r["timing"] and r["fidelity"]["tune"] < GOAL]
+        lines.append(
+            f"\ntune winners: {len(speedups)} of {len(results)} models; geometric mean {geomean:.2f}x, slowest "
+            f"{worst:.2f}x; below cosine {GOAL} on held-out data: {', '.join(low) or 'none'}"
         )
     return "\n".join(lines)
 
@@ -492,16 +532,18 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--budget", default="10m")
     parser.add_argument("--providers", default="cpu", help="run targets tune considers, e.g. cpu,openvino")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for tune-<model>.json and the PNGs")
     args = parser.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
     results = []
     for key in args.models.split(","):
         if not MODELS[key]["path"]().exists():
             print(f"skip {key}: {MODELS[key]['path']()} missing (run the slow tests or benchmarks/digits_resnet.py)")
             continue
         print(f"== {key}", flush=True)
-        result = bench_model(key, args.budget, args.providers)
-        (RESULTS / f"tune-{key}.json").write_text(json.dumps(result, indent=2, default=str))
+        result = bench_model(key, args.budget, args.providers, out)
+        (out / f"tune-{key}.json").write_text(json.dumps(result, indent=2, default=str))
         results.append(result)
         print(table([result]), flush=True)
     print(table(results))

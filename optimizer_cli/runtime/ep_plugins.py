@@ -85,6 +85,12 @@ def plugin_for(ep_name: str) -> PluginLibrary | None:
     return next((p for p in plugin_libraries() if ep_name in p.ep_names), None)
 
 
+def is_plugin_ep(ep_name: str) -> bool:
+    """Whether `ep_name` comes from a plugin library (its own name, or a variant it also registers, such as
+    OpenVINO's 'OpenVINOExecutionProvider.AUTO')."""
+    return any(ep_name == n or ep_name.startswith(n + ".") for p in plugin_libraries() for n in p.ep_names)
+
+
 def ep_devices(ep_name: str) -> list[Any]:
     """onnxruntime's OrtEpDevice entries for one EP (after registering the plugins), in its order."""
     import onnxruntime as ort

@@ -96,7 +96,9 @@ def configure_target(options: Any, target: RunTarget, threads: int) -> list[Any]
 
     name = target.ep_name
     provider_options = target.provider_options(threads)
-    if name in ort.get_available_providers():
+    # A registered plugin's EP also appears in get_available_providers(), but a session takes it only
+    # through its device (providers=[name] silently falls back to the CPU EP).
+    if not ep_plugins.is_plugin_ep(name) and name in ort.get_available_providers():
         entries: list[Any] = [(name, provider_options)] if provider_options else [name]
         return entries if name == "CPUExecutionProvider" else [*entries, "CPUExecutionProvider"]
     device = device_for(target)
@@ -140,7 +142,7 @@ def probe_provider(spec: str | RunTarget) -> ProviderStatus:
         return _PROBE_CACHE[target.label]
     if name == "CPUExecutionProvider":
         status = ProviderStatus(target.label, name, True, "ok")
-    elif name not in ort.get_available_providers() and device_for(target) is None:
+    elif (ep_plugins.is_plugin_ep(name) or name not in ort.get_available_providers()) and (device_for(target) is None):
         status = ProviderStatus(target.label, name, False, _plugin_problem(target))
     else:
         options = ort.SessionOptions()

@@ -47,7 +47,7 @@ def resolve_provider(alias: str) -> str:
     key = alias.strip().split(":", 1)[0].split("@", 1)[0]
     if key.lower() in PROVIDER_ALIASES:
         return PROVIDER_ALIASES[key.lower()]
-    if key.endswith("ExecutionProvider"):
+    if "ExecutionProvider" in key:  # a full EP name, e.g. a plugin's 'OpenVINOExecutionProvider.AUTO'
         return key
     known = ", ".join(sorted(set(PROVIDER_ALIASES)))
     raise UserInputError(f"unknown execution provider '{alias}' (known: {known})")
