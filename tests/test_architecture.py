@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("bench",),
     ("search",),
     ("report",),
+    ("workflows", "api"),
     ("cli", "__main__", "examples", "large_examples", "zoo"),
 ]
 MAX_FUNCTION_LINES = 80
