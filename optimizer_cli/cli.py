@@ -6,11 +6,9 @@ Only parsing and wiring here; the work is in pipeline, bench and report.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
-import shlex
 import signal
 import sys
 import traceback
@@ -28,7 +26,8 @@ from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from optimizer_cli import SCHEMA_VERSION, __version__
-from optimizer_cli.errors import DISK_ERRNOS, GateFailure, OptimizerError, UserInputError, VerificationError
+from optimizer_cli.errors import DISK_ERRNOS, GateFailure, OptimizerError, UserInputError
+from optimizer_cli.workflows.events import Event
 
 
 class _HelpGroup(TyperGroup):
@@ -112,6 +111,24 @@ ReportOpt = typer.Option(None, "--report", help="Also write the JSON report to a
 MemoryOpt = typer.Option(True, "--memory/--no-memory", help="Measure peak session memory.")
 
 
+# How the CLI's messages name the workflows' parameters: by the flags that gave them.
+RUN_FLAGS = {
+    "output": "-o",
+    "recipe": "--recipe",
+    "calib": "--calib",
+    "data": "--data",
+    "fail_if": "--fail-if",
+    "baseline": "--baseline",
+    "report": "--report",
+    "markdown": "--markdown",
+    "strict_ep": "--strict-ep",
+    "allow_nonfinite": "--allow-nonfinite",
+    "allow_cast": "--allow-cast",
+    "bench": "remove --no-bench",
+    "optimized": "the optimized model",
+}
+
+
 @app.command("run")
 def run_cmd(
     model: Path = typer.Argument(..., help="Input .onnx model (never modified)."),
@@ -146,70 +163,57 @@ def run_cmd(
     allow_cast: bool = AllowCastOpt,
 ) -> None:
     """Run a recipe on MODEL, verify every pass, save, and benchmark original vs optimized."""
+    from optimizer_cli.workflows.common import cli_command
+    from optimizer_cli.workflows.run import RunRequest, plan_run, run_optimize
+
     human, log = _consoles(json_out)
-    rec = _run_recipe(recipe := _resolve_recipe(recipe), overrides, calib_samples, threads)  # a file or a preset
-    output = _output_for(model, output)
-    code = _code_consent(rec, recipe, allow_code, (calib, data, providers), overrides, refuse=not dry_run)
-    if dry_run:
-        _parse_gates(fail_if)
-        _dry_run(model, rec, output, calib, data, human, json_out, code, source=recipe)
-        return
-    threads = rec.benchmark.threads
-    benchmarking = bench and rec.benchmark.enabled
-    # Everything that can be checked without the model is checked now, before any work or any write.
-    checks = _preflight(
-        model,
-        output,
-        {"--recipe": recipe, "--calib": calib or rec.data.calibration, "--data": data or rec.data.evaluation},
+    request = RunRequest(
+        model=model,
+        recipe=recipe,
+        output=output,
+        calib=calib,
+        data=data,
+        providers=providers,
+        strict_ep=strict_ep,
+        threads=threads,
+        bench=bench,
+        sweep=sweep,
+        eval_samples=eval_samples,
+        metric=metric,
         fail_if=fail_if,
         baseline=baseline,
-        metric=metric,
+        attribute=attribute,
+        memory=memory,
         markdown=markdown,
         report_path=report_path,
-        benchmarking=benchmarking,
-        metrics=rec.metrics,
+        overrides=overrides,
+        calib_samples=calib_samples,
+        allow_code=allow_code,
+        allow_nonfinite=allow_nonfinite,
+        allow_cast=allow_cast,
+        hashes=_hashes_read(json_out, report_path, baseline),
+        command=cli_command(),
+        names=RUN_FLAGS,
     )
-    settings = _bench_settings(rec, providers, strict_ep, threads, sweep, eval_samples, memory)
-    _check_providers(settings, checks.gates)
-    _check_declared_kinds(model, rec, checks.gates)
-    _check_sweep(model, settings, benchmarking)
-    _quiet_runtime()
-    plan = checks.plan
-    try:
-        staged = plan.staged_model()
-        with _library_output_to_stderr(), _warnings_to(log), _Progress(log) as progress, _disk_errors("-o", output):
-            try:
-                report = _optimize_and_measure(
-                    model, output, recipe, rec, staged, calib, data, threads, settings, checks, benchmarking,
-                    attribute, progress, hashes=_hashes_read(json_out, report_path, baseline),
-                    policy=_data_policy(allow_nonfinite, allow_cast),
-                )  # fmt: skip
-            except VerificationError as exc:
-                if attribute and not (allow_nonfinite or allow_cast):  # it re-reads the data under strict checks
-                    _attribute_failure(exc, model, rec, calib, data, threads, progress)
-                raise
-        _finish(report, checks, json_out, human, log)
-    finally:
-        plan.discard()
+    if dry_run:
+        _dry_run(plan_run(request), human, json_out)
+        return
+    with _library_output_to_stderr(), _warnings_to(log), _Progress(log) as progress:
+        report = run_optimize(request, progress.listen)
+    _render(report, json_out, human)
 
 
-def _data_policy(allow_nonfinite: bool, allow_cast: bool) -> Any:
-    from optimizer_cli.data import DataPolicy
+def _render(report: Any, json_out: bool, human: Console) -> None:
+    """The report of run or bench: the --json document, else the tables (-q: the result alone); a violated
+    gate exits 1 after it."""
+    from optimizer_cli.report.table import render_quiet, render_rich
 
-    return DataPolicy(allow_nonfinite=allow_nonfinite, allow_cast=allow_cast)
-
-
-def _output_for(model: Path, output: Path | None) -> Path:
-    """-o, else MODEL.opt.onnx beside the model (a folder has no name to derive one from)."""
-    if model.name in ("", ".", "..") or model.is_dir():
-        raise UserInputError("is a directory, expected an .onnx file", model)
-    return output or model.with_name(model.stem + ".opt.onnx")
-
-
-def _disk_errors(flag: str, path: Path | None) -> contextlib.AbstractContextManager[None]:
-    from optimizer_cli.outputs import disk_errors
-
-    return disk_errors(flag, path)
+    if json_out:
+        _emit_json(report.to_dict())
+    else:
+        (render_quiet if _verbosity < 0 else render_rich)(report.document, human)
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)
 
 
 def _resolve_recipe(recipe: Path) -> Path:
@@ -227,59 +231,6 @@ def _say_recipe(recipe: Path, log: Console) -> None:
     said = describe_source(recipe, preset_of(recipe))
     if said is not None:
         log.print(escape(said), soft_wrap=True)
-
-
-def _run_recipe(recipe: Path, overrides: list[str], calib_samples: int | None, threads: int | None = None) -> Any:
-    """The recipe with --set applied; --threads is its benchmark.threads (so the report records what was asked);
-    --calib-samples N makes the run read N samples and every pass that calibrates use them all."""
-    from optimizer_cli.recipe import load_recipe
-
-    overrides = [*overrides, *([f"benchmark.threads={threads}"] if threads is not None else [])]
-    rec = load_recipe(recipe, overrides)
-    if calib_samples is None:
-        return rec
-    fields = ["data.calibration_samples"] + [
-        f"passes.{i}.calibration_samples"
-        for i, p in enumerate(rec.passes)
-        if "calibration_samples" in type(p).model_fields
-    ]
-    return load_recipe(recipe, [*overrides, *(f"{f}={calib_samples}" for f in fields)])
-
-
-def _code_consent(
-    rec: Any, recipe: Path, allow_code: bool, flags: tuple[str | None, ...], overrides: list[str], *, refuse: bool
-) -> str | None:
-    """Code the recipe names that nobody consented to (None: none); with `refuse`, a UserInputError naming it.
-    A shared recipe's loader is code: it runs only with --allow-code or the same loader on the command line.
-    `flags`: --calib, --data and --providers, which replace the recipe's own."""
-    from optimizer_cli.recipe import code_consent_problem, set_values, unconsented_code
-
-    calib, data, providers = flags
-    refs = unconsented_code(
-        rec,
-        allow_code=allow_code,
-        calibration=calib,
-        evaluation=data,
-        providers=providers,
-        command_line=set_values(overrides),
-    )
-    problem = code_consent_problem(refs) if refs else None
-    if problem is not None and refuse:
-        raise UserInputError(problem, recipe)
-    return problem
-
-
-def _attribute_failure(
-    exc: VerificationError, model: Path, rec: Any, calib: str | None, data: str | None, threads: int, log: _Progress
-) -> None:
-    """A quantize pass stopped below verify.min_cosine: find (and verify) the exclusion patch that passes, so the
-    user's next command works. It rides on the error: printed before it, and in the --json error document."""
-    from optimizer_cli.search.attribution import on_verification_failure
-
-    found = on_verification_failure(exc, model, rec, calib, data, threads, log=log.line)
-    if found:
-        log.console.print(escape(found["message"]), soft_wrap=True)
-        exc.details["attribution"] = found
 
 
 class _Progress:
@@ -307,6 +258,17 @@ class _Progress:
         self.console.print(f"  {text}")
         self.step(text)
 
+    def listen(self, event: Event) -> None:
+        """A workflow's events: steps drive the spinner, lines print indented, messages print whole."""
+        if event.kind == "step":
+            self.step(event.text)
+        elif event.kind == "line":
+            self.line(event.text)
+        elif event.kind == "warning":
+            self.console.print(f"[yellow]warning:[/yellow] {escape(event.text)}", soft_wrap=True)
+        else:
+            self.console.print(escape(event.text), soft_wrap=True)
+
 
 @contextlib.contextmanager
 def _library_output_to_stderr() -> Iterator[None]:
@@ -318,248 +280,17 @@ def _library_output_to_stderr() -> Iterator[None]:
         yield
 
 
-def _optimize_and_measure(
-    model: Path,
-    output: Path,
-    recipe: Path,
-    rec: Any,
-    staged: Path,
-    calib: str | None,
-    data: str | None,
-    threads: int,
-    settings: Any,
-    checks: _Checked,
-    benchmarking: bool,
-    attribute: bool,
-    log: _Progress,
-    *,
-    hashes: bool,
-    policy: Any = None,
-) -> dict[str, Any]:
-    """The work of `run`: passes (saved to the staging path), then benchmark and attribution."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from optimizer_cli.model_io import model_sha256
-    from optimizer_cli.pipeline import run_pipeline
-    from optimizer_cli.recipe import preset_of
-
-    def on_stage(stage: Any) -> None:
-        cos = stage.worst_cosine()
-        log.line(
-            f"{stage.name}: {stage.seconds:.2f}s, {stage.nodes} nodes"
-            + (f", cosine vs original {cos:.5f}" if cos is not None else "")
-        )
-
-    _say_recipe(recipe, log.console)
-    log.step("loading and checking the model")
-    # The input's hash reads the whole file (seconds for a model over 2 GB): on the second core, meanwhile.
-    input_hash = None
-    if hashes:
-        hashing = ThreadPoolExecutor(max_workers=1)
-        input_hash = hashing.submit(model_sha256, model)
-        hashing.shutdown(wait=False)
-    result = run_pipeline(
-        model,
-        rec,
-        staged,
-        calibration=calib,
-        evaluation=data,
-        threads=threads,
-        eval_samples=settings.eval_samples,
-        on_stage=on_stage,
-        on_start=lambda i, label: log.step(f"pass {i + 1} of {len(rec.passes)}: {label}"),
-        logger=logging.getLogger("optimizer_cli"),
-        on_progress=log.step,
-        data_policy=policy,
-    )
-    report: dict[str, Any] = {
-        **_provenance(model, staged, hashes, input_hash.result() if input_hash else None),
-        "output": str(output),
-        "recipe": {"path": str(recipe), "preset": preset_of(recipe), **rec.model_dump(mode="json")},
-        "input_bytes": result.input_bytes,
-        "output_bytes": result.output_bytes,
-        "stages": [s.as_dict() for s in result.stages],
-        # The samples every stage's drift (the stage table's cosine) was read on: fewer than the benchmark's.
-        "verification": {"samples": len(result.verify_data), "source": result.verify_data.source},
-        "notes": list(result.notes),
-    }
-    if benchmarking:
-        eval_data = result.evaluation if result.evaluation is not None else result.verify_data
-        if result.evaluation is None and not eval_data.is_random:
-            report["notes"].append(_calibration_eval_note(eval_data))
-        timed = _runnable_original(model, staged.parent / "original", report["notes"])
-        _benchmark_into(report, timed, staged, settings, eval_data, checks.metric, rec.data.dims, log)
-        if attribute and (policy is not None and (policy.allow_nonfinite or policy.allow_cast)):
-            # Attribution re-runs the pipeline from the data specs under the default (strict) load checks.
-            report["notes"].append("attribution skipped: it does not run with --allow-nonfinite or --allow-cast")
-        elif attribute:
-            _attribution_into(report, model, staged, rec, eval_data, calib, data, threads, log)
-    return report
-
-
-def _calibration_eval_note(eval_data: Any) -> str:
-    """Without --data the benchmark scores the verification samples, drawn from the calibration data: a top-1
-    there is not the model's accuracy on held-out data."""
-    return (
-        f"no --data: accuracy and fidelity were read on the {len(eval_data)} verification samples of the "
-        f"calibration data ({eval_data.source}), which the model was calibrated on; give --data for held-out figures"
-    )
-
-
-def _runnable_original(model: Path, folder: Path, notes: list[str]) -> Path:
-    """The original as onnxruntime can load it: the file itself, or (IR newer than onnxruntime reads, two nodes
-    of one name) a copy with the pipeline's own normalization in `folder`, the staging folder's, said in a note."""
-    import onnx_ir as ir
-
-    from optimizer_cli.model_io import external_data_files, load_model, runtime_problem, save_model
-    from optimizer_cli.pipeline import normalize
-
-    problem = runtime_problem(ir.load(model))  # memory-maps external data: cheap
-    if problem is None:
-        return model
-    normalized = load_model(model)
-    normalize(normalized)
-    copy = folder / model.name
-    save_model(normalized, copy, external_data=bool(external_data_files(model)) or None)
-    notes.append(f"the original was timed as normalized the way the passes see it: {problem.split(';')[0]}")
-    return copy
-
-
 def _hashes_read(json_out: bool, report_path: Path | None, baseline: Path | None) -> bool:
     """Whether anything reads the models' hashes: the JSON report (stdout or --report) and --baseline's check
     that it was measured on the same input. Hashing a 2.5 GB model takes over 2 s of a core."""
     return json_out or report_path is not None or baseline is not None
 
 
-def _provenance(model: Path, output: Path, hashes: bool, input_sha256: str | None = None) -> dict[str, Any]:
-    """What identifies the run: tool, command line, time, and (when `hashes`) the hashes of the input and
-    output models."""
-    from datetime import datetime, timezone
-
-    from optimizer_cli.model_io import model_sha256
-
-    found: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "tool": f"optimizer-cli {__version__}",
-        "command": " ".join(shlex.quote(a) for a in ["optimize", *sys.argv[1:]]),
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "input": str(model),
-    }
-    if hashes:
-        found["input_sha256"] = input_sha256 or model_sha256(model)
-        found["output_sha256"] = model_sha256(output) if output.exists() else None
-    return found
-
-
-@dataclass
-class _Checked:
-    """What _preflight validated: parsed gates, the loaded baseline and metric, the output plan."""
-
-    gates: list[Any]
-    baseline: dict[str, Any] | None
-    metric: Any
-    plan: Any
-
-
-def _preflight(
-    model: Path,
-    output: Path | None,
-    inputs: dict[str, str | Path | None],
-    *,
-    fail_if: list[str],
-    baseline: Path | None,
-    metric: str | None,
-    markdown: Path | None,
-    report_path: Path | None,
-    benchmarking: bool,
-    metrics: Any = None,
-) -> _Checked:
-    """Validate every flag and path before the model is loaded: a mistake costs nothing and writes nothing."""
-    from optimizer_cli.outputs import OutputPlan, read_paths
-    from optimizer_cli.report.baseline import load_baseline
-
-    if not model.exists():
-        raise UserInputError("file not found", model)
-    gates = _parse_gates(fail_if)
-    if gates and not benchmarking:
-        raise UserInputError("--fail-if needs a benchmark (remove --no-bench or set benchmark.enabled=true)")
-    reports = {k: v for k, v in (("--report", report_path), ("--markdown", markdown)) if v is not None}
-    plan = OutputPlan(model=output, reports=reports)
-    plan.check(read_paths(model, {**inputs, "--baseline": baseline}))
-    return _Checked(
-        gates=gates,
-        baseline=load_baseline(baseline) if baseline is not None else None,
-        metric=_load_metric(metric, model, metrics),
-        plan=plan,
-    )
-
-
-def _load_metric(metric: str | None, model: Path, metrics: Any) -> Any:
-    """--metric, else the recipe's metrics.task; builtin:cer reads its charset (or the model's metadata) now."""
-    from optimizer_cli.bench.accuracy import load_metric
-
-    spec = metric or (f"builtin:{metrics.task}" if metrics is not None and metrics.task else None)
-    if spec is None:
-        return None
-    if metrics is None:
-        return load_metric(spec, model=model)
-    return load_metric(spec, model=model, charset=metrics.charset, map_threshold=metrics.map_threshold)
-
-
-def _check_declared_kinds(model: Path, rec: Any, gates: list[Any]) -> None:
-    """The recipe's metrics.outputs names real outputs, and kind gates it rules out fail now."""
-    if not rec.metrics.outputs:
-        return
-    import onnx_ir as ir
-
-    from optimizer_cli.analysis.graph import output_names
-    from optimizer_cli.bench.gate import check_declared_kinds
-    from optimizer_cli.bench.output_kinds import check_declared
-
-    names = output_names(ir.load(model))  # memory-maps external data: cheap
-    check_declared(names, rec.metrics.outputs)
-    check_declared_kinds(gates, dict(rec.metrics.outputs), names)
-
-
-def _check_sweep(model: Path, settings: Any, benchmarking: bool) -> None:
-    """--sweep names dims the model has (a dim it lacks would time the same shape under another label)."""
-    if not settings.sweep or not benchmarking:
-        return
-    import onnx_ir as ir
-
-    from optimizer_cli.bench.harness import check_sweep_dims
-
-    check_sweep_dims(settings.sweep, ir.load(model))  # memory-maps external data: cheap
-
-
-def _check_providers(settings: Any, gates: list[Any]) -> None:
-    """Gates the benchmark cannot measure, and (--strict-ep) unusable providers, fail now, not after the passes."""
-    from optimizer_cli.bench.gate import check_measurable
-    from optimizer_cli.runtime.providers import probe_provider
-
-    check_measurable(gates, settings.runs_per_round, settings.rounds, settings.providers)
-    if not settings.strict_ep:
-        return
-
-    for alias in settings.providers:
-        status = probe_provider(alias)
-        if not status.usable:
-            raise UserInputError(f"execution provider '{alias}' is not usable: {status.reason} (--strict-ep)")
-
-
-def _parse_gates(exprs: list[str]) -> list[Any]:
-    from optimizer_cli.bench.gate import parse_gate
-
-    return [parse_gate(e) for e in exprs]
-
-
 def _quiet_runtime() -> None:
     """onnxruntime's default logger (used by the sessions its quantization tools make) follows -v."""
-    import onnxruntime as ort
+    from optimizer_cli.workflows.common import quiet_runtime
 
-    from optimizer_cli.runtime.session import ort_log_severity
-
-    ort.set_default_logger_severity(min(3, ort_log_severity()))
+    quiet_runtime()
 
 
 @contextlib.contextmanager
@@ -573,191 +304,28 @@ def _warnings_to(log: Console) -> Iterator[None]:
         yield
 
 
-def _bench_settings(
-    rec: Any,
-    providers: str | None,
-    strict_ep: bool,
-    threads: int,
-    sweep: list[str],
-    eval_samples: int | None,
-    memory: bool,
-) -> Any:
-    from optimizer_cli.bench.harness import BenchSettings, sweep_points
-    from optimizer_cli.runtime.providers import parse_provider_list
+def _dry_run(report: Any, human: Console, json_out: bool) -> None:
+    """--dry-run: the plan (and every problem found) without loading the model; exit 2 when there is a problem."""
+    from optimizer_cli.recipe import SessionSettings
 
-    b = rec.benchmark
-    recipe_providers = parse_provider_list(",".join(b.providers)) if b.providers else None  # typos fail now
-    if providers:
-        provider_list = parse_provider_list(providers)
-    else:
-        provider_list = recipe_providers or parse_provider_list(None)
-    # The recipe's run target is measured beside the reference (the CPU EP) whichever providers are asked.
-    runtime = getattr(getattr(rec, "runtime", None), "target", None)
-    if runtime and not providers:
-        provider_list = list(dict.fromkeys(["cpu", *provider_list, runtime]))
-    # The recipe's benchmark section carries over by name; the flags and resolved providers win.
-    shared = b.model_dump(include={f.name for f in dataclasses.fields(BenchSettings)})
-    return BenchSettings(
-        **{
-            **shared,
-            "providers": provider_list,
-            "threads": threads,
-            "strict_ep": strict_ep,
-            "memory": memory,
-            "sweep": sweep_points(sweep),
-            "eval_samples": eval_samples,
-            "output_kinds": dict(rec.metrics.outputs),
-            "map_threshold": rec.metrics.map_threshold,
-            # Its names are SessionConfig's; null opt_level / inter_op_threads: the benchmark's / onnxruntime's.
-            "optimized_session": rec.session.model_dump(exclude_none=True),
-        }
-    )
-
-
-def _benchmark_into(
-    report: dict[str, Any],
-    model: Path,
-    output: Path,
-    settings: Any,
-    eval_data: Any,
-    metric: Any,
-    dims: dict[str, int],
-    log: _Progress,
-) -> None:
-    from optimizer_cli.bench.harness import run_benchmark
-
-    bench = run_benchmark(
-        Path(model),
-        Path(output),
-        settings,
-        eval_data,
-        metric=metric,
-        dims=dims,
-        log=log.line,
-    )
-    report["benchmark"] = {**bench.as_dict(), "threads": settings.threads}  # what the sessions were given
-    # The samples the source holds (None: unknown): "256 of 397 samples", where tune reads all 397.
-    report["benchmark"]["eval_available"] = getattr(eval_data, "available", None)
-    report["notes"].extend(n for n in bench.notes if n not in report["notes"])
-
-
-def _attribution_into(
-    report: dict[str, Any],
-    model: Path,
-    output: Path,
-    rec: Any,
-    eval_data: Any,
-    calib: str | None,
-    data: str | None,
-    threads: int,
-    log: _Progress,
-) -> None:
-    from optimizer_cli.search.attribution import MAX_SAMPLES, attribute_if_needed
-
-    found = attribute_if_needed(report, Path(model), Path(output), rec, eval_data, calib, data, threads, log=log.line)
-    if found:
-        if found.get("nodes"):  # ranked by the mean cosine over the first few samples, not the benchmark's min
-            found["ranked_samples"] = min(MAX_SAMPLES, len(eval_data))
-        report["attribution"] = found
-
-
-def _finish(report: dict[str, Any], checks: _Checked, json_out: bool, human: Console, log: Console) -> None:
-    """Gates and baseline, then every output: reports are rendered in memory first, and the model (only when
-    no gate failed) and the reports are committed together last."""
-    from optimizer_cli.report.table import render_markdown, render_quiet, render_rich
-
-    if checks.baseline is not None and report.get("benchmark"):
-        from optimizer_cli.report.baseline import compare, provenance_warnings
-
-        report["baseline"] = compare(report, checks.baseline)
-        warnings_ = provenance_warnings(report, checks.baseline)
-        for w in warnings_:
-            log.print(f"[yellow]warning:[/yellow] {w}")
-        report["notes"].extend(warnings_)
-    if checks.gates:
-        from optimizer_cli.bench.gate import evaluate
-
-        report["gates"] = [g.as_dict() for g in evaluate(checks.gates, report["benchmark"])]
-    violated = any(g["violated"] for g in report.get("gates", []))
-    plan = checks.plan
-    if plan.model is not None:
-        report["output_written"] = not violated
-        if violated:
-            report["notes"].append(f"a --fail-if gate was violated: {plan.model} was not written")
-    texts = {
-        path: (json.dumps(report, indent=2, default=str) + "\n" if flag == "--report" else render_markdown(report))
-        for flag, path in plan.reports.items()
-    }
-    # The model and its reports are one unit: all in place, or the previous set left whole; "wrote" only after.
-    plan.commit(texts, model=not violated)
-    if plan.model is not None and not violated:
-        log.print(
-            f"wrote {plan.model} ({report['output_bytes'] / 1e6:.2f} MB, was {report['input_bytes'] / 1e6:.2f} MB)"
-        )
-    if json_out:
-        _emit_json(report)
-    else:
-        (render_quiet if _verbosity < 0 else render_rich)(report, human)  # -q: the result alone
-    if violated:
-        raise typer.Exit(GateFailure.exit_code)
-
-
-def _dry_run(
-    model: Path,
-    rec: Any,
-    output: Path,
-    calib: str | None,
-    data: str | None,
-    human: Console,
-    json_out: bool,
-    code: str | None = None,
-    *,
-    source: Path | None = None,
-) -> None:
-    from optimizer_cli.passes import PASS_REGISTRY, RunInputs
-    from optimizer_cli.pipeline import requirement_problems
-    from optimizer_cli.recipe import preset_of
-
-    calib = calib or rec.data.calibration
-    data = data or rec.data.evaluation
-    problems = requirement_problems(rec, RunInputs(calibration=calib, evaluation=data))
-    if code is not None:  # said, never run: a dry run imports nothing
-        problems.append(code)
-    if not model.exists():
-        problems.insert(0, f"{model}: file not found")
-    plan = {
-        "input": str(model),
-        "output": str(output),
-        "recipe": rec.name,
-        "recipe_path": str(source) if source is not None else None,
-        "preset": preset_of(source) if source is not None else None,
-        "passes": [
-            {"index": i, "type": p.type, "exactness": PASS_REGISTRY[p.type].exactness.value, "config": p.model_dump()}
-            for i, p in enumerate(rec.passes)
-        ],
-        "calibration": calib,
-        "evaluation": data,
-        "verify": rec.verify.model_dump(),
-        "benchmark": rec.benchmark.model_dump(),
-        "session": rec.session.model_dump(),
-        "problems": problems,
-    }
-    if source is not None:
-        _say_recipe(source, Console(stderr=True, quiet=_verbosity < 0))
+    plan = report.document
+    if plan["recipe_path"] is not None:
+        _say_recipe(Path(plan["recipe_path"]), Console(stderr=True, quiet=_verbosity < 0))
     if json_out:
         _emit_json(plan)
     else:
-        human.print(escape(f"Plan: {model} -> {output} with recipe '{rec.name}'"), soft_wrap=True)
+        human.print(escape(f"Plan: {plan['input']} -> {plan['output']} with recipe '{plan['recipe']}'"), soft_wrap=True)
         for p in plan["passes"]:
             cfg = {k: v for k, v in p["config"].items() if k not in ("type", "label")}
             human.print(escape(f"  {p['index']}. {p['type']} ({p['exactness']}) {_options_text(cfg)}"), soft_wrap=True)
-        human.print(escape(f"  calibration: {calib or '-'}; evaluation: {data or 'seeded random'}"), soft_wrap=True)
-        session = rec.session.model_dump(mode="json", exclude_defaults=True)
+        said = f"  calibration: {plan['calibration'] or '-'}; evaluation: {plan['evaluation'] or 'seeded random'}"
+        human.print(escape(said), soft_wrap=True)
+        session = SessionSettings.model_validate(plan["session"]).model_dump(mode="json", exclude_defaults=True)
         if session:
             human.print(escape(f"  optimized model's session options: {_options_text(session)}"), soft_wrap=True)
-    if problems:
+    if plan["problems"]:
         # Each problem once, as an error line on stderr (the JSON plan also lists them).
-        for problem in problems:
+        for problem in plan["problems"]:
             sys.stderr.write(f"error: {problem}\n")
         raise typer.Exit(UserInputError.exit_code)
 
@@ -1237,51 +805,36 @@ def bench_cmd(
     allow_cast: bool = AllowCastOpt,
 ) -> None:
     """Benchmark two existing models side by side (latency, accuracy, fidelity, memory, size)."""
-    from optimizer_cli.bench.harness import check_sweep_dims
-    from optimizer_cli.data import DataPolicy, random_dataset, resolve_dataset
-    from optimizer_cli.model_io import check_runtime_loadable, load_model
-    from optimizer_cli.pipeline import require_inputs
-    from optimizer_cli.recipe import empty_recipe
-    from optimizer_cli.verify import signature
+    from optimizer_cli.workflows.bench import BenchRequest, run_benchmark
+    from optimizer_cli.workflows.common import cli_command
 
     human, log = _consoles(json_out)
-    if not optimized.exists():
-        raise UserInputError("file not found", optimized)
-    checks = _preflight(
-        original,
-        None,
-        {"the optimized model": optimized, "--data": data},
+    request = BenchRequest(
+        original=original,
+        optimized=optimized,
+        data=data,
+        providers=providers,
+        strict_ep=strict_ep,
+        threads=threads,
+        rounds=rounds,
+        sweep=sweep,
+        dims=_parse_dims(dims),
+        eval_samples=eval_samples,
+        metric=metric,
         fail_if=fail_if,
         baseline=baseline,
-        metric=metric,
         markdown=markdown,
         report_path=report_path,
-        benchmarking=True,
+        memory=memory,
+        allow_nonfinite=allow_nonfinite,
+        allow_cast=allow_cast,
+        hashes=_hashes_read(json_out, report_path, baseline),
+        command=cli_command(),
+        names=RUN_FLAGS,
     )
-    dim_values = _parse_dims(dims)
-    rec = empty_recipe([f"benchmark.threads={threads}", f"benchmark.rounds={rounds}"])
-    rec.data.dims = dim_values
-    settings = _bench_settings(rec, providers, strict_ep, threads, sweep, eval_samples, memory)
-    _check_providers(settings, checks.gates)
-    _quiet_runtime()
-    a = load_model(original)
-    b = load_model(optimized)
-    require_inputs(a, original)
-    # Both are timed as they are on disk: what onnxruntime would refuse is the user's to fix, said now.
-    check_runtime_loadable(a, original)
-    check_runtime_loadable(b, optimized)
-    if settings.sweep:
-        check_sweep_dims(settings.sweep, a)
-    if signature(a) != signature(b):
-        raise UserInputError(f"models have different inputs/outputs: {signature(a)} vs {signature(b)}", optimized)
-    policy = DataPolicy(allow_nonfinite, allow_cast)
-    eval_data = resolve_dataset(data, a, samples=8, seed=0, dims=dim_values, limit=eval_samples, policy=policy)
-    eval_data = eval_data or random_dataset(a, 8, 0, dim_values)
-    hashes = _hashes_read(json_out, report_path, baseline)
-    report: dict[str, Any] = {**_provenance(original, optimized, hashes), "output": str(optimized), "notes": []}
     with _library_output_to_stderr(), _warnings_to(log), _Progress(log) as progress:
-        _benchmark_into(report, original, optimized, settings, eval_data, checks.metric, dim_values, progress)
-    _finish(report, checks, json_out, human, log)
+        report = run_benchmark(request, progress.listen)
+    _render(report, json_out, human)
 
 
 def _parse_dims(items: list[str]) -> dict[str, int]:

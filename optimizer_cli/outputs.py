@@ -97,14 +97,19 @@ class OutputPlan:
 
     model: Path | None = None
     reports: dict[str, Path] = field(default_factory=dict)  # flag -> path
+    # How messages name the model's path: the CLI's -o, the Python API's `output` parameter.
+    model_flag: str = "-o"
     _staging: Path | None = None
 
     def writes(self) -> dict[Path, str]:
-        for flag, path in [("-o", self.model), *self.reports.items()]:
+        for flag, path in [(self.model_flag, self.model), *self.reports.items()]:
             if path is not None:
                 _check_named(flag, path)
         out: dict[Path, str] = {}
-        named = [("-o", self.model), ("-o (its external data)", data_file_of(self.model) if self.model else None)]
+        named = [
+            (self.model_flag, self.model),
+            (f"{self.model_flag} (its external data)", data_file_of(self.model) if self.model else None),
+        ]
         named += list(self.reports.items())
         for flag, path in named:
             if path is None:
@@ -120,7 +125,7 @@ class OutputPlan:
         for resolved, flag in self.writes().items():
             if resolved in reads:
                 raise UserInputError(f"refusing to overwrite {reads[resolved]} with {flag}", resolved)
-        for flag, path in [("-o", self.model), *self.reports.items()]:
+        for flag, path in [(self.model_flag, self.model), *self.reports.items()]:
             if path is not None:
                 _check_writable(flag, path)
 
@@ -160,7 +165,7 @@ class OutputPlan:
             # Data before the model, so the model never points at a missing file.
             head = [(staged_data, data_file_of(self.model))] if staged_data.exists() else []
             moves = [*head, (staged, self.model), *moves]
-        with disk_errors("-o" if self.model is not None else next(iter(self.reports), "output"), self.model):
+        with disk_errors(self.model_flag if self.model is not None else next(iter(self.reports), "output"), self.model):
             _replace_all(moves)
 
     def discard(self) -> None:

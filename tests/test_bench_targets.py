@@ -102,11 +102,12 @@ def test_the_recipe_runtime_section_round_trips_and_joins_the_benchmark() -> Non
     assert rec.runtime.target == "openvino:f32"
     dumped = rec.model_dump(mode="json")
     assert parse_recipe(__import__("yaml").safe_dump(dumped)).runtime == rec.runtime
-    from optimizer_cli.cli import _bench_settings
+    from optimizer_cli.workflows.common import BenchOptions, bench_settings
 
-    settings = _bench_settings(rec, None, False, 2, [], None, False)
+    settings = bench_settings(rec, BenchOptions(eval_samples=None, memory=False), 2)
     assert settings.providers[0] == "cpu" and settings.providers[-1] == "openvino:f32"
-    assert _bench_settings(rec, "cpu", False, 2, [], None, False).providers == ["cpu"]  # the flag wins
+    asked = BenchOptions(providers="cpu", eval_samples=None, memory=False)
+    assert bench_settings(rec, asked, 2).providers == ["cpu"]  # the flag wins
 
 
 def test_a_sweep_gives_every_shape_point_of_a_target_its_row(tmp_path: Path) -> None:

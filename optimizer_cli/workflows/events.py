@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from optimizer_cli import SCHEMA_VERSION
 
-EventKind = Literal["step", "line", "trial", "warning"]
+EventKind = Literal["step", "line", "info", "trial", "warning"]
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,8 @@ class Event:
     """One thing a workflow reports while it works.
 
     kind: 'step' (what runs now; transient, a spinner's text), 'line' (a result worth a line of its own, e.g. a
-    pass finished), 'trial' (tune finished a trial; `data` holds the trial and the search's progress),
+    pass finished), 'info' (a message said once, apart from the progress: the recipe picked, the files written),
+    'trial' (tune finished a trial; `data` holds the trial and the search's progress),
     'warning' (something the user should know; also in the report's notes where it matters).
     """
 
