@@ -70,13 +70,22 @@ def _speaking_parameters() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet_stdout() -> Iterator[None]:
-    """What libraries print during the work (onnxruntime's calibrators' print(), native printf) is dropped: a
-    library call writes nothing on the caller's stdout."""
-    from optimizer_cli.report.console import captured_library_output
+def _quiet_stdout(listener: Listener | None) -> Iterator[Listener | None]:
+    """What libraries print() during the work (onnxruntime's calibrators' progress) is dropped: a library call
+    writes nothing on the caller's stdout. Yields the listener to give the workflow: it runs with the caller's
+    stdout back, so a listener that prints is seen."""
+    import io
+    import sys
 
-    with captured_library_output(None, show=False):
-        yield
+    caller = sys.stdout
+
+    def deliver(event: Event) -> None:
+        assert listener is not None
+        with contextlib.redirect_stdout(caller):
+            listener(event)
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield deliver if listener is not None else None
 
 
 def _path(value: str | Path | None) -> Path | None:
@@ -149,8 +158,8 @@ def optimize(
         more,
         paths=("baseline", "markdown", "report_path"),
     )
-    with _speaking_parameters(), _quiet_stdout():
-        return run_optimize(request, listener)
+    with _speaking_parameters(), _quiet_stdout(listener) as deliver:
+        return run_optimize(request, deliver)
 
 
 def benchmark(
@@ -190,8 +199,8 @@ def benchmark(
         more,
         paths=("baseline", "markdown", "report_path"),
     )
-    with _speaking_parameters(), _quiet_stdout():
-        return run_benchmark(request, listener)
+    with _speaking_parameters(), _quiet_stdout(listener) as deliver:
+        return run_benchmark(request, deliver)
 
 
 def tune(
@@ -235,8 +244,8 @@ def tune(
         "output": _path(output),
     }
     request = _request(TuneRequest, fields, more, paths=("space", "study"))
-    with _speaking_parameters(), _quiet_stdout():
-        return run_tune(request, listener)
+    with _speaking_parameters(), _quiet_stdout(listener) as deliver:
+        return run_tune(request, deliver)
 
 
 def _request(kind: Any, given: dict[str, Any], more: Mapping[str, Any], *, paths: Sequence[str]) -> Any:

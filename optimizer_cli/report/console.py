@@ -81,12 +81,11 @@ def _flush_c_stdio() -> None:
 
 
 @contextlib.contextmanager
-def captured_library_output(console: Console | None, show: bool) -> Iterator[None]:
+def captured_library_output(console: Console, show: bool) -> Iterator[None]:
     """stdout carries only our report: what libraries print during the work (onnxruntime.quantization's
     calibrators: 'Collecting tensor data and making histogram ...'; native printf) is captured at the Python
     and the file-descriptor level, and printed on the console (stderr) only when `show` (-v), each
-    distinct line once with its count. stderr is left alone: a library's error still shows. No console (the Python
-    API): dropped."""
+    distinct line once with its count. stderr is left alone: a library's error still shows."""
     sys.stdout.flush()
     python = io.StringIO()
     with tempfile.TemporaryFile() as native:
@@ -102,8 +101,7 @@ def captured_library_output(console: Console | None, show: bool) -> Iterator[Non
             native.seek(0)
             text = python.getvalue() + native.read().decode(errors="replace")
             lines = [line.rstrip() for line in text.splitlines() if line.strip()]
-            # Also when the work failed: that is when the chatter may explain it.
-            if show and lines and console is not None:
+            if show and lines:  # also when the work failed: that is when the chatter may explain it
                 console.print("library output:")
                 for line in counted(lines):
                     console.print(f"  {escape(line)}", soft_wrap=True, highlight=False)
