@@ -163,44 +163,30 @@ def run_cmd(
     allow_cast: bool = AllowCastOpt,
 ) -> None:
     """Run a recipe on MODEL, verify every pass, save, and benchmark original vs optimized."""
-    from optimizer_cli.workflows.common import cli_command
+    options = dict(locals())  # the options, named as RunRequest's fields
     from optimizer_cli.workflows.run import RunRequest, plan_run, run_optimize
 
     human, log = _consoles(json_out)
-    request = RunRequest(
-        model=model,
-        recipe=recipe,
-        output=output,
-        calib=calib,
-        data=data,
-        providers=providers,
-        strict_ep=strict_ep,
-        threads=threads,
-        bench=bench,
-        sweep=sweep,
-        eval_samples=eval_samples,
-        metric=metric,
-        fail_if=fail_if,
-        baseline=baseline,
-        attribute=attribute,
-        memory=memory,
-        markdown=markdown,
-        report_path=report_path,
-        overrides=overrides,
-        calib_samples=calib_samples,
-        allow_code=allow_code,
-        allow_nonfinite=allow_nonfinite,
-        allow_cast=allow_cast,
-        hashes=_hashes_read(json_out, report_path, baseline),
-        command=cli_command(),
-        names=RUN_FLAGS,
-    )
+    request = _request(RunRequest, options, json_out)
     if dry_run:
         _dry_run(plan_run(request), human, json_out)
         return
     with _library_output_to_stderr(), _warnings_to(log), _Progress(log) as progress:
         report = run_optimize(request, progress.listen)
     _render(report, json_out, human)
+
+
+def _request(kind: Any, options: dict[str, Any], json_out: bool) -> Any:
+    """A workflow's request from a command's options, named as its fields; and what only the CLI knows: the
+    hashes are computed when something reads them, the command line as typed, messages name the flags."""
+    import dataclasses
+
+    from optimizer_cli.workflows.common import cli_command
+
+    fields = {f.name for f in dataclasses.fields(kind)}
+    given = {name: value for name, value in options.items() if name in fields}
+    hashes = _hashes_read(json_out, options.get("report_path"), options.get("baseline"))
+    return kind(**given, hashes=hashes, command=cli_command(), names=RUN_FLAGS)
 
 
 def _render(report: Any, json_out: bool, human: Console) -> None:
@@ -306,7 +292,7 @@ def _warnings_to(log: Console) -> Iterator[None]:
 
 def _dry_run(report: Any, human: Console, json_out: bool) -> None:
     """--dry-run: the plan (and every problem found) without loading the model; exit 2 when there is a problem."""
-    from optimizer_cli.recipe import SessionSettings
+    from optimizer_cli.report.plan import render_plan
 
     plan = report.document
     if plan["recipe_path"] is not None:
@@ -314,25 +300,12 @@ def _dry_run(report: Any, human: Console, json_out: bool) -> None:
     if json_out:
         _emit_json(plan)
     else:
-        human.print(escape(f"Plan: {plan['input']} -> {plan['output']} with recipe '{plan['recipe']}'"), soft_wrap=True)
-        for p in plan["passes"]:
-            cfg = {k: v for k, v in p["config"].items() if k not in ("type", "label")}
-            human.print(escape(f"  {p['index']}. {p['type']} ({p['exactness']}) {_options_text(cfg)}"), soft_wrap=True)
-        said = f"  calibration: {plan['calibration'] or '-'}; evaluation: {plan['evaluation'] or 'seeded random'}"
-        human.print(escape(said), soft_wrap=True)
-        session = SessionSettings.model_validate(plan["session"]).model_dump(mode="json", exclude_defaults=True)
-        if session:
-            human.print(escape(f"  optimized model's session options: {_options_text(session)}"), soft_wrap=True)
+        render_plan(plan, human)
     if plan["problems"]:
         # Each problem once, as an error line on stderr (the JSON plan also lists them).
         for problem in plan["problems"]:
             sys.stderr.write(f"error: {problem}\n")
         raise typer.Exit(UserInputError.exit_code)
-
-
-def _options_text(options: dict[str, Any]) -> str:
-    """key=value with the recipe's (YAML/JSON) spellings: true, null, [..], not Python's True, None."""
-    return ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v, default=str)}" for k, v in options.items())
 
 
 def _parse_budget(text: str | None) -> float | None:
@@ -805,33 +778,11 @@ def bench_cmd(
     allow_cast: bool = AllowCastOpt,
 ) -> None:
     """Benchmark two existing models side by side (latency, accuracy, fidelity, memory, size)."""
+    options = dict(locals())  # the options, named as BenchRequest's fields
     from optimizer_cli.workflows.bench import BenchRequest, run_benchmark
-    from optimizer_cli.workflows.common import cli_command
 
     human, log = _consoles(json_out)
-    request = BenchRequest(
-        original=original,
-        optimized=optimized,
-        data=data,
-        providers=providers,
-        strict_ep=strict_ep,
-        threads=threads,
-        rounds=rounds,
-        sweep=sweep,
-        dims=_parse_dims(dims),
-        eval_samples=eval_samples,
-        metric=metric,
-        fail_if=fail_if,
-        baseline=baseline,
-        markdown=markdown,
-        report_path=report_path,
-        memory=memory,
-        allow_nonfinite=allow_nonfinite,
-        allow_cast=allow_cast,
-        hashes=_hashes_read(json_out, report_path, baseline),
-        command=cli_command(),
-        names=RUN_FLAGS,
-    )
+    request = _request(BenchRequest, {**options, "dims": _parse_dims(dims)}, json_out)
     with _library_output_to_stderr(), _warnings_to(log), _Progress(log) as progress:
         report = run_benchmark(request, progress.listen)
     _render(report, json_out, human)
