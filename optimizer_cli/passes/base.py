@@ -62,6 +62,75 @@ class RunInputs:
     evaluation: str | None = None
 
 
+# --- what tune may vary (each pass declares its own part of the search space) -------------------------
+
+# Ops whose weights the integer kernels take; the rest of a static QDQ graph is data movement.
+COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
+DYNAMIC_TARGETS = ("MatMul", "Gemm", "LSTM", "Attention")
+
+
+@dataclass(frozen=True)
+class SearchDimension:
+    """A recipe setting `optimize tune` may vary: a trial parameter, the values it takes, and when it applies.
+
+    A pass declares its dimensions (as Olive's passes declare their search defaults); the values must be
+    ones its config accepts, since every trial's recipe is validated by the passes' pydantic configs."""
+
+    name: str
+    choices: tuple[Any, ...]
+    help: str
+    # Suggested only when another dimension has one of these values, e.g. {"quantize": ("static",)}.
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+    def applies(self, params: dict[str, Any]) -> bool:
+        return all(params.get(key) in values for key, values in self.when)
+
+
+@dataclass
+class ModelTraits:
+    """What the search space is derived from: read from the model (and the run's data and targets) once."""
+
+    ops: dict[str, int]
+    depthwise_nodes: list[str]
+    prunable_groups: int
+    factorizable: int
+    mask_input: str | None
+    transformer: bool
+    has_calibration: bool
+    mixed_calibration_shapes: bool
+    gpu: bool
+    saturating_cpu: bool  # reduce_range=auto already means 7-bit weights here
+    notes: list[str] = field(default_factory=list)
+    residual_blocks: int = 0  # identity-shortcut blocks drop_layers could remove
+    head_attentions: int = 0  # standard multi-head attentions with 2+ heads prune_heads could thin
+    symbolic_inputs: bool = False  # a graph input has a dim that is not a number
+    one_evaluation_shape: bool = False  # every evaluation sample has the same shapes
+
+    @property
+    def has_dynamic_targets(self) -> bool:
+        return any(self.ops.get(op) for op in DYNAMIC_TARGETS)
+
+    @property
+    def has_static_targets(self) -> bool:
+        return any(self.ops.get(op) for op in COMPUTE_OPS)
+
+
+@dataclass
+class RecipeContext:
+    """What every trial's recipe shares: data, dims, threads, and the nodes mixed precision may keep float."""
+
+    calibration: str | None
+    dims: dict[str, int]
+    threads: int
+    provider: str
+    depthwise_nodes: list[str] = field(default_factory=list)
+    # quantize mode -> node groups ranked by the fidelity they lose when quantized (attribution), worst first
+    ranked_nodes: dict[str, list[list[str]]] = field(default_factory=dict)
+    # quantize mode -> how many of the first ranked groups the fidelity goal needs in float (keep_float_fit)
+    fitted_keep: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
 ConfigT = TypeVar("ConfigT", bound=PassConfig)
 
 
@@ -77,6 +146,12 @@ class OptimizationPass(ir.passes.InPlacePass, Generic[ConfigT]):
     Config: ClassVar[type[PassConfig]]
     exactness: ClassVar[Exactness] = Exactness.EXACT
     contract: ClassVar[str] = ""
+    # Trial parameters whose truthy value adds this pass (or, for fuse, its extra fusions) to the plain
+    # recipe: tune counts them when it prefers the simpler of two candidates it cannot tell apart.
+    search_switches: ClassVar[tuple[str, ...]] = ()
+    # Values of this pass's searched knobs that leave the pass as a recipe would have it by default: tune
+    # counts the knobs a candidate sets otherwise.
+    search_knob_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: ConfigT, ctx: PassContext) -> None:
         super().__init__()
@@ -103,6 +178,41 @@ class OptimizationPass(ir.passes.InPlacePass, Generic[ConfigT]):
         if use is not None and inputs.calibration is None:
             problems.append(f"{use} needs calibration data: give --calib FILE.npz (or --calib random)")
         return problems + cls.host_problems(config)
+
+    @classmethod
+    def search_dimensions(cls, traits: ModelTraits) -> list[SearchDimension]:
+        """What `optimize tune` may vary in this pass on a model with these traits, in the order they are
+        suggested (none: tune never adds the pass). A dimension the model gives nothing to act on is left out."""
+        return []
+
+    @classmethod
+    def recipe_entries(cls, params: dict[str, Any], ctx: RecipeContext) -> list[dict[str, Any]]:
+        """The recipe pass entries a trial's parameters give for this pass (none where they switch it off)."""
+        return []
+
+    @classmethod
+    def opt_in_dimensions(cls) -> list[SearchDimension]:
+        """Dimensions searched only where a space file names them (fine-tuning: minutes per trial); the user
+        asked for them, so they do not depend on the model."""
+        return []
+
+    @classmethod
+    def describe_trial(cls, params: dict[str, Any]) -> str | None:
+        """This pass's part of a candidate's one-line name (e.g. "prune 0.3"), or None when it takes no part."""
+        return None
+
+    @classmethod
+    def fidelity_advice(cls, config: Any, key: str, excluded_tried: bool) -> str | None:
+        """The setting of this pass (at `key`, e.g. "passes.2") that trades its savings for fidelity, said when
+        the pass loses more than a goal allows (None: the generic advice). `excluded_tried`: the exclude_nodes
+        search already failed, so do not suggest it again."""
+        return None
+
+    @classmethod
+    def search_problems(cls, name: str, choices: tuple[Any, ...]) -> list[str]:
+        """Why a space file cannot search these values of dimension `name` on this machine (e.g. a missing
+        optional package)."""
+        return []
 
     def refuse(self, model: ir.Model, reason: str) -> ir.passes.PassResult:
         """Leave the model unchanged and say why (in the report's stage details and as a warning): the

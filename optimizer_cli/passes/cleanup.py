@@ -7,7 +7,7 @@ the constant folder's float evaluation (within the run's verify.rtol/atol, check
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import onnx
 import onnx_ir as ir
@@ -18,7 +18,7 @@ from pydantic import Field
 from optimizer_cli.analysis.graph import node_count, op_counts
 from optimizer_cli.errors import first_line
 from optimizer_cli.passes._graph import is_large, lift_constants, remove_identities, replace_model_contents
-from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig
+from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RecipeContext
 
 SEQUENCE_OPS = {
     "SplitToSequence",
@@ -54,6 +54,10 @@ class CleanupPass(OptimizationPass[CleanupConfig]):
     Config = CleanupConfig
     exactness = Exactness.EXACT
     contract = "constant subgraphs, Identity, dead nodes, duplicate initializers; outputs preserved exactly"
+
+    @classmethod
+    def recipe_entries(cls, params: dict[str, Any], ctx: RecipeContext) -> list[dict[str, Any]]:
+        return [{"type": "cleanup"}]  # every candidate starts from the cleaned graph
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.config

@@ -27,7 +27,7 @@ from optimizer_cli.data import Dataset, data_problem, load_dataset
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.passes import _onnx_torch as bridge
 from optimizer_cli.passes._graph import is_large, lift_constants
-from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RunInputs
+from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig, RecipeContext, RunInputs, SearchDimension
 from optimizer_cli.runtime.session import SessionConfig, run_model
 from optimizer_cli.verify import min_mean_cosine, same_layout
 
@@ -62,6 +62,28 @@ class DistillPass(OptimizationPass[DistillConfig]):
     Config = DistillConfig
     exactness = Exactness.APPROXIMATE
     contract = "fine-tunes float weights (structure unchanged) toward the original model's outputs, kept if held-out fidelity rises"
+    search_switches = ("distill",)
+
+    @classmethod
+    def opt_in_dimensions(cls) -> list[SearchDimension]:
+        # Fine-tuning costs minutes per trial on a CPU: searched only where a space file asks for it.
+        help_text = "fine-tune the compressed model toward the original (the distill extra)"
+        return [SearchDimension("distill", (False, True), help_text)]
+
+    @classmethod
+    def search_problems(cls, name: str, choices: tuple[Any, ...]) -> list[str]:
+        if name != "distill" or True not in choices:
+            return []
+        missing = bridge.missing_packages()
+        return [f'distill needs {" and ".join(missing)}: pip install -e ".[distill]"'] if missing else []
+
+    @classmethod
+    def recipe_entries(cls, params: dict[str, Any], ctx: RecipeContext) -> list[dict[str, Any]]:
+        return [{"type": "distill"}] if params.get("distill") else []
+
+    @classmethod
+    def describe_trial(cls, params: dict[str, Any]) -> str | None:
+        return "distill" if params.get("distill") else None
 
     @classmethod
     def calibration_use(cls, config: DistillConfig) -> str | None:

@@ -20,7 +20,7 @@ that tensor; everything else, including every weight, is unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -30,7 +30,14 @@ from pydantic import Field
 from optimizer_cli.analysis.graph import name_of
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.passes._graph import infer_shapes
-from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig
+from optimizer_cli.passes.base import (
+    Exactness,
+    ModelTraits,
+    OptimizationPass,
+    PassConfig,
+    RecipeContext,
+    SearchDimension,
+)
 from optimizer_cli.runtime.session import ModelSource, SessionConfig, create_session, run_session
 from optimizer_cli.verify import min_mean_cosine
 
@@ -183,6 +190,24 @@ class DropLayersPass(OptimizationPass[DropLayersConfig]):
     Config = DropLayersConfig
     exactness = Exactness.APPROXIMATE
     contract = "removes whole residual blocks (identity shortcut kept) chosen by measured output cosine; truncation"
+    search_switches = ("drop_layers",)
+
+    @classmethod
+    def search_dimensions(cls, traits: ModelTraits) -> list[SearchDimension]:
+        # Two blocks at least (one kept), and calibration data: each drop's cost is measured on it.
+        if traits.residual_blocks < 2 or not traits.has_calibration:
+            return []
+        help_text = "drop residual blocks, cheapest first, while the calibration cosine stays >= this (0: none)"
+        return [SearchDimension("drop_layers", (0.0, 0.99, 0.97, 0.95), help_text)]
+
+    @classmethod
+    def recipe_entries(cls, params: dict[str, Any], ctx: RecipeContext) -> list[dict[str, Any]]:
+        min_cosine = params.get("drop_layers") or 0.0
+        return [{"type": "drop_layers", "min_cosine": min_cosine}] if min_cosine else []
+
+    @classmethod
+    def describe_trial(cls, params: dict[str, Any]) -> str | None:
+        return f"drop blocks (cosine >= {params['drop_layers']:g})" if params.get("drop_layers") else None
 
     @classmethod
     def calibration_use(cls, config: DropLayersConfig) -> str | None:

@@ -11,7 +11,7 @@ per output row. A layer is skipped when the factorized form would not need fewer
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -21,7 +21,14 @@ from optimizer_cli.analysis.cost import macs, parameter_count
 from optimizer_cli.analysis.graph import int_attr
 from optimizer_cli.model_io import read_weight
 from optimizer_cli.passes._graph import infer_shapes, new_initializer, refresh_shapes
-from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig
+from optimizer_cli.passes.base import (
+    Exactness,
+    ModelTraits,
+    OptimizationPass,
+    PassConfig,
+    RecipeContext,
+    SearchDimension,
+)
 
 LOWRANK_SUFFIX = "_lowrank"
 
@@ -76,6 +83,33 @@ class FactorizePass(OptimizationPass[FactorizeConfig]):
     Config = FactorizeConfig
     exactness = Exactness.APPROXIMATE
     contract = "MatMul/Gemm/Conv -> two low-rank nodes (second keeps the output name); skipped unless MACs drop"
+    search_switches = ("factorize_energy",)
+
+    @classmethod
+    def search_dimensions(cls, traits: ModelTraits) -> list[SearchDimension]:
+        if not (traits.factorizable and traits.has_calibration):
+            return []
+        help_text = "low-rank factorization + reconstruct (0: none)"
+        return [SearchDimension("factorize_energy", (0.0, 0.99, 0.95, 0.9), help_text)]
+
+    @classmethod
+    def recipe_entries(cls, params: dict[str, Any], ctx: RecipeContext) -> list[dict[str, Any]]:
+        energy = params.get("factorize_energy")
+        return [{"type": "factorize", "energy": energy}, {"type": "reconstruct"}] if energy else []
+
+    @classmethod
+    def describe_trial(cls, params: dict[str, Any]) -> str | None:
+        return f"factorize {params['factorize_energy']:g}" if params.get("factorize_energy") else None
+
+    @classmethod
+    def fidelity_advice(cls, config: FactorizeConfig, key: str, excluded_tried: bool) -> str | None:
+        if config.rank is not None:
+            knob = f"raise {key}.rank (now {config.rank})"
+        elif config.rank_ratio is not None:
+            knob = f"raise {key}.rank_ratio (now {config.rank_ratio})"
+        else:
+            knob = f"raise {key}.energy (now {config.energy}, e.g. 0.99)"
+        return f"{knob}, or keep the most sensitive layers whole with {key}.exclude_nodes"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.config

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import onnx
 import onnx_ir as ir
@@ -27,7 +27,14 @@ from pydantic import Field
 from optimizer_cli.analysis.graph import name_of
 from optimizer_cli.passes._graph import infer_shapes, is_large, lift_constants, replace_model_contents
 from optimizer_cli.passes._tools import load_tool_output, tool_working_directory, write_for_tool
-from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig
+from optimizer_cli.passes.base import (
+    Exactness,
+    ModelTraits,
+    OptimizationPass,
+    PassConfig,
+    RecipeContext,
+    SearchDimension,
+)
 
 TransformerType = Literal["none", "bert", "bart", "gpt2", "t5", "vit", "clip", "unet", "vae", "phi", "sam2"]
 
@@ -106,6 +113,25 @@ class FusePass(OptimizationPass[FuseConfig]):
     contract = (
         "BatchNorm into Conv/Gemm, MatMul+Add->Gemm, transformer fusions; outputs preserved (float re-association)"
     )
+    search_switches = ("fuse_transformer",)
+
+    @classmethod
+    def search_dimensions(cls, traits: ModelTraits) -> list[SearchDimension]:
+        if not traits.transformer:
+            return []
+        return [SearchDimension("fuse_transformer", (False, True), "onnxruntime.transformers fusions (bert)")]
+
+    @classmethod
+    def recipe_entries(cls, params: dict[str, Any], ctx: RecipeContext) -> list[dict[str, Any]]:
+        # Every candidate is fused; the transformer fusions only where the trial asks.
+        entry: dict[str, Any] = {"type": "fuse"}
+        if params.get("fuse_transformer"):
+            entry["transformer"] = "bert"
+        return [entry]
+
+    @classmethod
+    def describe_trial(cls, params: dict[str, Any]) -> str | None:
+        return "bert fusions" if params.get("fuse_transformer") else None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.config

@@ -18,7 +18,7 @@ import dataclasses
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -37,7 +37,14 @@ from optimizer_cli.passes._graph import (
     replace_model_contents,
     set_const,
 )
-from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig
+from optimizer_cli.passes.base import (
+    Exactness,
+    ModelTraits,
+    OptimizationPass,
+    PassConfig,
+    RecipeContext,
+    SearchDimension,
+)
 from optimizer_cli.runtime.session import SessionConfig, capture_values, run_model
 from optimizer_cli.verify import drift
 
@@ -288,10 +295,37 @@ class PrunePass(OptimizationPass[PruneConfig]):
     contract = (
         "structured: removes Conv channels / MatMul-Gemm hidden units by channel group; magnitude: zeroes small weights"
     )
+    search_switches = ("prune_sparsity",)
+
+    @classmethod
+    def search_dimensions(cls, traits: ModelTraits) -> list[SearchDimension]:
+        if not (traits.prunable_groups and traits.has_calibration):
+            return []
+        sparsities = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+        return [SearchDimension("prune_sparsity", sparsities, "structured prune + reconstruct")]
+
+    @classmethod
+    def recipe_entries(cls, params: dict[str, Any], ctx: RecipeContext) -> list[dict[str, Any]]:
+        sparsity = params.get("prune_sparsity") or 0.0
+        if not sparsity:
+            return []
+        # Pruning before fusion: structured groups are read on the plain graph (as transformer-prune-int8 does).
+        return [{"type": "prune", "method": "structured", "sparsity": sparsity}, {"type": "reconstruct"}]
+
+    @classmethod
+    def describe_trial(cls, params: dict[str, Any]) -> str | None:
+        return f"prune {params['prune_sparsity']:g}" if params.get("prune_sparsity") else None
 
     @classmethod
     def calibration_use(cls, config: PruneConfig) -> str | None:
         return "prune with target_cosine" if config.target_cosine is not None else None
+
+    @classmethod
+    def fidelity_advice(cls, config: PruneConfig, key: str, excluded_tried: bool) -> str | None:
+        return (
+            f"lower {key}.sparsity (now {config.sparsity}) or set {key}.target_cosine to let prune pick the "
+            f"largest sparsity that keeps that cosine, or keep the most sensitive layers whole with {key}.exclude_nodes"
+        )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.config

@@ -21,7 +21,7 @@ shape inputs of each attention; approximates the outputs by the removed heads' c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -30,7 +30,14 @@ from pydantic import Field
 from optimizer_cli.analysis.graph import int_attr, name_of
 from optimizer_cli.model_io import read_weight
 from optimizer_cli.passes._graph import infer_shapes, new_initializer, refresh_shapes, set_const
-from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig
+from optimizer_cli.passes.base import (
+    Exactness,
+    ModelTraits,
+    OptimizationPass,
+    PassConfig,
+    RecipeContext,
+    SearchDimension,
+)
 from optimizer_cli.runtime.session import capture_values
 
 _SCALE_MASK_OPS = ("Add", "Sub", "Mul", "Div", "Where")
@@ -192,6 +199,23 @@ class PruneHeadsPass(OptimizationPass[PruneHeadsConfig]):
     Config = PruneHeadsConfig
     exactness = Exactness.APPROXIMATE
     contract = "removes whole attention heads (Q/K/V columns, output-projection rows) by measured contribution"
+    search_switches = ("prune_heads",)
+
+    @classmethod
+    def search_dimensions(cls, traits: ModelTraits) -> list[SearchDimension]:
+        if not (traits.head_attentions and traits.has_calibration):  # head importance is measured on data
+            return []
+        help_text = "remove this fraction of each attention's heads, least contributing first (0: none)"
+        return [SearchDimension("prune_heads", (0.0, 0.125, 0.25), help_text)]
+
+    @classmethod
+    def recipe_entries(cls, params: dict[str, Any], ctx: RecipeContext) -> list[dict[str, Any]]:
+        heads = params.get("prune_heads") or 0.0
+        return [{"type": "prune_heads", "sparsity": heads}] if heads else []
+
+    @classmethod
+    def describe_trial(cls, params: dict[str, Any]) -> str | None:
+        return f"prune heads {params['prune_heads']:g}" if params.get("prune_heads") else None
 
     @classmethod
     def calibration_use(cls, config: PruneHeadsConfig) -> str | None:

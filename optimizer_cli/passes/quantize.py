@@ -15,7 +15,7 @@ from __future__ import annotations
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import onnx
 import onnx_ir as ir
@@ -27,7 +27,15 @@ from optimizer_cli.data import Dataset, shape_mix, shape_text
 from optimizer_cli.errors import UserInputError, VerificationError, first_line
 from optimizer_cli.passes._graph import is_large, new_initializer, replace_model_contents
 from optimizer_cli.passes._tools import load_tool_output, tool_working_directory, write_for_tool
-from optimizer_cli.passes.base import Exactness, OptimizationPass, PassConfig
+from optimizer_cli.passes.base import (
+    COMPUTE_OPS,
+    Exactness,
+    ModelTraits,
+    OptimizationPass,
+    PassConfig,
+    RecipeContext,
+    SearchDimension,
+)
 from optimizer_cli.runtime.cpu import cpu_isa, is_x86, u8s8_saturates
 
 PER_CHANNEL_MIN_OPSET = 13
@@ -212,11 +220,156 @@ def _check_histogram_shapes(cfg: QuantizeConfig, calibration: Dataset) -> None:
         )
 
 
+# --- what tune may vary ------------------------------------------------------------------------------
+
+QUANTIZED = ("dynamic", "static")
+
+
+def _modes(t: ModelTraits) -> list[str]:
+    modes: list[str] = ["none"]
+    if t.has_dynamic_targets:
+        modes.append("dynamic")
+    if t.has_static_targets and t.has_calibration:
+        modes.append("static")
+    if t.ops.get("MatMul", 0) >= 4:  # MatMulNBits pays off on MatMul-heavy models (transformers, MLPs)
+        modes.append("weight_only")
+    if t.gpu:
+        modes.append("fp16")
+    return modes
+
+
+def _static_dimensions(t: ModelTraits) -> list[SearchDimension]:
+    methods = ("minmax",) if t.mixed_calibration_shapes else ("minmax", "percentile", "entropy")
+    static = (("quantize", ("static",)),)
+    dims = [
+        SearchDimension("calibration_method", methods, "static activation range calibration", static),
+        SearchDimension(
+            "static_ops", ("all", "compute"), "all: every op ORT quantizes; compute: Conv/MatMul/Gemm only", static
+        ),
+    ]
+    if t.depthwise_nodes:
+        dims.append(SearchDimension("keep_depthwise_float", (False, True), "leave depthwise Convs in float", static))
+    # Mixed precision fitted to the goal: the groups the outputs are most sensitive to stay float, as many as
+    # a fake-quant simulation on the calibration data says the goal needs (search/sensitivity.py).
+    dims.append(
+        SearchDimension(
+            "keep_float_fit",
+            (False, True),
+            "keep float the nodes output sensitivity says the fidelity goal needs (static)",
+            static,
+        )
+    )
+    return dims
+
+
+def quantize_dimensions(t: ModelTraits) -> list[SearchDimension]:
+    """The quantize mode the model has kernels for, then the knobs of the int8 modes (each suggested only for
+    the modes it acts in)."""
+    modes = _modes(t)
+    dims = [SearchDimension("quantize", tuple(modes), "quantize pass mode (none: no quantization)")]
+    if len(modes) == 1:
+        return dims
+    int8 = (("quantize", QUANTIZED),)
+    dims.append(SearchDimension("per_channel", (True, False), "one weight scale per output channel", int8))
+    if not t.saturating_cpu:
+        # On a CPU whose u8*s8 kernels saturate, auto already is 7-bit: the two values would be one.
+        dims.append(SearchDimension("reduce_range", ("auto", True), "7-bit weights", int8))
+    if "static" in modes:
+        dims += _static_dimensions(t)
+    if "static" in modes or "dynamic" in modes:
+        # Mixed precision: the k nodes that lose the most fidelity locally (attribution) stay float; up to a
+        # half of the quantizable nodes (a detector may need dozens, an MLP one or two).
+        quantizable = sum(t.ops.get(op, 0) for op in (*COMPUTE_OPS, "LSTM", "Attention"))
+        ks = tuple(k for k in (0, 2, 4, 8, 16, 32, 64) if k <= max(2, quantizable // 2))
+        dims.append(
+            SearchDimension(
+                "keep_float_k",
+                ks,
+                "k most fidelity-costly nodes kept in float",
+                (("quantize", QUANTIZED), ("keep_float_fit", (False, None))),
+            )
+        )
+    if "weight_only" in modes:
+        dims.append(SearchDimension("bits", (4, 8), "weight-only bits", (("quantize", ("weight_only",)),)))
+    return dims
+
+
+def kept_float(params: dict[str, Any], ctx: RecipeContext) -> int:
+    """How many ranked groups stay float: the fitted count under keep_float_fit, else keep_float_k."""
+    if params.get("keep_float_fit"):
+        return ctx.fitted_keep.get(str(params.get("quantize")), 0)
+    return int(params.get("keep_float_k", 0))
+
+
+def quantize_step(params: dict[str, Any], ctx: RecipeContext) -> dict[str, Any]:
+    """The quantize step of a trial whose `quantize` mode is not none."""
+    mode = params["quantize"]
+    step: dict[str, Any] = {"type": "quantize", "mode": mode}
+    if mode in QUANTIZED:
+        step["per_channel"] = params.get("per_channel", True)
+        step["reduce_range"] = params.get("reduce_range", "auto")
+        excluded: list[str] = []
+        for group in ctx.ranked_nodes.get(mode, [])[: kept_float(params, ctx)]:
+            excluded.extend(n for n in group if n not in excluded)
+        if mode == "static":
+            step["calibration_method"] = params.get("calibration_method", "minmax")
+            if params.get("static_ops") == "compute":
+                step["op_types"] = list(COMPUTE_OPS)
+            if params.get("keep_depthwise_float"):
+                excluded.extend(n for n in ctx.depthwise_nodes if n not in excluded)
+        if excluded:
+            step["exclude_nodes"] = excluded
+    elif mode == "weight_only":
+        step["bits"] = params.get("bits", 4)
+    return step
+
+
+def quantize_summary(params: dict[str, Any]) -> str | None:
+    """'static int8 (compute ops, 4 float)', 'weight-only int4', 'fp16'; None unquantized."""
+    mode = params.get("quantize", "none")
+    if mode in QUANTIZED:
+        extra = [
+            "per-tensor" if params.get("per_channel") is False else "",
+            "7-bit" if params.get("reduce_range") is True else "",
+            params.get("calibration_method", "") if params.get("calibration_method", "minmax") != "minmax" else "",
+            "compute ops" if params.get("static_ops") == "compute" else "",
+            "depthwise float" if params.get("keep_depthwise_float") else "",
+            f"{params['keep_float_k']} float" if params.get("keep_float_k") else "",
+            "float nodes fitted to the goal" if params.get("keep_float_fit") else "",
+        ]
+        detail = ", ".join(e for e in extra if e)
+        return f"{mode} int8" + (f" ({detail})" if detail else "")
+    if mode == "weight_only":
+        return f"weight-only int{params.get('bits', 4)}"
+    if mode == "fp16":
+        return "fp16"
+    return None
+
+
 class QuantizePass(OptimizationPass[QuantizeConfig]):
     name = "quantize"
     Config = QuantizeConfig
     exactness = Exactness.APPROXIMATE
     contract = "int8/fp16/int4 via onnxruntime.quantization; io names and types kept; outputs approximated"
+    search_knob_defaults = {
+        "per_channel": True,
+        "reduce_range": "auto",
+        "calibration_method": "minmax",
+        "static_ops": "all",
+        "keep_depthwise_float": False,
+    }
+
+    @classmethod
+    def search_dimensions(cls, traits: ModelTraits) -> list[SearchDimension]:
+        return quantize_dimensions(traits)
+
+    @classmethod
+    def recipe_entries(cls, params: dict[str, Any], ctx: RecipeContext) -> list[dict[str, Any]]:
+        return [] if params.get("quantize", "none") == "none" else [quantize_step(params, ctx)]
+
+    @classmethod
+    def describe_trial(cls, params: dict[str, Any]) -> str | None:
+        return quantize_summary(params)
 
     @classmethod
     def calibration_use(cls, config: QuantizeConfig) -> str | None:
@@ -227,6 +380,17 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
         if config.mode == "static" and config.activation_type == "int8" and is_x86() and not config.allow_s8s8:
             return ["activation_type int8 (S8S8) runs slower than fp32 on x86; use uint8 or set allow_s8s8: true"]
         return []
+
+    @classmethod
+    def fidelity_advice(cls, config: QuantizeConfig, key: str, excluded_tried: bool) -> str | None:
+        tips = [] if excluded_tried else [f"exclude layers with {key}.exclude_nodes"]
+        if config.mode in QUANTIZED and not config.per_channel:
+            tips.append(f"{key}.per_channel=true")
+        if config.mode == "static" and config.calibration_method == "minmax":
+            tips.append(f"{key}.calibration_method=percentile (calibration samples of one shape)")
+        if config.mode == "static":  # MatMul/Gemm in int8, convolutions kept in float
+            tips.append(f"{key}.mode=dynamic")
+        return "try " + ", or ".join(tips) if tips else f"this threshold is out of reach for {key} ({config.mode})"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.config

@@ -85,6 +85,13 @@ class ReconstructPass(OptimizationPass[ReconstructConfig]):
     def calibration_use(cls, config: ReconstructConfig) -> str | None:
         return "reconstruct"
 
+    @classmethod
+    def fidelity_advice(cls, config: ReconstructConfig, key: str, excluded_tried: bool) -> str | None:
+        return (
+            f"raise {key}.samples (now {config.samples}) or {key}.damping (now {config.damping}), "
+            f"or exclude layers with {key}.exclude_nodes"
+        )
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.config
         calibration = self.calibration()

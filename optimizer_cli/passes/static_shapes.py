@@ -14,13 +14,13 @@ build for the shapes they see, and onnxruntime's CPU EP plans memory and picks k
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import onnx_ir as ir
 from pydantic import Field
 
 from optimizer_cli.passes._graph import refresh_shapes
-from optimizer_cli.passes.base import OptimizationPass, PassConfig
+from optimizer_cli.passes.base import ModelTraits, OptimizationPass, PassConfig, RecipeContext, SearchDimension
 
 
 class StaticShapesConfig(PassConfig):
@@ -48,6 +48,24 @@ class StaticShapesPass(OptimizationPass[StaticShapesConfig]):
         "fixes symbolic input dims to the data's shapes (or `dims`); no node or weight changes; outputs exact "
         "for inputs of those shapes"
     )
+    search_switches = ("static_shapes",)
+
+    @classmethod
+    def search_dimensions(cls, traits: ModelTraits) -> list[SearchDimension]:
+        # Engines that compile per shape (OpenVINO, TensorRT), and the CPU EP's memory planning, can profit;
+        # the data must say which shape to fix.
+        if not (traits.symbolic_inputs and traits.one_evaluation_shape):
+            return []
+        return [SearchDimension("static_shapes", (False, True), "fix the symbolic input dims to the data's shapes")]
+
+    @classmethod
+    def recipe_entries(cls, params: dict[str, Any], ctx: RecipeContext) -> list[dict[str, Any]]:
+        # Last in the recipe: the passes before it may read data of other shapes.
+        return [{"type": "static_shapes"}] if params.get("static_shapes") else []
+
+    @classmethod
+    def describe_trial(cls, params: dict[str, Any]) -> str | None:
+        return "static shapes" if params.get("static_shapes") else None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.config

@@ -16,7 +16,7 @@ without trailing padding (or left-padded) run as before plus a few tiny ops.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -24,7 +24,7 @@ from pydantic import Field
 
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.passes._graph import new_initializer, refresh_shapes
-from optimizer_cli.passes.base import OptimizationPass, PassConfig
+from optimizer_cli.passes.base import ModelTraits, OptimizationPass, PassConfig, RecipeContext, SearchDimension
 from optimizer_cli.runtime.session import SessionConfig, ort_error_message, run_model
 
 SEQUENCE_AXIS = 1
@@ -175,6 +175,21 @@ class TrimPaddingPass(OptimizationPass[TrimPaddingConfig]):
         "adds a prologue slicing sequence inputs to the last unmasked position; exact for outputs without the "
         "sequence axis that ignore masked positions (checked on padded data; model left unchanged otherwise)"
     )
+    search_switches = ("trim_padding",)
+
+    @classmethod
+    def search_dimensions(cls, traits: ModelTraits) -> list[SearchDimension]:
+        if traits.mask_input is None:  # no attention-mask-like input: nothing to trim
+            return []
+        return [SearchDimension("trim_padding", (False, True), "slice padded sequences to their last real token")]
+
+    @classmethod
+    def recipe_entries(cls, params: dict[str, Any], ctx: RecipeContext) -> list[dict[str, Any]]:
+        return [{"type": "trim_padding"}] if params.get("trim_padding") else []
+
+    @classmethod
+    def describe_trial(cls, params: dict[str, Any]) -> str | None:
+        return "trim_padding" if params.get("trim_padding") else None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.config

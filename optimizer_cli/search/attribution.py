@@ -29,6 +29,7 @@ from optimizer_cli.analysis.int8 import full_range_int8_weights
 from optimizer_cli.bench.accuracy import fidelity
 from optimizer_cli.data import Dataset
 from optimizer_cli.model_io import load_model
+from optimizer_cli.passes import PASS_REGISTRY
 from optimizer_cli.runtime.cpu import cpu_isa, u8s8_saturates
 from optimizer_cli.runtime.session import SessionConfig, run_model
 from optimizer_cli.verify import compare_arrays
@@ -208,34 +209,11 @@ def suggest_knob(recipe: Any, index: int, excluded_tried: bool = False) -> str:
     `excluded_tried`: the exclude_nodes search already failed, so do not suggest it again."""
     cfg = recipe.passes[index]
     key = f"passes.{index}"
-    keep_whole = f"or keep the most sensitive layers whole with {key}.exclude_nodes"
-    if cfg.type == "prune":
-        return (
-            f"lower {key}.sparsity (now {cfg.sparsity}) or set {key}.target_cosine to let prune pick the "
-            f"largest sparsity that keeps that cosine, {keep_whole}"
-        )
-    if cfg.type == "factorize":
-        if cfg.rank is not None:
-            knob = f"raise {key}.rank (now {cfg.rank})"
-        elif cfg.rank_ratio is not None:
-            knob = f"raise {key}.rank_ratio (now {cfg.rank_ratio})"
-        else:
-            knob = f"raise {key}.energy (now {cfg.energy}, e.g. 0.99)"
-        return f"{knob}, {keep_whole}"
-    if cfg.type == "reconstruct":
-        return (
-            f"raise {key}.samples (now {cfg.samples}) or {key}.damping (now {cfg.damping}), "
-            f"or exclude layers with {key}.exclude_nodes"
-        )
-    if cfg.type == "quantize":
-        tips = [] if excluded_tried else [f"exclude layers with {key}.exclude_nodes"]
-        if cfg.mode in ("dynamic", "static") and not cfg.per_channel:
-            tips.append(f"{key}.per_channel=true")
-        if cfg.mode == "static" and cfg.calibration_method == "minmax":
-            tips.append(f"{key}.calibration_method=percentile (calibration samples of one shape)")
-        if cfg.mode == "static":  # MatMul/Gemm in int8, convolutions kept in float
-            tips.append(f"{key}.mode=dynamic")
-        return "try " + ", or ".join(tips) if tips else f"this threshold is out of reach for {key} ({cfg.mode})"
+    # The pass says which of its settings trades savings for fidelity; the generic advice otherwise.
+    owner = PASS_REGISTRY.get(cfg.type)
+    advice = owner.fidelity_advice(cfg, key, excluded_tried) if owner is not None else None
+    if advice is not None:
+        return advice
     if "exclude_nodes" in type(cfg).model_fields:
         return f"exclude layers with {key}.exclude_nodes"
     return f"review the settings of {key} ({cfg.type})"

@@ -27,7 +27,10 @@ from optimizer_cli.bench.output_kinds import classify_outputs
 from optimizer_cli.data import Dataset, load_dataset
 from optimizer_cli.errors import OptimizerError, first_line
 from optimizer_cli.model_io import file_size, load_model
+from optimizer_cli.passes import OptimizationPass
+from optimizer_cli.passes.base import RecipeContext
 from optimizer_cli.runtime.session import SessionConfig, create_session, ort_error_message, run_session
+from optimizer_cli.search.space import OTHER_PASSES, ordered_passes
 
 # --- parameters -> recipe --------------------------------------------------------------------------
 
@@ -36,79 +39,35 @@ from optimizer_cli.runtime.session import SessionConfig, create_session, ort_err
 REFERENCE = "cpu"
 
 
-@dataclass
-class RecipeContext:
-    """What every trial's recipe shares: data, dims, threads, and the nodes mixed precision may keep float."""
-
-    calibration: str | None
-    dims: dict[str, int]
-    threads: int
-    provider: str
-    depthwise_nodes: list[str] = field(default_factory=list)
-    # quantize mode -> node groups ranked by the fidelity they lose when quantized (attribution), worst first
-    ranked_nodes: dict[str, list[list[str]]] = field(default_factory=dict)
-    # quantize mode -> how many of the first ranked groups the fidelity goal needs in float (keep_float_fit)
-    fitted_keep: dict[str, int] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-
-def kept_float(params: dict[str, Any], ctx: RecipeContext) -> int:
-    """How many ranked groups stay float: the fitted count under keep_float_fit, else keep_float_k."""
-    if params.get("keep_float_fit"):
-        return ctx.fitted_keep.get(str(params.get("quantize")), 0)
-    return int(params.get("keep_float_k", 0))
+# The order a candidate's passes run in (OTHER_PASSES: plugins, on the plain graph before the fusions): the
+# structural edits first, on the plain graph (pruning reads channel groups there, prune_heads the unfused
+# attention), then the fusions, the precision, and static_shapes last (the passes before it may read data of
+# other shapes).
+RECIPE_ORDER = (
+    "cleanup",
+    "trim_padding",
+    "drop_layers",
+    "prune_heads",
+    "prune",
+    "factorize",
+    "distill",
+    OTHER_PASSES,
+    "fuse",
+    "quantize",
+    "static_shapes",
+)
+# A candidate's name lists its passes in recipe order, the precision last: "prune 0.3 + static int8".
+SUMMARY_ORDER = (*(name for name in RECIPE_ORDER if name != "quantize"), "quantize")
 
 
-def _quantize_pass(params: dict[str, Any], ctx: RecipeContext) -> dict[str, Any]:
-    mode = params["quantize"]
-    step: dict[str, Any] = {"type": "quantize", "mode": mode}
-    if mode in ("dynamic", "static"):
-        step["per_channel"] = params.get("per_channel", True)
-        step["reduce_range"] = params.get("reduce_range", "auto")
-        excluded: list[str] = []
-        for group in ctx.ranked_nodes.get(mode, [])[: kept_float(params, ctx)]:
-            excluded.extend(n for n in group if n not in excluded)
-        if mode == "static":
-            step["calibration_method"] = params.get("calibration_method", "minmax")
-            if params.get("static_ops") == "compute":
-                step["op_types"] = ["Conv", "MatMul", "Gemm"]
-            if params.get("keep_depthwise_float"):
-                excluded.extend(n for n in ctx.depthwise_nodes if n not in excluded)
-        if excluded:
-            step["exclude_nodes"] = excluded
-    elif mode == "weight_only":
-        step["bits"] = params.get("bits", 4)
-    return step
+def _passes_in(order: tuple[str, ...]) -> list[type[OptimizationPass]]:
+    return [item for item in ordered_passes(order) if not isinstance(item, str)]
 
 
 def recipe_for(params: dict[str, Any], ctx: RecipeContext, name: str = "tuned") -> dict[str, Any]:
-    """A recipe (as a dict the Recipe model validates) that builds the candidate `params` describes."""
-    passes: list[dict[str, Any]] = [{"type": "cleanup"}]
-    fuse: dict[str, Any] = {"type": "fuse"}
-    if params.get("fuse_transformer"):
-        fuse["transformer"] = "bert"
-    if params.get("trim_padding"):
-        passes.append({"type": "trim_padding"})
-    drop = params.get("drop_layers") or 0.0
-    if drop:
-        passes.append({"type": "drop_layers", "min_cosine": drop})
-    heads = params.get("prune_heads") or 0.0
-    if heads:  # on the plain graph, before fusion turns the attention into one node
-        passes.append({"type": "prune_heads", "sparsity": heads})
-    sparsity = params.get("prune_sparsity") or 0.0
-    if sparsity:
-        # Pruning before fusion: structured groups are read on the plain graph (as transformer-prune-int8 does).
-        passes += [{"type": "prune", "method": "structured", "sparsity": sparsity}, {"type": "reconstruct"}]
-    energy = params.get("factorize_energy")
-    if energy:
-        passes += [{"type": "factorize", "energy": energy}, {"type": "reconstruct"}]
-    if params.get("distill"):
-        passes.append({"type": "distill"})
-    passes.append(fuse)
-    if params.get("quantize", "none") != "none":
-        passes.append(_quantize_pass(params, ctx))
-    if params.get("static_shapes"):
-        passes.append({"type": "static_shapes"})  # last: the passes before it may read data of other shapes
+    """A recipe (as a dict the Recipe model validates) that builds the candidate `params` describes: each
+    registered pass's entries for these parameters, in RECIPE_ORDER."""
+    passes = [entry for cls in _passes_in(RECIPE_ORDER) for entry in cls.recipe_entries(params, ctx)]
     session = {
         "opt_level": params.get("opt_level", "all"),
         "execution_mode": params.get("execution_mode", "sequential"),
@@ -141,40 +100,7 @@ def candidate_target(params: dict[str, Any], ctx: RecipeContext) -> str:
 
 def summary(params: dict[str, Any]) -> str:
     """One line a person reads: 'prune 0.3 + static int8 (compute ops, 4 float)'."""
-    parts = []
-    if params.get("trim_padding"):
-        parts.append("trim_padding")
-    if params.get("drop_layers"):
-        parts.append(f"drop blocks (cosine >= {params['drop_layers']:g})")
-    if params.get("prune_heads"):
-        parts.append(f"prune heads {params['prune_heads']:g}")
-    if params.get("prune_sparsity"):
-        parts.append(f"prune {params['prune_sparsity']:g}")
-    if params.get("factorize_energy"):
-        parts.append(f"factorize {params['factorize_energy']:g}")
-    if params.get("distill"):
-        parts.append("distill")
-    if params.get("fuse_transformer"):
-        parts.append("bert fusions")
-    if params.get("static_shapes"):
-        parts.append("static shapes")
-    mode = params.get("quantize", "none")
-    if mode in ("dynamic", "static"):
-        extra = [
-            "per-tensor" if params.get("per_channel") is False else "",
-            "7-bit" if params.get("reduce_range") is True else "",
-            params.get("calibration_method", "") if params.get("calibration_method", "minmax") != "minmax" else "",
-            "compute ops" if params.get("static_ops") == "compute" else "",
-            "depthwise float" if params.get("keep_depthwise_float") else "",
-            f"{params['keep_float_k']} float" if params.get("keep_float_k") else "",
-            "float nodes fitted to the goal" if params.get("keep_float_fit") else "",
-        ]
-        detail = ", ".join(e for e in extra if e)
-        parts.append(f"{mode} int8" + (f" ({detail})" if detail else ""))
-    elif mode == "weight_only":
-        parts.append(f"weight-only int{params.get('bits', 4)}")
-    elif mode == "fp16":
-        parts.append("fp16")
+    parts = [part for cls in _passes_in(SUMMARY_ORDER) if (part := cls.describe_trial(params))]
     session = [
         f"{k}={params[k]}" for k, d in (("opt_level", "all"), ("execution_mode", "sequential")) if params.get(k, d) != d
     ]

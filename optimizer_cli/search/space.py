@@ -12,12 +12,14 @@ configs). A space file limits or fixes dimensions:
 Dimensions that only matter for some values of another (`calibration_method` for static quantization)
 are conditional: they are suggested only then, so the sampler never spends trials on a knob that does
 nothing.
+
+Each pass declares its own dimensions (`OptimizationPass.search_dimensions`, read from the `ModelTraits`
+computed here), registered plugins included; this module orders them and adds the engine's settings.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,50 +27,45 @@ import onnx_ir as ir
 
 from optimizer_cli.analysis.graph import op_counts
 from optimizer_cli.errors import UserInputError
+from optimizer_cli.passes import PASS_REGISTRY, OptimizationPass
+from optimizer_cli.passes.base import ModelTraits, SearchDimension
 
-# Ops whose weights the integer kernels take; the rest of a static QDQ graph is data movement.
-COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
-DYNAMIC_TARGETS = ("MatMul", "Gemm", "LSTM", "Attention")
+# Each pass declares its own dimensions (passes/*.py, `search_dimensions`); the old names stay importable here.
+Dimension = SearchDimension
 TRANSFORMER_MARKERS = ("LayerNormalization", "SkipLayerNormalization", "Attention", "MultiHeadAttention")
+# Where the engine's dimensions enter the space, among the passes' (see SPACE_ORDER).
+ENGINE = "<engine>"
+# Every registered pass an order does not name (plugins, in registration order).
+OTHER_PASSES = "*"
+# The order the dimensions are suggested in. A seeded sampler draws in this order, so it stays as it was (the
+# same seed proposes the same trials); static_shapes joined the space after the engine's knobs and stays there.
+SPACE_ORDER = (
+    "quantize",
+    "prune",
+    "factorize",
+    "drop_layers",
+    "prune_heads",
+    "trim_padding",
+    "fuse",
+    OTHER_PASSES,
+    ENGINE,
+    "static_shapes",
+)
 
 
-@dataclass(frozen=True)
-class Dimension:
-    name: str
-    choices: tuple[Any, ...]
-    help: str
-    # Suggested only when another dimension has one of these values, e.g. {"quantize": ("static",)}.
-    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
-
-    def applies(self, params: dict[str, Any]) -> bool:
-        return all(params.get(key) in values for key, values in self.when)
-
-
-@dataclass
-class ModelTraits:
-    """What the default space is derived from."""
-
-    ops: dict[str, int]
-    depthwise_nodes: list[str]
-    prunable_groups: int
-    factorizable: int
-    mask_input: str | None
-    transformer: bool
-    has_calibration: bool
-    mixed_calibration_shapes: bool
-    gpu: bool
-    saturating_cpu: bool  # reduce_range=auto already means 7-bit weights here
-    notes: list[str] = field(default_factory=list)
-    residual_blocks: int = 0  # identity-shortcut blocks drop_layers could remove
-    head_attentions: int = 0  # standard multi-head attentions with 2+ heads prune_heads could thin
-
-    @property
-    def has_dynamic_targets(self) -> bool:
-        return any(self.ops.get(op) for op in DYNAMIC_TARGETS)
-
-    @property
-    def has_static_targets(self) -> bool:
-        return any(self.ops.get(op) for op in COMPUTE_OPS)
+def ordered_passes(order: tuple[str, ...]) -> list[str | type[OptimizationPass]]:
+    """`order` with its pass names resolved to the registered classes and OTHER_PASSES expanded to every
+    registered pass it does not name; markers (ENGINE) stay as they are."""
+    named = set(order)
+    out: list[str | type[OptimizationPass]] = []
+    for item in order:
+        if item == OTHER_PASSES:
+            out += [cls for name, cls in PASS_REGISTRY.items() if name not in named]
+        elif item in PASS_REGISTRY:
+            out.append(PASS_REGISTRY[item])
+        else:
+            out.append(item)
+    return out
 
 
 def _depthwise(model: ir.Model) -> list[str]:
@@ -147,9 +144,26 @@ def _mask_input(model: ir.Model) -> str | None:
         return None
 
 
+def _symbolic_inputs(model: ir.Model) -> bool:
+    """Whether any graph input has a dim that is not a number."""
+    return any(
+        v.shape is not None and any(not isinstance(d, int) for d in v.shape.dims)
+        for v in model.graph.inputs
+        if v.name not in model.graph.initializers
+    )
+
+
 def model_traits(
-    model: ir.Model, *, has_calibration: bool, mixed_calibration_shapes: bool, gpu: bool, saturating_cpu: bool
+    model: ir.Model,
+    *,
+    has_calibration: bool,
+    mixed_calibration_shapes: bool,
+    gpu: bool,
+    saturating_cpu: bool,
+    one_evaluation_shape: bool = False,
 ) -> ModelTraits:
+    """The traits of `model` the passes derive their dimensions from; the keywords are what the run adds (its
+    data and targets, this CPU)."""
     ops = dict(op_counts(model))
     return ModelTraits(
         ops=ops,
@@ -165,100 +179,23 @@ def model_traits(
         saturating_cpu=saturating_cpu,
         residual_blocks=_residual_blocks(model),
         head_attentions=_head_attentions(model),
+        symbolic_inputs=_symbolic_inputs(model),
+        one_evaluation_shape=one_evaluation_shape,
     )
 
 
-QUANTIZED = ("dynamic", "static")
-
-
-def _quantize_dimensions(t: ModelTraits) -> list[Dimension]:
-    modes: list[str] = ["none"]
-    if t.has_dynamic_targets:
-        modes.append("dynamic")
-    if t.has_static_targets and t.has_calibration:
-        modes.append("static")
-    if t.ops.get("MatMul", 0) >= 4:  # MatMulNBits pays off on MatMul-heavy models (transformers, MLPs)
-        modes.append("weight_only")
-    if t.gpu:
-        modes.append("fp16")
-    dims = [Dimension("quantize", tuple(modes), "quantize pass mode (none: no quantization)")]
-    if len(modes) == 1:
-        return dims
-    dims.append(
-        Dimension("per_channel", (True, False), "one weight scale per output channel", (("quantize", QUANTIZED),))
-    )
-    if not t.saturating_cpu:
-        # On a CPU whose u8*s8 kernels saturate, auto already is 7-bit: the two values would be one.
-        dims.append(Dimension("reduce_range", ("auto", True), "7-bit weights", (("quantize", QUANTIZED),)))
-    if "static" in modes:
-        methods = ("minmax",) if t.mixed_calibration_shapes else ("minmax", "percentile", "entropy")
-        static = (("quantize", ("static",)),)
-        dims.append(Dimension("calibration_method", methods, "static activation range calibration", static))
-        dims.append(
-            Dimension(
-                "static_ops", ("all", "compute"), "all: every op ORT quantizes; compute: Conv/MatMul/Gemm only", static
-            )
-        )
-        if t.depthwise_nodes:
-            dims.append(Dimension("keep_depthwise_float", (False, True), "leave depthwise Convs in float", static))
-    if "static" in modes:
-        # Mixed precision fitted to the goal: the groups the outputs are most sensitive to stay float, as
-        # many as a fake-quant simulation on the calibration data says the goal needs (search/sensitivity.py).
-        dims.append(
-            Dimension(
-                "keep_float_fit",
-                (False, True),
-                "keep float the nodes output sensitivity says the fidelity goal needs (static)",
-                static,
-            )
-        )
-    if "static" in modes or "dynamic" in modes:
-        # Mixed precision: the k nodes that lose the most fidelity locally (attribution) stay float; up to a
-        # half of the quantizable nodes (a detector may need dozens, an MLP one or two).
-        quantizable = sum(t.ops.get(op, 0) for op in (*COMPUTE_OPS, "LSTM", "Attention"))
-        ks = tuple(k for k in (0, 2, 4, 8, 16, 32, 64) if k <= max(2, quantizable // 2))
-        dims.append(
-            Dimension(
-                "keep_float_k",
-                ks,
-                "k most fidelity-costly nodes kept in float",
-                (("quantize", QUANTIZED), ("keep_float_fit", (False, None))),
-            )
-        )
-    if "weight_only" in modes:
-        dims.append(Dimension("bits", (4, 8), "weight-only bits", (("quantize", ("weight_only",)),)))
-    return dims
+# The engine's settings: not passes, they are the recipe's `session` section.
+ENGINE_DIMENSIONS = [Dimension("opt_level", ("all", "extended"), "onnxruntime graph optimization level")]
 
 
 def default_space(t: ModelTraits) -> list[Dimension]:
-    dims = _quantize_dimensions(t)
-    if t.prunable_groups and t.has_calibration:
-        dims.append(Dimension("prune_sparsity", (0.0, 0.1, 0.2, 0.3, 0.4, 0.5), "structured prune + reconstruct"))
-    if t.factorizable and t.has_calibration:
-        dims.append(
-            Dimension("factorize_energy", (0.0, 0.99, 0.95, 0.9), "low-rank factorization + reconstruct (0: none)")
-        )
-    if t.residual_blocks >= 2 and t.has_calibration:
-        dims.append(
-            Dimension(
-                "drop_layers",
-                (0.0, 0.99, 0.97, 0.95),
-                "drop residual blocks, cheapest first, while the calibration cosine stays >= this (0: none)",
-            )
-        )
-    if t.head_attentions and t.has_calibration:
-        dims.append(
-            Dimension(
-                "prune_heads",
-                (0.0, 0.125, 0.25),
-                "remove this fraction of each attention's heads, least contributing first (0: none)",
-            )
-        )
-    if t.mask_input is not None:
-        dims.append(Dimension("trim_padding", (False, True), "slice padded sequences to their last real token"))
-    if t.transformer:
-        dims.append(Dimension("fuse_transformer", (False, True), "onnxruntime.transformers fusions (bert)"))
-    dims.append(Dimension("opt_level", ("all", "extended"), "onnxruntime graph optimization level"))
+    """Every registered pass's dimensions for a model with these traits, and the engine's, in SPACE_ORDER."""
+    dims: list[Dimension] = []
+    for item in ordered_passes(SPACE_ORDER):
+        if item == ENGINE:
+            dims += ENGINE_DIMENSIONS
+        elif not isinstance(item, str):
+            dims += item.search_dimensions(t)
     return dims
 
 
@@ -268,11 +205,16 @@ EXTRA_DIMENSIONS = {
     # Parallel mode adds an inter-op pool beside the intra-op one: on few cores it oversubscribes them, and its
     # spinning threads disturb whatever is timed next (measured: final-timing intervals 5x wider).
     "execution_mode": Dimension("execution_mode", ("sequential", "parallel"), "onnxruntime execution mode"),
-    # Fine-tuning costs minutes per trial on a CPU: searched only where a space file asks for it.
-    "distill": Dimension(
-        "distill", (False, True), "fine-tune the compressed model toward the original (the distill extra)"
-    ),
 }
+
+
+def extra_dimensions() -> dict[str, Dimension]:
+    """What a space file may add to the default space: the engine's extras and the passes' opt-in dimensions."""
+    extras = dict(EXTRA_DIMENSIONS)
+    for item in ordered_passes(SPACE_ORDER):
+        if not isinstance(item, str):
+            extras |= {d.name: d for d in item.opt_in_dimensions()}
+    return extras
 
 
 def _as_choices(name: str, value: Any) -> tuple[Any, ...]:
@@ -287,10 +229,11 @@ def limit_space(dims: list[Dimension], spec: dict[str, Any], source: str | Path)
     """Apply a space file: every named dimension must exist for this model (or be an extra one) and every
     value must be one the model accepts for it."""
     by_name = {d.name: d for d in dims}
+    extras = extra_dimensions()
     out = list(dims)
     for name, value in spec.items():
         choices = _as_choices(name, value)
-        known = by_name.get(name) or EXTRA_DIMENSIONS.get(name)
+        known = by_name.get(name) or extras.get(name)
         if known is None:
             raise UserInputError(
                 f"space: unknown or inapplicable dimension '{name}' for this model (its space: {', '.join(by_name)})",
@@ -302,14 +245,9 @@ def limit_space(dims: list[Dimension], spec: dict[str, Any], source: str | Path)
             raise UserInputError(
                 f"space: {name}={refused[0]!r} is not searchable on this model (allowed: {allowed})", source
             )
-        if name == "distill" and True in choices:
-            from optimizer_cli.passes._onnx_torch import missing_packages
-
-            missing = missing_packages()
-            if missing:
-                raise UserInputError(
-                    f'space: distill needs {" and ".join(missing)}: pip install -e ".[distill]"', source
-                )
+        problems = [p for cls in PASS_REGISTRY.values() for p in cls.search_problems(name, choices)]
+        if problems:
+            raise UserInputError(f"space: {problems[0]}", source)
         limited = Dimension(name, choices, known.help, known.when)
         out = [limited if d.name == name else d for d in out] if name in by_name else [*out, limited]
     return out

@@ -29,6 +29,7 @@ from typing import Any
 from optimizer_cli import SCHEMA_VERSION
 from optimizer_cli.bench.gate import Gate, goal_holds, metric_value, show_value
 from optimizer_cli.errors import UserInputError, first_line
+from optimizer_cli.passes import PASS_REGISTRY
 from optimizer_cli.runtime.targets import parse_target
 from optimizer_cli.search.candidates import (
     REFERENCE,
@@ -705,38 +706,28 @@ def final_check(runner: Runner, state: TuneState) -> dict[str, Any]:
     }
 
 
-# Passes a candidate adds to the plain recipe; each is one more thing to trust and to keep in a deployment.
-EXTRA_PASS_PARAMS = (
-    "prune_sparsity",
-    "factorize_energy",
-    "drop_layers",
-    "distill",
-    "trim_padding",
-    "fuse_transformer",
-    "static_shapes",
-    "prune_heads",
-)
+# The engine's settings at the recipe's defaults (the passes declare their own: `search_knob_defaults`).
+ENGINE_DEFAULTS = {"opt_level": "all", "execution_mode": "sequential", "mem_pattern": True}
+
+
+def extra_pass_params() -> tuple[str, ...]:
+    """Trial parameters that add a pass to the plain recipe, as the registered passes declare them (their
+    `search_switches`): each is one more thing to trust and to keep in a deployment."""
+    return tuple(param for cls in PASS_REGISTRY.values() for param in cls.search_switches)
 
 
 def complexity(params: dict[str, Any]) -> tuple[int, int, int]:
     """How far a candidate departs from the plain recipe: nodes kept float, then passes added, then knobs off
     their defaults."""
-    defaults = {
-        "per_channel": True,
-        "reduce_range": "auto",
-        "calibration_method": "minmax",
-        "static_ops": "all",
-        "keep_depthwise_float": False,
-        "opt_level": "all",
-        "execution_mode": "sequential",
-        "mem_pattern": True,
-    }
+    defaults = dict(ENGINE_DEFAULTS)
+    for cls in PASS_REGISTRY.values():
+        defaults |= cls.search_knob_defaults
     changed = sum(1 for k, v in defaults.items() if k in params and params[k] != v)
     # Another engine is one more thing to deploy: when the timing cannot tell it apart, the CPU EP wins.
     changed += params.get("target", REFERENCE) != REFERENCE
     # A float set fitted to the goal counts as the largest k: it is the most nodes mixed precision keeps.
     kept = 64 if params.get("keep_float_fit") else int(params.get("keep_float_k") or 0)
-    passes = sum(1 for k in EXTRA_PASS_PARAMS if params.get(k))
+    passes = sum(1 for k in extra_pass_params() if params.get(k))
     return kept, passes, changed
 
 
@@ -1100,13 +1091,11 @@ def prepare(request: TuneRequest, log: Callable[[str], None]) -> TuneSettings:
         mixed_calibration_shapes=calib is not None and len(shape_mix(calib.feeds)) > 1,
         gpu=any(parse_target(target).ep_name in GPU_PROVIDERS for target in request.targets),
         saturating_cpu=u8s8_saturates(),
+        one_evaluation_shape=len(shape_mix(evaluation.feeds)) == 1,  # the shape static_shapes would fix
     )
     dims = default_space(traits)
     if request.targets != (REFERENCE,):
         dims.insert(0, Dimension("target", tuple(request.targets), "where the model runs (provider, precision)"))
-    if _symbolic_inputs(model) and len(shape_mix(evaluation.feeds)) == 1:
-        # Engines that compile per shape (OpenVINO, TensorRT), and the CPU EP's memory planning, can profit.
-        dims.append(Dimension("static_shapes", (False, True), "fix the symbolic input dims to the data's shapes"))
     if request.space_file is not None:
         dims = limit_space(dims, load_space_file(request.space_file), request.space_file)
     metrics = request.metrics
@@ -1136,15 +1125,6 @@ def prepare(request: TuneRequest, log: Callable[[str], None]) -> TuneSettings:
         resume=request.resume,
         model_sha256=model_sha256(request.model),
         notes=notes,
-    )
-
-
-def _symbolic_inputs(model: Any) -> bool:
-    """Whether any graph input has a dim that is not a number."""
-    return any(
-        v.shape is not None and any(not isinstance(d, int) for d in v.shape.dims)
-        for v in model.graph.inputs
-        if v.name not in model.graph.initializers
     )
 
 
