@@ -13,7 +13,6 @@ import signal
 import sys
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from optimizer_cli import SCHEMA_VERSION, __version__
-from optimizer_cli.errors import DISK_ERRNOS, GateFailure, OptimizerError, UserInputError
+from optimizer_cli.errors import DISK_ERRNOS, OptimizerError, UserInputError
 from optimizer_cli.workflows.events import Event
 
 
@@ -308,30 +307,26 @@ def _dry_run(report: Any, human: Console, json_out: bool) -> None:
         raise typer.Exit(UserInputError.exit_code)
 
 
-def _parse_budget(text: str | None) -> float | None:
-    """'15m', '90s', '1h', '600' -> seconds."""
-    if text is None:
-        return None
-    units = {"s": 1, "m": 60, "h": 3600}
-    body, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
-    try:
-        seconds = float(body) * units[unit]
-    except ValueError:
-        raise UserInputError(f"--budget '{text}': expected a duration like 600, 90s, 15m or 1h") from None
-    if seconds <= 0:
-        raise UserInputError(f"--budget '{text}': must be more than 0")
-    return seconds
-
-
-def _tune_outputs(output: Path) -> dict[str, Path]:
-    """best.onnx -> best.recipe.yaml, best.tune.json, best.pareto.png, best.report.html beside it."""
-    stem = output.with_suffix("")
-    return {
-        "recipe": stem.with_name(stem.name + ".recipe.yaml"),
-        "json": stem.with_name(stem.name + ".tune.json"),
-        "png": stem.with_name(stem.name + ".pareto.png"),
-        "html": stem.with_name(stem.name + ".report.html"),
-    }
+# How `optimize tune`'s messages name the request's parameters: by its flags.
+TUNE_FLAGS = {
+    "goals": "--goal",
+    "budget": "--budget",
+    "trials": "--trials",
+    "output": "-o",
+    "study": "--study",
+    "resume": "--resume",
+    "report_only": "--report-only",
+    "providers": "--providers",
+    "sampler": "--sampler",
+    "executor": "--executor",
+    "space": "--space",
+    "data": "--data",
+    "calib": "--calib",
+    "dims": "--dim",
+    "threads": "--threads",
+    "eval_samples": "--eval-samples",
+    "seed": "--seed",
+}
 
 
 @app.command("tune")
@@ -368,207 +363,48 @@ def tune_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print tune.json on stdout, nothing else."),
 ) -> None:
     """Search recipes for the fastest model meeting every --goal; prove the speedup; write it and its recipe."""
+    from optimizer_cli.report.tune_table import render_tune
+    from optimizer_cli.workflows.tune import TuneRequest, run_tune
+
     human, log = _consoles(json_out)
-    checked = _tune_preflight(
-        models,
-        goal,
-        data,
-        calib,
-        output,
-        budget,
-        trials,
-        space,
-        providers,
-        study,
-        resume,
-        report_only,
-        sampler,
-        executor,
+    if not goal:  # a repeatable option typer cannot require
+        raise UserInputError("tune needs at least one --goal, e.g. --goal 'cosine>=0.99'")
+    request = TuneRequest(
+        model=models,
+        data=data,
+        goals=goal,
+        calib=calib,
+        output=output,
+        budget=budget,
+        trials=trials,
+        space=space,
+        providers=providers,
+        threads=threads,
+        study=study,
+        resume=resume,
+        report_only=report_only,
+        sampler=sampler,
+        seed=seed,
+        executor=executor,
+        eval_samples=eval_samples,
+        dims=_parse_dims(dims),
+        metric=metric,
+        names=TUNE_FLAGS,
     )
     _quiet_runtime()
-    docs = []
-    from optimizer_cli.search.executors import make_executor
-
-    pool = make_executor(executor) if not report_only else None
+    progress = _TuneProgress(log)
     try:
-        for model, target in checked.targets:
-            request = _tune_request(model, checked, calib, data, threads, seed, space, eval_samples, dims, metric)
-            docs.append(_tune_one(request, target, pool, report_only, json_out, human, log))
-    finally:
-        if pool is not None:
-            pool.close()
-    if json_out:
-        _emit_json(docs[0] if len(docs) == 1 else {"kind": "tune-many", "studies": docs})
-    if any(d["winner"] is None for d in docs):
-        raise typer.Exit(GateFailure.exit_code)
-
-
-@dataclass
-class _TuneChecked:
-    goals: list[Any]
-    budget_s: float | None
-    trials: int | None
-    run_targets: tuple[str, ...]  # usable run targets to search (the CPU EP alone by default)
-    study_root: Path | None
-    resume: bool
-    sampler: str
-    targets: list[tuple[Path, Path]]  # model -> winner path
-
-
-def _tune_preflight(
-    models: list[Path],
-    goal: list[str],
-    data: str,
-    calib: str | None,
-    output: Path | None,
-    budget: str | None,
-    trials: int | None,
-    space: Path | None,
-    providers: str | None,
-    study: Path | None,
-    resume: bool,
-    report_only: bool,
-    sampler: str,
-    executor: str,
-) -> _TuneChecked:
-    """Every flag and path checked before any model is loaded."""
-    from optimizer_cli.bench.gate import parse_gate
-    from optimizer_cli.outputs import OutputPlan, read_paths
-    from optimizer_cli.runtime.providers import parse_provider_list, search_targets
-
-    goals = [parse_gate(g, "--goal") for g in goal]
-    if not goals:
-        raise UserInputError("tune needs at least one --goal, e.g. --goal 'cosine>=0.99'")
-    budget_s = _parse_budget(budget)
-    if budget_s is None and trials is None:
-        raise UserInputError("tune needs --budget (e.g. 15m) or --trials N")
-    run_targets, unusable = search_targets(parse_provider_list(providers or "cpu"))
-    if unusable:  # said in one line; the search goes on with what is usable
-        log = Console(stderr=True, quiet=_verbosity < 0)
-        log.print(escape(f"tune: not searching {'; '.join(unusable)}"), soft_wrap=True)
-    if not run_targets:
-        raise UserInputError(f"--providers '{providers}': no usable run target on this host")
-    if sampler not in ("tpe", "nsga2"):
-        raise UserInputError(f"--sampler '{sampler}': expected tpe or nsga2")
-    if (resume or report_only) and study is None:
-        raise UserInputError("--resume and --report-only need --study DIR (the folder of the study)")
-    if executor != "local" and executor != "ray" and not executor.startswith("ray://"):
-        raise UserInputError(f"--executor '{executor}': expected local, ray or ray://HOST:PORT")
-    if space is not None and not space.is_file():
-        raise UserInputError("space file not found", space)
-    targets = _tune_targets(models, output)
-    for model, target in targets:
-        if not model.exists():
-            raise UserInputError("file not found", model)
-        plan = OutputPlan(model=target, reports={f"-o ({k})": p for k, p in _tune_outputs(target).items()})
-        plan.check(read_paths(model, {"--data": data, "--calib": calib, "--space": space}))
-    if study is not None:
-        _check_study(study, targets, resume or report_only, {"--data": data, "--calib": calib, "--space": space})
-    return _TuneChecked(goals, budget_s, trials, tuple(run_targets), study, resume or report_only, sampler, targets)
-
-
-def _check_study(
-    study: Path, targets: list[tuple[Path, Path]], resume: bool, inputs: dict[str, str | Path | None]
-) -> None:
-    """Each model's study folder: a study to resume, or new or empty; never the model, -o or the data."""
-    from optimizer_cli.search.study_folder import check_study_folder
-
-    for model, target in targets:
-        clashes = {"the input model": model, "-o": target} | {f"-o ({k})": p for k, p in _tune_outputs(target).items()}
-        clashes |= {flag: Path(value) for flag, value in inputs.items() if value is not None}
-        check_study_folder(study if len(targets) == 1 else study / model.stem, resume, clashes)
-    if study.exists() and not study.is_dir():  # several models: the studies' parent folder
-        raise UserInputError("--study must be a folder, and this is a file", study)
-
-
-def _tune_targets(models: list[Path], output: Path | None) -> list[tuple[Path, Path]]:
-    if len(models) == 1:
-        return [(models[0], output or models[0].with_name(models[0].stem + ".tuned.onnx"))]
-    if len({m.stem for m in models}) != len(models):
-        raise UserInputError("several models share a file name: tune them one at a time")
-    folder = output or Path("tuned")
-    if folder.suffix == ".onnx":
-        raise UserInputError("-o must name a folder when several models are tuned", folder)
-    return [(m, folder / f"{m.stem}.onnx") for m in models]
-
-
-def _tune_request(
-    model: Path,
-    checked: _TuneChecked,
-    calib: str | None,
-    data: str,
-    threads: int,
-    seed: int,
-    space: Path | None,
-    eval_samples: int | None,
-    dims: list[str],
-    metric: str | None,
-) -> Any:
-    import tempfile
-
-    from optimizer_cli.search.tune import TuneRequest, portable_data
-
-    scratch = checked.study_root is None
-    if checked.study_root is not None:
-        study_dir = checked.study_root if len(checked.targets) == 1 else checked.study_root / model.stem
-    else:
-        study_dir = Path(tempfile.mkdtemp(prefix="optimize-tune-"))
-    return TuneRequest(
-        scratch=scratch,
-        model=model,
-        goals=checked.goals,
-        # Absolute: the winner's recipe names its calibration data, and must name it from any folder.
-        evaluation=portable_data(data) or data,
-        calibration=portable_data(calib),
-        study_dir=study_dir,
-        targets=checked.run_targets,
-        threads=threads,
-        budget_s=checked.budget_s,
-        trials=checked.trials,
-        resume=checked.resume,
-        sampler=checked.sampler,
-        seed=seed,
-        space_file=space,
-        dims=_parse_dims(dims),
-        eval_samples=eval_samples,
-        metric=metric,
-    )
-
-
-def _tune_one(
-    request: Any, target: Path, pool: Any, report_only: bool, json_out: bool, human: Console, log: Console
-) -> dict[str, Any]:
-    """One model's study, then its outputs: the winner and its recipe only when there is a winner."""
-    import shutil
-
-    from optimizer_cli.search.tune import prepare, report_again, run_tune
-
-    # Only the folder this run made for itself is scratch; a --study folder is the user's, whatever its name.
-    temporary = request.scratch
-    try:
-        with _library_output_to_stderr(), _warnings_to(log), _TuneProgress(log, request) as progress:
-            progress.line(f"tuning {request.model} for {', '.join(g.expression for g in request.goals)}")
-            settings = prepare(request, progress.line)
-            if report_only:
-                doc, winner = report_again(settings)
-            else:
-                doc, winner = run_tune(settings, pool, on_progress=progress.trial, log=progress.line)
-        if temporary:
-            doc["study"] = None  # removed after this run: the report names no folder that will not exist
-        _write_tune_outputs(doc, winner, target, log)
-        if not json_out:
-            _print_tune(doc, human)
-        return doc
+        with _library_output_to_stderr(), _warnings_to(log), progress:
+            report = run_tune(request, progress.event)
     except KeyboardInterrupt:
-        where = (
-            f"resume with: optimize tune {request.model} ... --study {request.study_dir} --resume"
-            if not temporary
-            else "nothing was kept: give --study DIR to make a study resumable"
-        )
-        raise _Interrupted(f"interrupted: {where}") from None
-    finally:
-        if temporary:
-            shutil.rmtree(request.study_dir, ignore_errors=True)
+        raise _Interrupted(progress.interrupted()) from None
+    if json_out:
+        _emit_json(report.to_dict())
+    else:
+        for doc in report.document.get("studies", [report.document]):
+            render_tune(doc, human, quiet=_verbosity < 0)
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)
 
 
 class _Interrupted(OptimizerError):
@@ -576,20 +412,21 @@ class _Interrupted(OptimizerError):
 
 
 class _TuneProgress(_Progress):
-    """A rich progress bar on a terminal (trials done, best so far, time left); a line per trial elsewhere."""
+    """tune's listener: a rich progress bar on a terminal (trials done, best so far, time left), a line per trial
+    elsewhere; step lines, the files written and warnings on the log console."""
 
-    def __init__(self, console: Console, request: Any) -> None:
+    def __init__(self, console: Console) -> None:
         super().__init__(console)
         self._bar: Any = None
         self._task: Any = None
+        self._by_time = False
+        self._study: dict[str, Any] = {}  # the study under way: its model and folder (None: scratch)
         if self._status is not None:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._status = None
-            total = request.trials or (request.budget_s and int(request.budget_s))
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console)
-            self._task = self._bar.add_task("tune: starting", total=total)
-            self._by_time = request.trials is None
+            self._task = self._bar.add_task("tune: starting", total=None)
 
     def __enter__(self) -> _TuneProgress:
         if self._bar is not None:
@@ -600,143 +437,44 @@ class _TuneProgress(_Progress):
         if self._bar is not None:
             self._bar.stop()
 
-    def trial(self, p: Any) -> None:
-        last, best = p.last, p.best
-        what = f"trial {last['number']}: {last['recipe_summary']}: {last['state']}"
-        if last.get("speedup"):
-            what += f" {last['speedup']['median']:.2f}x"
-        if last.get("fidelity"):
-            what += f", cosine {last['fidelity']['cosine']:.4f}"
-        if last.get("reason") and last["state"] != "timed":
-            what += f" ({last['reason']})"
-        best_text = (
-            f"best {best['speedup']['median']:.2f}x @ cosine {best['fidelity']['cosine']:.4f}"
-            if best
-            else "no timed candidate yet"
-        )
-        left = f", {p.seconds_left / 60:.1f} min left" if p.seconds_left is not None else ""
-        self.console.print(escape(f"  {what}"), soft_wrap=True)
+    def event(self, event: Event) -> None:
+        if event.kind == "trial":
+            self._trial(event.text, event.data)
+        elif event.kind in ("info", "warning"):
+            self.console.print(escape(event.text), soft_wrap=True)
+        elif event.kind == "step":
+            self.step(event.text)
+        else:
+            if "model" in event.data:  # a model's study starts
+                self._start(event.data)
+            self.line(event.text)
+
+    def _start(self, study: dict[str, Any]) -> None:
+        self._study = study
+        if self._bar is not None:
+            trials, budget_s = study.get("trials"), study.get("budget_s")
+            self._by_time = trials is None
+            self._bar.reset(self._task, total=trials or (budget_s and int(budget_s)), description="tune: starting")
+
+    def _trial(self, text: str, data: dict[str, Any]) -> None:
+        self.console.print(escape(f"  {text}"), soft_wrap=True)
         if self._bar is not None:
             total = self._bar.tasks[0].total
-            done = (total - (p.seconds_left or 0)) if self._by_time and total else p.done
-            self._bar.update(self._task, completed=done, description=f"tune: {p.done} trials, {best_text}{left}")
+            done = (total - (data["seconds_left"] or 0)) if self._by_time and total else data["done"]
+            self._bar.update(self._task, completed=done, description=f"tune: {data['status']}")
         else:
-            self.console.print(f"  [{p.done} trials, {best_text}{left}]")
+            self.console.print(f"  [{data['status']}]")
 
-
-def _write_tune_outputs(doc: dict[str, Any], winner: Path | None, target: Path, log: Console) -> None:
-    """Pictures and documents always; the winner and its recipe only when there is one (written atomically)."""
-    import shutil
-
-    import yaml
-
-    from optimizer_cli.model_io import data_file_of
-    from optimizer_cli.outputs import OutputPlan, write_bytes_atomic, write_text_atomic
-    from optimizer_cli.report.html import tune_html
-    from optimizer_cli.report.plot import attribution_png, pareto_png
-    from optimizer_cli.search.tune import reproduce_command
-
-    paths = _tune_outputs(target)
-    plan = OutputPlan(model=target)
-    doc["outputs"] = {k: str(v) for k, v in paths.items()} | {"model": str(target) if winner else None}
-    if winner is None:
-        del doc["outputs"]["recipe"]
-    elif doc["winner"].get("deploy"):  # the session snippet names the model where it is written
-        from optimizer_cli.runtime.targets import deployment_snippet, parse_target
-
-        deploy = doc["winner"]["deploy"]
-        deploy["python"] = deployment_snippet(
-            parse_target(deploy["target"]), str(target.resolve()), deploy["threads"], deploy["session"]
+    def interrupted(self) -> str:
+        """What an interrupt says: how to resume the study under way, or that a scratch study was not kept."""
+        if not self._study:  # before any study started
+            return "interrupted"
+        where = (
+            f"resume with: optimize tune {self._study['model']} ... --study {self._study['study']} --resume"
+            if self._study.get("study")
+            else "nothing was kept: give --study DIR to make a study resumable"
         )
-    pareto = pareto_png(doc)
-    attribution = attribution_png(doc["winner"]) if doc["winner"] else None
-    try:
-        if winner is not None:
-            staged = plan.staged_model()
-            shutil.copyfile(winner, staged)
-            if data_file_of(winner).exists():
-                shutil.copyfile(data_file_of(winner), data_file_of(staged))
-            plan.commit_model()
-            recipe = doc["winner"]["recipe"]
-            command = reproduce_command(
-                doc["model"],
-                paths["recipe"],
-                (recipe.get("data") or {}).get("calibration"),
-                doc.get("evaluation"),
-                doc.get("evaluation_samples"),
-            )
-            header = (
-                f"# Found by optimize tune for {doc['model']} (goals: {', '.join(doc['goals'])}).\n"
-                f"# Reproduce: {command}\n"
-            )
-            write_text_atomic(paths["recipe"], header + yaml.safe_dump(recipe, sort_keys=False))
-            log.print(f"wrote {target} and {paths['recipe']}")
-    finally:
-        plan.discard()
-    write_bytes_atomic(paths["png"], pareto)
-    write_text_atomic(paths["html"], tune_html(doc, pareto, attribution))
-    write_text_atomic(paths["json"], json.dumps(doc, indent=2, default=str) + "\n")
-
-
-def _print_tune(doc: dict[str, Any], human: Console) -> None:
-    from rich.table import Table
-
-    final = doc["final"]
-    table = Table(title=f"tune: {doc['model']} (goals: {', '.join(doc['goals'])})", title_justify="left")
-    candidates = final.get("candidates", [])
-    # With labels, the accuracy (and its drop, the figure an accuracy goal reads) in percent like the goals.
-    labelled = any((c.get("fidelity") or {}).get("accuracy") is not None for c in candidates)
-    columns = ["trial", "recipe", "speedup [95% CI]", "p50 ms", "cosine", *(["accuracy (drop)"] if labelled else [])]
-    for col in [*columns, "verdict"]:
-        table.add_column(col)
-    base = doc["original"].get("p50_ms")
-    table.add_row("-", "original", "1.00", f"{base:.3f}" if base else "-", "1.0000", *([""] if labelled else []), "")
-    for c in candidates:
-        s, fid = c["speedup"], c["fidelity"]
-        verdict = (
-            "WINNER" if c["number"] == final.get("winner") else ("ok" if c["meets_goals"] else "; ".join(c["misses"]))
-        )
-        accuracy = []
-        if labelled:
-            acc, drop = fid.get("accuracy"), fid.get("accuracy_drop")
-            accuracy = [f"{100 * acc:.2f}% ({100 * drop:+.2f}%)" if acc is not None and drop is not None else "-"]
-        table.add_row(
-            str(c["number"]),
-            escape(c["recipe_summary"]),
-            f"{s['median']:.2f} [{s['ci_low']:.2f}, {s['ci_high']:.2f}]",
-            f"{c['p50_ms']:.3f}",
-            f"{fid['cosine']:.4f}",
-            *accuracy,
-            escape(verdict),
-        )
-    if _verbosity >= 0:  # -q: the winner (or why there is none) alone
-        human.print(table)
-        counts: dict[str, int] = {}
-        for t in doc["trials"]:
-            counts[t["state"]] = counts.get(t["state"], 0) + 1
-        human.print(
-            f"{len(doc['trials'])} trials ({', '.join(f'{n} {k}' for k, n in counts.items())}) in "
-            f"{doc['elapsed_s'] / 60:.1f} min; stopped: {doc['stopped']}"
-        )
-    if doc["winner"]:
-        w = doc["winner"]
-        human.print(
-            f"winner: trial {w['number']}: {escape(w['recipe_summary'])}: {w['speedup']['median']:.2f}x "
-            f"[{w['speedup']['ci_low']:.2f}, {w['speedup']['ci_high']:.2f}], cosine {w['fidelity']['cosine']:.4f}"
-        )
-        deploy = w.get("deploy") or {}
-        if deploy:
-            human.print(
-                escape(
-                    f"deploy: {deploy['target']} ({deploy['provider']}, {deploy['threads']} threads); the session: "
-                    f"winner.deploy.python in {doc.get('outputs', {}).get('json', 'tune.json')}"
-                ),
-                soft_wrap=True,
-            )
-    else:
-        human.print(f"[bold red]no winner[/bold red]: {escape(final['reason'])}; no model written")
-        for c in final.get("closest", []):
-            human.print(f"  closest: trial {c['number']}: {escape(c['recipe_summary'])}: {escape(str(c['reason']))}")
+        return f"interrupted: {where}"
 
 
 def _dtype_name(dtype: Any) -> str | None:
