@@ -240,14 +240,14 @@ def test_a_signal_during_the_benchmark_is_reported_and_cleans_up(
     code: int,
     needle: str,
 ) -> None:
-    from optimizer_cli import cli
+    from optimizer_cli.workflows import run
 
     def benchmark(*args: Any, **kwargs: Any) -> None:
         os.kill(os.getpid(), signum)
         time.sleep(5)  # the handler raises here
         raise AssertionError("the signal did not stop the run")
 
-    monkeypatch.setattr(cli, "_benchmark_into", benchmark)
+    monkeypatch.setattr(run, "benchmark_into", benchmark)  # the run workflow's benchmark step
     before = _snapshot(folder)
     previous = signal.getsignal(signal.SIGTERM)
     got, out, err = _main([*RUN, "-o", "out.onnx", "--no-memory", "--no-attribute"], capsys)
