@@ -121,7 +121,7 @@ def run_tune(request: TuneRequest, listener: Listener | None = None) -> TuneRepo
     from optimizer_cli.search.executors import make_executor
 
     emit = listener or ignore
-    checked = check_request(request, emit)
+    checked = _check_request(request, emit)
     pool = make_executor(request.executor) if not request.report_only else None
     documents: list[dict[str, Any]] = []
     try:
@@ -135,7 +135,7 @@ def run_tune(request: TuneRequest, listener: Listener | None = None) -> TuneRepo
     return TuneReport(document, exit_code)
 
 
-def check_request(request: TuneRequest, emit: Listener = ignore) -> _Checked:
+def _check_request(request: TuneRequest, emit: Listener = ignore) -> _Checked:
     """Every parameter and path checked before any model is loaded; unusable run targets are told (a warning)
     and skipped, unless none is left."""
     from optimizer_cli.runtime.providers import parse_provider_list, search_targets
