@@ -15,11 +15,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optimizer_cli.errors import OptimizerError
 from optimizer_cli.passes import register_pass, unregister_pass
 from optimizer_cli.workflows.events import BenchReport, Event, Listener, RunReport, TuneReport
+
+if TYPE_CHECKING:
+    from optimizer_cli.recipe import Recipe
 
 __all__ = [
     "BenchReport",
@@ -97,7 +100,7 @@ def _data(value: str | Path | None) -> str | None:
     return str(value) if value is not None else None
 
 
-def load_recipe(path_or_preset: str | Path, overrides: Sequence[str] = ()) -> Any:
+def load_recipe(path_or_preset: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read a recipe: a YAML file, else a shipped preset of that name (a file always wins, as --recipe).
 
     Parameters: path_or_preset: a recipe file, or a preset's name such as 'int8' (`optimize recipes` lists them);
@@ -116,7 +119,7 @@ def load_recipe(path_or_preset: str | Path, overrides: Sequence[str] = ()) -> An
 
 def optimize(
     model: str | Path,
-    recipe: Any,
+    recipe: Recipe | str | Path,
     *,
     output: str | Path | None = None,
     calib: str | Path | None = None,

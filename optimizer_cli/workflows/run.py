@@ -13,7 +13,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optimizer_cli.errors import UserInputError, VerificationError
 from optimizer_cli.workflows.common import (
@@ -33,6 +33,9 @@ from optimizer_cli.workflows.common import (
     quiet_runtime,
 )
 from optimizer_cli.workflows.events import Listener, RunReport
+
+if TYPE_CHECKING:
+    from optimizer_cli.recipe import Recipe
 
 # Where load_recipe() records the file a Recipe object was read from (its path and preset go in the report).
 _SOURCE_ATTRIBUTE = "_optimizer_cli_source"
@@ -57,7 +60,7 @@ class RunRequest:
     """
 
     model: Path
-    recipe: Any
+    recipe: Recipe | str | Path
     output: Path | None = None
     calib: str | None = None
     data: str | None = None
@@ -84,7 +87,7 @@ class RunRequest:
     names: Mapping[str, str] = field(default_factory=lambda: dict(PARAMETER_NAMES))
 
 
-def remember_source(recipe: Any, source: Path) -> Any:
+def remember_source(recipe: Recipe, source: Path) -> Recipe:
     """Record on a Recipe object the file it was read from, so a run's report names its path and preset."""
     setattr(recipe, _SOURCE_ATTRIBUTE, source)
     return recipe
@@ -99,12 +102,12 @@ def recipe_source(request: RunRequest) -> Path | None:
     return getattr(request.recipe, _SOURCE_ATTRIBUTE, None)
 
 
-def resolved_recipe(request: RunRequest, source: Path | None) -> Any:
+def resolved_recipe(request: RunRequest, source: Path | None) -> Recipe:
     """The recipe with the overrides applied; threads is its benchmark.threads (so the report records what was
     asked); calib_samples N makes the run read N samples and every pass that calibrates use them all."""
     from optimizer_cli.recipe import Recipe, load_recipe, parse_recipe
 
-    def load(overrides: list[str]) -> Any:
+    def load(overrides: list[str]) -> Recipe:
         if isinstance(request.recipe, (str, Path)):
             return load_recipe(source or Path(request.recipe), overrides)
         if not isinstance(request.recipe, Recipe):
