@@ -164,6 +164,33 @@ def test_only_the_roots_lazy_api_reexport_is_exempt() -> None:
     assert upward == ["optimizer_cli (layer 0) imports optimizer_cli.api (layer 7)"]
 
 
+def _third_party_imports(source: str) -> set[str]:
+    """The top-level packages a module's source imports (at any depth)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+    return found
+
+
+def test_only_the_cli_parses_and_only_report_and_cli_draw() -> None:
+    """Below the CLI layer nothing imports typer (a library call never parses or exits) and only report/
+    imports rich (rendering): workflows and api speak to their caller through listeners and reports."""
+    cli_layer = len(LAYERS) - 1
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = _module_name(path)
+        if _layer(module) == cli_layer:
+            continue
+        imported = _third_party_imports(path.read_text())
+        allowed = {"rich"} if module.startswith("optimizer_cli.report") else set()
+        found += [f"{module} imports {name}" for name in sorted(imported & ({"typer", "rich"} - allowed))]
+    assert not found, "\n".join(found)
+    assert _third_party_imports("def f():\n    from rich.console import Console\n") == {"rich"}
+
+
 def test_every_pass_module_is_registered() -> None:
     import importlib
 
