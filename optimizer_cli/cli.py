@@ -26,6 +26,7 @@ from typer.exceptions import TyperException
 
 from optimizer_cli import SCHEMA_VERSION, __version__
 from optimizer_cli.errors import DISK_ERRNOS, OptimizerError, UserInputError
+from optimizer_cli.report.progress import StepProgress as _Progress  # tune's bar extends it
 from optimizer_cli.workflows.events import Event
 
 
@@ -216,43 +217,6 @@ def _say_recipe(recipe: Path, log: Console) -> None:
     said = describe_source(recipe, preset_of(recipe))
     if said is not None:
         log.print(escape(said), soft_wrap=True)
-
-
-class _Progress:
-    """Step lines on stderr and, on a terminal, a spinner naming the step that is running (rich)."""
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        show = console.is_terminal and not console.quiet
-        self._status = console.status("starting", spinner="dots") if show else None
-
-    def __enter__(self) -> _Progress:
-        if self._status is not None:
-            self._status.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._status is not None:
-            self._status.stop()
-
-    def step(self, text: str) -> None:
-        if self._status is not None:
-            self._status.update(text)
-
-    def line(self, text: str) -> None:
-        self.console.print(f"  {text}")
-        self.step(text)
-
-    def listen(self, event: Event) -> None:
-        """A workflow's events: steps drive the spinner, lines print indented, messages print whole."""
-        if event.kind == "step":
-            self.step(event.text)
-        elif event.kind == "line":
-            self.line(event.text)
-        elif event.kind == "warning":
-            self.console.print(f"[yellow]warning:[/yellow] {escape(event.text)}", soft_wrap=True)
-        else:
-            self.console.print(escape(event.text), soft_wrap=True)
 
 
 @contextlib.contextmanager
