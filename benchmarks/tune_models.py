@@ -415,9 +415,13 @@ def bench_model(key: str, budget: str, providers: str = "cpu", out: Path = RESUL
         built = {**_fixed_recipes(model, spec["recipes"], calib, work), **_ort_defaults(model, calib_feeds, work)}
         fid = {n: _cosine(model, p, eval_data, ref) for n, p in built.items() if isinstance(p, Path)}
         targets = {f"engine {t}": t for t in _engines_alone(providers)}
-        for name, target in targets.items():  # the unmodified model on another engine, scored like the rest
-            built[name] = model
-            fid[name] = _cosine(model, model, eval_data, ref, target)
+        for name, target in list(targets.items()):  # the unmodified model on another engine, scored like the rest
+            try:
+                fid[name] = _cosine(model, model, eval_data, ref, target)
+                built[name] = model
+            except Exception as exc:  # the engine cannot compile this model (e.g. OpenVINO on unknown ranks)
+                built[name] = f"failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+                del targets[name]
         goals = [f"--goal={g}" for g in spec.get("goals", [])]
         tune = _tune(model, calib, evaluation, budget, work, goals, providers)
         contenders: dict[str, Path] = {}
@@ -496,9 +500,12 @@ def table(results: list[dict[str, Any]]) -> str:
         ]
         ort = [n for n in timing if n.startswith("ort-")]
         engines = [n for n in timing if n.startswith("engine ")]
+        failed = [f"{n}: compile failed" for n, p in r["built"].items() if n.startswith("engine ") and "failed" in p]
         engine_cell = (
             cell(engines) if any(k.startswith("engine ") for k in r.get("targets", {})) else "none usable here"
         )
+        if failed:
+            engine_cell = "; ".join([*failed, *([engine_cell] if engines else [])])
         winner = (r["tune"].get("winner") or {}).get(
             "recipe_summary", "no winner: " + str((r["tune"].get("final") or {}).get("reason"))
         )
@@ -529,6 +536,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--table-only", action="store_true", help="print the table of the JSON files in --out")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--budget", default="10m")
     parser.add_argument("--providers", default="cpu", help="run targets tune considers, e.g. cpu,openvino")
@@ -536,6 +544,13 @@ def main() -> None:
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.table_only:
+        print(
+            table(
+                [json.loads((out / f"tune-{k}.json").read_text()) for k in MODELS if (out / f"tune-{k}.json").exists()]
+            )
+        )
+        return
     results = []
     for key in args.models.split(","):
         if not MODELS[key]["path"]().exists():

@@ -165,3 +165,45 @@ def test_a_gate_can_name_a_whole_run_target() -> None:
     ]
     (result,) = evaluate([gate], {"rows": rows})
     assert result.violated and "openvino:f32" in result.detail
+
+
+OPENVINO_REFUSAL = """[ONNXRuntimeError] : 11 : EP_FAIL : Check 'false' failed at unconverted_ops_report.cpp:151:
+FrontEnd API failed with OpConversionFailure:
+Model wasn't fully converted. Failed operations detailed log:
+-- Conv-11 with a message:
+FrontEnd API failed with GeneralFailure:
+The input data tensor's rank has to be known (static)
+Summary:
+-- Conversion is failed for: Conv-11, ReduceMean-13"""
+
+
+def test_an_engine_that_refuses_the_model_is_a_row_saying_why_not_a_failed_benchmark(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """OpenVINO's converter refuses silero-vad (a Conv on a tensor of unknown rank inside an If): the CPU EP row
+    stands, the other target's row names the ops and the reason, and --strict-ep makes it an error."""
+    a, b, data = _models(tmp_path)
+    real = harness.timed_session
+
+    def refusing(source: ModelSource, config: SessionConfig, feed: dict) -> object:
+        if config.provider == OTHER:
+            raise RuntimeError(OPENVINO_REFUSAL)
+        return real(source, config, feed)
+
+    monkeypatch.setattr(harness, "timed_session", refusing)
+    settings = BenchSettings(providers=["cpu", OTHER], rounds=2, runs_per_round=2, warmup=1, memory=False)
+    report = run_benchmark(a, b, settings, data)
+    cpu, other = report.rows
+    assert cpu.usable and cpu.speedup is not None
+    assert not other.usable
+    assert other.reason == (
+        f"'{OTHER}' cannot run this model: its converter failed on Conv-11, ReduceMean-13 "
+        "(The input data tensor's rank has to be known (static))"
+    )
+    strict = BenchSettings(providers=["cpu", OTHER], rounds=2, runs_per_round=2, warmup=1, memory=False, strict_ep=True)
+    import pytest
+
+    from optimizer_cli.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="cannot run this model.*--strict-ep"):
+        run_benchmark(a, b, strict, data)

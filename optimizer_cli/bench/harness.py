@@ -32,7 +32,7 @@ from optimizer_cli.data import Dataset, input_specs, random_feed, shape_mix, sha
 from optimizer_cli.errors import UserInputError, first_line
 from optimizer_cli.model_io import file_size
 from optimizer_cli.runtime.cpu import cpu_isa, u8s8_saturates
-from optimizer_cli.runtime.providers import node_placement, probe_provider, resolve_provider
+from optimizer_cli.runtime.providers import engine_failure, node_placement, probe_provider, resolve_provider
 from optimizer_cli.runtime.session import (
     ModelSource,
     SessionConfig,
@@ -375,8 +375,19 @@ def _open_sessions(
             raise UserInputError(f"execution provider '{alias}' is not usable: {status.reason} (--strict-ep)")
         rows.append(ProviderRow(alias, False, status.reason))
         return None
-    sess_a, setup_a = timed_session(src_a, settings.session_config(alias), first_feed)
-    sess_b, setup_b = timed_session(src_b, settings.session_config(alias, optimized=True), first_feed)
+    try:
+        sess_a, setup_a = timed_session(src_a, settings.session_config(alias), first_feed)
+        sess_b, setup_b = timed_session(src_b, settings.session_config(alias, optimized=True), first_feed)
+    except Exception as exc:
+        if parse_target(alias).is_reference:
+            raise  # the CPU EP is the reference: a model it cannot run is the run's error, not a row
+        # Another engine may refuse a model the CPU EP runs (OpenVINO's converter on a tensor of unknown rank):
+        # a row saying so, not a failed benchmark.
+        msg = f"'{alias}' cannot run this model: {engine_failure(exc)}"
+        if settings.strict_ep:
+            raise UserInputError(msg + " (--strict-ep)") from exc
+        rows.append(ProviderRow(alias, False, msg, target=parse_target(alias).as_dict()))
+        return None
     placement = {"original": node_placement(sess_a), "optimized": node_placement(sess_b)}
     active = sess_b.get_providers()[0]
     took = placement["optimized"].get(resolve_provider(alias), 0) if placement["optimized"] else None

@@ -169,6 +169,20 @@ def probe_provider(spec: str | RunTarget) -> ProviderStatus:
     return status
 
 
+def engine_failure(exc: BaseException) -> str:
+    """Why an engine refused a model, in one line: OpenVINO's converter report names the ops it could not convert
+    and its first reason; other errors give their first line."""
+    import re
+
+    text = str(exc)
+    failed = re.search(r"Conversion is failed for: (.+)", text)
+    if failed is None:
+        return first_line(exc, 240)
+    reason = re.search(r"GeneralFailure:\s*\n?\s*(.+)", text)
+    why = f" ({reason.group(1).strip()[:160]})" if reason else ""
+    return f"its converter failed on {failed.group(1).strip()}{why}"
+
+
 def node_placement(sess: Any) -> dict[str, int]:
     """How many of the session's (optimized) graph nodes each execution provider took, largest first.
 
