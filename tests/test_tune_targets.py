@@ -55,6 +55,21 @@ def test_every_target_is_tried_alone_first() -> None:
         {"target": "openvino", "quantize": "none"},
         {"target": "openvino:f32", "quantize": "none"},
     ]
+    assert not any(p.get("static_shapes") for p in points)  # no such dimension here: the data has several shapes
+
+
+def test_every_other_engine_is_also_tried_on_fixed_shapes_where_the_data_has_one() -> None:
+    dims = [
+        Dimension("target", ("cpu", "openvino", "openvino:f32"), "where"),
+        Dimension("quantize", ("none", "dynamic"), "mode"),
+        Dimension("static_shapes", (False, True), "fix the symbolic dims"),
+    ]
+    points = starting_points(dims)
+    assert points[3:5] == [
+        {"target": "openvino", "quantize": "none", "static_shapes": True},
+        {"target": "openvino:f32", "quantize": "none", "static_shapes": True},
+    ]
+    assert {"target": "cpu", "quantize": "none", "static_shapes": True} not in points  # the reference stays as given
 
 
 def test_tune_with_targets_writes_a_winner_that_runs_where_it_was_measured(examples_dir: Path, tmp_path: Path) -> None:
