@@ -222,6 +222,8 @@ def run_pipeline(
             stages.append(stage)
             if on_stage:
                 on_stage(stage)
+        if stages:
+            verifier.check_deployed(f"pass {len(stages) - 1} ({stages[-1].name})", model)
     out_path = Path(output_path) if output_path is not None else None
     output_bytes = None
     if out_path is not None:

@@ -71,3 +71,38 @@ def test_samples_of_several_shapes_leave_the_input_symbolic(tmp_path) -> None:
 def test_dims_below_one_are_refused_by_the_config() -> None:
     with pytest.raises(ValueError):
         StaticShapesConfig(dims={"batch": 0})
+
+
+def test_a_model_onnxruntimes_optimizer_refuses_is_not_written_even_after_exact_passes(tmp_path, monkeypatch) -> None:
+    """Exact stages are run as written (optimizations off); the final model must also load as deployed. Fixing
+    silero-vad's input shapes gave a model that ran as written and that onnxruntime refused with its default
+    optimizations (an If branch's LSTM then infers a wrong rank): the run must fail, naming the pass, not write it."""
+    import onnx
+
+    from optimizer_cli import verify
+    from optimizer_cli.errors import VerificationError
+    from optimizer_cli.pipeline import run_pipeline
+    from optimizer_cli.recipe import parse_recipe
+
+    proto = mlp()
+    src = tmp_path / "m.onnx"
+    onnx.save(proto, src)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.stack([random_feed(proto, seed=s, batch=1)["x"] for s in range(3)]))
+    real = verify.run_model
+
+    def optimizer_refuses_fixed_shapes(model, feeds, config, outputs=None):  # type: ignore[no-untyped-def]
+        fixed = all(isinstance(d, int) for v in model.graph.inputs for d in v.shape.dims)
+        if config.opt_level == "all" and fixed:
+            raise RuntimeError("Node (If_0) Op (If) [TypeInferenceError] Graph attribute inferencing failed")
+        return real(model, feeds, config, outputs)
+
+    monkeypatch.setattr(verify, "run_model", optimizer_refuses_fixed_shapes)
+    out = tmp_path / "out.onnx"
+    recipe = parse_recipe("passes:\n  - type: cleanup\n  - type: static_shapes\n")
+    with pytest.raises(VerificationError, match=r"pass 1 \(static_shapes\).*graph optimizations on"):
+        run_pipeline(src, recipe, out, evaluation=str(data))
+    assert not out.exists()
+    # Without the fixed shapes the same check passes: it is the final model's check, not a blanket refusal.
+    run_pipeline(src, parse_recipe("passes:\n  - type: cleanup\n"), out, evaluation=str(data))
+    assert out.exists()
