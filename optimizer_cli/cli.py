@@ -1,6 +1,6 @@
 """Command line: `optimize MODEL --recipe R -o OUT` plus verbs (passes, validate, inspect, bench, providers).
 
-Only parsing and wiring here; the work is in pipeline, bench and report.
+Only parsing and wiring here: the work is in workflows/ (each command a library call), the rendering in report/.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ from typer.exceptions import TyperException
 
 from optimizer_cli import SCHEMA_VERSION, __version__
 from optimizer_cli.errors import DISK_ERRNOS, OptimizerError, UserInputError
-from optimizer_cli.report.progress import StepProgress as _Progress  # tune's bar extends it
-from optimizer_cli.workflows.events import Event
+from optimizer_cli.report.progress import StepProgress, TuneProgress
 
 
 class _HelpGroup(TyperGroup):
@@ -171,7 +170,7 @@ def run_cmd(
     if dry_run:
         _dry_run(plan_run(request), human, json_out)
         return
-    with _library_output_to_stderr(), _warnings_to(log), _Progress(log) as progress:
+    with _library_output_to_stderr(), _warnings_to(log), StepProgress(log) as progress:
         report = run_optimize(request, progress.listen)
     _render(report, json_out, human)
 
@@ -356,7 +355,7 @@ def tune_cmd(
         names=TUNE_FLAGS,
     )
     _quiet_runtime()
-    progress = _TuneProgress(log)
+    progress = TuneProgress(log)
     try:
         with _library_output_to_stderr(), _warnings_to(log), progress:
             report = run_tune(request, progress.event)
@@ -373,88 +372,6 @@ def tune_cmd(
 
 class _Interrupted(OptimizerError):
     exit_code = 130
-
-
-class _TuneProgress(_Progress):
-    """tune's listener: a rich progress bar on a terminal (trials done, best so far, time left), a line per trial
-    elsewhere; step lines, the files written and warnings on the log console."""
-
-    def __init__(self, console: Console) -> None:
-        super().__init__(console)
-        self._bar: Any = None
-        self._task: Any = None
-        self._by_time = False
-        self._study: dict[str, Any] = {}  # the study under way: its model and folder (None: scratch)
-        if self._status is not None:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._status = None
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console)
-            self._task = self._bar.add_task("tune: starting", total=None)
-
-    def __enter__(self) -> _TuneProgress:
-        if self._bar is not None:
-            self._bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-    def event(self, event: Event) -> None:
-        if event.kind == "trial":
-            self._trial(event.text, event.data)
-        elif event.kind in ("info", "warning"):
-            self.console.print(escape(event.text), soft_wrap=True)
-        elif event.kind == "step":
-            self.step(event.text)
-        else:
-            if "model" in event.data:  # a model's study starts
-                self._start(event.data)
-            self.line(event.text)
-
-    def _start(self, study: dict[str, Any]) -> None:
-        self._study = study
-        if self._bar is not None:
-            trials, budget_s = study.get("trials"), study.get("budget_s")
-            self._by_time = trials is None
-            self._bar.reset(self._task, total=trials or (budget_s and int(budget_s)), description="tune: starting")
-
-    def _trial(self, text: str, data: dict[str, Any]) -> None:
-        self.console.print(escape(f"  {text}"), soft_wrap=True)
-        if self._bar is not None:
-            total = self._bar.tasks[0].total
-            done = (total - (data["seconds_left"] or 0)) if self._by_time and total else data["done"]
-            self._bar.update(self._task, completed=done, description=f"tune: {data['status']}")
-        else:
-            self.console.print(f"  [{data['status']}]")
-
-    def interrupted(self) -> str:
-        """What an interrupt says: how to resume the study under way, or that a scratch study was not kept."""
-        if not self._study:  # before any study started
-            return "interrupted"
-        where = (
-            f"resume with: optimize tune {self._study['model']} ... --study {self._study['study']} --resume"
-            if self._study.get("study")
-            else "nothing was kept: give --study DIR to make a study resumable"
-        )
-        return f"interrupted: {where}"
-
-
-def _dtype_name(dtype: Any) -> str | None:
-    """An output's element type as the inputs' is written (numpy's name: float32, not FLOAT)."""
-    if dtype is None:
-        return None
-    try:
-        return str(dtype.numpy())
-    except Exception:  # a type numpy has no name for: ONNX's
-        return str(dtype)
-
-
-def _dims(shape: Any) -> list[int | str | None]:
-    """Fixed dims as numbers, symbolic ones as names, unnamed ones None: as the inputs' are (data.input_specs);
-    a str '10' reads as a dim's name."""
-    return [d if isinstance(d, int) else (d.value or None) for d in shape.dims]
 
 
 @app.command("bench")
@@ -485,7 +402,7 @@ def bench_cmd(
 
     human, log = _consoles(json_out)
     request = _request(BenchRequest, {**options, "dims": _parse_dims(dims)}, json_out)
-    with _library_output_to_stderr(), _warnings_to(log), _Progress(log) as progress:
+    with _library_output_to_stderr(), _warnings_to(log), StepProgress(log) as progress:
         report = run_benchmark(request, progress.listen)
     _render(report, json_out, human)
 
@@ -507,36 +424,16 @@ def passes_cmd(
     name: str | None = typer.Argument(None, help="One pass in detail (default: all)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout, nothing else."),
 ) -> None:
-    """List passes: contract, and each option's type, default, bounds and meaning."""
-    from rich.markup import escape
-    from rich.table import Table
+    """List passes: contract, what tune may vary, and each option's type, default, bounds and meaning."""
+    from optimizer_cli.passes import PLUGIN_PROBLEMS
+    from optimizer_cli.report.listing import render_passes
+    from optimizer_cli.workflows.pass_catalog import pass_catalog
 
-    from optimizer_cli.passes import PASS_REGISTRY, PLUGIN_PROBLEMS
-    from optimizer_cli.recipe import pass_info
-
-    items = [pass_info(name)] if name is not None else [pass_info(n) for n in sorted(PASS_REGISTRY)]
+    doc = pass_catalog(name)
     if json_out:
-        _emit_json(items[0] if name is not None else {"passes": items, "plugin_problems": PLUGIN_PROBLEMS})
+        _emit_json(doc)
         return
-    console = Console()
-    for problem in PLUGIN_PROBLEMS:  # an installed plugin pass that could not be registered
-        sys.stderr.write(f"warning: plugin pass not loaded: {problem}\n")
-    for item in items:
-        console.print(f"[bold]{item['type']}[/bold] ({item['exactness']}): {escape(item['contract'])}")
-        table = Table(box=None, pad_edge=False, show_edge=False)
-        table.add_column("option", no_wrap=True)
-        table.add_column("type", overflow="fold", max_width=16)
-        table.add_column("default", overflow="fold", max_width=14)
-        table.add_column("bounds", no_wrap=True)
-        table.add_column("description", overflow="fold")
-        for key, opt in item["options"].items():
-            default = opt["default"]
-            # YAML spelling (true, null, [..]) rather than Python's True/None.
-            shown = default if isinstance(default, str) else json.dumps(default)
-            # Types like list[str] and descriptions are text, not rich markup.
-            table.add_row(key, escape(opt["type"]), escape(shown), opt["bounds"] or "", escape(opt["description"]))
-        console.print(table)
-        console.print()
+    render_passes(doc.get("passes", [doc]), PLUGIN_PROBLEMS, Console())
 
 
 @app.command("validate")
@@ -547,6 +444,7 @@ def validate_cmd(
 ) -> None:
     """Validate a recipe (unknown keys, types, bounds, pass names): every problem with its line."""
     from optimizer_cli.recipe import RecipeProblems, code_references, load_recipe, preset_of
+    from optimizer_cli.report.listing import render_valid_recipe
 
     recipe = _resolve_recipe(recipe)
     preset = preset_of(recipe)
@@ -567,10 +465,8 @@ def validate_cmd(
         doc = {"valid": True, "path": str(recipe), "preset": preset, "recipe": rec.model_dump()}
         _emit_json({**doc, "code": [c.as_dict() for c in code]})
     else:
-        shown = escape(f"preset '{preset}'" if preset else str(recipe))
-        Console().print(
-            f"[green]ok[/green] {shown}: {len(rec.passes)} passes: " + " -> ".join(p.type for p in rec.passes)
-        )
+        shown = f"preset '{preset}'" if preset else str(recipe)
+        render_valid_recipe(shown, [p.type for p in rec.passes], Console())
         for c in code:
             sys.stderr.write(f"note: {c.key} names code: {c.what()}; optimize run imports it only with --allow-code\n")
 
@@ -581,14 +477,13 @@ def recipes_cmd(
 ) -> None:
     """List the shipped recipes (presets), one line each: --recipe NAME runs one from any folder."""
     from optimizer_cli.recipe import preset_list
+    from optimizer_cli.report.listing import render_recipes
 
     items = preset_list()
     if json_out:
         _emit_json({"presets": items})
         return
-    width = max(len(item["name"]) for item in items)
-    # Plain lines (no rich wrapping): one per preset, whatever the terminal's width.
-    sys.stdout.write("".join(f"{item['name']:<{width}}  {item['summary']}\n" for item in items))
+    render_recipes(items)
 
 
 @app.command("schema")
@@ -605,63 +500,28 @@ def inspect_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout, nothing else."),
 ) -> None:
     """Inputs, outputs, opsets, op counts, parameters and size of a model."""
-    from optimizer_cli.analysis.graph import op_counts
-    from optimizer_cli.data import input_specs
-    from optimizer_cli.model_io import file_size, load_model, weights_nbytes
+    from optimizer_cli.report.listing import render_inspect
+    from optimizer_cli.workflows.inspect import inspect_model
 
-    m = load_model(model)
-    params = sum(v.const_value.size for v in m.graph.initializers.values() if v.const_value is not None)
-    info: dict[str, Any] = {
-        "path": str(model),
-        "file_bytes": file_size(model),
-        "weight_bytes": weights_nbytes(m),
-        "parameters": int(params),
-        "ir_version": m.ir_version,
-        "opsets": dict(m.opset_imports),
-        "producer": m.producer_name,
-        "inputs": [
-            {"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape) if s.shape else None} for s in input_specs(m)
-        ],
-        "outputs": [
-            {"name": v.name, "dtype": _dtype_name(v.dtype), "shape": _dims(v.shape) if v.shape else None}
-            for v in m.graph.outputs
-        ],
-        "ops": dict(op_counts(m).most_common()),
-    }
+    info = inspect_model(model)
     if json_out:
         _emit_json(info)
         return
-    c = Console()
-    c.print(
-        f"[bold]{model}[/bold]: {info['file_bytes'] / 1e6:.2f} MB, {params:,} parameters, IR {m.ir_version}, opsets {info['opsets']}"
-    )
-    for i in info["inputs"]:
-        c.print(f"  input  {i['name']}: {i['dtype']} {i['shape']}")
-    for o in info["outputs"]:
-        c.print(f"  output {o['name']}: {o['dtype']} {o['shape']}")
-    c.print("  ops: " + ", ".join(f"{k}={v}" for k, v in info["ops"].items()))
+    render_inspect(info, Console())
 
 
 @app.command("providers")
 def providers_cmd(json_out: bool = typer.Option(False, "--json", help="Print one JSON document.")) -> None:
     """Every execution provider (built in or plugin): devices, usable here or why not, target options."""
+    from optimizer_cli.report.listing import render_providers
     from optimizer_cli.runtime.providers import installed_plugins, installed_runtimes, provider_catalog
 
     rows = provider_catalog()
-    runtimes, plugins = installed_runtimes(), installed_plugins()
+    doc = {"runtimes": installed_runtimes(), "plugins": installed_plugins(), "providers": rows}
     if json_out:
-        _emit_json({"runtimes": runtimes, "plugins": plugins, "providers": rows})
+        _emit_json(doc)
         return
-    c = Console()
-    c.print(f"onnxruntime packages: {', '.join(runtimes) or 'none'}; plugin EPs: {', '.join(plugins) or 'none'}")
-    if len(runtimes) > 1:
-        c.print("[yellow]warning:[/yellow] more than one onnxruntime package is installed; the last installed one wins")
-    for r in rows:
-        state = "[green]usable[/green]  " if r["usable"] else "[red]unusable[/red]"
-        devices = ",".join(r["devices"]) or "-"
-        c.print(f"  {r['alias']:9} {state} devices {devices:8} {escape(r['reason'])}", soft_wrap=True)
-        c.print(f"            targets: {escape(r['options'])}", soft_wrap=True)
-    c.print(escape("A target is PROVIDER[@DEVICE][:PRECISION][:KEY=VALUE], e.g. --providers cpu,openvino:f32,trt:fp16"))
+    render_providers(doc, Console())
 
 
 def _version_callback(value: bool) -> None:
