@@ -334,7 +334,7 @@ def starting_points(dims: list[Dimension]) -> list[dict[str, Any]]:
     ]
     if "static_shapes" in names:
         # An engine that compiles the graph (OpenVINO) can be several times faster on fixed input shapes than on
-        # symbolic ones (measured: magika 0.93x -> 3.1x on an AMX Xeon): each other engine alone, shapes fixed.
+        # symbolic ones (measured on an AMX Xeon: PP-OCRv4 det 2.6x -> 3.6x): each other engine alone, shapes fixed.
         wanted += [{"quantize": "none", "target": t, "static_shapes": True} for t in targets if t and t != "cpu"]
     for mode in ("dynamic", "static"):
         if mode in modes:
