@@ -70,6 +70,9 @@ def test_every_other_engine_is_also_tried_on_fixed_shapes_where_the_data_has_one
         {"target": "openvino:f32", "quantize": "none", "static_shapes": True},
     ]
     assert {"target": "cpu", "quantize": "none", "static_shapes": True} not in points  # the reference stays as given
+    # Another CPU EP target (a provider option) is not a compiling engine: not tried on fixed shapes first.
+    dims[0] = Dimension("target", ("cpu", "cpu:use_arena=0"), "where")
+    assert not any(p.get("static_shapes") for p in starting_points(dims))
 
 
 def test_tune_with_targets_writes_a_winner_that_runs_where_it_was_measured(examples_dir: Path, tmp_path: Path) -> None:

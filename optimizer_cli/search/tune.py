@@ -322,6 +322,13 @@ def _suggest_with(trial: Any, dim: Dimension) -> Any:
     return trial.suggest_categorical(dim.name, list(dim.choices))
 
 
+def _compiles(target: str | None) -> bool:
+    """A target whose engine is not onnxruntime's CPU EP (OpenVINO, TensorRT: they compile the graph)."""
+    from optimizer_cli.runtime.targets import parse_target
+
+    return target is not None and parse_target(target).ep_name != "CPUExecutionProvider"
+
+
 def starting_points(dims: list[Dimension]) -> list[dict[str, Any]]:
     """What a person would try first (the shipped recipes' shapes), so even a small budget sees them."""
     names = {d.name: d for d in dims}
@@ -335,7 +342,7 @@ def starting_points(dims: list[Dimension]) -> list[dict[str, Any]]:
     if "static_shapes" in names:
         # An engine that compiles the graph (OpenVINO) can be several times faster on fixed input shapes than on
         # symbolic ones (measured on an AMX Xeon: PP-OCRv4 det 2.6x -> 3.6x): each other engine alone, shapes fixed.
-        wanted += [{"quantize": "none", "target": t, "static_shapes": True} for t in targets if t and t != "cpu"]
+        wanted += [{"quantize": "none", "target": t, "static_shapes": True} for t in targets if _compiles(t)]
     for mode in ("dynamic", "static"):
         if mode in modes:
             wanted.append({"quantize": mode})
