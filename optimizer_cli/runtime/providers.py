@@ -92,13 +92,10 @@ _PROBE_CACHE: dict[str, ProviderStatus] = {}
 def configure_target(options: Any, target: RunTarget, threads: int) -> list[Any] | None:
     """Make `options` (an ort.SessionOptions) run on `target`; returns the `providers=` list for the session,
     or None when the provider was added to `options` itself (a plugin EP, chosen by its device)."""
-    import onnxruntime as ort
 
     name = target.ep_name
     provider_options = target.provider_options(threads)
-    # A registered plugin's EP also appears in get_available_providers(), but a session takes it only
-    # through its device (providers=[name] silently falls back to the CPU EP).
-    if not ep_plugins.is_plugin_ep(name) and name in ort.get_available_providers():
+    if not _chosen_by_device(name):
         entries: list[Any] = [(name, provider_options)] if provider_options else [name]
         return entries if name == "CPUExecutionProvider" else [*entries, "CPUExecutionProvider"]
     device = device_for(target)
@@ -106,6 +103,15 @@ def configure_target(options: Any, target: RunTarget, threads: int) -> list[Any]
         raise UserInputError(f"execution provider '{target.label}' is not usable: {_plugin_problem(target)}")
     options.add_provider_for_devices([device], provider_options)
     return None
+
+
+def _chosen_by_device(ep_name: str) -> bool:
+    """Whether a session takes this EP through one of its devices (a plugin EP, or one this onnxruntime build
+    lacks) rather than by name. A registered plugin's EP also appears in get_available_providers(), but
+    providers=[name] silently falls back to the CPU EP."""
+    import onnxruntime as ort
+
+    return ep_plugins.is_plugin_ep(ep_name) or ep_name not in ort.get_available_providers()
 
 
 def device_for(target: RunTarget) -> Any | None:
@@ -142,7 +148,7 @@ def probe_provider(spec: str | RunTarget) -> ProviderStatus:
         return _PROBE_CACHE[target.label]
     if name == "CPUExecutionProvider":
         status = ProviderStatus(target.label, name, True, "ok")
-    elif (ep_plugins.is_plugin_ep(name) or name not in ort.get_available_providers()) and (device_for(target) is None):
+    elif _chosen_by_device(name) and device_for(target) is None:
         status = ProviderStatus(target.label, name, False, _plugin_problem(target))
     else:
         options = ort.SessionOptions()
