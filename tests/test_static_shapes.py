@@ -44,6 +44,25 @@ def test_batch_dim_fixed_to_the_samples_and_outputs_exact(tmp_path) -> None:
     assert "skipped" in again.stats
 
 
+def test_a_minus_one_dim_counts_as_symbolic(tmp_path) -> None:
+    # paddle2onnx declares "any batch" as dim_value -1 (PP-OCR's cls): left as it was, tune's "static shapes" on it
+    # still had a dynamic batch, and the search dimension did not see the model as having symbolic inputs.
+    proto = mlp()
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    model = to_ir(proto)
+    assert _input_shapes(model)["x"][0] == -1
+    from optimizer_cli.search.space import _symbolic_inputs
+
+    assert _symbolic_inputs(model)
+    feeds = [random_feed(proto, seed=s, batch=2) for s in range(2)]
+    p = _apply(model, tmp_path, feeds)
+    assert _input_shapes(model)["x"] == [2, 32]
+    assert p.stats["fixed"] == {"x": "2x32"}
+    check(model)
+    assert not _symbolic_inputs(model)
+    np.testing.assert_array_equal(run(model, feeds[0])[0], run(proto, feeds[0])[0])
+
+
 def test_named_dims_win_and_must_agree_with_the_data(tmp_path) -> None:
     proto = tiny_encoder()
     feeds = [padded_feed([3, 5], 32, seed=s) for s in range(2)]  # batch 2, sequence 32

@@ -130,6 +130,12 @@ def infer_shapes(model: ir.Model) -> None:
                 value.dtype = ir.DataType(vi.type.tensor_type.elem_type)
 
 
+def is_symbolic_dim(dim: object) -> bool:
+    """Whether a declared dim is not a fixed size: a name, unknown, or a negative number (exporters such as
+    paddle2onnx write -1 for "any")."""
+    return not isinstance(dim, int) or dim < 0
+
+
 def remove_identities(model: ir.Model) -> int:
     """Drop main-graph Identity nodes whose output is not a graph output (subgraph outputs untouched).
 

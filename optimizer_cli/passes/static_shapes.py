@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import onnx_ir as ir
 from pydantic import Field
 
-from optimizer_cli.passes._graph import refresh_shapes
+from optimizer_cli.passes._graph import is_symbolic_dim, refresh_shapes
 from optimizer_cli.passes.base import ModelTraits, OptimizationPass, PassConfig, RecipeContext, SearchDimension
 
 
@@ -30,10 +30,6 @@ class StaticShapesConfig(PassConfig):
         description="Values for symbolic dims by name, e.g. {batch: 1, sequence: 128}; dims not named here take "
         "the size every verification sample has (null: leave a dim the samples disagree on symbolic).",
     )
-
-
-def _is_symbolic(dim: object) -> bool:
-    return not isinstance(dim, int)
 
 
 def _dim_name(dim: object) -> str | None:
@@ -76,7 +72,7 @@ class StaticShapesPass(OptimizationPass[StaticShapesConfig]):
             if value.name in model.graph.initializers or value.shape is None:
                 continue
             dims = list(value.shape.dims)
-            if not any(_is_symbolic(d) for d in dims):
+            if not any(is_symbolic_dim(d) for d in dims):
                 continue
             shape, reason = self._shape_for(value.name, dims, feeds, cfg.dims)
             if shape is None:
@@ -103,7 +99,7 @@ class StaticShapesPass(OptimizationPass[StaticShapesConfig]):
         data_shape = next(iter(seen)) if seen else None
         shape: list[int] = []
         for axis, dim in enumerate(dims):
-            if not _is_symbolic(dim):
+            if not is_symbolic_dim(dim):
                 shape.append(int(dim))  # type: ignore[call-overload]
                 continue
             dim_name = _dim_name(dim)

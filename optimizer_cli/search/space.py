@@ -28,6 +28,7 @@ import onnx_ir as ir
 from optimizer_cli.analysis.graph import op_counts
 from optimizer_cli.errors import UserInputError
 from optimizer_cli.passes import PASS_REGISTRY, OptimizationPass
+from optimizer_cli.passes._graph import is_symbolic_dim
 from optimizer_cli.passes.base import ModelTraits, SearchDimension
 
 # Each pass declares its own dimensions (passes/*.py, `search_dimensions`); the old names stay importable here.
@@ -145,9 +146,9 @@ def _mask_input(model: ir.Model) -> str | None:
 
 
 def _symbolic_inputs(model: ir.Model) -> bool:
-    """Whether any graph input has a dim that is not a number."""
+    """Whether any graph input has a dim that is not a fixed size."""
     return any(
-        v.shape is not None and any(not isinstance(d, int) for d in v.shape.dims)
+        v.shape is not None and any(is_symbolic_dim(d) for d in v.shape.dims)
         for v in model.graph.inputs
         if v.name not in model.graph.initializers
     )
