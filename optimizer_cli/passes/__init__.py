@@ -9,6 +9,7 @@ from optimizer_cli.passes.cleanup import CleanupPass
 from optimizer_cli.passes.distill import DistillPass
 from optimizer_cli.passes.drop_layers import DropLayersPass
 from optimizer_cli.passes.factorize import FactorizePass
+from optimizer_cli.passes.freeze_inputs import FreezeInputsPass
 from optimizer_cli.passes.fuse import FusePass
 from optimizer_cli.passes.prune import PrunePass
 from optimizer_cli.passes.prune_heads import PruneHeadsPass
@@ -29,6 +30,7 @@ PASSES: tuple[type[OptimizationPass], ...] = (
     DistillPass,
     QuantizePass,
     StaticShapesPass,
+    FreezeInputsPass,
 )
 PASS_REGISTRY: dict[str, type[OptimizationPass]] = {cls.name: cls for cls in PASSES}
 assert len(PASS_REGISTRY) == len(PASSES), "two passes share a name"

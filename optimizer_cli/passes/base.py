@@ -105,6 +105,8 @@ class ModelTraits:
     head_attentions: int = 0  # standard multi-head attentions with 2+ heads prune_heads could thin
     symbolic_inputs: bool = False  # a graph input has a dim that is not a number
     one_evaluation_shape: bool = False  # every evaluation sample has the same shapes
+    # integer/bool inputs of a few elements with one value in every evaluation sample (freeze_inputs)
+    constant_config_inputs: tuple[str, ...] = ()
 
     @property
     def has_dynamic_targets(self) -> bool:

@@ -40,11 +40,13 @@ REFERENCE = "cpu"
 
 
 # The order a candidate's passes run in (OTHER_PASSES: plugins, on the plain graph before the fusions): the
-# structural edits first, on the plain graph (pruning reads channel groups there, prune_heads the unfused
+# frozen inputs folded first (every later pass sees the graph without the branches they decided), the
+# structural edits next, on the plain graph (pruning reads channel groups there, prune_heads the unfused
 # attention), then the fusions, the precision, and static_shapes last (the passes before it may read data of
 # other shapes).
 RECIPE_ORDER = (
     "cleanup",
+    "freeze_inputs",
     "trim_padding",
     "drop_layers",
     "prune_heads",
@@ -273,15 +275,20 @@ def time_candidates(job: TimeJob) -> dict[str, Any]:
             create_session(Path(c), session_config(job.threads, target, s))
             for c, s, target in zip(job.candidates, job.sessions, job.targets, strict=True)
         ]
-        feeds = [{k: v for k, v in f.items() if k in names} for f in feeds]
-        for sess in sessions:  # first runs build kernels and arenas: not timed
-            sess.run(None, feeds[0])
+        # Each session gets the feeds it takes: a candidate whose inputs were frozen (freeze_inputs) no longer
+        # takes them, and onnxruntime refuses a feed it does not know. Filtered once, outside the timed calls.
+        takes = [names & {i.name for i in s.get_inputs()} for s in sessions]
+        own = [[{k: v for k, v in f.items() if k in its} for f in feeds] for its in takes]
+        for sess, its_feeds in zip(sessions, own, strict=True):  # first runs build kernels and arenas: not timed
+            sess.run(None, its_feeds[0])
         one = time.perf_counter()
-        sessions[0].run(None, feeds[0])
+        sessions[0].run(None, own[0][0])
         per_call = (time.perf_counter() - one) * len(sessions)
         asked = LatencyPlan(3, job.rounds, job.runs_per_round, 2, len(feeds))
         plan = fit_to_budget(asked, per_call / 2, job.max_seconds)
-        runs = [cycling(session_runner(s), feeds[: plan.inputs]) for s in sessions]
+        runs = [
+            cycling(session_runner(s), its_feeds[: plan.inputs]) for s, its_feeds in zip(sessions, own, strict=True)
+        ]
         settings = dict(
             warmup=plan.warmup,
             rounds=plan.rounds,

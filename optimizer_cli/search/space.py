@@ -39,7 +39,8 @@ ENGINE = "<engine>"
 # Every registered pass an order does not name (plugins, in registration order).
 OTHER_PASSES = "*"
 # The order the dimensions are suggested in. A seeded sampler draws in this order, so it stays as it was (the
-# same seed proposes the same trials); static_shapes joined the space after the engine's knobs and stays there.
+# same seed proposes the same trials); static_shapes joined the space after the engine's knobs and stays there,
+# freeze_inputs after it.
 SPACE_ORDER = (
     "quantize",
     "prune",
@@ -51,6 +52,7 @@ SPACE_ORDER = (
     OTHER_PASSES,
     ENGINE,
     "static_shapes",
+    "freeze_inputs",
 )
 
 
@@ -162,6 +164,7 @@ def model_traits(
     gpu: bool,
     saturating_cpu: bool,
     one_evaluation_shape: bool = False,
+    constant_config_inputs: tuple[str, ...] = (),
 ) -> ModelTraits:
     """The traits of `model` the passes derive their dimensions from; the keywords are what the run adds (its
     data and targets, this CPU)."""
@@ -182,6 +185,7 @@ def model_traits(
         head_attentions=_head_attentions(model),
         symbolic_inputs=_symbolic_inputs(model),
         one_evaluation_shape=one_evaluation_shape,
+        constant_config_inputs=constant_config_inputs,
     )
 
 

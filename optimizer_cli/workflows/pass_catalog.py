@@ -39,9 +39,9 @@ def tune_dimension_names(cls: type[OptimizationPass]) -> tuple[list[str], list[s
 
 def _traits_of_everything() -> ModelTraits:
     """A model with every kind of work a shipped pass looks for (quantizable ops, prunable and factorizable
-    weights, an attention mask, multi-head attentions, residual blocks, symbolic inputs), calibration data, one
-    evaluation shape and a GPU target on a CPU whose int8 kernels do not saturate: no declared dimension is
-    left out for lack of something to act on."""
+    weights, an attention mask, multi-head attentions, residual blocks, symbolic inputs, an integer input the
+    data holds constant), calibration data, one evaluation shape and a GPU target on a CPU whose int8 kernels do
+    not saturate: no declared dimension is left out for lack of something to act on."""
     ops = (*COMPUTE_OPS, *DYNAMIC_TARGETS, *TRANSFORMER_MARKERS, "Softmax")
     return ModelTraits(
         ops=dict.fromkeys(ops, 64),
@@ -58,4 +58,5 @@ def _traits_of_everything() -> ModelTraits:
         head_attentions=64,
         symbolic_inputs=True,
         one_evaluation_shape=True,
+        constant_config_inputs=("sample_rate",),
     )
