@@ -326,8 +326,13 @@ class StageVerifier:
                 return split
         return run_model(model, self.feeds, config)
 
-    def check(self, stage: str, model: ir.Model, exact: bool) -> StageDrift:
-        """Verify one stage (`stage` names it in errors, e.g. "pass 2 (quantize)"); raises VerificationError."""
+    def check(self, stage: str, model: ir.Model, exact: bool, removed_inputs: tuple[str, ...] = ()) -> StageDrift:
+        """Verify one stage (`stage` names it in errors, e.g. "pass 2 (quantize)"); raises VerificationError.
+        `removed_inputs`: inputs the stage declares it froze into constants (freeze_inputs): the signature
+        loses them from then on, and the samples still hold them (run_model feeds a model only its inputs)."""
+        if removed_inputs:
+            ins, outs = self.signature
+            self.signature = ([i for i in ins if i[0] not in removed_inputs], outs)
         try:
             check_model(model)
             check_signature(self.signature, model)

@@ -207,3 +207,30 @@ def test_an_engine_that_refuses_the_model_is_a_row_saying_why_not_a_failed_bench
 
     with pytest.raises(UserInputError, match="cannot run this model.*--strict-ep"):
         run_benchmark(a, b, strict, data)
+
+
+def test_an_engine_that_refuses_only_the_original_still_measures_the_optimized_model(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """freeze_inputs folds the If that OpenVINO's converter refused in silero-vad: the optimized model runs on the
+    engine, so its row is measured against the original on the CPU EP, and a note says the original could not run
+    there (before, the whole target was reported unusable)."""
+    a, b, data = _models(tmp_path)
+    real = harness.timed_session
+
+    def refusing_the_original(source: ModelSource, config: SessionConfig, feed: dict) -> object:
+        if config.provider == OTHER and str(source.data) == str(a):
+            raise RuntimeError(OPENVINO_REFUSAL)
+        return real(source, config, feed)
+
+    monkeypatch.setattr(harness, "timed_session", refusing_the_original)
+    settings = BenchSettings(providers=["cpu", OTHER], rounds=2, runs_per_round=2, warmup=1, memory=False)
+    report = run_benchmark(a, b, settings, data)
+    cpu, other = report.rows
+    assert cpu.usable and other.usable
+    assert other.speedup is not None and other.fidelity is not None
+    assert other.engine_alone is None  # no "engine alone" figure: the engine could not run the original
+    assert any(
+        f"'{OTHER}' cannot run the original" in n and "compared with the original on the CPU EP" in n
+        for n in report.notes
+    )

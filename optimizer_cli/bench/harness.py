@@ -38,6 +38,7 @@ from optimizer_cli.runtime.session import (
     SessionConfig,
     create_session,
     run_session,
+    session_feeds,
     timed_session,
 )
 from optimizer_cli.runtime.targets import parse_target
@@ -299,7 +300,7 @@ def run_benchmark(
 
     try:
         for alias in settings.providers:
-            pair = _open_sessions(alias, src_a, src_b, settings, eval_data.feeds[0], rows, reference)
+            pair = _open_sessions(alias, src_a, src_b, settings, eval_data.feeds[0], rows, reference, notes)
             if pair is None:
                 continue
             quality = _quality(pair, (original, optimized), settings, eval_data, model_for_specs, metric, notes, log)
@@ -367,6 +368,7 @@ def _open_sessions(
     first_feed: dict[str, np.ndarray],
     rows: list[ProviderRow],
     reference: Callable[[ModelSource], Any],
+    notes: list[str],
 ) -> _Sessions | None:
     """Sessions for both models, or None with a row saying why the provider is unusable (--strict-ep: raise)."""
     status = probe_provider(alias)
@@ -375,12 +377,19 @@ def _open_sessions(
             raise UserInputError(f"execution provider '{alias}' is not usable: {status.reason} (--strict-ep)")
         rows.append(ProviderRow(alias, False, status.reason))
         return None
+    refused: str | None = None  # why the engine refused the original (the optimized model may still run)
     try:
-        sess_a, setup_a = timed_session(src_a, settings.session_config(alias), first_feed)
+        try:
+            sess_a, setup_a = timed_session(src_a, settings.session_config(alias), first_feed)
+        except Exception as exc:
+            if parse_target(alias).is_reference:
+                raise  # the CPU EP is the reference: a model it cannot run is the run's error, not a row
+            # The optimized graph may be one this engine accepts (freeze_inputs folded the If that OpenVINO's
+            # converter refused): it is then measured against the original on the reference, as every other
+            # target is, and the row says the engine alone could not run the original.
+            refused, sess_a, setup_a = engine_failure(exc), None, None
         sess_b, setup_b = timed_session(src_b, settings.session_config(alias, optimized=True), first_feed)
     except Exception as exc:
-        if parse_target(alias).is_reference:
-            raise  # the CPU EP is the reference: a model it cannot run is the run's error, not a row
         # Another engine may refuse a model the CPU EP runs (OpenVINO's converter on a tensor of unknown rank):
         # a row saying so, not a failed benchmark.
         msg = f"'{alias}' cannot run this model: {engine_failure(exc)}"
@@ -388,6 +397,13 @@ def _open_sessions(
             raise UserInputError(msg + " (--strict-ep)") from exc
         rows.append(ProviderRow(alias, False, msg, target=parse_target(alias).as_dict()))
         return None
+    if sess_a is None:
+        notes.append(
+            f"'{alias}' cannot run the original ({refused}); the optimized model runs there and is compared with the original on the CPU EP"
+        )
+        pair = _Sessions(alias, reference(src_a), sess_b, {"setup_s_original": None, "setup_s_optimized": setup_b})
+        pair.placement = {"original": {}, "optimized": node_placement(sess_b)}
+        return pair
     placement = {"original": node_placement(sess_a), "optimized": node_placement(sess_b)}
     active = sess_b.get_providers()[0]
     took = placement["optimized"].get(resolve_provider(alias), 0) if placement["optimized"] else None
@@ -562,7 +578,7 @@ def _latency(
     # of its speedups (the engine alone, the engine with the optimized graph) are paired against it.
     sessions = [pair.a, pair.b] if pair.ref is None else [pair.ref, pair.a, pair.b]
     stats, speedups = measure_many(
-        [cycling(session_runner(s), feeds) for s in sessions],
+        [cycling(session_runner(s), session_feeds(s, feeds)) for s in sessions],
         warmup=plan.warmup,
         rounds=plan.rounds,
         # Every round covers all the inputs, so rounds (and their paired ratios) compare the same mix.
@@ -577,7 +593,7 @@ def _latency(
 
 
 def session_runner(sess: Any) -> Callable[[dict[str, np.ndarray]], object]:
-    """A bare session.run for timing (no per-call input filtering: the feeds are the model's own)."""
+    """A bare session.run for timing (no per-call input filtering: give it session_feeds(sess, ...))."""
     return lambda feed: sess.run(None, feed)
 
 

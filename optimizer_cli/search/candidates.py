@@ -29,7 +29,13 @@ from optimizer_cli.errors import OptimizerError, first_line
 from optimizer_cli.model_io import file_size, load_model
 from optimizer_cli.passes import OptimizationPass
 from optimizer_cli.passes.base import RecipeContext
-from optimizer_cli.runtime.session import SessionConfig, create_session, ort_error_message, run_session
+from optimizer_cli.runtime.session import (
+    SessionConfig,
+    create_session,
+    ort_error_message,
+    run_session,
+    session_feeds,
+)
 from optimizer_cli.search.space import OTHER_PASSES, ordered_passes
 
 # --- parameters -> recipe --------------------------------------------------------------------------
@@ -269,16 +275,12 @@ def time_candidates(job: TimeJob) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         feeds = evaluation_data(job.data).feeds[: job.latency_samples]
-        names = {i for i in feeds[0]}
         sessions = [create_session(Path(job.original), SessionConfig(provider=REFERENCE, threads=job.threads))]
         sessions += [
             create_session(Path(c), session_config(job.threads, target, s))
             for c, s, target in zip(job.candidates, job.sessions, job.targets, strict=True)
         ]
-        # Each session gets the feeds it takes: a candidate whose inputs were frozen (freeze_inputs) no longer
-        # takes them, and onnxruntime refuses a feed it does not know. Filtered once, outside the timed calls.
-        takes = [names & {i.name for i in s.get_inputs()} for s in sessions]
-        own = [[{k: v for k, v in f.items() if k in its} for f in feeds] for its in takes]
+        own = [session_feeds(s, feeds) for s in sessions]  # filtered once, outside the timed calls
         for sess, its_feeds in zip(sessions, own, strict=True):  # first runs build kernels and arenas: not timed
             sess.run(None, its_feeds[0])
         one = time.perf_counter()

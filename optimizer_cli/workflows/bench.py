@@ -136,7 +136,9 @@ def _checked_data(request: BenchRequest, settings: Any) -> Any:
     check_runtime_loadable(b, optimized)
     if settings.sweep:
         check_sweep_dims(settings.sweep, a)
-    if signature(a) != signature(b):
+    (ins_a, outs_a), (ins_b, outs_b) = signature(a), signature(b)
+    # The optimized model may take fewer inputs (freeze_inputs made them constants): never other or more.
+    if outs_a != outs_b or not set(ins_b) <= set(ins_a):
         raise UserInputError(f"models have different inputs/outputs: {signature(a)} vs {signature(b)}", optimized)
     policy = DataPolicy(request.allow_nonfinite, request.allow_cast)
     dims = dict(request.dims)
