@@ -303,7 +303,12 @@ def tune_cmd(
         None, "--calib", help=f"Calibration data (never overlapping --data): {DATA_FORMS}."
     ),
     output: Path | None = typer.Option(None, "--output", "-o", help="Winner model (several models: a folder)."),
-    budget: str | None = typer.Option(None, "--budget", help="Wall time of the search per model: 600, 90s, 15m, 1h."),
+    budget: str | None = typer.Option(
+        None,
+        "--budget",
+        help="Wall time of the search per model: 600, 90s, 15m, 1h (a trial that would end past it is not "
+        "started; the finalists' re-timing comes after).",
+    ),
     trials: int | None = typer.Option(
         None, "--trials", min=1, help="Trials per model (with --budget: whichever ends first)."
     ),

@@ -20,6 +20,7 @@ import functools
 import json
 import shlex
 import shutil
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -548,12 +549,17 @@ def search(runner: Runner, study: Any, state: TuneState) -> str:
         for point in starting_points(settings.dims):
             study.enqueue_trial(point)  # (repeats are caught by our own de-duplication)
     repeats = 0
+    batch_seconds: list[float] = []  # wall time of each batch of new trials, to foresee the next one's
     while True:
         done = len(state.records)
         if settings.trials is not None and done >= settings.trials:
             return f"{done} trials done"
         if deadline is not None and time.perf_counter() >= deadline:
             return "time budget spent"
+        if deadline is not None and batch_seconds and time.perf_counter() + _expected(batch_seconds) > deadline:
+            # A trial started now would end past the budget (a large model's int8 trial can take minutes):
+            # the budget is the search's wall time, not the time before the last trial starts.
+            return "time budget spent (the next trial would end past it)"
         if repeats >= EXHAUSTED_AFTER:
             return "the space is exhausted (every proposal had been tried)"
         width = runner.executor.parallelism
@@ -567,7 +573,9 @@ def search(runner: Runner, study: Any, state: TuneState) -> str:
             (repeated if tried else new).append((trial, params))
         if new:
             repeats = 0
+            batch_start = time.perf_counter()
             records = runner.run_batch([(t.number, p) for t, p in new])
+            batch_seconds.append(time.perf_counter() - batch_start)
             for (trial, params), record in zip(new, records, strict=True):
                 _tell(study, trial, record)
                 state.records[trial.number] = record
@@ -581,6 +589,12 @@ def search(runner: Runner, study: Any, state: TuneState) -> str:
         for trial, params in repeated:
             repeats += 1
             _tell_duplicate(study, trial, params, state)
+
+
+def _expected(seconds: list[float]) -> float:
+    """The next batch's expected wall time: the median of the batches so far (trials differ: an engine alone
+    takes seconds, int8 calibration on a large input minutes)."""
+    return statistics.median(seconds)
 
 
 def _propose(study: Any, settings: TuneSettings, width: int, explore: bool = False) -> list[tuple[Any, dict[str, Any]]]:
