@@ -234,3 +234,13 @@ def test_an_engine_that_refuses_only_the_original_still_measures_the_optimized_m
         f"'{OTHER}' cannot run the original" in n and "compared with the original on the CPU EP" in n
         for n in report.notes
     )
+    from optimizer_cli.report.table import bench_rows
+
+    _, lines = bench_rows({"benchmark": report.as_dict()})
+    # The target's first line is the original on the CPU EP, and says so; the CPU EP's own row is plain.
+    assert [(line[0], line[1]) for line in lines] == [
+        ("cpu", "original"),
+        ("", "optimized"),
+        (OTHER, "original (cpu)"),
+        ("", "optimized"),
+    ]

@@ -81,7 +81,13 @@ def bench_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             continue
         provider = r["provider"] + (f" {r['shape']}" if r["shape"] else "") + _fallback_mark(r)
         alone = r.get("engine_alone")
-        lines = [("original", bench["original_bytes"])]
+        # A target other than the reference with no "engine alone" figure (the engine refused the original) is
+        # compared with the original on the CPU EP: its first line says so.
+        target = r.get("target") or {}
+        elsewhere = target.get("provider", "CPUExecutionProvider") != "CPUExecutionProvider" or bool(
+            target.get("precision") or target.get("options")
+        )
+        lines = [("original (cpu)" if elsewhere and not alone else "original", bench["original_bytes"])]
         if alone:  # another engine: the reference (the CPU EP), the original on this target, then the optimized
             lines = [("original (cpu)", bench["original_bytes"]), ("original", bench["original_bytes"])]
         for which, size in [*lines, ("optimized", bench["optimized_bytes"])]:
