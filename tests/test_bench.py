@@ -395,3 +395,15 @@ def test_optimized_model_is_benchmarked_with_its_session_options(tmp_path, monke
     assert "inter_op_threads=2" in note and "mem_pattern" not in note
     plain = harness.run_benchmark(path, path, harness.BenchSettings(providers=["cpu"], rounds=2, memory=False), data)
     assert not any(n.startswith("optimized model timed with") for n in plain.notes)
+
+
+def test_measure_many_hands_out_each_callables_round_medians() -> None:
+    """tune pairs two finalists round by round after the fact: each callable's per-round medians, in order."""
+    medians: list[list[float]] = []
+    stats, _ = measure_many(
+        [_busy(0.002), _busy(0.004), _busy(0.001)], warmup=1, rounds=4, runs_per_round=3, round_medians=medians
+    )
+    assert len(medians) == 3 and all(len(m) == 4 for m in medians)
+    assert min(medians[1]) > max(medians[2])  # 4 ms above 1 ms in every round
+    for rows, st in zip(medians, stats, strict=True):
+        assert min(rows) * 1e3 <= st.p50_ms * 1.5 and max(rows) * 1e3 >= st.p50_ms / 1.5

