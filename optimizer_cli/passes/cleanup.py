@@ -91,28 +91,37 @@ class CleanupPass(OptimizationPass[CleanupConfig]):
 
     def _fold(self, model: ir.Model, cfg: CleanupConfig) -> bool:
         """Constant folding, all or nothing: a folder error leaves the model as it was."""
+        modified, skipped = fold_constants_or_keep(model, cfg.fold_output_size_limit)
+        if skipped:
+            self.stats["fold_constants"] = f"skipped ({skipped})"
+        return modified
 
-        def should_fold(node: ir.Node) -> bool | None:
-            return False if node.op_type in SEQUENCE_OPS else None
 
-        backup = None if is_large(model) else ir.serde.serialize_model(model)
+def fold_constants_or_keep(model: ir.Model, output_size_limit: int | None = None) -> tuple[bool, str | None]:
+    """onnxscript's constant folding (which also inlines an If on a constant condition), all or nothing: a folder
+    error or an invalid result leaves the model as it was. Returns whether it changed the model, and why the fold
+    was undone (None when it was not)."""
+
+    def should_fold(node: ir.Node) -> bool | None:
+        return False if node.op_type in SEQUENCE_OPS else None
+
+    limit = {} if output_size_limit is None else {"output_size_limit": output_size_limit}
+    backup = None if is_large(model) else ir.serde.serialize_model(model)
+    try:
+        result = onnxscript.optimizer.fold_constants(
+            model, onnx_shape_inference=False, should_fold=should_fold, **limit
+        )
+    except Exception as exc:  # the folder evaluates ops with the reference runtime; some refuse
+        if backup is None:
+            raise
+        replace_model_contents(model, ir.serde.deserialize_model(backup))
+        return False, type(exc).__name__
+    if backup is not None:
+        # The folder's partial evaluators can write ops of a newer opset than the model's (e.g.
+        # ConcatFromSequence(new_axis=1) -> Unsqueeze with an axes input at opset 12): undo the fold.
         try:
-            result = onnxscript.optimizer.fold_constants(
-                model, output_size_limit=cfg.fold_output_size_limit, onnx_shape_inference=False, should_fold=should_fold
-            )
-        except Exception as exc:  # the folder evaluates ops with the reference runtime; some refuse
-            if backup is None:
-                raise
+            onnx.checker.check_model(ir.serde.serialize_model(model))
+        except onnx.checker.ValidationError as exc:
             replace_model_contents(model, ir.serde.deserialize_model(backup))
-            self.stats["fold_constants"] = f"skipped ({type(exc).__name__})"
-            return False
-        if backup is not None:
-            # The folder's partial evaluators can write ops of a newer opset than the model's (e.g.
-            # ConcatFromSequence(new_axis=1) -> Unsqueeze with an axes input at opset 12): undo the fold.
-            try:
-                onnx.checker.check_model(ir.serde.serialize_model(model))
-            except onnx.checker.ValidationError as exc:
-                replace_model_contents(model, ir.serde.deserialize_model(backup))
-                self.stats["fold_constants"] = f"skipped (the folder wrote an invalid model: {first_line(exc, 100)})"
-                return False
-        return bool(getattr(result, "modified", False))
+            return False, f"the folder wrote an invalid model: {first_line(exc, 100)}"
+    return bool(getattr(result, "modified", False)), None

@@ -22,18 +22,15 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-import onnxscript.optimizer
 from pydantic import Field
 
 from optimizer_cli.analysis.graph import node_count, op_counts
 from optimizer_cli.data import Dataset
-from optimizer_cli.errors import first_line
-from optimizer_cli.passes._graph import is_large, refresh_shapes, replace_model_contents
+from optimizer_cli.passes._graph import refresh_shapes
 from optimizer_cli.passes.base import ModelTraits, OptimizationPass, PassConfig, RecipeContext, SearchDimension
-from optimizer_cli.passes.cleanup import SEQUENCE_OPS
+from optimizer_cli.passes.cleanup import fold_constants_or_keep
 
 # A configuration input is small: a scalar option, a few flags. Larger integer inputs are data (token ids).
 MAX_ELEMENTS = 16
@@ -119,8 +116,6 @@ class FreezeInputsPass(OptimizationPass[FreezeInputsConfig]):
         "the frozen ones; the model no longer takes those inputs"
     )
     search_switches = ("freeze_inputs",)
-    # The inputs this run turned into constants: the pipeline's signature check must expect them gone.
-    removed_inputs: tuple[str, ...] = ()
 
     @classmethod
     def search_dimensions(cls, traits: ModelTraits) -> list[SearchDimension]:
@@ -210,18 +205,7 @@ class FreezeInputsPass(OptimizationPass[FreezeInputsConfig]):
     def _fold(self, model: ir.Model) -> None:
         """Constant folding (which inlines an If on a constant condition), then dead nodes out. A folder error
         leaves the frozen model unfolded: still exact, only slower."""
-
-        def should_fold(node: ir.Node) -> bool | None:
-            return False if node.op_type in SEQUENCE_OPS else None  # as cleanup: the folder mishandles them
-
-        backup = None if is_large(model) else ir.serde.serialize_model(model)
-        try:
-            onnxscript.optimizer.fold_constants(model, onnx_shape_inference=False, should_fold=should_fold)
-            if backup is not None:  # the folder can write ops of a newer opset than the model's (see cleanup)
-                onnx.checker.check_model(ir.serde.serialize_model(model))
-        except Exception as exc:  # the folder evaluates ops with the reference runtime; some refuse
-            if backup is None:
-                raise
-            replace_model_contents(model, ir.serde.deserialize_model(backup))
-            self.stats["fold"] = f"skipped ({type(exc).__name__}: {first_line(exc, 100)})"
+        _, skipped = fold_constants_or_keep(model)
+        if skipped:
+            self.stats["fold"] = f"skipped ({skipped})"
         common.RemoveUnusedNodesPass()(model)
