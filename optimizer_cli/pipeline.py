@@ -364,9 +364,9 @@ def _run_stage(
         stats=instance.stats,
     )
     vstart = time.perf_counter()
-    # A pass that turns inputs into constants (freeze_inputs) says which; every other keeps the signature.
-    removed = tuple(getattr(instance, "removed_inputs", ()))
-    drift = verifier.check(f"pass {index} ({label})", model, exact=exactness is Exactness.EXACT, removed_inputs=removed)
+    drift = verifier.check(
+        f"pass {index} ({label})", model, exact=exactness is Exactness.EXACT, removed_inputs=instance.removed_inputs
+    )
     stage.drift_vs_previous, stage.drift_vs_original = drift.vs_previous, drift.vs_original
     if drift.skipped:
         stage.stats["verify"] = drift.skipped

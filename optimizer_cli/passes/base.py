@@ -160,6 +160,9 @@ class OptimizationPass(ir.passes.InPlacePass, Generic[ConfigT]):
         self.config: ConfigT = config
         self.ctx = ctx
         self.stats: dict[str, Any] = {}
+        # Graph inputs this run turned into constants (freeze_inputs): the pipeline's signature check expects
+        # them gone from then on. Every other pass keeps the model's signature.
+        self.removed_inputs: tuple[str, ...] = ()
 
     @classmethod
     def calibration_use(cls, config: Any) -> str | None:
