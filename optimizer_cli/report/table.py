@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from optimizer_cli.bench.environment import cpu_label
+from optimizer_cli.runtime.targets import parse_target
 
 
 def _mb(n: int | None) -> str:
@@ -83,10 +84,7 @@ def bench_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         alone = r.get("engine_alone")
         # A target other than the reference with no "engine alone" figure (the engine refused the original) is
         # compared with the original on the CPU EP: its first line says so.
-        target = r.get("target") or {}
-        elsewhere = target.get("provider", "CPUExecutionProvider") != "CPUExecutionProvider" or bool(
-            target.get("precision") or target.get("options")
-        )
+        elsewhere = bool(r.get("target")) and not parse_target(r["target"]["target"]).is_reference
         lines = [("original (cpu)" if elsewhere and not alone else "original", bench["original_bytes"])]
         if alone:  # another engine: the reference (the CPU EP), the original on this target, then the optimized
             lines = [("original (cpu)", bench["original_bytes"]), ("original", bench["original_bytes"])]
