@@ -244,3 +244,10 @@ def test_an_engine_that_refuses_only_the_original_still_measures_the_optimized_m
         (OTHER, "original (cpu)"),
         ("", "optimized"),
     ]
+
+    # Where the optimized model runs there too, its placement is still checked: all of it on another EP is a
+    # fallback row, not a measurement of the engine.
+    monkeypatch.setattr(harness, "node_placement", lambda sess: {"SomeOtherExecutionProvider": 3})
+    report = run_benchmark(a, b, settings, data)
+    other = report.rows[-1]
+    assert not other.usable and other.reason == f"session for '{OTHER}' fell back to SomeOtherExecutionProvider"
