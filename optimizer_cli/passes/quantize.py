@@ -17,9 +17,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+import psutil
+from onnx import TensorProto
 from pydantic import Field
 
 from optimizer_cli.analysis.graph import name_of, op_counts
@@ -132,6 +135,28 @@ def _computes_in_float(node: ir.Node, lowered_before: set[ir.DataType]) -> bool:
     return _lowered_types(node) <= lowered_before
 
 
+def unshare_excluded_constants(model: ir.Model, exclude: set[str]) -> int:
+    """Give each excluded node its own copy of every initializer it shares with other nodes; how many copies.
+
+    onnxruntime quantizes a tensor, not a node's use of it: a constant shared by an excluded node and a
+    quantized one (a hard-swish's `3`, a tied weight) is rewired to its dequantized form for every consumer,
+    the excluded node included, which then no longer computes in float. A private copy keeps it out of reach."""
+    graph = model.graph
+    copies = 0
+    for node in graph:
+        if node.name not in exclude:
+            continue
+        for index, value in enumerate(node.inputs):
+            if value is None or value.const_value is None or value.name not in graph.initializers:
+                continue
+            if len(value.uses()) < 2:
+                continue
+            copy = new_initializer(graph, f"{value.name}_float", value.const_value.numpy(), like=value.const_value)
+            node.replace_input_with(index, copy)
+            copies += 1
+    return copies
+
+
 def quantized_exclusions(
     model: ir.Model, aliases: dict[str, set[str]], lowered_before: dict[str, set[ir.DataType]]
 ) -> list[str]:
@@ -189,20 +214,75 @@ class QuantizeConfig(PassConfig):
 
 
 class _FeedReader:
-    """CalibrationDataReader over our Dataset (ORT only calls get_next/rewind)."""
+    """CalibrationDataReader over our Dataset. onnxruntime calls get_next until None; with the extra option
+    CalibStridedMinMax it first calls set_range for each chunk of `len(reader)` samples (calibrate_in_chunks)."""
 
     def __init__(self, data: Dataset, limit: int, input_names: set[str]) -> None:
         self._feeds = [{k: v for k, v in f.items() if k in input_names} for f in data.feeds[:limit]]
-        self._pos = 0
+        self._pos, self._end = 0, len(self._feeds)
+
+    def __len__(self) -> int:
+        return len(self._feeds)
 
     def get_next(self) -> dict | None:
-        if self._pos >= len(self._feeds):
+        if self._pos >= self._end:
             return None
         self._pos += 1
         return self._feeds[self._pos - 1]
 
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._pos, self._end = start_index, min(end_index, len(self._feeds))
+
     def rewind(self) -> None:
-        self._pos = 0
+        self._pos, self._end = 0, len(self._feeds)
+
+
+def activation_bytes(model: ir.Model, feed: dict[str, np.ndarray]) -> int | None:
+    """Bytes of every float tensor one inference on `feed` computes (what a calibrator keeps per sample), from
+    shape inference with the inputs fixed to the feed's shapes; None where the model is too large to infer
+    in memory. Tensors whose shape stays unknown are not counted."""
+    if is_large(model):
+        return None
+    proto = ir.serde.serialize_model(model)
+    for value in proto.graph.input:
+        if value.name in feed:
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for size in feed[value.name].shape:
+                dims.add().dim_value = int(size)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception:  # shape inference is a help: without it the calibration is chunked as for a large model
+        return None
+    total = 0
+    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+        tensor = info.type.tensor_type
+        if tensor.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tensor.shape.dim]
+        if tensor.HasField("shape") and all(d > 0 for d in dims):
+            total += int(np.prod(dims)) * (2 if tensor.elem_type == TensorProto.FLOAT16 else 4)
+    return total
+
+
+# onnxruntime's histogram calibrators hold every sample's intermediate tensors at once and copy them again to
+# stack them (PP-OCRv4 det at 736x736: 0.9 GB a sample, 32 samples ran a 24 GB machine out of memory): a
+# fraction of the free memory is what one chunk of samples may take.
+CALIBRATION_MEMORY_SHARE = 0.25
+CALIBRATION_COPIES = 3
+
+
+def calibration_chunk(samples: int, per_sample: int | None, free_bytes: int) -> int:
+    """How many samples onnxruntime calibrates at once: all of them when their tensors fit the share of free
+    memory, else the largest divisor of `samples` that fits (onnxruntime needs equal chunks), at least 1. An
+    unknown size (a model too large to infer) calibrates one sample at a time. Chunked min/max ranges are the
+    same as whole ones; histograms are merged chunk by chunk, as onnxruntime's collector is built to."""
+    if per_sample is None:
+        return 1
+    fits = int(free_bytes * CALIBRATION_MEMORY_SHARE // max(1, per_sample * CALIBRATION_COPIES))
+    if fits >= samples:
+        return samples
+    return max([d for d in range(1, max(1, fits) + 1) if samples % d == 0])
 
 
 def _check_histogram_shapes(cfg: QuantizeConfig, calibration: Dataset) -> None:
@@ -411,6 +491,9 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
             raise UserInputError(f"quantize: exclude_nodes not in the model: {', '.join(sorted(unknown))}")
         # What the exclusion is checked against once the graph is rewritten (_finish).
         self._aliases = exclusion_aliases(model, exclude, cfg.mode)
+        unshared = unshare_excluded_constants(model, exclude)
+        if unshared:
+            self.stats["constants_unshared"] = unshared
         self._lowered_before = {n.name: _lowered_types(n) for n in model.graph if n.name in exclude}
         if cfg.mode != "static" and (cfg.per_tensor is True or (cfg.per_tensor == "auto" and is_large(model))):
             from optimizer_cli.passes import _per_tensor as per_tensor
@@ -597,10 +680,24 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
         if cfg.calibration_method == "percentile":
             extra["CalibPercentile"] = cfg.percentile
         names = {name_of(v) for v in model.graph.inputs}
+        reader = _FeedReader(calibration, cfg.calibration_samples, names)
+        # min/max reduces each tensor inside the calibration graph; the histogram methods keep whole tensors.
+        chunk = (
+            len(reader)
+            if cfg.calibration_method == "minmax"
+            else calibration_chunk(
+                len(reader), activation_bytes(model, calibration.feeds[0]), psutil.virtual_memory().available
+            )
+        )
+        if chunk < len(reader):  # onnxruntime's option (named for min/max) calibrates chunk by chunk
+            extra["CalibStridedMinMax"] = chunk
+            self.stats["calibration_chunk"] = (
+                f"{chunk} sample{'s' if chunk > 1 else ''} at a time (activations too large for memory)"
+            )
         quantize_static(
             str(src),
             str(out),
-            _FeedReader(calibration, cfg.calibration_samples, names),
+            reader,
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=cfg.op_types,
             per_channel=cfg.per_channel,
@@ -642,6 +739,12 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
             for names in self._aliases.values():
                 names -= after - before
             return src
+        # Its constant sharing merges equal constants again, the private copies of excluded nodes included.
+        preprocessed = ir.load(target)
+        copies = unshare_excluded_constants(preprocessed, {n for names in self._aliases.values() for n in names})
+        if copies:
+            self.stats["constants_unshared"] = copies
+            return write_for_tool(preprocessed, tmp, "unshared.onnx")
         return target
 
     def _fp16(self, src: Path, out: Path, cfg: QuantizeConfig, exclude: list[str], large: bool) -> None:
