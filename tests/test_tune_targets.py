@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from optimizer_cli.runtime.providers import probe_provider, search_targets
+from optimizer_cli.runtime.targets import parse_target
 from optimizer_cli.search.candidates import RecipeContext, recipe_for, summary
 from optimizer_cli.search.space import Dimension
 from optimizer_cli.search.tune import complexity, starting_points
@@ -169,3 +170,43 @@ def test_tune_proposes_prune_heads_on_a_transformer_with_heads(tmp_path: Path) -
     types = [p["type"] for p in recipe["passes"]]
     assert types.index("prune_heads") < types.index("fuse") and recipe["passes"][1]["sparsity"] == 0.25
     assert summary({"prune_heads": 0.25}).startswith("prune heads 0.25")
+
+
+def _quantizing_dims(examples_dir: Path) -> list[Dimension]:
+    from optimizer_cli.search.space import default_space
+    from tests.test_tune import _traits
+
+    targets = Dimension("target", ("cpu", "openvino", "openvino:f32"), "where")
+    dims = [targets, *default_space(_traits(examples_dir / "digits_cnn.onnx"))]
+    # As for a larger model whose data has one shape: 4 float groups possible, shapes fixable.
+    dims = [Dimension(d.name, (0, 2, 4, 8), d.help, d.when) if d.name == "keep_float_k" else d for d in dims]
+    shapes = Dimension("static_shapes", (False, True), "fix the symbolic dims")
+    return dims if any(d.name == shapes.name for d in dims) else [*dims, shapes]
+
+
+def test_the_fitted_mixed_precision_is_tried_on_each_engine_that_keeps_float_nodes_fp32(examples_dir: Path) -> None:
+    """PP-OCRv4 det: its fitted int8 (26 of 64 groups float) scored 0.994 on OpenVINO f32 and 3.4x, 0.957 on
+    OpenVINO's bf16 default, which rounds the float groups: the starting point goes where they stay fp32."""
+    dims = _quantizing_dims(examples_dir)
+    fitted = [p for p in starting_points(dims) if p.get("keep_float_fit")]
+    assert [p.get("target") for p in fitted] == ["openvino:f32", "cpu"]  # the engine first: a budget may end
+    assert fitted[0]["quantize"] == "static" and fitted[0].get("static_shapes") is True
+    assert parse_target("openvino:f32").full_precision and parse_target("trt").full_precision
+    assert not parse_target("openvino").full_precision and not parse_target("trt:fp16").full_precision
+
+
+def test_starting_points_the_simulation_says_miss_the_goal_are_left_out(examples_dir: Path) -> None:
+    """The ranking's simulation runs before the first trial: a model whose all-int8 cosine is far below the
+    goal (det: 0.84 for 0.99) and needs many float groups gets neither the plain int8 points nor the 4-float
+    one (each costs a calibration on a large model); the fitted one stays, and all stay in the space."""
+    dims = _quantizing_dims(examples_dir)
+
+    def static_points(ctx: RecipeContext | None) -> list[dict]:
+        return [p for p in starting_points(dims, ctx, 0.99) if p["quantize"] == "static"]
+
+    far = RecipeContext("c.npz", {}, 2, "cpu", fitted_keep={"static": 26}, simulated_int8={"static": 0.84})
+    assert all(p.get("keep_float_fit") for p in static_points(far)) and static_points(far)
+    near = RecipeContext("c.npz", {}, 2, "cpu", fitted_keep={"static": 2}, simulated_int8={"static": 0.985})
+    assert static_points(near) == static_points(None)  # within reach: every point a person would try
+    assert any(p.get("static_ops") == "compute" for p in static_points(near))
+    assert any(p.get("keep_float_k") == 4 for p in static_points(near))

@@ -130,6 +130,8 @@ class RecipeContext:
     ranked_nodes: dict[str, list[list[str]]] = field(default_factory=dict)
     # quantize mode -> how many of the first ranked groups the fidelity goal needs in float (keep_float_fit)
     fitted_keep: dict[str, int] = field(default_factory=dict)
+    # quantize mode -> the output cosine the simulation gives the model with every group quantized
+    simulated_int8: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
 
 

@@ -68,6 +68,10 @@ DEFAULT_DEVICE = {
 }
 
 
+# Providers that run float ops in fp32 unless asked otherwise (TensorRT's fp16 is opt-in: trt:fp16).
+FP32_BY_DEFAULT = frozenset({"CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"})
+
+
 @dataclass(frozen=True)
 class RunTarget:
     """One way to run a model: provider alias, device, precision and extra provider options."""
@@ -93,6 +97,14 @@ class RunTarget:
     def is_reference(self) -> bool:
         """The CPU EP as onnxruntime ships it: what every fidelity is measured against."""
         return self.ep_name == "CPUExecutionProvider" and not self.precision and not self.options
+
+    @property
+    def full_precision(self) -> bool:
+        """Computes float ops in fp32: asked to (f32), or a provider whose default is fp32. OpenVINO's default
+        follows the host (bf16 on AMX, f16 on some GPUs), so only openvino:f32 counts."""
+        if self.precision is not None:
+            return self.precision == "f32"
+        return self.ep_name in FP32_BY_DEFAULT
 
     def provider_options(self, threads: int) -> dict[str, str]:
         """The options this target passes to its provider (threads: the benchmark's intra-op threads)."""

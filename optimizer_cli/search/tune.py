@@ -330,9 +330,30 @@ def _compiles(target: str | None) -> bool:
     return target is not None and parse_target(target).ep_name != "CPUExecutionProvider"
 
 
-def starting_points(dims: list[Dimension]) -> list[dict[str, Any]]:
-    """What a person would try first (the shipped recipes' shapes), so even a small budget sees them."""
+def predicted_int8_misses(ctx: RecipeContext | None, cosine_floor: float) -> set[str]:
+    """Starting points the mixed-precision simulation already says miss the fidelity goal: 'static' (every
+    node int8: simulated cosine below the floor by more than the floor's headroom, PP-OCRv4 det 0.84 for a
+    0.99 goal) and 'keep_float_k' (4 float groups, where the fit needs more). They stay in the space."""
+    if ctx is None:
+        return set()
+    misses = set()
+    if ctx.simulated_int8.get("static", 1.0) < cosine_floor - (1.0 - cosine_floor):
+        misses.add("static")
+    if ctx.fitted_keep.get("static", 0) > STARTING_KEEP_FLOAT:
+        misses.add("keep_float_k")
+    return misses
+
+
+STARTING_KEEP_FLOAT = 4  # float groups of the 'a few layers float' starting point
+
+
+def starting_points(
+    dims: list[Dimension], ctx: RecipeContext | None = None, cosine_floor: float = 0.99
+) -> list[dict[str, Any]]:
+    """What a person would try first (the shipped recipes' shapes), so even a small budget sees them; with the
+    mixed-precision ranking (ctx), none it predicts to miss the goal."""
     names = {d.name: d for d in dims}
+    misses = predicted_int8_misses(ctx, cosine_floor)
     modes = names["quantize"].choices if "quantize" in names else ("none",)
     # The exact floor first (clean-up and fusions only): often faster already, and the fidelity reference. On
     # every run target: another engine alone can be several times faster than any graph rewrite on the CPU EP.
@@ -350,11 +371,23 @@ def starting_points(dims: list[Dimension]) -> list[dict[str, Any]]:
         fixed = {"static_shapes": True} if "static_shapes" in names else {}
         wanted += [{"quantize": "none", "target": t, "freeze_inputs": True, **fixed} for t in targets if _compiles(t)]
     for mode in ("dynamic", "static"):
-        if mode in modes:
+        if mode in modes and mode not in misses:
             wanted.append({"quantize": mode})
     if "static" in modes:
-        wanted.append({"quantize": "static", "static_ops": "compute"})
-        wanted.append({"quantize": "static", "keep_float_k": 4})
+        if "static" not in misses:
+            wanted.append({"quantize": "static", "static_ops": "compute"})
+        if "keep_float_k" not in misses:
+            wanted.append({"quantize": "static", "keep_float_k": STARTING_KEEP_FLOAT})
+        # The fitted mixed precision on each compiling engine that keeps its float nodes fp32 (an engine's
+        # bf16 default would cost the fidelity the fit kept), before the CPU EP's: OpenVINO f32 ran PP-OCRv4
+        # det's fitted int8 (26 of 64 groups float, cosine 0.994) 3.4x faster than the original on the CPU EP
+        # (its f32 alone 2.1x), and on a large model a small budget ends after a few such trials.
+        fixed = {"static_shapes": True} if "static_shapes" in names else {}
+        wanted += [
+            {"quantize": "static", "keep_float_fit": True, "target": t, **fixed}
+            for t in targets
+            if _compiles(t) and parse_target(t).full_precision
+        ]
         wanted.append({"quantize": "static", "keep_float_fit": True})
     if "fuse_transformer" in names and "dynamic" in modes:
         wanted.append({"quantize": "dynamic", "fuse_transformer": True})
@@ -546,7 +579,7 @@ def search(runner: Runner, study: Any, state: TuneState) -> str:
     start = time.perf_counter()
     deadline = None if settings.budget_s is None else start + max(0.0, settings.budget_s - state.elapsed_before)
     if not state.records:
-        for point in starting_points(settings.dims):
+        for point in starting_points(settings.dims, settings.ctx, cosine_floor(fidelity_goals(settings.goals))):
             study.enqueue_trial(point)  # (repeats are caught by our own de-duplication)
     repeats = 0
     batch_seconds: list[float] = []  # wall time of each batch of new trials, to foresee the next one's
@@ -875,20 +908,24 @@ def check_held_out(calibration: Any, evaluation: Any, source: str) -> None:
         )
 
 
+def cosine_floor(goals: list[Gate]) -> float:
+    """The strictest cosine goal, else 0.99."""
+    return max([g.threshold for g in goals if g.metric == "cosine" and g.op in (">=", ">")], default=0.99)
+
+
 def fit_target(goals: list[Gate]) -> float:
     """The simulated cosine keep_float_fit aims at: the strictest cosine goal plus a quarter of its headroom
-    (the simulation is fitted on calibration data; the goal is judged on held-out data), else 0.99."""
+    (the simulation is fitted on calibration data; the goal is judged on held-out data)."""
     from optimizer_cli.search.sensitivity import with_headroom
 
-    floors = [g.threshold for g in goals if g.metric == "cosine" and g.op in (">=", ">")]
-    return with_headroom(max(floors, default=0.99))
+    return with_headroom(cosine_floor(goals))
 
 
 def _rank_static(
     pre: Any, post: Any, ctx: RecipeContext, target: float, log: Callable[[str], None]
-) -> tuple[list[list[str]], int | None]:
+) -> tuple[list[list[str]], int | None, float]:
     """Groups by the output cosine each costs quantized alone (fake-quant simulation on calibration data),
-    and how many of them the target needs float."""
+    how many of them the target needs float, and the simulated cosine with all of them quantized."""
     from optimizer_cli.data import load_dataset
     from optimizer_cli.search.sensitivity import output_sensitivity
 
@@ -897,7 +934,7 @@ def _rank_static(
     result = output_sensitivity(post.model, pre.model, feeds, target, ctx.threads)
     fitted = "none" if result.keep_float is None else f"{result.keep_float} of {len(result.ranked)} groups"
     log(f"  output sensitivity: float groups the goal needs (cosine {target:.4f} simulated): {fitted}")
-    return result.ranked, result.keep_float
+    return result.ranked, result.keep_float, result.all_quantized
 
 
 def rank_for_mixed_precision(
@@ -907,17 +944,18 @@ def rank_for_mixed_precision(
     eval_feeds: list[dict[str, Any]],
     log: Callable[[str], None],
     target: float = 0.99,
-) -> tuple[dict[str, list[list[str]]], dict[str, int]]:
+) -> tuple[dict[str, list[list[str]]], dict[str, int], dict[str, float]]:
     """Per quantize mode: node groups worst first, so keep_float_k = k keeps the first k groups in float, and
-    (static) how many the fidelity target needs. Static ranks by output sensitivity (search/sensitivity.py);
-    dynamic by local attribution on the evaluation data, and static falls back to it when the simulation
-    cannot be built."""
+    (static) how many the fidelity target needs and the simulated cosine of the model all in int8. Static
+    ranks by output sensitivity (search/sensitivity.py); dynamic by local attribution on the evaluation data,
+    and static falls back to it when the simulation cannot be built."""
     from optimizer_cli.pipeline import run_pipeline
     from optimizer_cli.recipe import Recipe
     from optimizer_cli.search.attribution import rank_nodes
 
     ranked: dict[str, list[list[str]]] = {}
     fitted: dict[str, int] = {}
+    simulated: dict[str, float] = {}
     for mode in modes:
         log(f"ranking nodes by the fidelity {mode} int8 costs them (mixed precision)")
         full = recipe_for({"quantize": mode}, ctx)
@@ -934,7 +972,7 @@ def rank_for_mixed_precision(
             continue
         if mode == "static" and ctx.calibration:
             try:
-                ranked[mode], keep = _rank_static(pre, post, ctx, target, log)
+                ranked[mode], keep, simulated[mode] = _rank_static(pre, post, ctx, target, log)
                 if keep is not None:
                     fitted[mode] = keep
                 continue
@@ -942,7 +980,7 @@ def rank_for_mixed_precision(
                 log(f"  no output sensitivity ({type(exc).__name__}: {str(exc)[:160]}); ranking by attribution")
         entries = rank_nodes(pre.model, post.model, eval_feeds[:8], ctx.threads)
         ranked[mode] = [e["nodes"] for e in entries if float(e["local_drop"]) > 0]
-    return ranked, fitted
+    return ranked, fitted, simulated
 
 
 def winner_attribution(
@@ -1223,15 +1261,19 @@ def _ranking(settings: TuneSettings, log: Callable[[str], None]) -> None:
         if not isinstance(saved["ranked"], dict) or not isinstance(saved["fitted"], dict):
             raise UserInputError("the study's ranking.json is corrupted (ranked and fitted must be objects)", path)
         settings.ctx.ranked_nodes, settings.ctx.fitted_keep = saved["ranked"], saved["fitted"]
+        settings.ctx.simulated_int8 = saved.get("simulated") or {}  # (studies before it was saved lack it)
         return
     from optimizer_cli.search.candidates import evaluation_data
 
     modes = [m for m in ("dynamic", "static") if any(d.name == "quantize" and m in d.choices for d in settings.dims)]
     feeds = evaluation_data(settings.data).feeds
-    settings.ctx.ranked_nodes, settings.ctx.fitted_keep = rank_for_mixed_precision(
-        settings.model, modes, settings.ctx, feeds, log, fit_target(fidelity_goals(settings.goals))
+    ctx = settings.ctx
+    ctx.ranked_nodes, ctx.fitted_keep, ctx.simulated_int8 = rank_for_mixed_precision(
+        settings.model, modes, ctx, feeds, log, fit_target(fidelity_goals(settings.goals))
     )
-    path.write_text(json.dumps({"ranked": settings.ctx.ranked_nodes, "fitted": settings.ctx.fitted_keep}))
+    path.write_text(
+        json.dumps({"ranked": ctx.ranked_nodes, "fitted": ctx.fitted_keep, "simulated": ctx.simulated_int8})
+    )
 
 
 def run_tune(
