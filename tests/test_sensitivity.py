@@ -115,3 +115,13 @@ def test_a_static_verification_failure_gets_the_sensitivity_patch(tmp_path: Path
     assert found is not None and found.get("verified") and "most sensitive" in found["search"]
     assert all(name in found["patch"] for name in sensitive)
     assert found["nodes"] and "output_cosine_alone" in found["nodes"][0]
+
+
+def test_the_one_group_probes_are_bounded_in_time() -> None:
+    """4 samples a group while the runs are quick; fewer (never none) where groups x runs would exceed the
+    probe budget (PP-OCRv4 det at 736x736: 64 groups at 0.6 s a run)."""
+    from optimizer_cli.search.sensitivity import PROBE_SECONDS, probe_budget
+
+    assert probe_budget(4, 0.01, 64) == 4
+    assert probe_budget(4, 0.6, 64) == int(PROBE_SECONDS / (0.6 * 64)) < 4
+    assert probe_budget(4, 10.0, 64) == 1
