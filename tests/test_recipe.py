@@ -161,6 +161,7 @@ def test_session_section_defaults_to_what_the_benchmark_did_before() -> None:
         "execution_mode": "sequential",
         "mem_pattern": True,
         "inter_op_threads": None,
+        "threads": None,
     }
     text = "session:\n  opt_level: basic\n  execution_mode: parallel\n  mem_pattern: false\n  inter_op_threads: 2\n"
     session = parse_recipe(text).session
@@ -195,7 +196,7 @@ def test_schema_has_the_session_section() -> None:
     schema = json.loads(recipe_json_schema())
     assert "session" in schema["properties"] and schema["properties"]["session"]["description"]
     props = schema["$defs"]["SessionSettings"]["properties"]
-    assert set(props) == {"opt_level", "execution_mode", "mem_pattern", "inter_op_threads"}
+    assert set(props) == {"opt_level", "execution_mode", "mem_pattern", "inter_op_threads", "threads"}
     assert schema["$defs"]["SessionSettings"]["additionalProperties"] is False
 
 

@@ -72,7 +72,8 @@ def _print_winner(doc: dict[str, Any], console: Console) -> None:
     if deploy:
         console.print(
             escape(
-                f"deploy: {deploy['target']} ({deploy['provider']}, {deploy['threads']} threads); the session: "
+                f"deploy: {deploy['target']} ({deploy['provider']}, {deploy['threads']} thread"
+                f"{'s' if deploy['threads'] != 1 else ''}); the session: "
                 f"winner.deploy.python in {doc.get('outputs', {}).get('json', 'tune.json')}"
             ),
             soft_wrap=True,

@@ -190,6 +190,7 @@ def deployment_snippet(target: RunTarget, model_path: str, threads: int, session
     """Python that creates an onnxruntime session for `model_path` on `target`, as the benchmark measured it
     (threads, graph optimization level and the recipe's session options included)."""
     session = session or {}
+    threads = session.get("threads") or threads  # the recipe's own thread count, where it has one
     lines = ["import onnxruntime as ort", "", "options = ort.SessionOptions()"]
     lines.append(f"options.intra_op_num_threads = {threads}")
     level = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED"}.get(

@@ -84,6 +84,8 @@ def recipe_for(params: dict[str, Any], ctx: RecipeContext, name: str = "tuned") 
     if session["execution_mode"] == "parallel":
         # Independent branches on as many threads as the kernels get: never more cores than the original had.
         session["inter_op_threads"] = ctx.threads
+    if params.get("threads") is not None:
+        session["threads"] = params["threads"]
     recipe: dict[str, Any] = {
         "name": name,
         "description": "found by optimize tune: " + summary(params),
@@ -110,7 +112,9 @@ def summary(params: dict[str, Any]) -> str:
     """One line a person reads: 'prune 0.3 + static int8 (compute ops, 4 float)'."""
     parts = [part for cls in _passes_in(SUMMARY_ORDER) if (part := cls.describe_trial(params))]
     session = [
-        f"{k}={params[k]}" for k, d in (("opt_level", "all"), ("execution_mode", "sequential")) if params.get(k, d) != d
+        f"{k}={params[k]}"
+        for k, d in (("opt_level", "all"), ("execution_mode", "sequential"), ("threads", None))
+        if params.get(k, d) != d
     ]
     text = " + ".join(parts or ["cleanup + fuse"]) + (f" [{', '.join(session)}]" if session else "")
     target = params.get("target")

@@ -193,6 +193,13 @@ def model_traits(
 ENGINE_DIMENSIONS = [Dimension("opt_level", ("all", "extended"), "onnxruntime graph optimization level")]
 
 
+def fewer_threads_dimension() -> Dimension:
+    """The optimized model on one intra-op thread instead of --threads (null): thread hand-offs cost more than
+    they give on a model of a millisecond or two (PP-OCR cls on a 2-core Xeon: 1.5 ms on 2 threads, 1.1 ms on
+    1). Searched only when --threads is above 1; never more threads than the original gets."""
+    return Dimension("threads", (None, 1), "intra-op threads of the optimized model (null: --threads)")
+
+
 def default_space(t: ModelTraits) -> list[Dimension]:
     """Every registered pass's dimensions for a model with these traits, and the engine's, in SPACE_ORDER."""
     dims: list[Dimension] = []

@@ -44,7 +44,7 @@ from optimizer_cli.search.candidates import (
     summary,
     time_candidates,
 )
-from optimizer_cli.search.space import Dimension, describe, suggest
+from optimizer_cli.search.space import Dimension, describe, fewer_threads_dimension, suggest
 from optimizer_cli.search.study_folder import check_study_folder, read_json, read_marker, write_marker
 
 SPEED_METRICS = {
@@ -771,7 +771,7 @@ def final_check(runner: Runner, state: TuneState) -> dict[str, Any]:
 
 
 # The engine's settings at the recipe's defaults (the passes declare their own: `search_knob_defaults`).
-ENGINE_DEFAULTS = {"opt_level": "all", "execution_mode": "sequential", "mem_pattern": True}
+ENGINE_DEFAULTS = {"opt_level": "all", "execution_mode": "sequential", "mem_pattern": True, "threads": None}
 
 
 def extra_pass_params() -> tuple[str, ...]:
@@ -1053,7 +1053,7 @@ def deployment(record: dict[str, Any], settings: TuneSettings, model_path: str =
     return {
         **target.as_dict(),
         "session": session,
-        "threads": settings.ctx.threads,
+        "threads": session.get("threads") or settings.ctx.threads,  # the recipe's own count, where it has one
         "python": deployment_snippet(target, model_path, settings.ctx.threads, session),
     }
 
@@ -1208,6 +1208,8 @@ def prepare(request: TuneRequest, log: Callable[[str], None]) -> TuneSettings:
     dims = default_space(traits)
     if request.targets != (REFERENCE,):
         dims.insert(0, Dimension("target", tuple(request.targets), "where the model runs (provider, precision)"))
+    if request.threads > 1:
+        dims.append(fewer_threads_dimension())
     if request.space_file is not None:
         dims = limit_space(dims, load_space_file(request.space_file), request.space_file)
     metrics = request.metrics

@@ -194,6 +194,12 @@ def bench_settings(rec: Any, options: BenchOptions, threads: int) -> Any:
     if runtime and not providers:
         provider_list = list(dict.fromkeys(["cpu", *provider_list, runtime]))
     shared = b.model_dump(include={f.name for f in dataclasses.fields(BenchSettings)})
+    if rec.session.threads is not None and rec.session.threads > threads:
+        # More cores for the optimized model than for the original: the speedup would be the cores'.
+        raise UserInputError(
+            f"recipe session.threads {rec.session.threads} exceeds the benchmark's {threads} threads: the optimized "
+            "model may use fewer cores than the original, never more"
+        )
     return BenchSettings(
         **{
             **shared,

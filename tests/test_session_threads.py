@@ -1,0 +1,51 @@
+"""The optimized model may run on fewer intra-op threads than the original (a recipe's session.threads; tune's
+`threads` dimension): a model of a millisecond or two can be faster on one thread than on two. Never more."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+
+from optimizer_cli.errors import UserInputError
+from optimizer_cli.recipe import Recipe
+from optimizer_cli.runtime.targets import deployment_snippet, parse_target
+from optimizer_cli.search.candidates import RecipeContext, recipe_for, summary
+from optimizer_cli.search.space import fewer_threads_dimension
+from optimizer_cli.search.tune import complexity
+from optimizer_cli.workflows.common import BenchOptions, bench_settings
+
+from .builders import mlp
+
+
+def _recipe(threads: int | None) -> Recipe:
+    return Recipe.model_validate({"name": "t", "passes": [{"type": "cleanup"}], "session": {"threads": threads}})
+
+
+def test_the_optimized_sessions_take_the_recipes_thread_count() -> None:
+    settings = bench_settings(_recipe(1), BenchOptions(providers="cpu"), threads=2)
+    assert settings.session_config("cpu").threads == 2  # the original keeps the benchmark's
+    assert settings.session_config("cpu", optimized=True).threads == 1
+    assert bench_settings(_recipe(None), BenchOptions(providers="cpu"), 2).session_config("cpu", True).threads == 2
+
+
+def test_more_threads_for_the_optimized_model_than_the_original_is_refused() -> None:
+    with pytest.raises(UserInputError, match="session.threads 4 exceeds the benchmark's 2 threads"):
+        bench_settings(_recipe(4), BenchOptions(providers="cpu"), threads=2)
+
+
+def test_tune_searches_one_thread_and_the_winner_says_it(tmp_path: Path) -> None:
+    dim = fewer_threads_dimension()
+    assert dim.choices == (None, 1)
+    ctx = RecipeContext(None, {}, 2, "cpu")
+    one = recipe_for({"quantize": "none", "threads": 1}, ctx)
+    assert one["session"]["threads"] == 1 and "threads" not in recipe_for({"quantize": "none"}, ctx)["session"]
+    Recipe.model_validate(one)  # a recipe the pipeline accepts
+    assert summary({"quantize": "none", "threads": 1}) == "cleanup + fuse [threads=1]"
+    assert complexity({"threads": 1}) > complexity({"threads": None})  # a tie keeps the benchmark's threads
+    path = tmp_path / "m.onnx"
+    onnx.save(mlp(), path)
+    scope: dict = {}
+    exec(compile(deployment_snippet(parse_target("cpu"), str(path), 2, one["session"]), "snippet", "exec"), scope)
+    assert scope["options"].intra_op_num_threads == 1
