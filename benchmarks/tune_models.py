@@ -393,12 +393,20 @@ def _engines_alone(providers: str) -> list[str]:
 
 
 def _time_together(
-    model: Path, candidates: dict[str, Path], feeds: list[dict[str, np.ndarray]], targets: dict[str, str]
+    model: Path,
+    candidates: dict[str, Path],
+    feeds: list[dict[str, np.ndarray]],
+    targets: dict[str, str],
+    session_options: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    """The original on the CPU EP and every candidate on its run target (`targets`; default the CPU EP)."""
+    """The original on the CPU EP and every candidate on its run target (`targets`; default the CPU EP), with
+    the session options of its recipe (`session_options`: tune's winner may run on one thread)."""
     sessions = [create_session(model, SessionConfig(threads=THREADS))]
     sessions += [
-        create_session(p, SessionConfig(provider=targets.get(n, "cpu"), threads=THREADS)) for n, p in candidates.items()
+        create_session(
+            p, SessionConfig(provider=targets.get(n, "cpu"), threads=THREADS).with_session(session_options.get(n, {}))
+        )
+        for n, p in candidates.items()
     ]
     runs = [cycling(lambda f, s=s: s.run(None, f), session_feeds(s, feeds[:8])) for s in sessions]
     for run in runs:
@@ -452,7 +460,11 @@ def bench_model(key: str, budget: str, providers: str = "cpu", out: Path = RESUL
                 contenders["reproduced"] = work / "reproduced.onnx"
                 targets["reproduced"] = reproduced["target"]
                 fid["reproduced"] = _cosine(model, contenders["reproduced"], eval_data, ref, targets["reproduced"])
-        timing = _time_together(model, contenders, eval_feeds, targets) if contenders else {}
+        sessions = {}
+        if tune.get("winner"):  # the winner's recipe session (threads, graph level), as `optimize bench` uses it
+            session = load_recipe(work / "tuned.recipe.yaml").session.model_dump(exclude_none=True)
+            sessions = {"tune": session, "reproduced": session}
+        timing = _time_together(model, contenders, eval_feeds, targets, sessions) if contenders else {}
         png = work / "tuned.pareto.png"
         if png.exists():
             shutil.copyfile(png, out / f"tune-{key}.pareto.png")
@@ -467,6 +479,7 @@ def bench_model(key: str, budget: str, providers: str = "cpu", out: Path = RESUL
             "timing": timing,
             "providers": providers,
             "targets": targets,
+            "sessions": sessions,
             "reproduced": reproduced,
             "tune": {
                 k: tune.get(k) for k in ("winner", "final", "stopped", "exit_code", "minutes", "error", "not_searched")
