@@ -49,3 +49,14 @@ def test_tune_searches_one_thread_and_the_winner_says_it(tmp_path: Path) -> None
     scope: dict = {}
     exec(compile(deployment_snippet(parse_target("cpu"), str(path), 2, one["session"]), "snippet", "exec"), scope)
     assert scope["options"].intra_op_num_threads == 1
+
+
+def test_starting_points_keep_the_benchmarks_threads() -> None:
+    """None is a choice of the threads dimension: a starting point that does not name it takes the first
+    choice (the benchmark's threads), not a KeyError (every tune with --threads 2 failed so)."""
+    from optimizer_cli.search.space import Dimension
+    from optimizer_cli.search.tune import starting_points
+
+    dims = [Dimension("quantize", ("none", "dynamic"), "mode"), fewer_threads_dimension()]
+    points = starting_points(dims)
+    assert points and all(p["threads"] is None for p in points)

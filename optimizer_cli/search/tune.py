@@ -316,7 +316,8 @@ def restore(study: Any, settings: TuneSettings, write: bool = True) -> TuneState
 
 
 def _wanted_or_first(want: dict[str, Any], dim: Dimension) -> Any:
-    return want[dim.name] if want.get(dim.name) in dim.choices else dim.choices[0]
+    # (a choice may be None, e.g. threads: a missing key is not a wish for None)
+    return want[dim.name] if dim.name in want and want[dim.name] in dim.choices else dim.choices[0]
 
 
 def _suggest_with(trial: Any, dim: Dimension) -> Any:
