@@ -307,7 +307,7 @@ def tune_cmd(
         None,
         "--budget",
         help="Wall time of the search per model: 600, 90s, 15m, 1h (a trial that would end past it is not "
-        "started; the finalists' re-timing comes after).",
+        "started; the mixed-precision ranking before and the finalists' re-timing after come on top).",
     ),
     trials: int | None = typer.Option(
         None, "--trials", min=1, help="Trials per model (with --budget: whichever ends first)."
