@@ -22,6 +22,8 @@ def _runner(tmp_path: Path, budget_s: float, trial_s: float) -> SimpleNamespace:
         sampler="tpe",
         study_dir=tmp_path,
         identity=lambda: {},
+        ctx=None,  # no mixed-precision ranking: every starting point is tried
+        goals=[],
     )
 
     def run_batch(batch: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
