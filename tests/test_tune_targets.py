@@ -185,7 +185,7 @@ def _quantizing_dims(examples_dir: Path) -> list[Dimension]:
 
 
 def test_the_fitted_mixed_precision_is_tried_on_each_engine_that_keeps_float_nodes_fp32(examples_dir: Path) -> None:
-    """PP-OCRv4 det: its fitted int8 (26 of 64 groups float) scored 0.994 on OpenVINO f32 and 3.4x, 0.957 on
+    """PP-OCRv4 det: its fitted int8 (26 of 64 groups float) scored 0.994 on OpenVINO f32 and 3.0x, 0.957 on
     OpenVINO's bf16 default, which rounds the float groups: the starting point goes where they stay fp32."""
     dims = _quantizing_dims(examples_dir)
     fitted = [p for p in starting_points(dims) if p.get("keep_float_fit")]

@@ -381,7 +381,7 @@ def starting_points(
             wanted.append({"quantize": "static", "keep_float_k": STARTING_KEEP_FLOAT})
         # The fitted mixed precision on each compiling engine that keeps its float nodes fp32 (an engine's
         # bf16 default would cost the fidelity the fit kept), before the CPU EP's: OpenVINO f32 ran PP-OCRv4
-        # det's fitted int8 (26 of 64 groups float, cosine 0.994) 3.4x faster than the original on the CPU EP
+        # det's fitted int8 (26 of 64 groups float, cosine 0.994) 3.0x faster than the original on the CPU EP
         # (its f32 alone 2.1x), and on a large model a small budget ends after a few such trials.
         fixed = {"static_shapes": True} if "static_shapes" in names else {}
         wanted += [
