@@ -60,3 +60,16 @@ def test_starting_points_keep_the_benchmarks_threads() -> None:
     dims = [Dimension("quantize", ("none", "dynamic"), "mode"), fewer_threads_dimension()]
     points = starting_points(dims)
     assert points and all(p["threads"] is None for p in points)
+
+
+def test_peak_memory_is_measured_with_the_recipes_thread_count(tmp_path: Path) -> None:
+    """The memory child process overlays the recipe's session options: `threads` among them was a second
+    keyword for SessionConfig (TypeError), and the optimized model's memory came back None."""
+    from optimizer_cli.bench.memory import session_peak_memory
+
+    from .builders import random_feed
+
+    path = tmp_path / "m.onnx"
+    onnx.save(mlp(), path)
+    peak = session_peak_memory(path, random_feed(mlp(), batch=1), "cpu", 2, {"threads": 1, "opt_level": "all"})
+    assert peak is not None and peak["peak_mb"] > 0

@@ -210,3 +210,11 @@ def test_starting_points_the_simulation_says_miss_the_goal_are_left_out(examples
     assert static_points(near) == static_points(None)  # within reach: every point a person would try
     assert any(p.get("static_ops") == "compute" for p in static_points(near))
     assert any(p.get("keep_float_k") == 4 for p in static_points(near))
+
+
+def test_no_fitted_points_where_no_fit_reaches_the_goal(examples_dir: Path) -> None:
+    """When even all but the least sensitive group float misses the goal, a fitted trial would be the plain
+    int8 model: no fitted or k-float starting point then (they stay in the space)."""
+    dims = _quantizing_dims(examples_dir)
+    hopeless = RecipeContext("c.npz", {}, 2, "cpu", simulated_int8={"static": 0.5})
+    assert not [p for p in starting_points(dims, hopeless, 0.99) if p["quantize"] == "static"]

@@ -51,7 +51,7 @@ model, feeds_path, provider, threads = sys.argv[1], sys.argv[2], sys.argv[3], in
 options = json.loads(sys.argv[5])
 feeds = dict(np.load(feeds_path))
 before = psutil.Process().memory_info().rss / 2**20
-sess = create_session(model, SessionConfig(provider=provider, threads=threads, **options))
+sess = create_session(model, SessionConfig(provider=provider, threads=threads).with_session(options))
 sess.run(None, feeds)
 peak = max(peak_mb(), psutil.Process().memory_info().rss / 2**20)
 print(json.dumps({"peak_mb": peak, "delta_mb": max(0.0, peak - before)}))

@@ -275,8 +275,9 @@ CALIBRATION_COPIES = 3
 def calibration_chunk(samples: int, per_sample: int | None, free_bytes: int) -> int:
     """How many samples onnxruntime calibrates at once: all of them when their tensors fit the share of free
     memory, else the largest divisor of `samples` that fits (onnxruntime needs equal chunks), at least 1. An
-    unknown size (a model too large to infer) calibrates one sample at a time. Chunked min/max ranges are the
-    same as whole ones; histograms are merged chunk by chunk, as onnxruntime's collector is built to."""
+    unknown size (a model too large to infer) calibrates one sample at a time. Only the histogram methods are
+    chunked: onnxruntime merges their histograms chunk by chunk, widening the first chunk's bins as the range
+    grows, so the result differs a little from one pass over every sample (and small chunks cost more bins)."""
     if per_sample is None:
         return 1
     fits = int(free_bytes * CALIBRATION_MEMORY_SHARE // max(1, per_sample * CALIBRATION_COPIES))
@@ -491,9 +492,6 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
             raise UserInputError(f"quantize: exclude_nodes not in the model: {', '.join(sorted(unknown))}")
         # What the exclusion is checked against once the graph is rewritten (_finish).
         self._aliases = exclusion_aliases(model, exclude, cfg.mode)
-        unshared = unshare_excluded_constants(model, exclude)
-        if unshared:
-            self.stats["constants_unshared"] = unshared
         self._lowered_before = {n.name: _lowered_types(n) for n in model.graph if n.name in exclude}
         if cfg.mode != "static" and (cfg.per_tensor is True or (cfg.per_tensor == "auto" and is_large(model))):
             from optimizer_cli.passes import _per_tensor as per_tensor
@@ -503,6 +501,9 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
                     f"per-tensor dynamic int8 needs opset >= {per_tensor.DYNAMIC_MIN_OPSET} (DynamicQuantizeLinear)"
                 )
                 return self.refuse(model, f"{reason}; this model is opset {per_tensor.opset(model)}")
+            copies = unshare_excluded_constants(model, exclude)
+            if copies:
+                self.stats["constants_unshared"] = copies
             self._per_tensor(model, cfg, exclude)
             return self._finish(model, before)
         with (
@@ -517,6 +518,7 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
             large = is_large(model)
             if cfg.per_channel and cfg.mode in ("dynamic", "static"):
                 src = self._ensure_opset(src, PER_CHANNEL_MIN_OPSET, large)
+            src = self._unshared(src, tmp_dir, "unshared.onnx")  # (the model itself stays as it is)
             names = sorted({n for aliases in self._aliases.values() for n in aliases})
             if cfg.mode == "dynamic":
                 self._dynamic(src, out, cfg, names, large, self._reduce_range(cfg))
@@ -740,12 +742,19 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
                 names -= after - before
             return src
         # Its constant sharing merges equal constants again, the private copies of excluded nodes included.
-        preprocessed = ir.load(target)
-        copies = unshare_excluded_constants(preprocessed, {n for names in self._aliases.values() for n in names})
-        if copies:
-            self.stats["constants_unshared"] = copies
-            return write_for_tool(preprocessed, tmp, "unshared.onnx")
-        return target
+        return self._unshared(target, tmp, "preprocessed-unshared.onnx")
+
+    def _unshared(self, src: Path, tmp: Path, name: str) -> Path:
+        """`src` with each excluded node's shared constants copied (a new file `name`), or `src` if none are."""
+        names = {n for aliases in self._aliases.values() for n in aliases}
+        if not names:
+            return src
+        model = ir.load(src)
+        copies = unshare_excluded_constants(model, names)
+        if not copies:
+            return src
+        self.stats["constants_unshared"] = copies
+        return write_for_tool(model, tmp, name)
 
     def _fp16(self, src: Path, out: Path, cfg: QuantizeConfig, exclude: list[str], large: bool) -> None:
         from onnxruntime.transformers.float16 import convert_float_to_float16

@@ -82,7 +82,7 @@ def recipe_for(params: dict[str, Any], ctx: RecipeContext, name: str = "tuned") 
         "mem_pattern": params.get("mem_pattern", True),
     }
     if session["execution_mode"] == "parallel":
-        # Independent branches on as many threads as the kernels get: never more cores than the original had.
+        # Independent branches on at most the original's threads: never more cores than the original had.
         session["inter_op_threads"] = ctx.threads
     if params.get("threads") is not None:
         session["threads"] = params["threads"]

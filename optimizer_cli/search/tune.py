@@ -342,6 +342,9 @@ def predicted_int8_misses(ctx: RecipeContext | None, cosine_floor: float) -> set
         misses.add("static")
     if ctx.fitted_keep.get("static", 0) > STARTING_KEEP_FLOAT:
         misses.add("keep_float_k")
+    if "static" in ctx.simulated_int8 and "static" not in ctx.fitted_keep:
+        # No fit reaches the goal: a fitted trial would be the all-int8 model, a k-float one close to it.
+        misses |= {"keep_float_fit", "keep_float_k"}
     return misses
 
 
@@ -384,12 +387,13 @@ def starting_points(
         # det's fitted int8 (26 of 64 groups float, cosine 0.994) 3.0x faster than the original on the CPU EP
         # (its f32 alone 2.1x), and on a large model a small budget ends after a few such trials.
         fixed = {"static_shapes": True} if "static_shapes" in names else {}
-        wanted += [
-            {"quantize": "static", "keep_float_fit": True, "target": t, **fixed}
-            for t in targets
-            if _compiles(t) and parse_target(t).full_precision
-        ]
-        wanted.append({"quantize": "static", "keep_float_fit": True})
+        if "keep_float_fit" not in misses:
+            wanted += [
+                {"quantize": "static", "keep_float_fit": True, "target": t, **fixed}
+                for t in targets
+                if _compiles(t) and parse_target(t).full_precision
+            ]
+            wanted.append({"quantize": "static", "keep_float_fit": True})
     if "fuse_transformer" in names and "dynamic" in modes:
         wanted.append({"quantize": "dynamic", "fuse_transformer": True})
     if "prune_sparsity" in names:
@@ -1264,7 +1268,10 @@ def _ranking(settings: TuneSettings, log: Callable[[str], None]) -> None:
         if not isinstance(saved["ranked"], dict) or not isinstance(saved["fitted"], dict):
             raise UserInputError("the study's ranking.json is corrupted (ranked and fitted must be objects)", path)
         settings.ctx.ranked_nodes, settings.ctx.fitted_keep = saved["ranked"], saved["fitted"]
-        settings.ctx.simulated_int8 = saved.get("simulated") or {}  # (studies before it was saved lack it)
+        simulated = saved.get("simulated") or {}  # (studies before it was saved lack it)
+        if not isinstance(simulated, dict):
+            raise UserInputError("the study's ranking.json is corrupted (simulated must be an object)", path)
+        settings.ctx.simulated_int8 = simulated
         return
     from optimizer_cli.search.candidates import evaluation_data
 
