@@ -326,8 +326,6 @@ def _suggest_with(trial: Any, dim: Dimension) -> Any:
 
 def _compiles(target: str | None) -> bool:
     """A target whose engine is not onnxruntime's CPU EP (OpenVINO, TensorRT: they compile the graph)."""
-    from optimizer_cli.runtime.targets import parse_target
-
     return target is not None and parse_target(target).ep_name != "CPUExecutionProvider"
 
 
@@ -365,15 +363,16 @@ def starting_points(
     wanted: list[dict[str, Any]] = [
         {"quantize": "none", **({"target": target} if target else {})} for target in targets
     ]
-    if "static_shapes" in names:
+    compiling = [t for t in targets if _compiles(t)]
+    fixed = {"static_shapes": True} if "static_shapes" in names else {}  # shapes fixed where they can be
+    if fixed:
         # An engine that compiles the graph (OpenVINO) can be several times faster on fixed input shapes than on
         # symbolic ones (measured on an AMX Xeon: PP-OCRv4 det 2.6x -> 3.6x): each other engine alone, shapes fixed.
-        wanted += [{"quantize": "none", "target": t, "static_shapes": True} for t in targets if _compiles(t)]
+        wanted += [{"quantize": "none", "target": t, **fixed} for t in compiling]
     if "freeze_inputs" in names:
         # Inputs the data holds constant folded away (silero-vad's If on its sample rate): OpenVINO refused the
-        # unfolded graph ("unknown rank") and compiled the folded one, 1.8x. Shapes fixed too where they can be.
-        fixed = {"static_shapes": True} if "static_shapes" in names else {}
-        wanted += [{"quantize": "none", "target": t, "freeze_inputs": True, **fixed} for t in targets if _compiles(t)]
+        # unfolded graph ("unknown rank") and compiled the folded one, 1.8x.
+        wanted += [{"quantize": "none", "target": t, "freeze_inputs": True, **fixed} for t in compiling]
     for mode in ("dynamic", "static"):
         if mode in modes and mode not in misses:
             wanted.append({"quantize": mode})
@@ -386,12 +385,11 @@ def starting_points(
         # bf16 default would cost the fidelity the fit kept), before the CPU EP's: OpenVINO f32 ran PP-OCRv4
         # det's fitted int8 (26 of 64 groups float, cosine 0.994) 3.0x faster than the original on the CPU EP
         # (its f32 alone 2.1x), and on a large model a small budget ends after a few such trials.
-        fixed = {"static_shapes": True} if "static_shapes" in names else {}
         if "keep_float_fit" not in misses:
             wanted += [
                 {"quantize": "static", "keep_float_fit": True, "target": t, **fixed}
-                for t in targets
-                if _compiles(t) and parse_target(t).full_precision
+                for t in compiling
+                if parse_target(t).full_precision
             ]
             wanted.append({"quantize": "static", "keep_float_fit": True})
     if "fuse_transformer" in names and "dynamic" in modes:
@@ -1265,13 +1263,12 @@ def _ranking(settings: TuneSettings, log: Callable[[str], None]) -> None:
     path = settings.study_dir / "ranking.json"
     if path.exists():
         saved = read_json(path, "ranking.json", ("ranked", "fitted"))
-        if not isinstance(saved["ranked"], dict) or not isinstance(saved["fitted"], dict):
-            raise UserInputError("the study's ranking.json is corrupted (ranked and fitted must be objects)", path)
-        settings.ctx.ranked_nodes, settings.ctx.fitted_keep = saved["ranked"], saved["fitted"]
-        simulated = saved.get("simulated") or {}  # (studies before it was saved lack it)
-        if not isinstance(simulated, dict):
-            raise UserInputError("the study's ranking.json is corrupted (simulated must be an object)", path)
-        settings.ctx.simulated_int8 = simulated
+        saved.setdefault("simulated", {})  # (studies before it was saved lack it)
+        wrong = [k for k in ("ranked", "fitted", "simulated") if not isinstance(saved[k], dict)]
+        if wrong:
+            raise UserInputError(f"the study's ranking.json is corrupted ({' and '.join(wrong)} must be objects)", path)
+        ctx = settings.ctx
+        ctx.ranked_nodes, ctx.fitted_keep, ctx.simulated_int8 = saved["ranked"], saved["fitted"], saved["simulated"]
         return
     from optimizer_cli.search.candidates import evaluation_data
 
