@@ -22,7 +22,6 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 import psutil
-from onnx import TensorProto
 from pydantic import Field
 
 from optimizer_cli.analysis.graph import name_of, op_counts
@@ -257,11 +256,12 @@ def activation_bytes(model: ir.Model, feed: dict[str, np.ndarray]) -> int | None
     total = 0
     for info in list(inferred.graph.value_info) + list(inferred.graph.output):
         tensor = info.type.tensor_type
-        if tensor.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
+        dtype = ir.DataType(tensor.elem_type)
+        if not dtype.is_floating_point():
             continue
         dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tensor.shape.dim]
         if tensor.HasField("shape") and all(d > 0 for d in dims):
-            total += int(np.prod(dims)) * (2 if tensor.elem_type == TensorProto.FLOAT16 else 4)
+            total += int(np.prod(dims) * dtype.itemsize)
     return total
 
 
