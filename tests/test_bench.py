@@ -68,9 +68,14 @@ class _FakeClock:
     def __init__(self) -> None:
         self.now = 0.0
         self.drift = 1.0  # every call's cost is multiplied by this (a machine that slows down over time)
+        self.pauses: list[tuple[float, float]] = []  # (when, seconds) of each sleep
 
     def perf_counter(self) -> float:
         return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.pauses.append((self.now, seconds))
+        self.now += seconds
 
 
 @pytest.fixture
@@ -123,6 +128,19 @@ def test_measure_many_runs_the_models_in_round_order(clock: _FakeClock) -> None:
     rounds = [calls[3 + 9 * r : 3 + 9 * (r + 1)] for r in range(6)]
     assert [r[::3] for r in rounds] == [[0, 1, 2], [2, 1, 0], [1, 2, 0], [0, 2, 1], [2, 0, 1], [1, 0, 2]]
     assert all(r[i] == r[i + 1] == r[i + 2] for r in rounds for i in (0, 3, 6)), "1 discarded + 2 timed runs"
+
+
+def test_each_turn_starts_with_a_pause_outside_the_timed_runs(clock: _FakeClock) -> None:
+    """The previous model's spinning threads get SETTLE_S to go idle before a model's turn; the pause is never
+    part of a timed run (timed runs take exactly their cost)."""
+    calls: list[int] = []
+    runs = [_ticking(clock, 0.001, calls, name) for name in range(3)]
+    stats, _ = measure_many(runs, warmup=1, rounds=4, runs_per_round=2, discard_after_switch=1)
+    assert [seconds for _, seconds in clock.pauses] == [latency.SETTLE_S] * 12, "one pause per model per round"
+    assert all(s.p50_ms < 2 for s in stats)
+    clock.pauses.clear()
+    measure_many(runs, warmup=1, rounds=4, runs_per_round=2, discard_after_switch=1, settle_s=0)
+    assert clock.pauses == []
 
 
 def test_measure_ab_is_measure_many_of_two(clock: _FakeClock) -> None:

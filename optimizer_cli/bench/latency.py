@@ -4,6 +4,8 @@ Machines here drift ~1.4x between phases and the first runs after switching sess
 (ORT's spinning threads), so: the models take turns round by round in an order that changes every round
 (ABBA for two; a balanced Latin square for more, see round_order), a few runs after each switch are
 discarded, and a speedup is the median of per-round paired ratios, not a ratio of independent medians.
+Before each model's turn the timer pauses briefly (SETTLE_S) so the previous model's idle threads go to sleep
+instead of competing for the cores with the one being timed.
 Timing candidates together with the original in one session lets noise hit them all alike, so the
 fastest one is not just the luckiest (the winner's curse of timing each alone).
 """
@@ -19,6 +21,12 @@ import numpy as np
 
 # Runs needed before a percentile means something: the tail beyond it must hold ~1 run (10 for p90, 100 for p99).
 PERCENTILE_MIN_RUNS = {90: 10, 99: 100}
+
+# After its last run a session's worker threads keep spinning for a few milliseconds (onnxruntime's intra-op
+# pool, OpenVINO's TBB workers) and take a core from whatever runs next; discarded runs do not stop them, a
+# pause does. Measured (2-core Xeon with AMX, OpenVINO EP vs CPU EP, 16 rounds): 95% intervals 0.31-0.54 of
+# the ratio wide without a pause, 0.04-0.06 with 20 ms; a deployed model runs alone, as it is then timed.
+SETTLE_S = 0.02
 
 
 @dataclass
@@ -113,8 +121,11 @@ def round_order(models: int, r: int) -> list[int]:
     return order[::-1] if models % 2 and r % 2 else order
 
 
-def _time_round(fn: Callable[[], object], discard: int, runs: int) -> list[float]:
-    """Seconds of `runs` calls of `fn`, after `discard` untimed ones (the switch from another model)."""
+def _time_round(fn: Callable[[], object], discard: int, runs: int, settle_s: float) -> list[float]:
+    """Seconds of `runs` calls of `fn`, after a `settle_s` pause and `discard` untimed calls (the switch from
+    another model)."""
+    if settle_s > 0:
+        time.sleep(settle_s)
     for _ in range(discard):
         fn()
     times = []
@@ -150,11 +161,12 @@ def measure_many(
     batch_size: int = 1,
     noise_threshold: float = 0.15,
     round_medians: list[list[float]] | None = None,
+    settle_s: float = SETTLE_S,
 ) -> tuple[list[LatencyStats], list[SpeedupEstimate]]:
     """Time several callables interleaved in one session; runs[0] is the reference (the original model).
 
-    Each round runs every callable in round_order (`discard_after_switch` untimed runs after each switch,
-    then `runs_per_round` timed ones). Returns stats for each callable and, for each of runs[1:], its
+    Each round runs every callable in round_order (a `settle_s` pause and `discard_after_switch` untimed runs
+    after each switch, then `runs_per_round` timed ones). Returns stats for each callable and, for each of runs[1:], its
     paired speedup over runs[0] (reference time / its time, per round). `round_medians`, when given, receives
     each callable's per-round median seconds (to pair any two of them afterwards).
     """
@@ -167,7 +179,7 @@ def measure_many(
     per_round: list[list[list[float]]] = [[] for _ in runs]  # per model: [p50, p90, p99] of each round
     for r in range(rounds):
         for i in round_order(len(runs), r):
-            times = _time_round(runs[i], discard_after_switch, runs_per_round)
+            times = _time_round(runs[i], discard_after_switch, runs_per_round, settle_s)
             samples[i].extend(times)
             per_round[i].append([float(np.median(times)), *(float(np.percentile(times, q)) for q in (90, 99))])
     stats = [summarize(np.array(s), batch_size) for s in samples]
@@ -188,6 +200,7 @@ def measure_ab(
     discard_after_switch: int = 3,
     batch_size: int = 1,
     noise_threshold: float = 0.15,
+    settle_s: float = SETTLE_S,
 ) -> tuple[LatencyStats, LatencyStats, SpeedupEstimate]:
     """Time two callables interleaved (a,b / b,a); returns stats for each and the paired speedup of B over A."""
     (a_stats, b_stats), (speed,) = measure_many(
@@ -198,6 +211,7 @@ def measure_ab(
         discard_after_switch=discard_after_switch,
         batch_size=batch_size,
         noise_threshold=noise_threshold,
+        settle_s=settle_s,
     )
     return a_stats, b_stats, speed
 
