@@ -114,6 +114,12 @@ def test_recipes_and_candidate_names_are_what_tune_built_before_the_move() -> No
     fitted = {"quantize": "static", "keep_float_fit": True}
     assert recipe_for(fitted, ctx)["passes"][-1]["exclude_nodes"] == ["a", "b"]  # the fitted count: one group
     assert summary(fitted) == "static int8 (float nodes fitted to the goal)"
+    # Given the context, the name says what the fit chose: the count, or that nothing stays float.
+    assert summary(fitted, ctx) == "static int8 (1 float group fitted to the goal)"
+    none_needed = RecipeContext("c.npz", {}, 2, "cpu", [], {"static": [["a", "b"]]}, {"static": 0})
+    assert "exclude_nodes" not in recipe_for(fitted, none_needed)["passes"][-1]
+    assert summary(fitted, none_needed) == "static int8 (no float nodes: the goal needs none)"
+    assert recipe_for(fitted, none_needed)["description"].endswith("(no float nodes: the goal needs none)")
     assert recipe_for({"quantize": "weight_only", "bits": 8}, ctx)["passes"] == [
         {"type": "cleanup"},
         {"type": "fuse"},

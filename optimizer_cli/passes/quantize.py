@@ -405,6 +405,18 @@ def quantize_step(params: dict[str, Any], ctx: RecipeContext) -> dict[str, Any]:
     return step
 
 
+def _fitted_float(params: dict[str, Any]) -> str:
+    """The fitted float set in a name: its group count where the caller knows it (0: the fit kept none)."""
+    count = params.get("fitted_float")
+    if count is None:
+        return "float nodes fitted to the goal"
+    return (
+        "no float nodes: the goal needs none"
+        if count == 0
+        else f"{count} float group{'s' * (count != 1)} fitted to the goal"
+    )
+
+
 def quantize_summary(params: dict[str, Any]) -> str | None:
     """'static int8 (compute ops, 4 float)', 'weight-only int4', 'fp16'; None unquantized."""
     mode = params.get("quantize", "none")
@@ -416,7 +428,7 @@ def quantize_summary(params: dict[str, Any]) -> str | None:
             "compute ops" if params.get("static_ops") == "compute" else "",
             "depthwise float" if params.get("keep_depthwise_float") else "",
             f"{params['keep_float_k']} float" if params.get("keep_float_k") else "",
-            "float nodes fitted to the goal" if params.get("keep_float_fit") else "",
+            _fitted_float(params) if params.get("keep_float_fit") else "",
         ]
         detail = ", ".join(e for e in extra if e)
         return f"{mode} int8" + (f" ({detail})" if detail else "")

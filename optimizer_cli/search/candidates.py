@@ -88,7 +88,7 @@ def recipe_for(params: dict[str, Any], ctx: RecipeContext, name: str = "tuned") 
         session["threads"] = params["threads"]
     recipe: dict[str, Any] = {
         "name": name,
-        "description": "found by optimize tune: " + summary(params),
+        "description": "found by optimize tune: " + summary(params, ctx),
         "passes": passes,
         "data": {"calibration": ctx.calibration, "dims": dict(ctx.dims)},
         "benchmark": {"providers": [ctx.provider], "threads": ctx.threads},
@@ -108,8 +108,11 @@ def candidate_target(params: dict[str, Any], ctx: RecipeContext) -> str:
     return str(params.get("target") or ctx.provider)
 
 
-def summary(params: dict[str, Any]) -> str:
-    """One line a person reads: 'prune 0.3 + static int8 (compute ops, 4 float)'."""
+def summary(params: dict[str, Any], ctx: RecipeContext | None = None) -> str:
+    """One line a person reads: 'prune 0.3 + static int8 (compute ops, 4 float)'. With the context, a float set
+    fitted to the goal is named by the count the fit chose (it may be none, and then nothing stays float)."""
+    if ctx is not None and params.get("keep_float_fit"):
+        params = {**params, "fitted_float": ctx.fitted_keep.get(str(params.get("quantize")), 0)}
     parts = [part for cls in _passes_in(SUMMARY_ORDER) if (part := cls.describe_trial(params))]
     session = [
         f"{k}={params[k]}"

@@ -463,7 +463,7 @@ class Runner:
         records = []
         to_time = []
         for (number, params), result in zip(numbered, results, strict=True):
-            record = _record(number, params, result, recipes[number], self.settings.goals, self.original_bytes)
+            record = _record(number, params, result, recipes[number], self.settings, self.original_bytes)
             records.append(record)
             if record["state"] == "built" and record["goals_met"]:
                 to_time.append((record, result))
@@ -485,12 +485,17 @@ class Runner:
 
 
 def _record(
-    number: int, params: dict[str, Any], result: Any, recipe: dict[str, Any], goals: list[Gate], original_bytes: int
+    number: int,
+    params: dict[str, Any],
+    result: Any,
+    recipe: dict[str, Any],
+    settings: TuneSettings,
+    original_bytes: int,
 ) -> dict[str, Any]:
     record: dict[str, Any] = {
         "number": number,
         "params": params,
-        "recipe_summary": summary(params),
+        "recipe_summary": summary(params, settings.ctx),
         "recipe": recipe,
         "state": "failed",
         "reason": None,
@@ -528,7 +533,7 @@ def _record(
         },
     )
     record["size_ratio"] = result["bytes"] / original_bytes
-    misses = check_goals(fidelity_goals(goals), row, (original_bytes, result["bytes"]))
+    misses = check_goals(fidelity_goals(settings.goals), row, (original_bytes, result["bytes"]))
     record["goals_met"] = not misses
     if misses:
         record["reason"] = "; ".join(misses) + " (not timed)"
