@@ -8,10 +8,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from onnx import helper
 
 from optimizer_cli.pipeline import run_pipeline
 from optimizer_cli.recipe import Recipe
-from optimizer_cli.search.sensitivity import gate_qdq_model, output_sensitivity
+from optimizer_cli.search.sensitivity import GATE_PREFIX, _switch, gate_qdq_model, output_sensitivity
 
 from .builders import Builder, run
 
@@ -70,6 +71,25 @@ def test_gates_switch_between_the_float_and_the_int8_model(tmp_path: Path) -> No
         # All float: the float model exactly (the dropped Relus replayed); all int8: the QDQ model.
         np.testing.assert_allclose(off[0], run(pre, feed)[0], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(on[0], run(post, feed)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_overlapping_reader_sets_share_their_or_chain_and_each_value_is_declared_once() -> None:
+    nodes: list[onnx.NodeProto] = []
+    cache: dict[tuple[str, ...], str] = {}
+    # (a, b) then (a, b, c): the second chain starts with the first's Or (built twice, it was declared twice).
+    switches = {key: _switch(list(key), nodes, cache) for key in (("b", "a"), ("a", "b", "c"), ("a", "c"), ("a",))}
+    declared = [out for node in nodes for out in node.output]
+    assert len(declared) == len(set(declared)) == 3  # a|b, a|b|c, a|c
+    assert switches[("a",)] == GATE_PREFIX + "a"
+    gates = [helper.make_tensor_value_info(GATE_PREFIX + g, onnx.TensorProto.BOOL, []) for g in "abc"]
+    outs = [helper.make_tensor_value_info(s, onnx.TensorProto.BOOL, []) for s in switches.values()]
+    graph = helper.make_graph(nodes, "switch", gates, outs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model, full_check=True)
+    ir.serde.deserialize_model(model)  # the simulator's loader refused the duplicate
+    for on in ("a", "b", "c"):
+        got = run(model, {GATE_PREFIX + g: np.array(g == on) for g in "abc"})
+        assert [bool(v) for v in got] == [on in key for key in switches]
 
 
 def test_the_sensitive_node_ranks_first_and_the_fit_meets_the_target_for_real(tmp_path: Path) -> None:

@@ -167,16 +167,19 @@ class _Builder:
 
 
 def _switch(groups: list[str], before: list[onnx.NodeProto], cache: dict[tuple[str, ...], str]) -> str:
-    """A boolean that is true when any of the groups is quantized (an Or chain of their gates)."""
+    """A boolean that is true when any of the groups is quantized (an Or chain of their gates). Every prefix
+    of the chain is built once and reused: the sets (a, b) and (a, b, c) share the Or of a and b, whose value
+    a graph may declare only once (YOLOv8's detection head has such overlapping reader sets)."""
     key = tuple(sorted(set(groups)))
-    if key not in cache:
-        current = GATE_PREFIX + key[0]
-        for other in key[1:]:
-            combined = f"{current}|{other}"
-            before.append(helper.make_node("Or", [current, GATE_PREFIX + other], [combined]))
-            current = combined
-        cache[key] = current
-    return cache[key]
+    current = GATE_PREFIX + key[0]
+    for end in range(2, len(key) + 1):
+        prefix = key[:end]
+        if prefix not in cache:
+            combined = f"{GATE_PREFIX}any{len(cache)}"
+            before.append(helper.make_node("Or", [current, GATE_PREFIX + key[end - 1]], [combined]))
+            cache[prefix] = combined
+        current = cache[prefix]
+    return current
 
 
 def gate_qdq_model(qdq: onnx.ModelProto, float_model: onnx.ModelProto) -> GatedModel:
