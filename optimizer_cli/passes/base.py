@@ -209,6 +209,12 @@ class OptimizationPass(ir.passes.InPlacePass, Generic[ConfigT]):
         return None
 
     @classmethod
+    def resolved_params(cls, params: dict[str, Any], ctx: RecipeContext) -> dict[str, Any]:
+        """What the trial's parameters come to once the study's context is known (e.g. how many groups a fitted
+        float set kept), added to them for describe_trial; none by default."""
+        return {}
+
+    @classmethod
     def fidelity_advice(cls, config: Any, key: str, excluded_tried: bool) -> str | None:
         """The setting of this pass (at `key`, e.g. "passes.2") that trades its savings for fidelity, said when
         the pass loses more than a goal allows (None: the generic advice). `excluded_tried`: the exclude_nodes

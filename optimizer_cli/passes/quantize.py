@@ -465,6 +465,11 @@ class QuantizePass(OptimizationPass[QuantizeConfig]):
         return quantize_summary(params)
 
     @classmethod
+    def resolved_params(cls, params: dict[str, Any], ctx: RecipeContext) -> dict[str, Any]:
+        # A fitted float set is named by the count the fit chose (it may be none: then nothing stays float).
+        return {"fitted_float": kept_float(params, ctx)} if params.get("keep_float_fit") else {}
+
+    @classmethod
     def calibration_use(cls, config: QuantizeConfig) -> str | None:
         return "static quantization" if config.mode == "static" else None
 

@@ -109,11 +109,12 @@ def candidate_target(params: dict[str, Any], ctx: RecipeContext) -> str:
 
 
 def summary(params: dict[str, Any], ctx: RecipeContext | None = None) -> str:
-    """One line a person reads: 'prune 0.3 + static int8 (compute ops, 4 float)'. With the context, a float set
-    fitted to the goal is named by the count the fit chose (it may be none, and then nothing stays float)."""
-    if ctx is not None and params.get("keep_float_fit"):
-        params = {**params, "fitted_float": ctx.fitted_keep.get(str(params.get("quantize")), 0)}
-    parts = [part for cls in _passes_in(SUMMARY_ORDER) if (part := cls.describe_trial(params))]
+    """One line a person reads: 'prune 0.3 + static int8 (compute ops, 4 float)'. With the context, each pass
+    names what its parameters came to (a fitted float set: the count the fit chose)."""
+    passes = _passes_in(SUMMARY_ORDER)
+    if ctx is not None:
+        params = {**params, **{k: v for cls in passes for k, v in cls.resolved_params(params, ctx).items()}}
+    parts = [part for cls in passes if (part := cls.describe_trial(params))]
     session = [
         f"{k}={params[k]}"
         for k, d in (("opt_level", "all"), ("execution_mode", "sequential"), ("threads", None))
